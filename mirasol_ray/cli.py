@@ -1,0 +1,215 @@
+"""The ``mirasol`` command. Each subcommand parses its arguments here and calls one function elsewhere.
+
+Bad input (a missing file, an unknown config key, an unreadable URL) ends with a one-line reason on stderr and a
+non-zero exit; a traceback is shown only with ``MIRASOL_DEBUG=1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def _cmd_shards_synth(args: argparse.Namespace) -> int:
+    from mirasol_ray.data.synthetic import synthesize
+
+    manifest = synthesize(args.out, args.num_clips, seed=args.seed, shard_size=args.shard_size,
+                          val_fraction=args.val_fraction, progress=not args.quiet)
+    print(f"wrote {manifest['num_samples']} clips in {len(manifest['shards'])} shards to {args.out}")
+    return 0
+
+
+def _cmd_shards_build(args: argparse.Namespace) -> int:
+    from mirasol_ray.data.shards import build_shards
+
+    manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
+                            transcode=args.transcode, gop=args.gop, progress=not args.quiet)
+    skipped = sum(manifest.get("skipped", {}).values())
+    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
+          f" ({skipped} skipped{': ' + json.dumps(manifest['skipped']) if skipped else ''})")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from mirasol_ray.data.inspect import inspect_dataset, print_report
+
+    report = inspect_dataset(args.url, config=args.config, overrides=args.set, limit=args.limit,
+                             png=args.png, num_cpus=args.num_cpus)
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print_report(report)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mirasol_ray.config import load_config
+    from mirasol_ray.launch.train import run_training
+
+    cfg = load_config(args.config, args.set)
+    summary = run_training(cfg, args.config)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.evaluate import evaluate
+
+    res = evaluate(args.checkpoint, args.data, overrides=args.set, batch_size=args.batch_size,
+                   num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records)
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"{'metric key':<18}{'metric':<10}{'value':>8}{'n':>7}")
+        for k, m in res["metrics"].items():
+            print(f"{k:<18}{m['metric']:<10}{m['value']:>8.4f}{m['count']:>7}")
+        if res["skipped"]:
+            print(f"skipped: {json.dumps(res['skipped'])}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.evaluate import predict
+
+    res = predict(args.checkpoint, args.video, question=args.question, options=args.options, overrides=args.set)
+    print(json.dumps(res) if args.json else res["answer"])
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.demo import run_demo
+
+    run_demo(args.out, num_clips=args.num_clips, pretrain_steps=args.pretrain_steps,
+             finetune_steps=args.finetune_steps, config=args.config, overrides=args.set)
+    return 0
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    return args.bench_run(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mirasol", description="Mirasol3B-style multimodal models on Ray.")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    # shards
+    shards = sub.add_parser("shards", help="write WebDataset shards").add_subparsers(dest="shards_cmd", required=True)
+    s = shards.add_parser("synth", help="synthetic dataset of real MP4 clips with a time-aligned audio-video task")
+    s.add_argument("--out", required=True, help="output folder or s3:// URI")
+    s.add_argument("--num-clips", type=int, required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--shard-size", type=int, default=64)
+    s.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction as a val/ split")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(func=_cmd_shards_synth)
+
+    b = shards.add_parser("build", help="convert videos + annotations on disk into shards")
+    b.add_argument("--format", required=True, help="annotation format (jsonl, ...)")
+    b.add_argument("--annotations", required=True, help="annotation file")
+    b.add_argument("--videos", required=True, help="folder the annotation's video paths are relative to")
+    b.add_argument("--out", required=True, help="output folder or s3:// URI")
+    b.add_argument("--shard-size", type=int, default=100)
+    b.add_argument("--transcode", type=int, default=None, metavar="HEIGHT",
+                   help="re-encode at this height with a short keyframe interval (fast decode)")
+    b.add_argument("--gop", type=int, default=None, help="keyframe interval for --transcode (frames)")
+    b.add_argument("--quiet", action="store_true")
+    b.set_defaults(func=_cmd_shards_build)
+
+    # data
+    data = sub.add_parser("data", help="look at a dataset").add_subparsers(dest="data_cmd", required=True)
+    i = data.add_parser("inspect", help="count, decode a few, report skips, write a contact sheet")
+    i.add_argument("url", help="shard folder, glob, brace list or s3:// URI")
+    i.add_argument("--config", default="tiny", help="preset or YAML giving the decode geometry")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    i.add_argument("--limit", type=int, default=0, help="decode at most N samples (0: all)")
+    i.add_argument("--png", default="", help="contact sheet path (default: contact_sheet.png here)")
+    i.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
+    i.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    i.set_defaults(func=_cmd_data_inspect)
+
+    # demo, train, eval, predict
+    d = sub.add_parser("demo", help="the main job: synth data, pretrain, fine-tune, evaluate (local Ray)")
+    d.add_argument("--out", default="runs/demo", help="output folder")
+    d.add_argument("--num-clips", type=int, default=240)
+    d.add_argument("--pretrain-steps", type=int, default=None)
+    d.add_argument("--finetune-steps", type=int, default=None)
+    d.add_argument("--config", default="demo")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.set_defaults(func=_cmd_demo)
+
+    t = sub.add_parser("train", help="pretrain or fine-tune on Ray Train (RAY_ADDRESS or a local Ray)")
+    t.add_argument("--config", required=True, help="preset name or YAML path")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("eval", help="task metrics of a checkpoint over a dataset (Ray Data batch inference)")
+    e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model.pt (local/s3)")
+    e.add_argument("--data", required=True, help="shards to evaluate on")
+    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the checkpoint's config (e.g. data.task=qa)")
+    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--num-actors", type=int, default=1, help="model replicas (one GPU each when available)")
+    e.add_argument("--beam-size", type=int, default=1)
+    e.add_argument("--records", default="", help="write per-row predictions (JSONL) here")
+    e.add_argument("--json", action="store_true")
+    e.set_defaults(func=_cmd_eval)
+
+    pr = sub.add_parser("predict", help="answer / caption / option for one video file")
+    pr.add_argument("--checkpoint", required=True)
+    pr.add_argument("video")
+    pr.add_argument("--question", default="")
+    pr.add_argument("--options", nargs="+", default=None)
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--json", action="store_true")
+    pr.set_defaults(func=_cmd_predict)
+
+    # bench
+    bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
+    for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
+                                ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
+                                ("step", "mirasol_ray.bench.step", "train-step speed in plain torch")):
+        bp = bench.add_parser(name, help=help_)
+        mod = _lazy(module)
+        if mod is not None:
+            mod.add_arguments(bp)
+            bp.set_defaults(func=_cmd_bench, bench_run=mod.run)
+    return p
+
+
+def _lazy(module: str):
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if e.name == module:
+            return None
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("mirasol: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # one line for the user; the traceback on request
+        if os.environ.get("MIRASOL_DEBUG"):
+            raise
+        from mirasol_ray.config import ConfigError
+
+        kind = "" if isinstance(e, (ConfigError, FileNotFoundError, ValueError)) else f"{type(e).__name__}: "
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"mirasol: error: {kind}{msg[:500]}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

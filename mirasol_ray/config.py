@@ -1,0 +1,324 @@
+"""Typed configuration: dataclasses loaded from YAML presets, with ``--set section.key=value`` overrides.
+
+A config is one :class:`Config` holding five sections (data, model, train, scaling, storage). Presets live in
+``mirasol_ray/configs/NAME.yaml``; a path to any YAML file works too. Unknown keys are errors that name the key.
+
+Geometry (snippets, frames, image size, mel bins, text lengths, vocabulary and special tokens) is set once, in ``data``; the model
+section follows it (see :meth:`Config.__post_init__`), so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from mirasol_ray.model.config import ModelConfig
+
+
+class ConfigError(ValueError):
+    """A config that cannot be loaded: the message names the key or file."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and what one decoded sample looks like (fixed shapes)."""
+
+    train: str = ""
+    """Training shards: a folder, a glob, a brace list (``shard-{000..009}.tar``) or ``s3://`` URI."""
+    val: str = ""
+    """Validation shards (same forms as ``train``); empty means no validation during training."""
+    num_snippets: int = 4
+    """S: consecutive time chunks a clip is cut into."""
+    frames_per_snippet: int = 4
+    """F: frames sampled in each snippet's time window."""
+    height: int = 64
+    width: int = 64
+    sample_rate: int = 16000
+    """Audio is resampled to this rate, mono."""
+    n_mels: int = 64
+    """M: log-mel bins."""
+    mel_frames: int = 32
+    """T: log-mel frames per snippet (the hop adapts to the snippet's duration, so the window stays aligned)."""
+    n_fft: int = 400
+    clip_seconds: float = 0.0
+    """Seconds of each clip to use (random start for training, centred for eval); 0 uses the whole clip."""
+    tokenizer: str = "byte"
+    """``byte`` (built in), or a path/URI to an HF ``tokenizer.json`` or a sentencepiece ``.model``."""
+    max_prompt_len: int = 48
+    """Question tokens (left-padded)."""
+    max_target_len: int = 48
+    """Answer/caption/label tokens including BOS/EOS (right-padded)."""
+    max_options: int = 5
+    """Multiple-choice options kept per sample (padded)."""
+    task: str = "caption"
+    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
+    decode_timeout_s: float = 30.0
+    """A sample whose decode takes longer is skipped and counted as ``timeout``."""
+    decode_threads: int = 1
+    decode_batch_size: int = 4
+    decode_cpus: float = 0.5
+    """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
+    shuffle_files: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("num_snippets", "frames_per_snippet", "height", "width", "sample_rate", "n_mels",
+                     "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options",
+                     "decode_batch_size", "decode_threads"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
+            raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
+        if not 0 < self.decode_cpus <= 64:
+            raise ConfigError(f"data.decode_cpus must be in (0, 64], got {self.decode_cpus}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
+
+    stage: str = "pretrain"
+    """pretrain (caption + latent prediction) or finetune (qa, mcqa, cls)."""
+    init_from: str = ""
+    """Checkpoint URI to initialise the model from (finetune from a pretrain run)."""
+    steps: int = 100
+    batch_size: int = 8
+    """Per worker, per micro-step."""
+    grad_accum: int = 1
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 10
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
+    fsdp: bool = False
+    """Shard with FSDP2 (``fully_shard``) instead of DDP: for large presets."""
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    """Steps between validation passes; 0 = only at the end."""
+    eval_batches: int = 0
+    """Validation batches per pass; 0 = the whole split."""
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    prefetch_batches: int = 2
+
+    def __post_init__(self) -> None:
+        if self.stage not in ("pretrain", "finetune"):
+            raise ConfigError(f"train.stage must be pretrain|finetune, got {self.stage!r}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclass
+class ScalingConfig:
+    """How many Ray Train workers and what each one holds."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    """Restarts after a worker dies (Ray Train ``FailureConfig``)."""
+    data_cpu_limit: float = 0.0
+    """Cap on CPUs Ray Data may use while training; 0 = what is left after the workers."""
+
+    def __post_init__(self) -> None:
+        if self.num_workers <= 0:
+            raise ConfigError(f"scaling.num_workers must be positive, got {self.num_workers}")
+
+
+@dataclass
+class StorageConfig:
+    """Where runs live. Credentials never go here: they come from the standard AWS environment variables."""
+
+    root: str = "runs"
+    """Local path, ``file://`` or ``s3://bucket/prefix`` holding run directories."""
+    name: str = ""
+    """Run name; re-running with the same name resumes. Empty: derived from the config name and time."""
+    endpoint_url: str = ""
+    """S3 endpoint; empty uses ``AWS_ENDPOINT_URL`` from the environment."""
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        from mirasol_ray.data.text import get_tokenizer
+
+        d, m = self.data, self.model
+        # data owns the geometry; the model follows it.
+        m.max_snippets = max(m.max_snippets, d.num_snippets)
+        m.frames_per_snippet = d.frames_per_snippet
+        m.image_size = (d.height, d.width)
+        m.n_mels = d.n_mels
+        m.mel_frames = d.mel_frames
+        m.max_text_len = d.max_prompt_len + d.max_target_len
+        tok = get_tokenizer(d.tokenizer)
+        m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
+        m.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("mirasol_ray.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {name_or_path}")
+        text = path.read_text()
+    else:
+        res = resources.files("mirasol_ray.configs") / f"{name_or_path}.yaml"
+        if not res.is_file():
+            raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+        text = res.read_text()
+    try:
+        raw = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{name_or_path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{name_or_path}: top level must be a mapping")
+    base = raw.pop("base", None)
+    if base:  # a preset may extend another: `base: tiny`
+        merged = _read_yaml(base)
+        _deep_update(merged, raw)
+        return merged
+    return raw
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], key)
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+        inner = args[0] if args else Any
+        return origin(_coerce(v, inner, key) for v in value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{prefix}{key}"
+        if key not in fields:
+            close = [n for n in fields if n.startswith(key[:3])]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, f"{full}.")
+        else:
+            kwargs[key] = _coerce(value, tp, full)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"{prefix or 'config'}: {e}") from None
+
+
+def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
+    """``["train.lr=1e-3", "data.train=s3://b/x"]`` -> nested dict; values parsed as YAML scalars."""
+    nested: dict[str, Any] = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if not key or "." not in key:
+            raise ConfigError(f"--set key must be section.key, got {key!r}")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = nested
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {p} is not a section")
+        node[parts[-1]] = value
+    return nested
+
+
+def from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "")
+
+
+def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:
+    """Load a preset name or YAML path, apply ``--set`` overrides, validate."""
+    raw = _read_yaml(name_or_path)
+    _deep_update(raw, parse_overrides(overrides))
+    return from_dict(raw)

@@ -1,0 +1,198 @@
+"""One WebDataset sample -> fixed-shape rows (see :mod:`mirasol_ray.data.schema`). Pure: no Ray.
+
+The same function serves the Ray pipeline, the bare-loop benchmark and the torch DataLoader baseline, so all
+three decode identically. The text decides first which rows a sample gives under ``data.task``; only a sample
+with at least one row is decoded, once, and its video/audio arrays are shared by its rows.
+
+Sample metadata (``json`` member) fields used: ``caption``; ``question`` + ``answer`` or ``qas`` (a list of
+``{"question", "answer", "type"}``); ``options`` + ``answer_idx`` (+ ``mc_question``, else ``question``);
+``label``; ``start``/``end`` (seconds of the video to use). The ``task`` field is informative only: which rows
+come out is decided by ``data.task`` and by which fields are present.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import numpy as np
+
+from mirasol_ray.config import DataConfig
+from mirasol_ray.data.decode import DECODE_REASONS, DecodeError, Video, call_with_timeout, decode_audio
+from mirasol_ray.data.schema import TASKS, qtype_index
+from mirasol_ray.data.snippets import log_mel_snippets, plan_snippets
+from mirasol_ray.data.text import Tokenizer, encode_prompt, encode_target, get_tokenizer
+
+VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
+AUDIO_EXTENSIONS = ("wav", "flac")
+
+SKIP_REASONS = {
+    **DECODE_REASONS,
+    "no_json": "the sample has no json member (metadata is required: it holds the text)",
+    "bad_json": "the json member does not parse to an object",
+    "no_video_member": "the sample has no mp4/webm/mkv/avi/mov member",
+    "no_text_for_task": "the sample has no text for data.task (not an error: e.g. no caption when pretraining)",
+    "error": "any other exception (a bug or an unexpected decoder failure): the message says which",
+}
+"""Every reason :func:`decode_sample_safe` can return."""
+
+_TASKS_FOR = {
+    "caption": ("caption",),
+    "qa": ("qa",),
+    "mcqa": ("mcqa",),
+    "cls": ("cls",),
+    "finetune": ("qa", "mcqa", "cls"),
+    "all": ("caption", "qa", "mcqa", "cls"),
+}
+
+
+def _member(sample: dict[str, Any], extensions: tuple[str, ...]) -> bytes | None:
+    """The first member present as bytes: from Ray's read_webdataset a missing one is None or NaN (FIELD_NOTES)."""
+    for ext in extensions:
+        value = sample.get(ext)
+        if isinstance(value, bytes):
+            return value
+    return None
+
+
+def _metadata(sample: dict[str, Any]) -> dict[str, Any]:
+    value = sample.get("json")
+    if isinstance(value, dict):
+        return value
+    if not isinstance(value, (bytes, str)):
+        raise DecodeError("no_json")
+    try:
+        meta = json.loads(value)
+    except ValueError as e:
+        raise DecodeError("bad_json", e) from None
+    if not isinstance(meta, dict):
+        raise DecodeError("bad_json", f"expected an object, got {type(meta).__name__}")
+    return meta
+
+
+def _text(value: Any) -> str:
+    return value.strip() if isinstance(value, str) else ""
+
+
+def _text_row(tok: Tokenizer, cfg: DataConfig, task: str, prompt: str, target: str, qtype: str,
+              options: list[str] | None = None, answer_idx: int = -1) -> dict[str, Any]:
+    K, Lt = cfg.max_options, cfg.max_target_len
+    prompt_ids, prompt_mask = encode_prompt(tok, prompt, cfg.max_prompt_len)
+    target_ids, target_mask = encode_target(tok, target, Lt)
+    option_ids = np.full((K, Lt), tok.pad_id, np.int32)  # [K, Lt]
+    option_mask = np.zeros((K, Lt), bool)
+    for k, option in enumerate((options or [])[:K]):
+        option_ids[k], option_mask[k] = encode_target(tok, option, Lt)
+    return {
+        "task": np.int64(TASKS.index(task)),
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "target_ids": target_ids, "target_mask": target_mask,
+        "option_ids": option_ids, "option_mask": option_mask,
+        "answer_idx": np.int64(answer_idx),
+        "qtype": np.int64(qtype_index(qtype)),
+    }
+
+
+def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None = None) -> list[dict[str, Any]]:
+    """The text columns of every row ``meta`` gives under ``cfg.task`` (no video/audio yet), in a fixed order:
+    caption, then questions, then multiple choice, then class label."""
+    tok = get_tokenizer(cfg.tokenizer)
+    label_text = _text(meta.get("label"))
+    label = label_set.index(label_text) if label_set and label_text in label_set else -1
+    rows: list[dict[str, Any]] = []
+    for task in _TASKS_FOR[cfg.task]:
+        if task == "caption" and _text(meta.get("caption")):
+            rows.append(_text_row(tok, cfg, "caption", "", _text(meta["caption"]), "caption"))
+        elif task == "qa":
+            qas = meta.get("qas") if isinstance(meta.get("qas"), list) else [meta]
+            for qa in qas:
+                if isinstance(qa, dict) and _text(qa.get("question")) and _text(qa.get("answer")):
+                    rows.append(_text_row(tok, cfg, "qa", _text(qa["question"]), _text(qa["answer"]),
+                                          _text(qa.get("type")) or "other"))
+        elif task == "mcqa":
+            options = [_text(o) for o in meta.get("options") or [] if isinstance(o, str)]
+            idx = meta.get("answer_idx")
+            if options and isinstance(idx, int) and not isinstance(idx, bool) and 0 <= idx < min(
+                    len(options), cfg.max_options):
+                question = _text(meta.get("mc_question")) or _text(meta.get("question"))
+                rows.append(_text_row(tok, cfg, "mcqa", question, options[idx], "mc", options, idx))
+        elif task == "cls" and label_text:
+            rows.append(_text_row(tok, cfg, "cls", "", label_text, "label"))
+    for row in rows:
+        row["label"] = np.int64(label)
+    return rows
+
+
+def _seconds(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *, train: bool,
+              rng: np.random.Generator, segment: tuple[float, float | None] = (0.0, None)) -> dict[str, Any]:
+    """The time-aligned columns of a clip: video, audio, audio_present, snippet_mask.
+
+    ``audio_bytes`` (a wav/flac member) replaces the container's audio track; its t = 0 is the video's t = 0.
+    """
+    S, F = cfg.num_snippets, cfg.frames_per_snippet
+    with Video(video_bytes, cfg.height, cfg.width, num_threads=cfg.decode_threads) as video:
+        plan = plan_snippets(video.duration, S, F, train=train, rng=rng, clip_seconds=cfg.clip_seconds,
+                             segment=segment)
+        frames = video.read(plan.frame_times)  # [S, F, H, W, 3]
+        audio_origin = 0.0 if audio_bytes is not None else video.start_time
+    frames[~plan.mask] = 0
+    pcm = decode_audio(audio_bytes if audio_bytes is not None else video_bytes, cfg.sample_rate,
+                       start=audio_origin + plan.start, end=audio_origin + plan.end)  # [n] or None
+    if pcm is None:
+        mel = np.zeros((S, cfg.n_mels, cfg.mel_frames), np.float32)
+    else:
+        mel = log_mel_snippets(pcm, plan.windows - plan.start, cfg.sample_rate, cfg.n_fft, cfg.n_mels,
+                               cfg.mel_frames)  # [S, M, T]
+        mel[~plan.mask] = 0.0
+    return {"video": frames, "audio": mel, "audio_present": np.bool_(pcm is not None),
+            "snippet_mask": plan.mask.copy()}
+
+
+def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
+                  label_set: list[str] | None = None) -> list[dict[str, Any]]:
+    """One WebDataset sample -> rows per the schema; [] when it has no text for ``cfg.task``.
+
+    The rows of one sample share (do not copy) their video/audio arrays. Callers running many decodes per process
+    should set ``torch.set_num_threads(1)``: the log-mel is tiny and torch's thread pool only adds contention.
+
+    Raises :class:`DecodeError` (reason in :data:`SKIP_REASONS`). Decoding is bounded by
+    ``cfg.decode_timeout_s`` (see :func:`~mirasol_ray.data.decode.call_with_timeout`).
+    """
+    meta = _metadata(sample)
+    texts = text_rows(meta, cfg, label_set)
+    if not texts:
+        return []
+    video_bytes = _member(sample, VIDEO_EXTENSIONS)
+    if video_bytes is None:
+        raise DecodeError("no_video_member")
+    audio_bytes = _member(sample, AUDIO_EXTENSIONS)
+    segment = (_seconds(meta.get("start")) or 0.0, _seconds(meta.get("end")))
+    # The decode gets its own generator: an abandoned (timed-out) thread must not share the caller's.
+    local_rng = np.random.default_rng(rng.integers(2**63))
+    av_columns = call_with_timeout(
+        lambda: decode_av(video_bytes, audio_bytes, cfg, train=train, rng=local_rng, segment=segment),
+        cfg.decode_timeout_s)
+    key = str(sample.get("__key__", ""))
+    return [{**av_columns, **text, "key": key if len(texts) == 1 else f"{key}#{i}"}
+            for i, text in enumerate(texts)]
+
+
+def decode_sample_safe(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
+                       label_set: list[str] | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    """:func:`decode_sample` that never raises: (rows, None) or ([], skip reason from :data:`SKIP_REASONS`).
+
+    Catches every ``Exception``: decoders raise many types (RuntimeError, ValueError, av errors, decord's own),
+    and one bad clip must not stop an epoch. Unexpected ones are reported as ``error``.
+    """
+    try:
+        rows = decode_sample(sample, cfg, train=train, rng=rng, label_set=label_set)
+    except DecodeError as e:
+        return [], e.reason
+    except Exception:
+        return [], "error"
+    return rows, (None if rows else "no_text_for_task")

@@ -1,0 +1,152 @@
+"""Tokenizers: byte-level (built in), Hugging Face ``tokenizer.json``, sentencepiece ``.model``.
+
+All share one small interface: ``encode(text) -> list[int]`` (no specials), ``decode(ids) -> str`` (specials
+dropped), ``pad_id``, ``bos_id``, ``eos_id``, ``vocab_size``. Helpers build the fixed-length arrays the model reads:
+questions left-padded (so prompt and answer are contiguous when concatenated), answers right-padded.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+
+class Tokenizer(Protocol):
+    pad_id: int
+    bos_id: int
+    eos_id: int
+    vocab_size: int
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids) -> str: ...
+
+
+class ByteTokenizer:
+    """UTF-8 bytes shifted past three specials: PAD=0, BOS=1, EOS=2; byte b -> b + 3. Vocabulary 259."""
+
+    pad_id, bos_id, eos_id = 0, 1, 2
+    offset = 3
+    vocab_size = 256 + 3
+
+    def encode(self, text: str) -> list[int]:
+        return [b + self.offset for b in text.encode("utf-8")]
+
+    def decode(self, ids) -> str:
+        out = bytearray()
+        for i in ids:
+            i = int(i)
+            if i == self.eos_id:
+                break
+            if i >= self.offset:
+                out.append(i - self.offset)
+        return out.decode("utf-8", errors="replace")
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` (any model's), via the ``tokenizers`` library."""
+
+    def __init__(self, path: str):
+        from tokenizers import Tokenizer as _Tok
+
+        self._tok = _Tok.from_file(path)
+        vocab = self._tok.get_vocab()
+        self.vocab_size = self._tok.get_vocab_size()
+
+        def find(*names):
+            for n in names:
+                if n in vocab:
+                    return vocab[n]
+            return None
+
+        pad = find("<pad>", "[PAD]", "<|pad|>")
+        bos = find("<s>", "[CLS]", "<bos>", "<|begin_of_text|>", "<|startoftext|>")
+        eos = find("</s>", "[SEP]", "<eos>", "<|end_of_text|>", "<|endoftext|>")
+        # Missing specials get fresh ids past the vocabulary.
+        extra = self.vocab_size
+        if pad is None:
+            pad, extra = extra, extra + 1
+        if bos is None:
+            bos, extra = extra, extra + 1
+        if eos is None:
+            eos, extra = extra, extra + 1
+        self.pad_id, self.bos_id, self.eos_id, self.vocab_size = pad, bos, eos, extra
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        ids = [i for i in ids if i not in (self.pad_id, self.bos_id) and i < self._tok.get_vocab_size()]
+        return self._tok.decode(ids)
+
+
+class SentencePieceTokenizer:
+    def __init__(self, path: str):
+        import sentencepiece as spm
+
+        self._sp = spm.SentencePieceProcessor(model_file=path)
+        n = self._sp.get_piece_size()
+        self.vocab_size = n
+        self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
+        self.bos_id = self._sp.bos_id() if self._sp.bos_id() >= 0 else None
+        self.eos_id = self._sp.eos_id() if self._sp.eos_id() >= 0 else None
+        for name in ("pad_id", "bos_id", "eos_id"):
+            if getattr(self, name) is None:
+                setattr(self, name, self.vocab_size)
+                self.vocab_size += 1
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text))
+
+    def decode(self, ids) -> str:
+        ids = [int(i) for i in ids]
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        n = self._sp.get_piece_size()
+        return self._sp.decode([i for i in ids if i < n and i not in (self.pad_id, self.bos_id)])
+
+
+@functools.lru_cache(maxsize=8)
+def get_tokenizer(spec: str = "byte") -> Tokenizer:
+    """``byte``, or a local path to ``tokenizer.json`` / a sentencepiece ``.model``."""
+    if spec in ("", "byte"):
+        return ByteTokenizer()
+    path = Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"tokenizer file not found: {spec}")
+    if path.suffix == ".json":
+        return HFTokenizer(spec)
+    if path.suffix == ".model":
+        return SentencePieceTokenizer(spec)
+    raise ValueError(f"tokenizer must be 'byte', a tokenizer.json or a sentencepiece .model, got {spec}")
+
+
+def vocab_size_for(spec: str) -> int:
+    return get_tokenizer(spec).vocab_size
+
+
+def encode_prompt(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Question tokens, left-padded to ``length`` (keeps the end of a long question). Returns (ids, mask)."""
+    ids = tok.encode(text)[-length:] if text else []
+    out = np.full(length, tok.pad_id, dtype=np.int32)
+    mask = np.zeros(length, dtype=bool)
+    if ids:
+        out[length - len(ids):] = ids
+        mask[length - len(ids):] = True
+    return out, mask
+
+
+def encode_target(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``BOS text EOS``, right-padded to ``length`` (text cut to fit, EOS kept). Returns (ids, mask)."""
+    ids = [tok.bos_id] + tok.encode(text)[: length - 2] + [tok.eos_id]
+    out = np.full(length, tok.pad_id, dtype=np.int32)
+    mask = np.zeros(length, dtype=bool)
+    out[: len(ids)] = ids
+    mask[: len(ids)] = True
+    return out, mask

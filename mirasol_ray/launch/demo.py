@@ -1,0 +1,123 @@
+"""``mirasol demo``: the main job on the embedded default (local Ray, local storage, generated data).
+
+Synthesises a dataset of real MP4 clips, pretrains (captions + latent prediction), fine-tunes (open-ended QA,
+multiple choice, classification) from the pretrain checkpoint, evaluates on held-out clips with the Ray Data
+batch-inference path of ``mirasol eval``, and writes under ``--out``::
+
+    data/            shards (train/, val/) + manifest.json
+    runs/pretrain/   runs/finetune/   Ray Train runs: checkpoints, metrics.jsonl, TensorBoard, plots
+    summary.json     per task: metric, value, chance level
+    results.png      each task's value beside its chance level
+    learning_curve_pretrain.png  learning_curve_finetune.png
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from typing import Any
+
+from mirasol_ray import storage
+from mirasol_ray.config import load_config
+
+TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
+
+
+def results_plot(rows: list[dict[str, Any]], png: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 3.8))
+    names = [r["task"] for r in rows]
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["value"] for r in rows], width=0.4, label="fine-tuned model")
+    ax.bar([x + 0.2 for x in xs], [r["chance"] or 0 for r in rows], width=0.4, label="chance", color="grey")
+    ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy (caption: token F1)")
+    ax.set_title("mirasol demo: held-out clips")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=90)
+    plt.close(fig)
+    return png
+
+
+def print_table(rows: list[dict[str, Any]]) -> None:
+    print(f"\n{'task':<16}{'metric':<11}{'value':>8}{'chance':>8}{'x chance':>10}{'n':>6}")
+    for r in rows:
+        ratio = f"{r['value'] / r['chance']:.2f}" if r["chance"] else "-"
+        chance = f"{r['chance']:.3f}" if r["chance"] is not None else "-"
+        print(f"{r['task']:<16}{r['metric']:<11}{r['value']:>8.3f}{chance:>8}{ratio:>10}{r['count']:>6}")
+
+
+def run_demo(out: str, *, num_clips: int = 240, pretrain_steps: int | None = None,
+             finetune_steps: int | None = None, config: str = "demo", overrides: list[str] | None = None,
+             num_cpus: int | None = None) -> dict[str, Any]:
+    from mirasol_ray.data.synthetic import synthesize
+    from mirasol_ray.launch.evaluate import evaluate
+    from mirasol_ray.launch.train import ensure_ray, plot_curves, read_metrics, run_training
+
+    if storage.is_remote(out):
+        raise ValueError("mirasol demo writes to a local folder (--out DIR)")
+    out = os.path.abspath(out)
+    os.makedirs(out, exist_ok=True)
+    t0 = time.perf_counter()
+    data = os.path.join(out, "data")
+    print(f"[1/4] synthesising {num_clips} clips into {data}", flush=True)
+    if os.path.exists(os.path.join(data, "manifest.json")):
+        manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
+        if manifest.get("num_samples") != num_clips:
+            shutil.rmtree(data)
+    if not os.path.exists(os.path.join(data, "manifest.json")):
+        synthesize(data, num_clips, seed=0, shard_size=16, val_fraction=0.2)
+    manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
+    chance = manifest.get("splits", {}).get("val", {}).get("chance") or manifest.get("chance", {})
+
+    started = ensure_ray(num_cpus, dashboard=True)
+    try:
+        common = [f"data.train={data}/train", f"data.val={data}/val", f"storage.root={out}/runs",
+                  *(overrides or [])]
+        pre = load_config(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
+                          + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
+        print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)
+        pre_summary = run_training(pre, config)
+        ft = load_config(config, common + ["train.stage=finetune", "data.task=finetune", "storage.name=finetune",
+                                           f"train.init_from={out}/runs/pretrain"]
+                         + ([f"train.steps={finetune_steps}"] if finetune_steps else []))
+        print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification)", flush=True)
+        ft_summary = run_training(ft, config)
+        print("[4/4] evaluating on held-out clips (Ray Data batch inference)", flush=True)
+        ev = evaluate(f"{out}/runs/finetune", f"{data}/val", overrides=["data.task=all"],
+                      records_out=os.path.join(out, "predictions.jsonl"))
+    finally:
+        if started:
+            import ray
+
+            ray.shutdown()
+
+    rows = []
+    for task in TASK_ORDER:
+        if task in ev["metrics"]:
+            m = ev["metrics"][task]
+            rows.append({"task": task, "metric": m["metric"], "value": round(m["value"], 4), "count": m["count"],
+                         "chance": chance.get(task)})
+    for name in ("pretrain", "finetune"):
+        plot_curves(read_metrics(os.path.join(out, "runs", name)), os.path.join(out, f"learning_curve_{name}.png"),
+                    title=name)
+    results_plot(rows, os.path.join(out, "results.png"))
+    summary = {
+        "tasks": {r["task"]: {k: r[k] for k in ("metric", "value", "chance", "count")} for r in rows},
+        "pretrain": pre_summary, "finetune": ft_summary,
+        "eval": {k: v for k, v in ev.items() if k != "metrics"},
+        "num_clips": num_clips, "seconds": round(time.perf_counter() - t0, 1),
+    }
+    storage.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
+    print_table(rows)
+    print(f"\nwrote {out}/summary.json, results.png, learning curves; {summary['seconds']:.0f} s in all")
+    return summary
+

@@ -1,0 +1,101 @@
+"""Combiners: fuse one snippet's video and audio tokens into m tokens (Mirasol3B section 3.2).
+
+Both take the encoders' outputs, (B, S, Nv, Dv) and (B, S, Na, Da), and return (B, S, m, D). The Transformer
+Combiner sees each snippet alone; the Token Turing Machine Combiner carries k memory tokens from snippet to snippet,
+so a snippet's output can depend on earlier snippets (never on later ones).
+"""
+
+from __future__ import annotations
+
+import torch
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.model.layers import TokenPool, Transformer
+
+
+class _Inputs(nn.Module):
+    """Projects video and audio tokens to the combiner width and tags each with a learned modality embedding."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.video = nn.Linear(cfg.video_dim, cfg.dim)
+        self.audio = nn.Linear(cfg.audio_dim, cfg.dim)
+        self.video_type = nn.Parameter(0.02 * torch.randn(cfg.dim))
+        self.audio_type = nn.Parameter(0.02 * torch.randn(cfg.dim))
+
+    def forward(self, video: Tensor, audio: Tensor, audio_present: Tensor) -> tuple[Tensor, Tensor]:
+        """-> tokens (B, S, Nv + Na, D), keep mask (B, Nv + Na): a clip without audio keeps only its video tokens."""
+        x = torch.cat([self.video(video) + self.video_type, self.audio(audio) + self.audio_type], dim=2)
+        Nv, Na = video.shape[2], audio.shape[2]
+        keep = torch.cat([audio_present.new_ones(audio_present.shape[0], Nv),
+                          repeat(audio_present, "b -> b n", n=Na)], dim=1)
+        return x, keep
+
+
+class TransformerCombiner(nn.Module):
+    """m learned output tokens join the snippet's tokens in a transformer; their outputs are the snippet's."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.inputs = _Inputs(cfg)
+        self.out_tokens = nn.Parameter(0.02 * torch.randn(cfg.combiner_tokens, cfg.dim))
+        self.transformer = Transformer(cfg.dim, cfg.combiner_depth, cfg.heads, cfg.mlp_ratio, cfg.dropout,
+                                       checkpointing=cfg.activation_checkpointing)
+
+    def forward(self, video: Tensor, audio: Tensor, audio_present: Tensor) -> Tensor:
+        x, keep = self.inputs(video, audio, audio_present)  # (B, S, N, D), (B, N)
+        B, S = x.shape[:2]
+        m = self.out_tokens.shape[0]
+        x = torch.cat([repeat(self.out_tokens, "m d -> (b s) m d", b=B, s=S),
+                       rearrange(x, "b s n d -> (b s) n d")], dim=1)
+        keep = torch.cat([keep.new_ones(B, m), keep], dim=1)
+        mask = repeat(keep, "b n -> (b s) 1 1 n", s=S)  # key mask, same for every query
+        out = self.transformer(x, mask=mask)[:, :m]
+        return rearrange(out, "(b s) m d -> b s m d", b=B)
+
+
+class TTMCombiner(nn.Module):
+    """Token Turing Machine Combiner (Ryoo et al. 2023), one step per snippet.
+
+    read:    r tokens pooled from [memory, snippet inputs]
+    process: a transformer over the r tokens -> the snippet's output (pooled to m tokens when m != r)
+    write:   new k-token memory pooled from [memory, processed, inputs]
+    Learned embeddings tell the pools which tokens are memory, inputs or processed outputs.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.dim
+        self.inputs = _Inputs(cfg)
+        self.memory0 = nn.Parameter(0.02 * torch.randn(cfg.ttm_memory, D))
+        self.memory_type = nn.Parameter(0.02 * torch.randn(D))
+        self.input_type = nn.Parameter(0.02 * torch.randn(D))
+        self.output_type = nn.Parameter(0.02 * torch.randn(D))
+        self.read = TokenPool(D, cfg.ttm_read)
+        self.process = Transformer(D, cfg.combiner_depth, cfg.heads, cfg.mlp_ratio, cfg.dropout,
+                                   checkpointing=cfg.activation_checkpointing)
+        self.write = TokenPool(D, cfg.ttm_memory)
+        self.out_pool = TokenPool(D, cfg.combiner_tokens) if cfg.combiner_tokens != cfg.ttm_read else None
+
+    def forward(self, video: Tensor, audio: Tensor, audio_present: Tensor) -> Tensor:
+        x, keep = self.inputs(video, audio, audio_present)  # (B, S, N, D), (B, N)
+        B, S = x.shape[:2]
+        memory = repeat(self.memory0, "k d -> b k d", b=B)
+        k, r = memory.shape[1], self.read.score[-1].out_features
+        read_keep = torch.cat([keep.new_ones(B, k), keep], dim=1)
+        write_keep = torch.cat([keep.new_ones(B, k + r), keep], dim=1)
+        outputs = []
+        for t in range(S):
+            inputs = x[:, t] + self.input_type  # (B, N, D)
+            mem = memory + self.memory_type  # (B, k, D)
+            z = self.process(self.read(torch.cat([mem, inputs], dim=1), read_keep))  # (B, r, D)
+            outputs.append(z if self.out_pool is None else self.out_pool(z))
+            if t < S - 1:  # the last snippet's memory would never be read
+                memory = self.write(torch.cat([mem, z + self.output_type, inputs], dim=1), write_keep)  # (B, k, D)
+        return torch.stack(outputs, dim=1)  # (B, S, m, D)
+
+
+def build_combiner(cfg: ModelConfig) -> nn.Module:
+    return TTMCombiner(cfg) if cfg.combiner == "ttm" else TransformerCombiner(cfg)

@@ -1,0 +1,267 @@
+"""Mirasol3B (Piergiovanni et al. 2023): snippet encoders -> Combiner -> time-aligned model -> text decoder.
+
+A batch is a dict of tensors as in :mod:`mirasol_ray.data.schema`, already on the model's device. Tasks:
+open-ended QA and captioning by :meth:`Mirasol.generate`; multiple choice by :meth:`Mirasol.score_options`;
+classification by generating the label text, or by :meth:`Mirasol.classify` with ``cls_mode: head``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from torch import Tensor, nn
+
+from mirasol_ray.model.av_model import TimeAlignedModel, latent_loss
+from mirasol_ray.model.combiner import build_combiner
+from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.model.encoders import AudioEncoder, VideoEncoder
+from mirasol_ray.model.layers import init_weights
+from mirasol_ray.model.text_decoder import TextDecoder
+
+
+class Mirasol(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.config = cfg
+        self.video_encoder = VideoEncoder(cfg)
+        self.audio_encoder = AudioEncoder(cfg)
+        self.combiner = build_combiner(cfg)
+        self.av_model = TimeAlignedModel(cfg)
+        self.text_decoder = TextDecoder(cfg)
+        if cfg.cls_mode == "head":
+            self.cls_head = nn.Sequential(nn.LayerNorm(cfg.dim), nn.Linear(cfg.dim, cfg.num_classes))
+        self.apply(init_weights)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # time-aligned path
+
+    def encode_av(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Combiner outputs ``z`` and time-aligned latents ``h``, both (B, S, m, D)."""
+        video = self.video_encoder(batch["video"])  # (B, S, Nv, Dv)
+        audio = self.audio_encoder(batch["audio"])  # (B, S, Na, Da)
+        z = self.combiner(video, audio, batch["audio_present"])
+        return {"z": z, "h": self.av_model(z)}
+
+    def _context(self, h: Tensor, snippet_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Latents as the decoder's cross-attention context: (B, S*m, D) and its mask (B, S*m)."""
+        return (rearrange(h, "b s m d -> b (s m) d"),
+                repeat(snippet_mask, "b s -> b (s m)", m=h.shape[2]))
+
+    def _pooled(self, h: Tensor, snippet_mask: Tensor) -> Tensor:
+        """Mean of the latents of valid snippets: (B, D)."""
+        w = snippet_mask.to(h.dtype)[..., None]  # (B, S, 1)
+        return (h.mean(2) * w).sum(1) / w.sum(1).clamp(min=1)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # text path
+
+    def _target_logits(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
+                       target_ids: Tensor, target_mask: Tensor) -> Tensor:
+        """Logits (B, Lt-1, V) predicting target[1:] from the prompt and target[:i+1]."""
+        seq = torch.cat([prompt_ids, target_ids], dim=1).long()
+        valid = torch.cat([prompt_mask, target_mask], dim=1)
+        h = self.text_decoder(seq, valid, context, context_mask)  # (B, Lp + Lt, Dt)
+        return self.text_decoder.logits(h[:, prompt_ids.shape[1]:-1]).float()
+
+    def text_logits(self, batch: dict[str, Tensor]) -> Tensor:
+        """Logits (B, Lt-1, V) of target[1:] given the clip, the prompt and the target's prefix."""
+        h = self.encode_av(batch)["h"]
+        context, context_mask = self._context(h, batch["snippet_mask"])
+        return self._target_logits(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
+                                   batch["target_ids"], batch["target_mask"])
+
+    # ------------------------------------------------------------------------------------------------------------
+    # training
+
+    def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
+        """{"loss": weighted sum, "losses": {"text", "latent"[, "cls"]}}; text loss only on target tokens."""
+        cfg = self.config
+        av = self.encode_av(batch)
+        snippet_mask = batch["snippet_mask"]
+        context, context_mask = self._context(av["h"], snippet_mask)
+        logits = self._target_logits(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
+                                     batch["target_ids"], batch["target_mask"])
+        labels = batch["target_ids"][:, 1:].long().masked_fill(~batch["target_mask"][:, 1:], -100)
+        losses = {
+            # sum / count rather than mean: a batch with no target tokens gives 0, not NaN
+            "text": F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), labels.flatten(), ignore_index=-100,
+                                    reduction="sum") / (labels >= 0).sum().clamp(min=1),
+            "latent": latent_loss(self.av_model.predict_next(av["h"]), av["z"], snippet_mask, cfg.latent_loss),
+        }
+        loss = losses["text"] + cfg.latent_loss_weight * losses["latent"]
+        has_label = batch["label"] >= 0
+        if cfg.cls_mode == "head" and bool(has_label.any()):
+            cls_logits = self.cls_head(self._pooled(av["h"], snippet_mask)).float()
+            losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
+            loss = loss + cfg.cls_loss_weight * losses["cls"]
+        return {"loss": loss, "losses": losses}
+
+    # ------------------------------------------------------------------------------------------------------------
+    # tasks
+
+    @torch.no_grad()
+    def classify(self, batch: dict[str, Tensor]) -> Tensor:
+        """Class logits (B, num_classes) from the linear head on pooled latents (``cls_mode: head``)."""
+        if self.config.cls_mode != "head":
+            raise ValueError("classify() needs model.cls_mode 'head'; with 'generate', generate the label text")
+        h = self.encode_av(batch)["h"]
+        return self.cls_head(self._pooled(h, batch["snippet_mask"])).float()
+
+    @torch.no_grad()
+    def score_options(self, batch: dict[str, Tensor]) -> Tensor:
+        """Summed log-likelihood (B, K) of each option (formatted like a target); -inf for absent options.
+
+        With ``score_length_norm`` the sum is divided by the option's token count (EOS included).
+        """
+        option_ids, option_mask = batch["option_ids"], batch["option_mask"]
+        B, K, _ = option_ids.shape
+        h = self.encode_av(batch)["h"]
+        context, context_mask = self._context(h, batch["snippet_mask"])
+        k_times = "b ... -> (b k) ..."
+        logits = self._target_logits(
+            repeat(context, k_times, k=K), repeat(context_mask, k_times, k=K),
+            repeat(batch["prompt_ids"], k_times, k=K), repeat(batch["prompt_mask"], k_times, k=K),
+            rearrange(option_ids, "b k l -> (b k) l"), rearrange(option_mask, "b k l -> (b k) l"))
+        logp = logits.log_softmax(-1).gather(-1, rearrange(option_ids, "b k l -> (b k) l")[:, 1:, None].long())
+        mask = rearrange(option_mask[..., 1:], "b k l -> (b k) l")
+        score = (logp[..., 0] * mask).sum(1)
+        if self.config.score_length_norm:
+            score = score / mask.sum(1).clamp(min=1)
+        score = rearrange(score, "(b k) -> b k", k=K)
+        return score.masked_fill(~option_mask[..., 0], float("-inf"))
+
+    @torch.no_grad()
+    def generate(self, batch: dict[str, Tensor], max_new_tokens: int = 32, beam_size: int = 1,
+                 use_cache: bool = True) -> Tensor:
+        """Token ids (B, L) generated after BOS from the clip and the prompt: EOS included, PAD after it.
+
+        Greedy for ``beam_size == 1``, else beam search ranked by summed log-probability (no length penalty). At
+        most ``max_new_tokens``, and never past ``max_text_len`` positions.
+        """
+        state, steps = self.start_decoding(batch, max_new_tokens, beam_size, use_cache)
+        cfg = self.config
+        if beam_size == 1:
+            return greedy_search(state, steps, cfg.pad_id, cfg.eos_id)
+        return beam_search(state, steps, beam_size, cfg.pad_id, cfg.eos_id)
+
+    def start_decoding(self, batch: dict[str, Tensor], max_new_tokens: int, beam_size: int = 1,
+                       use_cache: bool = True) -> tuple[Decoding, int]:
+        """Encodes the clip; returns the prompt + BOS (each row repeated ``beam_size`` times) and the steps left."""
+        cfg = self.config
+        h = self.encode_av(batch)["h"]
+        context, context_mask = self._context(h, batch["snippet_mask"])
+        prompt_mask = batch["prompt_mask"]
+        B = prompt_mask.shape[0]
+        bos = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=prompt_mask.device)
+        seq = torch.cat([batch["prompt_ids"].long(), bos], dim=1)
+        valid = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], dim=1)
+        steps = min(max_new_tokens, cfg.max_text_len - int(valid.sum(1).max()))  # positions left after BOS
+        k_times = "b ... -> (b k) ..."
+        return Decoding(self.text_decoder, *(repeat(t, k_times, k=beam_size)
+                                             for t in (context, context_mask, seq, valid)), use_cache), steps
+
+
+def greedy_search(state: Decoding, steps: int, pad_id: int, eos_id: int) -> Tensor:
+    """(B, L <= steps): the most likely token at each step; a row is PAD after its EOS; stops when all ended."""
+    B = state.seq.shape[0]
+    done = torch.zeros(B, dtype=torch.bool, device=state.seq.device)
+    out = []
+    for _ in range(steps):
+        tok = state.next_logprobs().argmax(-1).masked_fill(done, pad_id)  # (B,)
+        out.append(tok)
+        done = done | (tok == eos_id)
+        if bool(done.all()):
+            break
+        state.append(tok)
+    return torch.stack(out, 1) if out else state.seq.new_zeros(B, 0)
+
+
+def beam_search(state: Decoding, steps: int, beam_size: int, pad_id: int, eos_id: int) -> Tensor:
+    """(B, L <= steps): the beam with the highest summed log-probability. ``state`` holds B * beam_size rows."""
+    K = beam_size
+    B = state.seq.shape[0] // K
+    device = state.seq.device
+    scores = torch.zeros(B, K, device=device)
+    scores[:, 1:] = float("-inf")  # all beams start equal: keep one until the first expansion
+    done = torch.zeros(B, K, dtype=torch.bool, device=device)
+    tokens = torch.zeros(B, K, 0, dtype=torch.long, device=device)
+    for _ in range(steps):
+        logp = rearrange(state.next_logprobs(), "(b k) v -> b k v", k=K)
+        V = logp.shape[-1]
+        # a finished beam continues with PAD only, at no cost, so it stays one candidate
+        pad_only = torch.full((V,), float("-inf"), device=device)
+        pad_only[pad_id] = 0.0
+        logp = torch.where(done[..., None], pad_only, logp)
+        scores, flat = (scores[..., None] + logp).view(B, K * V).topk(K, dim=-1)  # (B, K)
+        parent, tok = flat // V, flat % V
+        tokens = torch.cat([tokens.gather(1, repeat(parent, "b k -> b k l", l=tokens.shape[2])), tok[..., None]], 2)
+        done = done.gather(1, parent) | (tok == eos_id)
+        if bool(done.all()):
+            break
+        state.reorder((parent + torch.arange(B, device=device)[:, None] * K).flatten())
+        state.append(tok.flatten())
+    return tokens[torch.arange(B, device=device), scores.argmax(-1)]
+
+
+class Decoding:
+    """Sequences being decoded, with the decoder's key/value cache or by recomputing the whole prefix."""
+
+    def __init__(self, decoder: TextDecoder, context: Tensor, context_mask: Tensor, seq: Tensor, valid: Tensor,
+                 use_cache: bool):
+        self.decoder, self.context, self.context_mask = decoder, context, context_mask
+        self.seq, self.valid = seq, valid  # (N, L)
+        self.cache = decoder.new_cache() if use_cache else None
+        self.unseen = seq  # tokens the cache has not processed yet
+
+    def next_logprobs(self) -> Tensor:
+        """(N, V) log-probabilities of the next token."""
+        ids = self.seq if self.cache is None else self.unseen
+        h = self.decoder(ids, self.valid, self.context, self.context_mask, self.cache)
+        return self.decoder.logits(h[:, -1]).float().log_softmax(-1)
+
+    def append(self, tok: Tensor) -> None:
+        self.seq = torch.cat([self.seq, tok[:, None]], dim=1)
+        self.valid = torch.cat([self.valid, self.valid.new_ones(tok.shape[0], 1)], dim=1)
+        self.unseen = tok[:, None]
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (beam search); the cache's self-attention keys/values follow."""
+        self.seq, self.valid = self.seq[index], self.valid[index]
+        if self.cache is not None:
+            for layer in self.cache:
+                layer["self"] = {name: t[index] for name, t in layer["self"].items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# building, checkpoints, sizes
+
+
+def build_model(cfg: ModelConfig | dict[str, Any]) -> Mirasol:
+    """A model from a :class:`ModelConfig` or its dict form (as stored in a checkpoint)."""
+    return Mirasol(cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg))
+
+
+def model_state(model: Mirasol) -> dict[str, Any]:
+    """{"config": plain-python config, "model": state_dict}: loadable with ``torch.load(weights_only=True)``."""
+    model = getattr(model, "module", model)  # DDP
+    return {"config": model.config.to_dict(), "model": model.state_dict()}
+
+
+def load_model(state: dict[str, Any]) -> Mirasol:
+    """Rebuild a model from :func:`model_state`'s output alone."""
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def param_breakdown(cfg: ModelConfig | dict[str, Any]) -> dict[str, int]:
+    """Parameters per component and "total", counted on the meta device (nothing allocated)."""
+    with torch.device("meta"):
+        model = build_model(cfg)
+    counts = {name: sum(p.numel() for p in child.parameters()) for name, child in model.named_children()}
+    counts["total"] = sum(p.numel() for p in model.parameters())
+    return counts

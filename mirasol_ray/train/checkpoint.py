@@ -1,0 +1,125 @@
+"""Checkpoint files: the model (config travels with the weights) and the training state, loaded with
+``weights_only=True`` (no pickled code is ever executed).
+
+A checkpoint folder holds::
+
+    model.pt        {"config": ModelConfig as plain types, "model": state_dict}
+    train_state.pt  {"optimizer", "scheduler", "step", "epoch", "batch_in_epoch"}
+    meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
+                    too), "label_set"}
+
+``resolve_checkpoint`` accepts a ``model.pt``, a checkpoint folder, or a run folder (its latest checkpoint), on
+local disk or ``s3://``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Any
+
+import torch
+
+from mirasol_ray import storage
+from mirasol_ray.model.mirasol import load_model, model_state
+
+MODEL_FILE = "model.pt"
+STATE_FILE = "train_state.pt"
+META_FILE = "meta.json"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return getattr(model, "module", model)
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A full (unsharded) CPU state dict, for DDP, FSDP2 and plain modules alike (collective under FSDP2)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    m = unwrap(model)
+    return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def write_checkpoint(folder: str, model: torch.nn.Module, optimizer=None, scheduler=None, *, step: int,
+                     epoch: int = 0, batch_in_epoch: int = 0, stage: str = "", metrics: dict | None = None,
+                     model_sd: dict | None = None, run_config: dict | None = None,
+                     label_set: list[str] | None = None) -> str:
+    """Write a checkpoint into a local ``folder`` (Ray Train then uploads it)."""
+    os.makedirs(folder, exist_ok=True)
+    state = model_state(unwrap(model))
+    if model_sd is not None:
+        state["model"] = model_sd
+    torch.save(state, os.path.join(folder, MODEL_FILE))
+    if optimizer is not None:
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
+                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                   os.path.join(folder, STATE_FILE))
+    with open(os.path.join(folder, META_FILE), "w") as f:
+        json.dump({"step": step, "epoch": epoch, "stage": stage, "metrics": metrics or {},
+                   "run_config": run_config or {}, "label_set": label_set}, f)
+    return folder
+
+
+def load_torch(uri: str, endpoint_url: str = "") -> Any:
+    data = storage.read_bytes(uri, endpoint_url)
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def latest_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> str | None:
+    """The checkpoint folder with the highest step under a run folder, or None."""
+    best, best_step = None, -1
+    for name in storage.listdir(run_uri, endpoint_url):
+        if not name.startswith("checkpoint"):
+            continue
+        meta_uri = storage.join(run_uri, name, META_FILE)
+        try:
+            step = json.loads(storage.read_text(meta_uri, endpoint_url))["step"]
+        except (FileNotFoundError, KeyError, ValueError):
+            continue
+        if step > best_step:
+            best, best_step = storage.join(run_uri, name), step
+    return best
+
+
+def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
+    """The ``model.pt`` URI behind a file, checkpoint folder or run folder; FileNotFoundError names the URI."""
+    if uri.endswith(".pt"):
+        if not storage.exists(uri, endpoint_url):
+            raise FileNotFoundError(f"checkpoint not found: {uri}")
+        return uri
+    direct = storage.join(uri, MODEL_FILE)
+    if storage.exists(direct, endpoint_url):
+        return direct
+    latest = latest_checkpoint_dir(uri, endpoint_url)
+    if latest is None:
+        raise FileNotFoundError(f"no checkpoint at {uri}")
+    return storage.join(latest, MODEL_FILE)
+
+
+def load_model_from(uri: str, endpoint_url: str = ""):
+    """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder)."""
+    return load_model(load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url))
+
+
+def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") -> dict[str, list[str]]:
+    """Initialise ``model`` from a checkpoint's weights (finetune from pretrain). Parameters whose shapes differ
+    (e.g. a classification head sized for another label set) are left as initialised and reported."""
+    state = load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url)["model"]
+    own = unwrap(model).state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    result = unwrap(model).load_state_dict(keep, strict=False)
+    return {"missing": list(result.missing_keys), "unexpected": sorted(set(state) - set(keep))}
+
+
+
+
+
+
+def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """meta.json beside a resolved ``model.pt`` ({} if absent)."""
+    import posixpath
+
+    folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
+    uri = storage.join(folder, META_FILE)
+    return json.loads(storage.read_text(uri, endpoint_url)) if storage.exists(uri, endpoint_url) else {}

@@ -1,0 +1,140 @@
+"""The train and eval steps: plain torch, no Ray (runs and benchmarks on a bare GPU or CPU).
+
+Batches are dicts per :mod:`mirasol_ray.data.schema`; video arrives uint8 and is moved to the device as uint8
+(the model normalises it there), so a host->device copy carries a quarter of the bytes of float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from mirasol_ray.config import TrainConfig
+from mirasol_ray.data.schema import QTYPES, TASKS
+from mirasol_ray.data.text import Tokenizer
+from mirasol_ray.train.metrics import exact_match
+
+TASK_CAPTION, TASK_QA, TASK_MCQA, TASK_CLS = (TASKS.index(t) for t in TASKS)
+
+
+def move_batch(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    nb = device.type == "cuda"
+    return {k: v.to(device, non_blocking=nb) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on GPU (precision auto|bf16); fp32 on CPU unless bf16 is asked for explicitly."""
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    if not use_bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, norms, embeddings and learned tokens (parameters with < 2 dims or
+    named as embeddings)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    warm = max(0, min(cfg.warmup_steps, cfg.steps - 1))
+    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warm),
+                                                        eta_min=cfg.lr * cfg.min_lr_ratio)
+    if warm == 0:
+        return cosine
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
+    return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warm])
+
+
+def count_tokens(batch: dict[str, Any]) -> int:
+    """Text tokens plus audio-video tokens seen (snippets x frames as the unit of video)."""
+    text = int(batch["prompt_mask"].sum() + batch["target_mask"].sum())
+    snippets = int(batch["snippet_mask"].sum())
+    return text + snippets * int(batch["video"].shape[2])
+
+
+def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: torch.optim.Optimizer,
+               sched: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
+               no_sync=None) -> dict[str, float]:
+    """One optimiser step over ``grad_accum`` micro-batches: forward, backward (gradients averaged over the
+    micro-batches; DDP's all-reduce only on the last through ``no_sync``), clip, step, schedule.
+
+    Returns the mean of each loss part, the total loss, the gradient norm and the learning rate."""
+    model.train()
+    micro = list(micro_batches)
+    parts: dict[str, float] = {}
+    for i, batch in enumerate(micro):
+        batch = move_batch(batch, device)
+        last = i == len(micro) - 1
+        ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
+        with ctx:
+            with autocast(device, cfg.precision):
+                out = model(batch)
+            (out["loss"] / len(micro)).backward()
+        parts["loss"] = parts.get("loss", 0.0) + float(out["loss"].detach()) / len(micro)
+        for k, v in out["losses"].items():
+            parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    parts["lr"] = float(opt.param_groups[0]["lr"])
+    sched.step()
+    parts["grad_norm"] = float(grad_norm)
+    return parts
+
+
+@torch.no_grad()
+def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
+                  precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
+                  label_set: list[str] | None = None) -> list[dict[str, Any]]:
+    """Predictions for every row of a batch, as records for :func:`mirasol_ray.train.metrics.aggregate`.
+
+    Open-ended QA, captions and (in ``generate`` mode) class labels are generated; multiple choice picks the
+    option with the highest log-likelihood; classification in ``head`` mode takes the head's arg-max."""
+    model.eval()
+    core = getattr(model, "module", model)
+    batch = move_batch(batch, device)
+    task = batch["task"].cpu()
+    n = len(task)
+    max_new = max_new_tokens or int(batch["target_ids"].shape[1]) - 1
+    records: list[dict[str, Any]] = [{} for _ in range(n)]
+    with autocast(device, precision):
+        gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA]
+        generated = None
+        if gen_rows:
+            generated = core.generate(batch, max_new_tokens=max_new, beam_size=beam_size).cpu()
+        scores = core.score_options(batch).float().cpu() if bool((task == TASK_MCQA).any()) else None
+        head = None
+        if bool((task == TASK_CLS).any()) and getattr(core.config, "cls_mode", "generate") == "head":
+            head = core.classify(batch).float().cpu()
+    for i in range(n):
+        t = int(task[i])
+        target = tok.decode(batch["target_ids"][i, 1:].cpu().tolist())
+        rec = {"key": batch["key"][i] if "key" in batch else str(i), "task": TASKS[t],
+               "qtype": QTYPES[int(batch["qtype"][i])], "target": target}
+        if t == TASK_MCQA:
+            pick = int(scores[i].argmax())
+            opts = batch["option_ids"][i].cpu()
+            rec["pred"] = tok.decode(opts[pick, 1:].tolist())
+            rec["correct"] = pick == int(batch["answer_idx"][i])
+        elif t == TASK_CLS and head is not None:
+            pick = int(head[i].argmax())
+            rec["pred"] = label_set[pick] if label_set and pick < len(label_set) else str(pick)
+            rec["correct"] = pick == int(batch["label"][i])
+        else:
+            rec["pred"] = tok.decode(generated[i].tolist())
+            rec["correct"] = exact_match(rec["pred"], target)
+        records[i] = rec
+    return records

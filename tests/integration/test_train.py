@@ -1,0 +1,180 @@
+"""Ray Train on real shards: DDP with two CPU workers, local and S3 storage, failures, resume, eval, predict."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from mirasol_ray import storage
+from mirasol_ray.config import load_config
+from mirasol_ray.launch.train import read_metrics, run_training
+from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+
+TINY_TRAIN = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "data.decode_cpus=0.25",
+              "data.decode_batch_size=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
+              "data.task=all"]
+
+
+def _cfg(synth_shards, root, name, steps=4, extra=()):
+    return load_config("tiny", [f"data.train={synth_shards['dir']}", f"storage.root={root}",
+                                f"storage.name={name}", f"train.steps={steps}", "train.checkpoint_every=2",
+                                *TINY_TRAIN, *extra])
+
+
+def _check_run(uri, steps):
+    records = read_metrics(uri)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:
+        assert r["loss"] > 0 and 0 <= r["data_wait_fraction"] <= 1 and r["samples_per_s"] > 0
+        assert {"text", "latent"} <= set(r)
+    last = latest_checkpoint_dir(uri)
+    assert last is not None
+    assert read_meta(resolve_checkpoint(last))["step"] == steps
+    assert storage.exists(storage.join(uri, "plots", "learning_curve.png"))
+    assert storage.exists(storage.join(uri, "summary.json"))
+    names = storage.listdir(storage.join(uri, "tensorboard"))
+    assert any(n.startswith("events.out.tfevents") for n in names)
+
+
+def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path):
+    cfg = _cfg(synth_shards, tmp_path / "runs", "ddp-local")
+    summary = run_training(cfg)
+    assert summary["steps"] == 4
+    _check_run(str(tmp_path / "runs" / "ddp-local"), 4)
+    # keep_checkpoints=2: checkpoints at steps 2 and 4
+    ckpts = [n for n in os.listdir(tmp_path / "runs" / "ddp-local") if n.startswith("checkpoint")]
+    assert len(ckpts) == 2
+
+
+def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
+    root = s3_server.url("runs")
+    cfg = _cfg(synth_shards, root, "ddp-s3")
+    summary = run_training(cfg)
+    assert summary["steps"] == 4
+    _check_run(storage.join(root, "ddp-s3"), 4)
+
+
+def test_worker_killed_mid_run_restarts_from_checkpoint(ray_local, synth_shards, tmp_path):
+    pid_dir = tmp_path / "pids"
+    cfg = _cfg(synth_shards, tmp_path / "runs", "killed", steps=6, extra=["scaling.max_failures=1"])
+    uri = str(tmp_path / "runs" / "killed")
+    out: dict = {}
+    th = threading.Thread(target=lambda: out.update(run_training(cfg, pid_dir=str(pid_dir))), daemon=True)
+    th.start()
+    deadline = time.time() + 300
+    killed = None
+    while time.time() < deadline and th.is_alive():
+        last = latest_checkpoint_dir(uri)
+        if last and read_meta(resolve_checkpoint(last))["step"] >= 2 and (pid_dir / "rank1.pid").exists():
+            killed = int((pid_dir / "rank1.pid").read_text())
+            os.kill(killed, signal.SIGKILL)
+            break
+        time.sleep(0.2)
+    assert killed, "no checkpoint appeared to kill after"
+    th.join(timeout=400)
+    assert not th.is_alive()
+    assert out["steps"] == 6
+    assert int((pid_dir / "rank1.pid").read_text()) != killed, "the worker group was restarted"
+    steps = [r["step"] for r in read_metrics(uri)]
+    assert steps == list(range(1, 7)), "metrics continue from the restored step, none lost or repeated"
+    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == 6
+
+
+def _train_cmd(synth_shards, root, steps):
+    return [sys.executable, "-m", "mirasol_ray.cli", "train", "--config", "tiny",
+            "--set", f"data.train={synth_shards['dir']}", "--set", f"storage.root={root}",
+            "--set", "storage.name=resume", "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
+            *[a for s in TINY_TRAIN for a in ("--set", s)], "--set", "scaling.num_workers=1",
+            "--set", "scaling.cpus_per_worker=1"]
+
+
+def test_driver_stopped_then_rerun_resumes(synth_shards, tmp_path, ray_local):
+    import ray
+
+    ray.shutdown()  # this test runs its own drivers in subprocesses
+    root = tmp_path / "runs"
+    uri = str(root / "resume")
+    proc = subprocess.Popen(_train_cmd(synth_shards, root, 8), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    deadline = time.time() + 300
+    try:
+        while time.time() < deadline:
+            last = latest_checkpoint_dir(uri)
+            if last and read_meta(resolve_checkpoint(last))["step"] >= 2:
+                break
+            assert proc.poll() is None, proc.stdout.read()[-3000:]
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped_at = read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"]
+    assert 2 <= stopped_at < 8
+    rerun = subprocess.run(_train_cmd(synth_shards, root, 8), capture_output=True, text=True, timeout=400)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed at step {stopped_at}" in rerun.stdout + rerun.stderr
+    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == 8
+    steps = [r["step"] for r in read_metrics(uri)]
+    assert steps == list(range(1, 9))
+
+
+@pytest.fixture(scope="module")
+def trained_run(synth_shards, tmp_path_factory):
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False)
+    root = tmp_path_factory.mktemp("trained")
+    cfg = _cfg(synth_shards, root, "for-eval", steps=2, extra=["scaling.num_workers=1",
+                                                               "scaling.cpus_per_worker=1"])
+    run_training(cfg)
+    ray.shutdown()
+    return str(root / "for-eval")
+
+
+def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path):
+    from mirasol_ray.train.metrics import aggregate
+
+    rec_path = tmp_path / "records.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "eval", "--checkpoint", trained_run, "--data",
+                           synth_shards["dir"], "--json", "--records", str(rec_path), "--set", "data.task=all"],
+                          capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    records = [json.loads(ln) for ln in rec_path.read_text().splitlines()]
+    n = synth_shards["num_clips"]
+    assert res["rows"] == len(records) == n * 7  # caption + 4 questions + mcqa + cls per clip
+    assert res["metrics"] == json.loads(json.dumps(aggregate(records)))
+    assert {"qa/video", "qa/audio", "qa/av_aligned", "mcqa", "cls", "caption"} <= set(res["metrics"])
+    assert res["metrics"]["mcqa"]["count"] == n
+
+
+def test_predict_cli_on_an_mp4(trained_run, synth_shards, tmp_path):
+    import tarfile
+
+    tar = sorted(p for p in os.listdir(synth_shards["dir"]) if p.endswith(".tar"))[0]
+    with tarfile.open(os.path.join(synth_shards["dir"], tar)) as t:
+        m = next(m for m in t.getmembers() if m.name.endswith(".mp4"))
+        (tmp_path / "clip.mp4").write_bytes(t.extractfile(m).read())
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "predict", "--checkpoint", trained_run,
+                           str(tmp_path / "clip.mp4"), "--question", "what colour is the first shape?", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert res["task"] == "qa" and isinstance(res["answer"], str)
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "predict", "--checkpoint", trained_run,
+                           str(tmp_path / "clip.mp4"), "--question", "which colour?", "--options", "red", "green",
+                           "blue", "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["answer"] in ("red", "green", "blue")
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "predict", "--checkpoint", trained_run,
+                           str(tmp_path / "missing.mp4")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0 and "missing.mp4" in proc.stderr

@@ -1,0 +1,329 @@
+"""Mirasol3B model: causality, memory, gradients, overfitting, decoding, scoring, checkpoints, sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import resource
+
+import pytest
+import torch
+
+from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.model.mirasol import (
+    Mirasol,
+    beam_search,
+    build_model,
+    load_model,
+    model_state,
+    param_breakdown,
+)
+
+PAD, BOS, EOS = 0, 1, 2
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: a second intra-op thread only adds contention (10x slower on a busy 2-core box)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def small_cfg(**kw) -> ModelConfig:
+    """Smaller than the tiny preset: a forward+backward takes milliseconds."""
+    base = dict(max_snippets=3, frames_per_snippet=2, image_size=(32, 32), n_mels=16, mel_frames=8, max_text_len=24,
+                vocab_size=40, video_dim=32, video_depth=1, video_heads=2, tubelet_frames=2, patch_size=16,
+                sparse_tube_size=(2, 16), sparse_tube_stride=(2, 16), audio_dim=32, audio_depth=1, audio_heads=2,
+                audio_patch=(8, 8), combiner_depth=1, combiner_tokens=2, ttm_memory=4, ttm_read=2, dim=32, depth=1,
+                heads=2, text_dim=32, text_depth=2, text_heads=2)
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_batch(cfg: ModelConfig, B: int = 2, Lp: int = 5, Lt: int = 7, K: int = 3, seed: int = 0) -> dict:
+    """A batch following mirasol_ray/data/schema.py: left-padded prompts, BOS..EOS right-padded targets."""
+    g = torch.Generator().manual_seed(seed)
+    S, F = cfg.max_snippets, cfg.frames_per_snippet
+    H, W = cfg.image_size
+
+    def text(n):
+        return torch.randint(3, cfg.vocab_size, (n,), generator=g)
+
+    prompt_ids = torch.zeros(B, Lp, dtype=torch.int32)
+    prompt_mask = torch.zeros(B, Lp, dtype=torch.bool)
+    target_ids = torch.zeros(B, Lt, dtype=torch.int32)
+    target_mask = torch.zeros(B, Lt, dtype=torch.bool)
+    option_ids = torch.zeros(B, K, Lt, dtype=torch.int32)
+    option_mask = torch.zeros(B, K, Lt, dtype=torch.bool)
+    for b in range(B):
+        n_prompt = Lp - b  # row b has b pads on the left
+        prompt_ids[b, Lp - n_prompt:] = text(n_prompt)
+        prompt_mask[b, Lp - n_prompt:] = True
+        for k in range(K):
+            n = Lt - (k % 2)  # BOS + words + EOS, some right-padded
+            option_ids[b, k, :n] = torch.cat([torch.tensor([BOS]), text(n - 2), torch.tensor([EOS])])
+            option_mask[b, k, :n] = True
+        target_ids[b], target_mask[b] = option_ids[b, 1], option_mask[b, 1]
+    return {
+        "video": torch.randint(0, 256, (B, S, F, H, W, 3), generator=g, dtype=torch.uint8),
+        "audio": torch.randn(B, S, cfg.n_mels, cfg.mel_frames, generator=g),
+        "audio_present": torch.ones(B, dtype=torch.bool),
+        "snippet_mask": torch.ones(B, S, dtype=torch.bool),
+        "task": torch.full((B,), 2, dtype=torch.int64),
+        "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
+        "target_ids": target_ids, "target_mask": target_mask,
+        "option_ids": option_ids, "option_mask": option_mask,
+        "answer_idx": torch.ones(B, dtype=torch.int64),
+        "label": torch.tensor([0, 1] * (B // 2) + [0] * (B % 2), dtype=torch.int64),
+    }
+
+
+def model_for(cfg: ModelConfig, seed: int = 0) -> Mirasol:
+    torch.manual_seed(seed)
+    return Mirasol(cfg).eval()
+
+
+def train(model: Mirasol, batch: dict, steps: int, lr: float = 3e-3) -> list[float]:
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def perturb_snippet(batch: dict, s: int) -> dict:
+    out = dict(batch)
+    out["video"] = batch["video"].clone()
+    out["video"][:, s] = 255 - out["video"][:, s]
+    out["audio"] = batch["audio"].clone()
+    out["audio"][:, s] = -3 * out["audio"][:, s] + 1
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# causality and memory
+
+
+@pytest.mark.parametrize("combiner", ["transformer", "ttm"])
+@pytest.mark.parametrize("sparse", [False, True])
+def test_changing_snippet_t_plus_1_leaves_outputs_up_to_t_unchanged(combiner, sparse):
+    cfg = small_cfg(combiner=combiner, sparse_tubes=sparse)
+    model, batch = model_for(cfg), make_batch(cfg)
+    t = 0
+    with torch.no_grad():
+        a, b = model.encode_av(batch), model.encode_av(perturb_snippet(batch, t + 1))
+    for name in ("z", "h"):
+        torch.testing.assert_close(a[name][:, : t + 1], b[name][:, : t + 1], rtol=0, atol=1e-6)
+        assert (a[name][:, t + 1] - b[name][:, t + 1]).abs().max() > 1e-3  # the change does reach snippet t+1
+
+
+def test_changing_a_later_text_token_leaves_earlier_logits_unchanged():
+    cfg = small_cfg()
+    model, batch = model_for(cfg), make_batch(cfg)
+    j = 3
+    changed = dict(batch, target_ids=batch["target_ids"].clone())
+    changed["target_ids"][:, j] = (changed["target_ids"][:, j] + 5) % (cfg.vocab_size - 3) + 3
+    with torch.no_grad():
+        a, b = model.text_logits(batch), model.text_logits(changed)
+    # logits[:, i] predicts target[i + 1] from target[: i + 1]
+    torch.testing.assert_close(a[:, :j], b[:, :j], rtol=0, atol=1e-5)
+    assert (a[:, j] - b[:, j]).abs().max() > 1e-3
+
+
+def test_left_padding_does_not_change_the_text_logits():
+    """Positions count valid tokens: more left padding of the prompt changes nothing."""
+    cfg = small_cfg()
+    model, batch = model_for(cfg), make_batch(cfg)
+    padded = dict(batch,
+                  prompt_ids=torch.cat([torch.zeros(2, 3, dtype=torch.int32), batch["prompt_ids"]], 1),
+                  prompt_mask=torch.cat([torch.zeros(2, 3, dtype=torch.bool), batch["prompt_mask"]], 1))
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_logits(batch), model.text_logits(padded), rtol=1e-4, atol=1e-4)
+
+
+def test_ttm_memory_carries_snippet_0_to_later_snippets():
+    batch = make_batch(small_cfg())
+    changed = perturb_snippet(batch, 0)
+    with torch.no_grad():
+        ttm = model_for(small_cfg(combiner="ttm"))
+        z, z_changed = ttm.encode_av(batch)["z"], ttm.encode_av(changed)["z"]
+        assert (z[:, 2] - z_changed[:, 2]).abs().max() > 1e-3
+        # the Transformer Combiner has no memory: its snippet 2 output ignores snippet 0
+        plain = model_for(small_cfg(combiner="transformer"))
+        torch.testing.assert_close(plain.encode_av(batch)["z"][:, 2], plain.encode_av(changed)["z"][:, 2],
+                                   rtol=0, atol=1e-6)
+
+
+def test_padded_snippets_and_absent_audio_are_ignored():
+    cfg = small_cfg()
+    model, batch = model_for(cfg), make_batch(cfg)
+    batch["snippet_mask"][:, -1] = False
+    batch["audio_present"][:] = False
+    other = perturb_snippet(batch, cfg.max_snippets - 1)
+    other["audio"] = torch.randn_like(batch["audio"])
+    with torch.no_grad():
+        torch.testing.assert_close(model.text_logits(batch), model.text_logits(other), rtol=0, atol=1e-5)
+        assert model(batch)["losses"]["latent"].item() == pytest.approx(model(other)["losses"]["latent"].item())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training
+
+
+@pytest.mark.parametrize("combiner,sparse", [("transformer", True), ("ttm", False)])
+def test_every_parameter_receives_a_gradient(combiner, sparse):
+    cfg = small_cfg(combiner=combiner, sparse_tubes=sparse, cls_mode="head", num_classes=3, combiner_tokens=3)
+    model = model_for(cfg).train()
+    out = model(make_batch(cfg))
+    assert set(out["losses"]) == {"text", "latent", "cls"}
+    out["loss"].backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert missing == []
+
+
+@pytest.mark.parametrize("combiner", ["transformer", "ttm"])
+def test_each_combiner_overfits_a_fixed_batch(combiner):
+    cfg = small_cfg(combiner=combiner)
+    model, batch = model_for(cfg), make_batch(cfg)
+    losses = train(model, batch, steps=60)
+    assert losses[-1] < 0.15 * losses[0], losses[::10]
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    batch = make_batch(small_cfg())
+    grads = []
+    for ckpt in (False, True):
+        model = model_for(small_cfg(activation_checkpointing=ckpt)).train()
+        model(batch)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_bf16_autocast_forward_backward():
+    cfg = small_cfg()
+    model, batch = model_for(cfg).train(), make_batch(cfg)
+    ref = model(batch)["loss"].item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(batch)["loss"]
+    loss.backward()
+    assert loss.dtype == torch.float32 and abs(loss.item() - ref) < 0.05 * ref
+
+
+def test_cls_head_learns_labels_and_loss_only_with_labels():
+    cfg = small_cfg(cls_mode="head", num_classes=2)
+    model, batch = model_for(cfg), make_batch(cfg, B=4)
+    train(model, batch, steps=30)
+    model.eval()
+    assert model.classify(batch).argmax(-1).tolist() == batch["label"].tolist()
+    unlabelled = dict(batch, label=torch.full((4,), -1))
+    assert "cls" not in model(unlabelled)["losses"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# decoding and scoring
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A model overfit to answer option 1 of each row (its target)."""
+    cfg = small_cfg()
+    model, batch = model_for(cfg), make_batch(cfg)
+    train(model, batch, steps=80)
+    return model.eval(), batch
+
+
+def test_generation_reproduces_the_trained_answer_and_stops_at_eos(trained):
+    model, batch = trained
+    out = model.generate(batch, max_new_tokens=12)
+    for b in range(out.shape[0]):
+        want = batch["target_ids"][b][batch["target_mask"][b]][1:].tolist()  # words + EOS, after BOS
+        got = out[b].tolist()
+        assert got[: len(want)] == want
+        assert all(t == PAD for t in got[len(want):])
+    assert out.shape[1] == max(int(m.sum()) - 1 for m in batch["target_mask"])  # stopped once every row ended
+    assert model.generate(batch, max_new_tokens=3).shape[1] == 3
+
+
+@pytest.mark.parametrize("beam_size", [1, 3])
+def test_generation_with_kv_cache_equals_without(beam_size):
+    cfg = small_cfg()
+    model, batch = model_for(cfg, seed=1), make_batch(cfg)
+    a = model.generate(batch, max_new_tokens=10, beam_size=beam_size, use_cache=True)
+    b = model.generate(batch, max_new_tokens=10, beam_size=beam_size, use_cache=False)
+    assert a.shape[1] > 2
+    assert torch.equal(a, b)
+
+
+def test_beam_width_1_equals_greedy_and_wider_beams_score_no_worse():
+    cfg = small_cfg()
+    model, batch = model_for(cfg, seed=2), make_batch(cfg)
+    greedy = model.generate(batch, max_new_tokens=8)
+    state, steps = model.start_decoding(batch, max_new_tokens=8, beam_size=1)
+    assert torch.equal(beam_search(state, steps, 1, PAD, EOS), greedy)
+
+    def logprob(ids):  # summed log-probability of a generated continuation, scored by teacher forcing
+        target = torch.cat([torch.full((ids.shape[0], 1), BOS), ids], 1)
+        mask = torch.ones_like(target, dtype=torch.bool)
+        mask[:, 1:] = torch.cat([torch.ones(ids.shape[0], 1, dtype=torch.bool), ids[:, :-1] != EOS], 1).cumprod(1).bool()
+        mask[:, 1:] &= ids != PAD
+        scored = dict(batch, option_ids=target[:, None], option_mask=mask[:, None])
+        return model.score_options(scored)[:, 0]
+
+    beam = model.generate(batch, max_new_tokens=8, beam_size=4)
+    assert (logprob(beam) >= logprob(greedy) - 1e-4).all()
+
+
+def test_multiple_choice_scoring_picks_the_trained_option(trained):
+    model, batch = trained
+    scores = model.score_options(batch)
+    assert scores.shape == (2, 3)
+    assert scores.argmax(-1).tolist() == batch["answer_idx"].tolist()
+    absent = dict(batch, option_mask=batch["option_mask"].clone())
+    absent["option_mask"][:, 2] = False
+    assert torch.isneginf(model.score_options(absent)[:, 2]).all()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# config, checkpoints, sizes
+
+
+def test_checkpoint_rebuilds_the_model_from_its_state_alone(tmp_path):
+    cfg = small_cfg(combiner="transformer", sparse_tubes=True, audio_patch=(16, 4))
+    model, batch = model_for(cfg), make_batch(cfg)
+    torch.save(model_state(model), tmp_path / "m.pt")
+    loaded = load_model(torch.load(tmp_path / "m.pt", weights_only=True)).eval()
+    assert loaded.config == cfg and isinstance(loaded.config.audio_patch, tuple)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.text_logits(batch), model.text_logits(batch), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("change,field", [
+    (dict(patch_size=12), "patch_size"),
+    (dict(tubelet_frames=3), "tubelet_frames"),
+    (dict(audio_patch=(5, 8)), "audio_patch"),
+    (dict(text_dim=30, text_heads=4), "text_dim"),
+    (dict(combiner="lstm"), "combiner"),
+    (dict(cls_mode="head", num_classes=0), "num_classes"),
+])
+def test_validate_names_the_bad_field(change, field):
+    with pytest.raises(ValueError, match=field):
+        small_cfg(**change).validate()
+    with pytest.raises(ValueError, match=field):
+        build_model(dataclasses.replace(small_cfg(), **change))
+
+
+def test_presets_sizes_counted_on_meta_device():
+    from mirasol_ray.config import load_config
+
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    big = param_breakdown(load_config("mirasol3b").model)
+    assert 2.7e9 <= big["total"] <= 3.3e9
+    assert big["total"] == sum(v for k, v in big.items() if k != "total")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 1_000_000  # 3B fp32 would be 12 GB
+    assert param_breakdown(load_config("tiny").model)["total"] < 5e6

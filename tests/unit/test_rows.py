@@ -1,0 +1,135 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import STEP_AT, tone, wav_bytes
+
+from mirasol_ray.config import DataConfig
+from mirasol_ray.data.rows import SKIP_REASONS, decode_sample, decode_sample_safe
+from mirasol_ray.data.schema import TASKS, check_row, qtype_index
+from mirasol_ray.data.text import get_tokenizer
+
+META = {
+    "task": "qa",
+    "caption": "a tone plays",
+    "qas": [{"question": "what sound?", "answer": "a beep", "type": "audio"},
+            {"question": "when?", "answer": "late", "type": "temporal"}],
+    "options": ["red", "green", "blue"], "answer_idx": 2, "mc_question": "which colour?",
+    "label": "beep",
+}
+
+
+def cfg(**kw) -> DataConfig:
+    base = dict(num_snippets=4, frames_per_snippet=2, height=32, width=32, n_mels=16, mel_frames=8,
+                max_prompt_len=16, max_target_len=16, max_options=4)
+    return DataConfig(**{**base, **kw})
+
+
+def sample(video: object, meta: object = None, **members) -> dict:
+    meta = META if meta is None else meta
+    return {"__key__": "clip", "mp4": video, "json": json.dumps(meta).encode(), **members}
+
+
+def rows_of(s: dict, c: DataConfig, train: bool = False, label_set=("beep", "bark")) -> list[dict]:
+    rows = decode_sample(s, c, train=train, rng=np.random.default_rng(0), label_set=list(label_set))
+    for row in rows:
+        check_row(row, c)
+    return rows
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_bright_and_loud_snippets_share_an_index(step_clip, train):
+    (row,) = rows_of(sample(step_clip), cfg(task="caption"), train=train)
+    brightness = row["video"].mean(axis=(1, 2, 3, 4))  # [S]
+    loudness = row["audio"].max(axis=(1, 2))  # [S]
+    first_bright = int(np.argmax(brightness > 128))
+    first_loud = int(np.argmax(loudness > loudness.min() + 5))
+    assert first_bright == first_loud == int(STEP_AT)  # 4 s in S=4 windows: the step opens snippet 2
+    assert brightness[first_bright] - brightness[first_bright - 1] > 200
+    assert loudness[first_loud] - loudness[first_loud - 1] > 5
+
+
+@pytest.mark.parametrize(("task", "tasks"), [
+    ("caption", ["caption"]), ("qa", ["qa", "qa"]), ("mcqa", ["mcqa"]), ("cls", ["cls"]),
+    ("finetune", ["qa", "qa", "mcqa", "cls"]), ("all", ["caption", "qa", "qa", "mcqa", "cls"]),
+])
+def test_rows_per_task(make_clip, task, tasks):
+    rows = rows_of(sample(make_clip(1.0)), cfg(task=task))
+    assert [TASKS[int(r["task"])] for r in rows] == tasks
+    assert [r["key"] for r in rows] == (["clip"] if len(rows) == 1 else [f"clip#{i}" for i in range(len(rows))])
+    assert all(r["video"] is rows[0]["video"] for r in rows)  # decoded once, shared
+    assert all(int(r["label"]) == 0 for r in rows)
+
+
+def test_text_columns(make_clip):
+    tok = get_tokenizer("byte")
+    qa, _, mc, cls = rows_of(sample(make_clip(1.0)), cfg(task="finetune"))
+    assert tok.decode(qa["prompt_ids"][qa["prompt_mask"]]) == "what sound?"
+    assert tok.decode(qa["target_ids"]) == "a beep" and int(qa["qtype"]) == qtype_index("audio")
+    assert tok.decode(mc["prompt_ids"][mc["prompt_mask"]]) == "which colour?"
+    assert tok.decode(mc["target_ids"]) == "blue" and int(mc["answer_idx"]) == 2
+    assert [tok.decode(o) for o in mc["option_ids"][:3]] == ["red", "green", "blue"]
+    assert not mc["option_mask"][3].any() and not qa["option_mask"].any()
+    assert tok.decode(cls["target_ids"]) == "beep" and int(cls["qtype"]) == qtype_index("label")
+    (unknown,) = rows_of(sample(make_clip(1.0), {"label": "meow"}), cfg(task="cls"))
+    assert int(unknown["label"]) == -1
+
+
+@pytest.mark.parametrize("container", ["mp4", "webm"])
+def test_audio_track_or_none(make_clip, container):
+    c = cfg(task="caption")
+    (with_audio,) = rows_of({"__key__": "k", container: make_clip(1.0, container=container),
+                             "json": {"caption": "x"}}, c)
+    assert with_audio["audio_present"] and with_audio["audio"].max() > 0
+    (silent,) = rows_of(sample(make_clip(1.0, audio=False)), c)
+    assert not silent["audio_present"] and not silent["audio"].any()
+
+
+def test_wav_member_replaces_the_container_audio(make_clip):
+    (row,) = rows_of(sample(make_clip(1.0, audio=False), wav=wav_bytes(tone(1.0))), cfg(task="caption"))
+    assert row["audio_present"] and row["audio"].max() > 0
+
+
+def test_missing_members_from_ray_are_none_or_nan(make_clip):
+    s = sample(make_clip(1.0), webm=float("nan"), wav=None, flac=float("nan"))
+    assert len(rows_of(s, cfg(task="caption"))) == 1
+
+
+def test_short_and_odd_clips_give_valid_rows(make_clip):
+    (short,) = rows_of(sample(make_clip(0.5, fps=10)), cfg(task="caption"))
+    assert short["snippet_mask"].all() and short["audio_present"]
+    (odd,) = rows_of(sample(make_clip(1.0, fps=30000 / 1001, size=(61, 97))), cfg(task="caption"))
+    assert odd["snippet_mask"].all()
+
+
+def test_clip_seconds_longer_than_the_clip_pads_snippets(make_clip):
+    (row,) = rows_of(sample(make_clip(1.5)), cfg(task="caption", clip_seconds=4.0))
+    np.testing.assert_array_equal(row["snippet_mask"], [True, True, False, False])
+    assert row["video"][:2].any() and not row["video"][2:].any() and not row["audio"][2:].any()
+
+
+def test_start_end_select_part_of_the_video(step_clip):
+    (row,) = rows_of(sample(step_clip, {"caption": "x", "start": STEP_AT, "end": 4.0}), cfg(task="caption"))
+    assert row["video"].min() > 200  # only the white half
+
+
+@pytest.mark.parametrize(("make", "reason"), [
+    (lambda clip: sample(clip[: len(clip) // 2]), "corrupt"),
+    (lambda clip: sample(np.random.default_rng(0).bytes(4096)), "corrupt"),
+    (lambda clip: sample(b""), "empty"),
+    (lambda clip: sample(float("nan")), "no_video_member"),
+    (lambda clip: {"__key__": "k", "mp4": clip}, "no_json"),
+    (lambda clip: {"__key__": "k", "mp4": clip, "json": b"{not json"}, "bad_json"),
+    (lambda clip: sample(clip, {"question": "q?"}), "no_text_for_task"),
+    (lambda clip: sample(b"never decoded", {"question": "q?"}), "no_text_for_task"),  # text is checked first
+])
+def test_skip_reasons(make_clip, make, reason):
+    rows, got = decode_sample_safe(make(make_clip(1.0)), cfg(task="caption"), train=True,
+                                   rng=np.random.default_rng(0))
+    assert (rows, got) == ([], reason) and got in SKIP_REASONS
+
+
+def test_timeout_is_a_skip_reason(make_clip):
+    s = sample(make_clip(2.0))
+    assert decode_sample_safe(s, cfg(decode_timeout_s=1e-4), train=False, rng=np.random.default_rng(0)) \
+        == ([], "timeout")

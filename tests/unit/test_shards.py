@@ -1,0 +1,159 @@
+"""Building shards from real MP4 files: tar layout, manifest counts, skipped inputs, transcoding."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+from mirasol_ray.data.encode import encode_av
+from mirasol_ray.data.shards import ShardWriter, build_shards, read_manifest
+
+FPS = 25
+
+
+def _clip(seed: int, height: int = 96, width: int = 128, n: int = 50) -> bytes:
+    """A 2 s clip: a flat colour with a bar sweeping across, a 440 Hz tone, one keyframe."""
+    frames = np.empty((n, height, width, 3), dtype=np.uint8)
+    frames[:] = np.random.default_rng(seed).integers(0, 256, 3, dtype=np.uint8)
+    for i in range(n):
+        frames[i, :, (i * 2) % width: (i * 2) % width + 8] = 255
+    audio = (0.3 * np.sin(2 * np.pi * 440 * np.arange(n * 16000 // FPS) / 16000)).astype(np.float32)
+    return encode_av(frames, FPS, audio, gop=250)
+
+
+@pytest.fixture()
+def dataset(tmp_path: Path) -> tuple[Path, Path]:
+    videos = tmp_path / "videos"
+    (videos / "sub").mkdir(parents=True)
+    for name, seed in (("a.mp4", 0), ("sub/b.mp4", 1), ("c.v2.mp4", 2)):
+        (videos / name).write_bytes(_clip(seed))
+    (videos / "corrupt.mp4").write_bytes(b"<html>not a video</html>" * 50)
+    lines = [
+        json.dumps({"video": "a.mp4", "task": "cls", "label": "dog"}),
+        json.dumps({"video": "sub/b.mp4", "task": "qa", "question": "what?", "answer": "cat", "label": "cat"}),
+        json.dumps({"video": "missing.mp4", "task": "cls", "label": "dog"}),
+        "{not json",
+        json.dumps({"task": "cls", "label": "dog"}),
+        json.dumps({"video": "corrupt.mp4", "task": "cls", "label": "dog"}),
+        json.dumps({"video": "c.v2.mp4", "task": "caption", "caption": "stripes", "start": 0.0, "end": 2.0}),
+        json.dumps({"video": "a.mp4", "task": "qa", "question": "again?", "answer": "yes"}),
+    ]
+    ann = tmp_path / "ann.jsonl"
+    ann.write_text("\n".join(lines) + "\n")
+    return ann, videos
+
+
+def _members(tar_path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(tar_path) as t:
+        return [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+
+
+def test_build_round_trip(dataset, tmp_path, caplog):
+    ann, videos = dataset
+    out = tmp_path / "out"
+    before = {p for p in tmp_path.rglob("*")}
+    manifest = build_shards("jsonl", str(ann), str(videos), str(out), shard_size=2, progress=False)
+
+    assert manifest["num_samples"] == 4
+    assert manifest["skipped"] == {"missing_video": 1, "bad_json": 1, "no_video": 1, "unreadable_video": 1}
+    assert any("missing.mp4" in s for s in manifest["skipped_items"])
+    assert any("corrupt.mp4" in s for s in manifest["skipped_items"])
+    assert "missing.mp4" in caplog.text and "corrupt.mp4" in caplog.text
+    assert manifest["label_set"] == ["cat", "dog"]
+    assert [s["samples"] for s in manifest["shards"]] == [2, 2]
+    assert read_manifest(str(out)) == manifest
+
+    members = []
+    for shard in manifest["shards"]:
+        path = out / shard["name"]
+        assert path.stat().st_size == shard["bytes"]
+        members += _members(path)
+    names = [n for n, _ in members]
+    assert names == ["a.mp4", "a.json", "sub_b.mp4", "sub_b.json", "c_v2.mp4", "c_v2.json", "a_1.mp4", "a_1.json"]
+    blobs = dict(members)
+    assert blobs["a.mp4"] == (videos / "a.mp4").read_bytes()  # stored as is without --transcode
+    assert json.loads(blobs["sub_b.json"]) == {"task": "qa", "question": "what?", "answer": "cat", "label": "cat"}
+    assert json.loads(blobs["c_v2.json"])["end"] == 2.0
+    # nothing written outside out
+    assert {p for p in tmp_path.rglob("*") if out not in (p, *p.parents)} == before
+    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "shard-000000.tar", "shard-000001.tar"]
+
+
+def test_transcode_height_and_gop(dataset, tmp_path):
+    ann, videos = dataset
+    out = tmp_path / "out"
+    manifest = build_shards("jsonl", str(ann), str(videos), str(out), shard_size=10, transcode=48, gop=5,
+                            progress=False)
+    assert manifest["num_samples"] == 4 and manifest["transcode"]["gop"] == 5
+    blobs = dict(_members(out / "shard-000000.tar"))
+    with av.open(io.BytesIO(blobs["a.mp4"])) as c:
+        v = c.streams.video[0]
+        assert (v.codec_context.height, v.codec_context.width) == (48, 64)
+        assert c.streams.audio and c.streams.audio[0].codec_context.name == "aac"
+        keys = [p.is_keyframe for p in c.demux(v) if p.size]
+    assert len(keys) == 50
+    key_idx = np.flatnonzero(keys)
+    assert key_idx[0] == 0 and np.diff(np.append(key_idx, len(keys))).max() <= 5
+    with av.open(io.BytesIO(blobs["a.mp4"])) as c:
+        audio = np.concatenate([f.to_ndarray()[0] for f in c.decode(audio=0)])
+    assert abs(len(audio) - 2 * 16000) < 2048  # 2 s (AAC pads the tail)
+
+
+def test_errors_name_the_path(dataset, tmp_path):
+    ann, videos = dataset
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        build_shards("jsonl", str(tmp_path / "nope.jsonl"), str(videos), str(tmp_path / "o"), progress=False)
+    with pytest.raises(FileNotFoundError, match="novideos"):
+        build_shards("jsonl", str(ann), str(tmp_path / "novideos"), str(tmp_path / "o"), progress=False)
+    with pytest.raises(ValueError, match="unknown format"):
+        build_shards("nope", str(ann), str(videos), str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_writer_splits_and_keys(tmp_path):
+    out = tmp_path / "out"
+    writer = ShardWriter(str(out), shard_size=2)
+    for i in range(5):
+        writer.write(f"s{i}", {"mp4": b"x" * i, "json": {"label": "ab"[i % 2]}}, split="val" if i == 4 else "train")
+    with pytest.raises(ValueError, match="without '.'"):
+        writer.write("a.b", {"json": {}})
+    with pytest.raises(ValueError, match="duplicate"):
+        writer.write("s0", {"json": {}})
+    manifest = writer.close({"source": "test"}, {"val": {"note": 1}})
+    assert [s["name"] for s in manifest["shards"]] == [
+        "train/shard-000000.tar", "train/shard-000001.tar", "val/shard-000000.tar"]
+    assert manifest["splits"]["train"]["num_samples"] == 4 and manifest["splits"]["val"]["note"] == 1
+    val = read_manifest(str(out / "val"))
+    assert val["num_samples"] == 1 and val["shards"][0]["name"] == "shard-000000.tar" and val["note"] == 1
+    assert not list(out.rglob("*.partial"))
+    # shards are byte-identical for the same samples (no times or owners in tar headers)
+    again = ShardWriter(str(tmp_path / "again"), shard_size=2)
+    for i in range(4):
+        again.write(f"s{i}", {"mp4": b"x" * i, "json": {"label": "ab"[i % 2]}}, split="train")
+    again.close()
+    assert (tmp_path / "again/train/shard-000001.tar").read_bytes() == (out / "train/shard-000001.tar").read_bytes()
+
+
+def test_msrvtt_qa_groups_questions_per_video(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    (videos / "video7.mp4").write_bytes(_clip(7, n=10))
+    qa = [{"question": "what is shown?", "answer": "bar", "category_id": 0, "video_id": 7, "id": 0},
+          {"question": "who moves?", "answer": "nobody", "category_id": 1, "video_id": 7, "id": 1},
+          {"question": "what is it?", "answer": "x", "category_id": 0, "video_id": 8, "id": 2},
+          {"answer": "no question", "video_id": 7, "id": 3}]
+    (tmp_path / "test_qa.json").write_text(json.dumps(qa))
+    manifest = build_shards("msrvtt-qa", str(tmp_path / "test_qa.json"), str(videos), str(tmp_path / "out"),
+                            progress=False)
+    assert manifest["num_samples"] == 1 and manifest["source"] == "msrvtt-qa"
+    assert manifest["skipped"] == {"bad_record": 1, "missing_video": 1}
+    blobs = dict(_members(tmp_path / "out/shard-000000.tar"))
+    meta = json.loads(blobs["video7.json"])
+    assert (meta["question"], meta["answer"]) == ("what is shown?", "bar")
+    assert [q["answer"] for q in meta["qas"]] == ["bar", "nobody"] and meta["video_id"] == 7
