@@ -113,8 +113,10 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local():
-    """A local Ray with explicit CPUs (2), dashboard off unless needed; shut down at the end of the session."""
+def ray_local(s3_server):
+    """A local Ray with explicit CPUs (2), dashboard off; shut down at the end of the session.
+
+    Started after the S3 server, so its workers get the AWS_* variables as a cluster's would."""
     import ray
 
     if not ray.is_initialized():

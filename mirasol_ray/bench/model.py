@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from einops import rearrange
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from mirasol_ray.model.config import ModelConfig
@@ -149,7 +150,16 @@ def _loss(model: nn.Module, batch: dict[str, Tensor]) -> Tensor:
 
 
 def measure(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
-    """FLOPs and saved-activation bytes of one forward+backward (counted run), then its time (second run)."""
+    """FLOPs of one forward+backward (first run), then its saved-activation bytes and time (second run).
+
+    FLOPs are counted with the math attention backend: the flop counter has no formula for the fused CPU kernel
+    (it would count attention as 0), while the math backend's matmuls count the dense attention work.
+    """
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        _loss(model, batch).backward()
+    model.zero_grad(set_to_none=True)
+
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
@@ -159,14 +169,10 @@ def measure(model: nn.Module, batch: dict[str, Tensor]) -> dict[str, float]:
             saved[ptr] = t.untyped_storage().nbytes()
         return t
 
-    counter = FlopCounterMode(display=False)
-    with counter:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = _loss(model, batch)
-        loss.backward()
-    model.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
-    _loss(model, batch).backward()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = _loss(model, batch)
+    loss.backward()
     seconds = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     return {"flops": float(counter.get_total_flops()), "activation_bytes": float(sum(saved.values())),

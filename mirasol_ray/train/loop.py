@@ -111,6 +111,12 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
     return aggregate(records)
 
 
+def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
+    """(model state dict, training state) from a checkpoint folder (local, or a URI in the run folder)."""
+    model = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)["model"]
+    return model, ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
@@ -134,19 +140,25 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     start_step, epoch, skip_batches = 0, 0, 0
-    resume = ray.train.get_checkpoint()
-    if resume is None and cfg.train.init_from:
+    resume = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
+    # the same run name again (e.g. after the driver died): continue from the run folder's latest checkpoint
+    latest = None if resume is not None else ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
+    if resume is None and latest is None and cfg.train.init_from:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
             print(f"initialised from {cfg.train.init_from}; new: {info['missing']}", flush=True)
     model = _wrap(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
+    state = None
     if resume is not None:
         with resume.as_directory() as d:
-            ckpt.unwrap(model).load_state_dict(torch.load(os.path.join(d, ckpt.MODEL_FILE), map_location="cpu",
-                                                          weights_only=True)["model"])
-            st = torch.load(os.path.join(d, ckpt.STATE_FILE), map_location="cpu", weights_only=True)
+            state = _load_state(d, "")
+    elif latest is not None:
+        state = _load_state(latest, endpoint_url)
+    if state is not None:
+        model_sd, st = state
+        ckpt.unwrap(model).load_state_dict(model_sd)
         opt.load_state_dict(st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
