@@ -176,7 +176,8 @@ class Config:
         m.max_text_len = d.max_prompt_len + d.max_target_len
         tok = get_tokenizer(d.tokenizer)
         m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
-        m.validate()
+        # num_classes 0 means "the label set of the training shards' manifest", filled in by the train loop
+        dataclasses.replace(m, num_classes=max(m.num_classes, 1)).validate()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -254,6 +255,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-3" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)

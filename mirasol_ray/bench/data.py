@@ -18,12 +18,18 @@ import time
 from typing import Any, Iterator
 
 import numpy as np
+import torch.utils.data
 
 from mirasol_ray.config import load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("url", help="local shard folder/glob")
+    p.add_argument("url", nargs="?", default="", help="local shard folder/glob")
+    p.add_argument("--make", default="", metavar="DIR",
+                   help="first write N test videos (10 s, 640x360, H.264/AAC, long GOP) to DIR, build them as "
+                        "shards (DIR/original) and with --transcode (DIR/transcoded), and benchmark those")
+    p.add_argument("--make-clips", type=int, default=24)
+    p.add_argument("--make-height", type=int, default=128, help="--transcode height for --make")
     p.add_argument("--config", default="tiny", help="preset/YAML giving the decode geometry")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--transcoded", default="", help="the same clips built with --transcode (for the ratio)")
@@ -69,10 +75,11 @@ def bench_bare(urls: list[str], cfg, limit: int) -> dict[str, float]:
     return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
 
 
-class _DecodeIterable:
-    """An IterableDataset over tar shards, split between DataLoader workers by shard."""
+class _DecodeIterable(torch.utils.data.IterableDataset):
+    """An IterableDataset over tar shards; webdataset splits the shards between DataLoader workers."""
 
     def __init__(self, urls: list[str], data_cfg):
+        super().__init__()
         self.urls, self.data_cfg = urls, data_cfg
 
     def __iter__(self):
@@ -81,9 +88,8 @@ class _DecodeIterable:
         from mirasol_ray.data.rows import decode_sample_safe
 
         info = tud.get_worker_info()
-        urls = self.urls if info is None else self.urls[info.id:: info.num_workers]
         rng = np.random.default_rng(0 if info is None else info.id)
-        for sample in iter_samples(urls):
+        for sample in iter_samples(self.urls):  # webdataset gives each DataLoader worker its own shards
             rows, reason = decode_sample_safe(sample, self.data_cfg, train=True, rng=rng)
             if reason is None:
                 yield _frames_of(rows)
@@ -163,7 +169,48 @@ def bench_ceiling(urls: list[str], limit: int) -> dict[str, float]:
     return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
 
 
+def make_videos(folder: str, n: int, transcode_height: int) -> tuple[str, str]:
+    """``n`` 10 s 640x360 25 fps clips (H.264 + AAC, x264's default long GOP) of moving shapes over texture, as
+    a user's videos would arrive, then ``mirasol shards build`` of them as they are and with ``--transcode``."""
+    from mirasol_ray.data.encode import encode_av
+    from mirasol_ray.data.shards import build_shards
+
+    videos = os.path.join(folder, "videos")
+    os.makedirs(videos, exist_ok=True)
+    rng = np.random.default_rng(0)
+    h, w, fps, seconds, sr = 360, 640, 25, 10, 16000
+    yy, xx = np.mgrid[0:h, 0:w]
+    lines = []
+    for i in range(n):
+        path = os.path.join(videos, f"clip{i:03d}.mp4")
+        if not os.path.exists(path):
+            base = (rng.random((h // 8, w // 8, 3)) * 255).astype(np.uint8).repeat(8, 0).repeat(8, 1)
+            frames = np.empty((fps * seconds, h, w, 3), np.uint8)
+            for t in range(len(frames)):
+                f = np.roll(base, t * 3, axis=1)
+                cy, cx = h / 2 + 100 * np.sin(t / 15 + i), (t * 9 + 50 * i) % w
+                f[(yy - cy) ** 2 + (xx - cx) ** 2 < 60**2] = (220, 40, 40)
+                frames[t] = f
+            tt = np.arange(seconds * sr) / sr
+            audio = (0.3 * np.sin(2 * np.pi * (300 + 50 * i) * tt)).astype(np.float32)
+            with open(path, "wb") as fh:
+                fh.write(encode_av(frames, fps, audio, sample_rate=sr))
+        lines.append(json.dumps({"video": os.path.basename(path), "caption": f"clip {i}"}))
+    ann = os.path.join(folder, "annotations.jsonl")
+    with open(ann, "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    original, transcoded = os.path.join(folder, "original"), os.path.join(folder, "transcoded")
+    for out, th in ((original, None), (transcoded, transcode_height)):
+        if not os.path.exists(os.path.join(out, "manifest.json")):
+            build_shards("jsonl", ann, videos, out, shard_size=max(1, n // 4), transcode=th, progress=False)
+    return original, transcoded
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.make:
+        args.url, args.transcoded = make_videos(args.make, args.make_clips, args.make_height)
+    if not args.url:
+        raise ValueError("give a shard URL, or --make DIR")
     cfg = load_config(args.config, args.set)
     cfg.data.decode_threads = 1
     urls = _tar_urls(args.url)

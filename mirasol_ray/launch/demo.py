@@ -88,7 +88,7 @@ def run_demo(out: str, *, num_clips: int = 240, pretrain_steps: int | None = Non
         pre_summary = run_training(pre, config)
         ft = load_config(config, common + ["train.stage=finetune", "data.task=finetune", "storage.name=finetune",
                                            f"train.init_from={out}/runs/pretrain"]
-                         + ([f"train.steps={finetune_steps}"] if finetune_steps else []))
+                         + [f"train.steps={finetune_steps or 2 * pre.train.steps}"])
         print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification)", flush=True)
         ft_summary = run_training(ft, config)
         print("[4/4] evaluating on held-out clips (Ray Data batch inference)", flush=True)

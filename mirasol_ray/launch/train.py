@@ -107,6 +107,7 @@ def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
 def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | None = None,
                  pid_dir: str = "") -> dict[str, Any]:
     """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``)."""
+    import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -132,6 +133,8 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     manifest = find_manifest(cfg.data.train, cfg.storage.endpoint_url) or {}
     label_set = manifest.get("label_set")
     started = ensure_ray(num_cpus)
+    # Progress is the workers' step lines; Ray Data's bars, drawn from a background actor, would garble them.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         counter, counter_name = make_skip_counter(f"mirasol-skips-{name}")
         datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,

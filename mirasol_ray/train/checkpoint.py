@@ -33,26 +33,47 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """A full (unsharded) CPU state dict, for DDP, FSDP2 and plain modules alike (collective under FSDP2)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def _full_options():
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def gather_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Full (unsharded, CPU) model and optimiser state dicts, keyed by parameter name, for plain, DDP and FSDP2
+    models alike. A collective under FSDP2: every rank calls it, rank 0 writes."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     m = unwrap(model)
-    return get_model_state_dict(m, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return (get_model_state_dict(m, options=_full_options()),
+            get_optimizer_state_dict(m, optimizer, options=_full_options()))
 
 
-def write_checkpoint(folder: str, model: torch.nn.Module, optimizer=None, scheduler=None, *, step: int,
-                     epoch: int = 0, batch_in_epoch: int = 0, stage: str = "", metrics: dict | None = None,
-                     model_sd: dict | None = None, run_config: dict | None = None,
+def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
+    """Load what :func:`gather_state` saved into a (possibly sharded) model and its optimiser."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    m = unwrap(model)
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(m, model_sd, options=opts)
+    set_optimizer_state_dict(m, optimizer, optim_sd, options=opts)
+
+
+def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
+                     scheduler=None, *, step: int, epoch: int = 0, batch_in_epoch: int = 0, stage: str = "",
+                     metrics: dict | None = None, run_config: dict | None = None,
                      label_set: list[str] | None = None) -> str:
     """Write a checkpoint into a local ``folder`` (Ray Train then uploads it)."""
     os.makedirs(folder, exist_ok=True)
     state = model_state(unwrap(model))
-    if model_sd is not None:
-        state["model"] = model_sd
+    state["model"] = model_sd
     torch.save(state, os.path.join(folder, MODEL_FILE))
-    if optimizer is not None:
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict() if scheduler else {},
+    if optim_sd is not None:
+        torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
                    os.path.join(folder, STATE_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:

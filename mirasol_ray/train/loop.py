@@ -94,11 +94,13 @@ def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
     if cfg.train.fsdp and torch.distributed.is_initialized():
         from torch.distributed.fsdp import fully_shard
 
-        core = model.to(device)
-        for block in core.fsdp_units() if hasattr(core, "fsdp_units") else []:
+        from mirasol_ray.model.layers import Block
+
+        model = model.to(device)
+        for block in [m for m in model.modules() if isinstance(m, Block)]:  # one FSDP unit per block
             fully_shard(block)
-        fully_shard(core)
-        return core
+        fully_shard(model)
+        return model
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
 
 
@@ -158,8 +160,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state = _load_state(latest, endpoint_url)
     if state is not None:
         model_sd, st = state
-        ckpt.unwrap(model).load_state_dict(model_sd)
-        opt.load_state_dict(st["optimizer"])
+        ckpt.restore_state(model, opt, model_sd, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
         if rank == 0:
@@ -228,7 +229,7 @@ def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, ran
             record: dict | None, final_eval: dict, label_set: list[str] | None) -> None:
     import ray.train
 
-    model_sd = ckpt.full_state_dict(model) if cfg.train.fsdp else None  # a collective under FSDP2
+    model_sd, optim_sd = ckpt.gather_state(model, opt)  # a collective under FSDP2
     metrics = {"step": step, "epoch": epoch}
     if record:
         metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
@@ -237,8 +238,8 @@ def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, ran
     if rank == 0:
         log.sync()
         with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
-            ckpt.write_checkpoint(d, model, opt, sched, step=step, epoch=epoch, batch_in_epoch=pos,
-                                  stage=cfg.train.stage, metrics=metrics, model_sd=model_sd,
+            ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
+                                  batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
                                   run_config=cfg.to_dict(), label_set=label_set)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:

@@ -1,0 +1,50 @@
+"""Config loading: presets, YAML files, --set overrides, errors that name the key."""
+
+import pytest
+
+from mirasol_ray.config import ConfigError, load_config, preset_names
+
+
+def test_presets_load_and_geometry_follows_data():
+    assert {"tiny", "small", "base", "mirasol3b", "demo"} <= set(preset_names())
+    cfg = load_config("tiny", ["data.frames_per_snippet=8", "data.height=32", "data.width=48"])
+    assert cfg.model.frames_per_snippet == 8 and cfg.model.image_size == (32, 48)
+    assert cfg.model.max_text_len == cfg.data.max_prompt_len + cfg.data.max_target_len
+    demo = load_config("demo")  # extends tiny
+    assert demo.model.dim == load_config("tiny").model.dim and demo.train.steps != load_config("tiny").train.steps
+
+
+def test_set_overrides_parse_values():
+    cfg = load_config("tiny", ["train.lr=3e-3", "train.steps=7", "scaling.use_gpu=true", "data.train=s3://b/x"])
+    assert cfg.train.lr == 0.003 and cfg.train.steps == 7 and cfg.scaling.use_gpu is True
+    assert cfg.data.train == "s3://b/x"
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["train.lrr=1"], "train.lrr"),
+    (["nosuch.key=1"], "nosuch"),
+    (["train.steps=abc"], "train.steps"),
+    (["data.task=dance"], "data.task"),
+    (["model.combiner=rnn"], "combiner"),
+])
+def test_bad_keys_and_values_name_the_key(override, needle):
+    with pytest.raises(ConfigError if "combiner" not in needle else ValueError, match=needle):
+        load_config("tiny", override)
+
+
+def test_missing_file_and_unknown_preset(tmp_path):
+    with pytest.raises(ConfigError, match="nowhere.yaml"):
+        load_config(str(tmp_path / "nowhere.yaml"))
+    with pytest.raises(ConfigError, match="unknown preset"):
+        load_config("nonexistent")
+    p = tmp_path / "c.yaml"
+    p.write_text("base: tiny\ntrain:\n  steps: 3\n")
+    assert load_config(str(p)).train.steps == 3
+
+
+def test_cli_bad_key_is_one_line_and_nonzero(capsys):
+    from mirasol_ray.cli import main
+
+    assert main(["train", "--config", "tiny", "--set", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.bogus" in err[0]
