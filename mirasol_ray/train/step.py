@@ -35,13 +35,14 @@ def autocast(device: torch.device, precision: str):
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings and learned tokens (parameters with < 2 dims or
-    named as embeddings)."""
+    """AdamW; no weight decay on biases, norms, embeddings, position tables and learned tokens (parameters with
+    < 2 dims, or named embed/pos/token/memory)."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "embed" in name or "token" in name else decay).append(p)
+        keep = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory"))
+        (no_decay if keep else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
