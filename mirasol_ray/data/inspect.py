@@ -51,24 +51,12 @@ def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "")
     return path
 
 
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to the cluster in RAY_ADDRESS, or start a local Ray. Returns True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    return True
-
-
 def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None = None, limit: int = 0,
                     png: str = "", num_cpus: int | None = None, progress: bool = True) -> dict[str, Any]:
     import ray
 
     from mirasol_ray.data.pipeline import decoded_dataset, expand_shard_urls, make_skip_counter, read_skips
+    from mirasol_ray.launch.train import ensure_ray
 
     cfg = load_config(config, overrides)
     expand_shard_urls(url)  # a clear error before Ray starts if there is nothing there
