@@ -188,7 +188,7 @@ def decode_batch(batch: dict[str, np.ndarray], *, data_cfg: dict[str, Any], trai
 
 
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
-                    endpoint_url: str = "", limit: int = 0, read_cpus: float = 0.1):
+                    endpoint_url: str = "", limit: int = 0, read_cpus: float = 0.25):
     """The Ray Data pipeline: shards at ``url`` -> rows per :mod:`mirasol_ray.data.schema`.
 
     Training shuffles the file order (seeded by ``cfg.seed``); decode tasks reserve ``cfg.decode_cpus`` CPUs
