@@ -146,7 +146,7 @@ def bench_ceiling(urls: list[str], limit: int) -> dict[str, float]:
     """PyAV decodes every video frame of every clip; no colour conversion, no resize."""
     import av
 
-    from mirasol_ray.data.pipeline import VIDEO_EXTENSIONS
+    from mirasol_ray.data.rows import VIDEO_EXTENSIONS
 
     n = frames = 0
     t0 = time.perf_counter()

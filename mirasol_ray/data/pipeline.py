@@ -17,7 +17,6 @@ import numpy as np
 
 from mirasol_ray import storage
 from mirasol_ray.config import DataConfig
-from mirasol_ray.data.rows import VIDEO_EXTENSIONS  # noqa: F401  (re-exported for callers)
 from mirasol_ray.data.schema import TENSOR_COLUMNS, row_spec
 
 # --------------------------------------------------------------------------------------------------------------
@@ -111,7 +110,7 @@ def _counter_cls():
 
 
 def make_skip_counter(name: str | None = None):
-    """A named, detached-from-nothing counter actor; pass its name to :func:`decoded_dataset`."""
+    """A named skip-counter actor (lives as long as this driver); pass its name to :func:`decoded_dataset`."""
     name = name or f"mirasol-skips-{uuid.uuid4().hex[:8]}"
     return _counter_cls().options(name=name, get_if_exists=True).remote(), name
 

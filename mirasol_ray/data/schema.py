@@ -64,17 +64,6 @@ def row_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     }
 
 
-def torch_dtypes() -> dict[str, Any]:
-    """dtypes for ``iter_torch_batches(dtypes=...)``: it must name every tensor column (FIELD_NOTES)."""
-    import torch
-
-    m = {np.uint8: torch.uint8, np.float32: torch.float32, np.bool_: torch.bool, np.int64: torch.int64,
-         np.int32: torch.int32}
-    from mirasol_ray.config import DataConfig
-
-    return {k: m[dt] for k, (_, dt) in row_spec(DataConfig()).items()}
-
-
 def check_row(row: dict[str, Any], data_cfg) -> None:
     """Raise ValueError naming the column if a row breaks the contract."""
     for name, (shape, dtype) in row_spec(data_cfg).items():

@@ -127,10 +127,6 @@ def get_tokenizer(spec: str = "byte") -> Tokenizer:
     raise ValueError(f"tokenizer must be 'byte', a tokenizer.json or a sentencepiece .model, got {spec}")
 
 
-def vocab_size_for(spec: str) -> int:
-    return get_tokenizer(spec).vocab_size
-
-
 def encode_prompt(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Question tokens, left-padded to ``length`` (keeps the end of a long question). Returns (ids, mask)."""
     ids = tok.encode(text)[-length:] if text else []

@@ -51,14 +51,13 @@ def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None
             "pid_dir": pid_dir}
 
 
-def plot_curves(metrics_path_or_records, png: str, title: str = "") -> str | None:
+def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
     """Learning curves (loss parts, validation metrics) from metrics.jsonl records into one PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = metrics_path_or_records
     if not records:
         return None
     loss_keys = [k for k in records[0] if k in ("loss", "text", "latent", "cls")]

@@ -17,7 +17,7 @@ def trained(tmp_path_factory):
     torch.manual_seed(0)
     cfg = load_config("tiny", ["train.steps=4", "train.warmup_steps=1"])
     model = build_model(cfg.model)
-    opt, sched = make_optimizer(model, cfg.train), make_scheduler(make_optimizer(model, cfg.train), cfg.train)
+    opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
     batch = synthetic_batch(cfg, 2)
     for _ in range(2):
@@ -70,8 +70,6 @@ def test_finetune_init_skips_mismatched_head(trained):
 
 def test_checkpoints_load_with_weights_only(trained):
     *_, run = trained
-    data = (run / "checkpoint_1" / ckpt.MODEL_FILE).read_bytes()
-    assert b"mirasol" not in data[:0]  # plain tensors and python types only
     state = torch.load(run / "checkpoint_1" / ckpt.MODEL_FILE, weights_only=True)
     assert set(state) == {"config", "model"}
     json.dumps(state["config"])
