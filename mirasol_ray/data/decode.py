@@ -32,14 +32,17 @@ DECODE_REASONS = {
 
 _MAX_MESSAGE = 200
 
-_DECORD_BAD_WIDTHS = frozenset({2, 3, 4, 6, 8, 12, 16, 24, 48, 72})
+_DECORD_BAD_WIDTHS = {2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 72, 96, 144}
 """Output widths at which decord2 3.4's resize fails for any source ("DECORDArrayCopyFromTo: The size must exactly
-match"); measured over widths 2-1100. :func:`decoder_width` steers around them."""
+match"). The set depends on the CPU (swscale picks SIMD paths by CPU): {2..24, 48, 72} on one x86-64 machine,
+{2..24, 32, 48, 96, 144} on an AMD EPYC (widths 2-300 measured). Seeded with both, and grown at run time by
+:meth:`Video.read` whenever a width fails; :func:`decoder_width` steers around them."""
 
 
 def decoder_width(width: int) -> tuple[int, int]:
     """(width to ask decord for, horizontal pooling factor k): k = 1 unless ``width`` is a bad width, then the
-    smallest k >= 2 whose k * width decodes; averaging k adjacent columns is an exact area resize back."""
+    smallest k >= 2 whose k * width is not known to fail; averaging k adjacent columns is an exact area resize
+    back."""
     if width not in _DECORD_BAD_WIDTHS:
         return width, 1
     k = next(k for k in range(2, 64) if k * width not in _DECORD_BAD_WIDTHS)
@@ -122,10 +125,9 @@ class Video:
     def __init__(self, data: bytes, height: int, width: int, num_threads: int = 1):
         probed_duration = _probe(data)
         self.height, self.width = height, width
-        self._decode_width, self._pool = decoder_width(width)
+        self._data, self._num_threads = data, num_threads
         try:
-            self._reader = decord.VideoReader(io.BytesIO(data), width=self._decode_width, height=height,
-                                              num_threads=num_threads)
+            self._open()
             n = len(self._reader)
             times = self._reader.get_frame_timestamp(np.arange(n)) if n else np.zeros((0, 2))  # [N, 2] s
             fps = float(self._reader.get_avg_fps())
@@ -158,10 +160,18 @@ class Video:
         """
         idx = self.indices(times)
         unique, inverse = np.unique(idx.reshape(-1), return_inverse=True)
-        try:
-            batch = self._reader.get_batch(unique.tolist()).asnumpy()  # [U, H, k*W, 3]
-        except Exception as e:
-            raise DecodeError("undecodable", e) from None
+        while True:
+            try:
+                batch = self._reader.get_batch(unique.tolist()).asnumpy()  # [U, H, k*W, 3]
+                break
+            except Exception as e:
+                if "DECORDArrayCopyFromTo" not in str(e) or self._decode_width in _DECORD_BAD_WIDTHS:
+                    raise DecodeError("undecodable", e) from None
+                _DECORD_BAD_WIDTHS.add(self._decode_width)  # a width this CPU cannot resize to: go wider
+                try:
+                    self._open()
+                except Exception as e2:
+                    raise DecodeError("undecodable", e2) from None
         expected = (len(unique), self.height, self._decode_width, 3)
         if batch.shape != expected or batch.dtype != np.uint8:
             raise DecodeError("bad_shape", f"expected {expected} uint8, got {batch.shape} {batch.dtype}")
@@ -171,8 +181,14 @@ class Video:
             batch = np.round(pooled).astype(np.uint8)  # [U, H, W, 3]
         return batch[inverse].reshape(*idx.shape, self.height, self.width, 3)
 
+    def _open(self) -> None:
+        self._decode_width, self._pool = decoder_width(self.width)
+        self._reader = decord.VideoReader(io.BytesIO(self._data), width=self._decode_width, height=self.height,
+                                          num_threads=self._num_threads)
+
     def close(self) -> None:
         self._reader = None
+        self._data = b""
 
     def __enter__(self) -> Video:
         return self

@@ -46,6 +46,20 @@ def test_widths_decord_cannot_resize_to(make_clip, width):
     np.testing.assert_array_equal(frame_index(frames), [0, 3])
 
 
+def test_every_output_width_decodes(make_clip, monkeypatch):
+    """Which widths decord cannot resize to depends on the CPU: starting from no knowledge at all, every width
+    still decodes, the ones that fail here are learnt on the way."""
+    from mirasol_ray.data import decode
+
+    monkeypatch.setattr(decode, "_DECORD_BAD_WIDTHS", set())
+    data = make_clip(0.4, fps=10, size=(40, 60))
+    for width in range(2, 160):
+        with Video(data, height=12, width=width) as video:
+            frames = video.read(np.array([0.0, 0.35]))
+        assert frames.shape == (2, 12, width, 3)
+        np.testing.assert_array_equal(frame_index(frames), [0, 3])
+
+
 def test_short_clip_reads_repeated_frames(make_clip):
     with Video(make_clip(0.5, fps=10), height=16, width=16) as video:
         assert video.num_frames == 5 and video.duration == pytest.approx(0.5, abs=1e-3)
