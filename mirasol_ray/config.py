@@ -70,6 +70,10 @@ class DataConfig:
     decode_batch_size: int = 4
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
+    cache: bool = False
+    """Decode the training and validation sets once, before training, and keep the rows in Ray's object store
+    (``Dataset.materialize``): for a small dataset trained over many epochs, where decoding every epoch would
+    bound the step rate. Rows then keep the frame positions of that one decode (no per-epoch sampling)."""
     shuffle_files: bool = True
     seed: int = 0
 
@@ -101,6 +105,11 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.05
+    freeze_av_steps: int = 0
+    """Steps at the start during which the audio-video path (encoders, combiner, time-aligned model) keeps its
+    weights and only the text decoder learns; it then warms up to the schedule. From scratch this lets the
+    decoder learn where to look before the features under it move (and, unguided, collapse: see
+    docs/PERFORMANCE.md, "The demo")."""
     grad_clip: float = 1.0
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
@@ -121,6 +130,8 @@ class TrainConfig:
             raise ConfigError(f"train.stage must be pretrain|finetune, got {self.stage!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
+        if self.freeze_av_steps < 0:
+            raise ConfigError(f"train.freeze_av_steps must be >= 0, got {self.freeze_av_steps}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")

@@ -34,29 +34,58 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+AV_MODULES = ("video_encoder", "audio_encoder", "combiner", "av_model")
+"""The audio-video path: what ``train.freeze_av_steps`` holds still while the text decoder learns to read it."""
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, norms, embeddings, position tables and learned tokens (parameters with
-    < 2 dims, or named embed/pos/token/memory)."""
-    decay, no_decay = [], []
+    < 2 dims, or named embed/pos/token/memory/time). The audio-video path's parameters get groups of their own
+    (``"av": True``) so that :func:`make_scheduler` can hold them still for ``freeze_av_steps``."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        keep = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory"))
-        (no_decay if keep else decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.is_cuda for p in decay + no_decay) and bool(decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
+        no_decay = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory", "time"))
+        av = name.removeprefix("module.").split(".")[0] in AV_MODULES  # "module.": DDP's wrapper
+        groups.setdefault((av, no_decay), []).append(p)
+    params = [p for ps in groups.values() for p in ps]
+    fused = bool(params) and all(p.is_cuda for p in params)
+    return torch.optim.AdamW(
+        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "av": av}
+         for (av, no_decay), ps in sorted(groups.items())],
+        lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
+
+
+class LRFactor:
+    """Learning-rate factor at a step: linear warmup for ``warmup`` steps, then cosine decay to ``min_ratio`` at
+    ``steps``. With ``frozen_until`` > 0 it is 0 before that step and then warms up again from there (the
+    audio-video path after ``freeze_av_steps``: a sudden full learning rate on it would undo what the decoder
+    learnt to read)."""
+
+    def __init__(self, warmup: int, steps: int, min_ratio: float, frozen_until: int = 0):
+        self.warmup, self.steps, self.min_ratio, self.frozen_until = warmup, steps, min_ratio, frozen_until
+
+    def __call__(self, step: int) -> float:
+        if step < self.frozen_until:
+            return 0.0
+        if step < self.warmup:
+            factor = (step + 1) / (self.warmup + 1)
+        else:
+            progress = min(1.0, (step - self.warmup) / max(1, self.steps - self.warmup))
+            factor = self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if self.frozen_until and step < self.frozen_until + self.warmup:
+            factor *= (step - self.frozen_until + 1) / (self.warmup + 1)
+        return factor
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LRScheduler:
-    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``."""
+    """Linear warmup for ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` at ``steps``; the
+    audio-video groups are held at 0 for ``freeze_av_steps`` first (see :class:`LRFactor`)."""
     warm = max(0, min(cfg.warmup_steps, cfg.steps - 1))
-    cosine = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, cfg.steps - warm),
-                                                        eta_min=cfg.lr * cfg.min_lr_ratio)
-    if warm == 0:
-        return cosine
-    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=1.0 / (warm + 1), end_factor=1.0, total_iters=warm)
-    return torch.optim.lr_scheduler.SequentialLR(opt, [linear, cosine], milestones=[warm])
+    factors = [LRFactor(warm, cfg.steps, cfg.min_lr_ratio, cfg.freeze_av_steps if g.get("av") else 0)
+               for g in opt.param_groups]
+    return torch.optim.lr_scheduler.LambdaLR(opt, factors)
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
@@ -90,7 +119,7 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
-    parts["lr"] = float(opt.param_groups[0]["lr"])
+    parts["lr"] = max(float(g["lr"]) for g in opt.param_groups)
     sched.step()
     parts["grad_norm"] = float(grad_norm)
     return parts

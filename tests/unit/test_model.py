@@ -327,3 +327,76 @@ def test_presets_sizes_counted_on_meta_device():
     assert big["total"] == sum(v for k, v in big.items() if k != "total")
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before < 1_000_000  # 3B fp32 would be 12 GB
     assert param_breakdown(load_config("tiny").model)["total"] < 5e6
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the decoder's context
+
+
+def test_context_is_clip_tokens_then_normalised_snippet_deviations_with_time():
+    cfg = small_cfg()
+    model = model_for(cfg)
+    S, m = cfg.max_snippets, cfg.combiner_tokens
+    h = torch.randn(2, S, m, cfg.dim)
+    mask = torch.ones(2, S, dtype=torch.bool)
+    mask[1, -1] = False  # row 1: last snippet is padding
+    context, context_mask = model._context(h, mask)
+    assert context.shape == (2, (S + 1) * m, cfg.dim) and context_mask.shape == (2, (S + 1) * m)
+    assert context_mask[0].all() and not context_mask[1, -m:].any() and context_mask[1, :-m].all()
+    torch.testing.assert_close(context[0, :m], h[0].mean(0))  # clip tokens: mean over valid snippets
+    torch.testing.assert_close(context[1, :m], h[1, :-1].mean(0))
+    # what every snippet shares (a scene, a background) moves the clip tokens only, not the snippet tokens
+    shifted, _ = model._context(h + 5 * torch.randn(2, 1, m, cfg.dim), mask)
+    torch.testing.assert_close(shifted[:, m:], context[:, m:], rtol=0, atol=1e-4)
+    # the same latent at two times differs by the time embedding
+    same = h[:, :1].expand(-1, S, -1, -1) + torch.randn(2, S, 1, cfg.dim)
+    ctx, _ = model._context(same, torch.ones(2, S, dtype=torch.bool))
+    assert (ctx[:, m:2 * m] - ctx[:, 2 * m:3 * m]).norm() > 1.0
+
+
+def test_decoder_learns_which_snippet_a_question_points_at():
+    """The skill the demo's questions need: the prompt names a snippet ("the second one"), the answer is what
+    that snippet shows, every clip shows every answer once (so reading the whole clip tells nothing) over a
+    background that changes from clip to clip far more than the snippets do. With the audio-video path held
+    still (``freeze_av_steps``) the decoder learns to pick the snippet from its random features."""
+    from mirasol_ray.config import TrainConfig
+    from mirasol_ray.train.step import make_optimizer, make_scheduler, train_step
+
+    torch.manual_seed(0)
+    cfg = small_cfg(max_snippets=4, frames_per_snippet=2, image_size=(16, 16), patch_size=8, combiner="transformer",
+                    text_depth=2, dim=128, text_dim=128, video_dim=128, heads=4, text_heads=4)
+    model = Mirasol(cfg)
+    colours = torch.tensor([[230, 40, 40], [40, 200, 60], [50, 80, 230], [230, 210, 40]], dtype=torch.float)
+    answer = torch.arange(10, 14)  # token of each colour; prompt token 20 + k asks for snippet k
+
+    def batch(n, g):
+        perm = torch.stack([torch.randperm(4, generator=g) for _ in range(n)])  # (n, S): colour per snippet
+        background = torch.rand(n, 1, 1, 1, 1, 3, generator=g) * 255  # the same in every snippet of a clip
+        pixels = background + 20 * torch.randn(n, 4, 2, 16, 16, 3, generator=g)
+        square = colours[perm][:, :, None, None, None, :].expand(-1, -1, 2, 8, 8, -1)
+        pixels[:, :, :, 4:12, 4:12] = square
+        k = torch.randint(0, 4, (n,), generator=g)
+        ones = torch.ones(n, dtype=torch.bool)
+        return {
+            "video": pixels.clamp(0, 255).to(torch.uint8),
+            "audio": torch.zeros(n, 4, cfg.n_mels, cfg.mel_frames), "audio_present": ~ones,
+            "snippet_mask": torch.ones(n, 4, dtype=torch.bool),
+            "prompt_ids": torch.stack([torch.full((n,), 3), 20 + k], 1).int(),
+            "prompt_mask": torch.ones(n, 2, dtype=torch.bool),
+            "target_ids": torch.stack([torch.full((n,), BOS), answer[perm[torch.arange(n), k]],
+                                       torch.full((n,), EOS)], 1).int(),
+            "target_mask": torch.ones(n, 3, dtype=torch.bool),
+            "label": torch.full((n,), -1),
+        }
+
+    tcfg = TrainConfig(steps=600, lr=1e-3, warmup_steps=10, freeze_av_steps=600, weight_decay=0.0)
+    opt = make_optimizer(model, tcfg)
+    sched = make_scheduler(opt, tcfg)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(tcfg.steps):
+        train_step(model, [batch(32, g)], opt, sched, tcfg, torch.device("cpu"))
+    test = batch(256, torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        pred = model.eval().text_logits(test)[:, 0].argmax(-1)
+    accuracy = (pred == test["target_ids"][:, 1]).float().mean().item()
+    assert accuracy > 0.8  # chance: 0.25

@@ -1,0 +1,76 @@
+"""The optimiser and its schedule: warmup + cosine, and the audio-video path held still for freeze_av_steps."""
+
+import math
+
+import pytest
+import torch
+
+from mirasol_ray.config import load_config
+from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.train.step import make_optimizer, make_scheduler
+
+
+def _lrs(cfg, steps):
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    av = [g["av"] for g in opt.param_groups]
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+    return av, out
+
+
+def test_warmup_then_cosine_to_min_lr():
+    cfg = load_config("tiny", ["train.steps=100", "train.warmup_steps=10", "train.lr=1e-3", "train.min_lr_ratio=0.1"])
+    _, lrs = _lrs(cfg, 100)
+    first = [row[0] for row in lrs]
+    assert first[0] == pytest.approx(1e-3 / 11)
+    assert first[9] == pytest.approx(1e-3 * 10 / 11)
+    assert first[10] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(first[10:], first[11:]))  # cosine decays monotonically
+    assert first[55] == pytest.approx(1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert all(len(set(row)) == 1 for row in lrs)  # no freeze: every group follows one schedule
+
+
+def test_freeze_av_steps_holds_the_av_path_then_warms_it_up():
+    cfg = load_config("tiny", ["train.steps=100", "train.warmup_steps=10", "train.lr=1e-3",
+                               "train.freeze_av_steps=40"])
+    av, lrs = _lrs(cfg, 100)
+    assert any(av) and not all(av)
+    for step, row in enumerate(lrs):
+        text = max(lr for lr, is_av in zip(row, av) if not is_av)
+        av_lr = max(lr for lr, is_av in zip(row, av) if is_av)
+        if step < 40:
+            assert av_lr == 0.0 and (text > 0)
+        elif step < 50:
+            assert 0 < av_lr < text  # warming up again
+        else:
+            assert av_lr == pytest.approx(text)
+
+
+def test_frozen_av_parameters_do_not_move_but_the_decoder_does():
+    from mirasol_ray.bench.step import synthetic_batch
+    from mirasol_ray.train.step import train_step
+
+    cfg = load_config("tiny", ["train.steps=10", "train.warmup_steps=1", "train.freeze_av_steps=5"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = synthetic_batch(cfg, 2)
+    for _ in range(3):
+        train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    assert not {n for n in moved if n.split(".")[0] in ("video_encoder", "audio_encoder", "combiner", "av_model")}
+    assert any(n.startswith("text_decoder.") for n in moved)
+
+
+def test_negative_freeze_av_steps_is_a_config_error():
+    from mirasol_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.freeze_av_steps"):
+        load_config("tiny", ["train.freeze_av_steps=-1"])
