@@ -83,7 +83,7 @@ class HFTokenizer:
         if self.eos_id in ids:
             ids = ids[: ids.index(self.eos_id)]
         ids = [i for i in ids if i not in (self.pad_id, self.bos_id) and i < self._tok.get_vocab_size()]
-        return self._tok.decode(ids)
+        return self._tok.decode(ids).strip()
 
 
 class SentencePieceTokenizer:
@@ -110,6 +110,24 @@ class SentencePieceTokenizer:
             ids = ids[: ids.index(self.eos_id)]
         n = self._sp.get_piece_size()
         return self._sp.decode([i for i in ids if i < n and i not in (self.pad_id, self.bos_id)])
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 512) -> str:
+    """A byte-level BPE tokenizer (the ``tokenizers`` library's trainer) learnt from ``texts``, as the JSON text of
+    a ``tokenizer.json`` that :class:`HFTokenizer` loads. For a corpus with no pretrained tokenizer (the
+    synthetic data): whole words become single tokens, so answers are one or two tokens instead of 3-10 bytes,
+    and any text still encodes (byte fallback). A space is prefixed to every text, so a word is the same token
+    at the start of an answer and inside a caption."""
+    from tokenizers import Tokenizer as _Tok
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = _Tok(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    return tok.to_str()
 
 
 @functools.lru_cache(maxsize=8)

@@ -138,3 +138,22 @@ def test_synthesize_writes_shards_and_manifest(tmp_path: Path):
     again = synthesize(str(tmp_path / "b"), 6, seed=3, shard_size=4, val_fraction=0.34, progress=False, workers=2)
     assert [s["bytes"] for s in again["shards"]] == [s["bytes"] for s in manifest["shards"]]
     assert (tmp_path / "b/val/shard-000000.tar").read_bytes() == (tmp_path / "a/val/shard-000000.tar").read_bytes()
+    # the clips' own tokenizer, learnt from the training split's text
+    assert manifest["tokenizer"] == "tokenizer.json"
+    assert (tmp_path / "b/tokenizer.json").read_bytes() == (tmp_path / "a/tokenizer.json").read_bytes()
+
+
+def test_learnt_tokenizer_makes_words_single_tokens_and_still_encodes_anything(tmp_path: Path):
+    from mirasol_ray.data.text import HFTokenizer, train_bpe_tokenizer
+
+    corpus = ["a red circle, then a blue square; low, high", "what colour is on screen during the high tone?",
+              "red", "blue", "green", "which came first: high tone or red circle?"] * 20
+    path = tmp_path / "tokenizer.json"
+    path.write_text(train_bpe_tokenizer(corpus, vocab_size=400))
+    tok = HFTokenizer(str(path))
+    assert len({tok.pad_id, tok.bos_id, tok.eos_id}) == 3 and tok.vocab_size <= 400
+    assert len(tok.encode("red")) == 1 and tok.encode("red") == tok.encode(" red")
+    question = "what colour is on screen during the high tone?"
+    assert len(tok.encode(question)) <= 12 < len(question)
+    for text in (question, "red", "Ünseen wörds, 42!"):
+        assert tok.decode([tok.bos_id, *tok.encode(text), tok.eos_id, tok.pad_id]) == text
