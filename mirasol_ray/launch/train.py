@@ -141,6 +141,12 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         if cfg.data.val:
             datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
                                               label_set=label_set, endpoint_url=cfg.storage.endpoint_url)
+        if cfg.data.cache:
+            t0 = time.perf_counter()
+            datasets = {k: ds.materialize() for k, ds in datasets.items()}
+            rows = {k: ds.count() for k, ds in datasets.items()}
+            print(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s",
+                  flush=True)
         fs, root_path = storage.pyarrow_fs(cfg.storage.root, cfg.storage.endpoint_url)
         storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), cfg.storage.endpoint_url)
         resources = {"CPU": cfg.scaling.cpus_per_worker}
@@ -176,6 +182,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         "final_loss": last.get("loss"),
         "val": (result.metrics or {}).get("val", {}),
         "checkpoint": latest_checkpoint_dir(uri, cfg.storage.endpoint_url),
+        "decoded": skips["decoded"],
         "skipped": skips["skipped"],
         "seconds": round(elapsed, 1),
         "learning_curve": plot,

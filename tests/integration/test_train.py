@@ -54,6 +54,16 @@ def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path):
     assert len(ckpts) == 2
 
 
+def test_cache_decodes_each_clip_once_over_several_epochs(ray_local, synth_shards, tmp_path):
+    # 12 clips, one caption row each; 1 worker x batch 2 x 14 steps = 28 rows: the third epoch is reached
+    cfg = _cfg(synth_shards, tmp_path / "runs", "cached", steps=14,
+               extra=("data.cache=true", "data.task=caption", "scaling.num_workers=1"))
+    summary = run_training(cfg)
+    records = read_metrics(str(tmp_path / "runs" / "cached"))
+    assert summary["steps"] == 14 and records[-1]["epoch"] >= 2
+    assert summary["decoded"] == 12  # decoded once, before training, not once per epoch
+
+
 def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
     root = s3_server.url("runs")
     cfg = _cfg(synth_shards, root, "ddp-s3")
