@@ -39,8 +39,8 @@ def pad_to_even(frames: np.ndarray) -> np.ndarray:
 
 def _video_options(vcodec: str, crf: int | None) -> dict[str, str]:
     if vcodec in ("h264", "libx264"):
-        # Reproducible bytes: with x264's threads or its assembly (asm=0 ~1.2x slower here) the same frames gave
-        # different MP4 bytes in ~1 encode of 10 on an AMD EPYC, which broke "same seed, same shards".
+        # Reproducible bytes: with x264's threads or its assembly the same frames gave different MP4 bytes in ~1
+        # encode of 10 on an AMD EPYC, which broke "same seed, same shards". Costs ~2x in `shards synth`.
         return {"crf": str(23 if crf is None else crf), "preset": "veryfast",
                 "x264-params": "threads=1:lookahead-threads=1:asm=0"}
     if vcodec == "libvpx-vp9":
