@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     # demo, train, eval, predict
     d = sub.add_parser("demo", help="the main job: synth data, pretrain, fine-tune, evaluate (local Ray)")
     d.add_argument("--out", default="runs/demo", help="output folder")
-    d.add_argument("--num-clips", type=int, default=240)
+    d.add_argument("--num-clips", type=int, default=960)
     d.add_argument("--pretrain-steps", type=int, default=None)
     d.add_argument("--finetune-steps", type=int, default=None)
     d.add_argument("--config", default="demo")

@@ -55,7 +55,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         print(f"{r['task']:<16}{r['metric']:<11}{r['value']:>8.3f}{chance:>8}{ratio:>10}{r['count']:>6}")
 
 
-def run_demo(out: str, *, num_clips: int = 240, pretrain_steps: int | None = None,
+def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = None,
              finetune_steps: int | None = None, config: str = "demo", overrides: list[str] | None = None,
              num_cpus: int | None = None) -> dict[str, Any]:
     from mirasol_ray.data.synthetic import synthesize
@@ -71,24 +71,24 @@ def run_demo(out: str, *, num_clips: int = 240, pretrain_steps: int | None = Non
     print(f"[1/4] synthesising {num_clips} clips into {data}", flush=True)
     if os.path.exists(os.path.join(data, "manifest.json")):
         manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
-        if manifest.get("num_samples") != num_clips:
+        if manifest.get("num_samples") != num_clips or "tokenizer" not in manifest:
             shutil.rmtree(data)
     if not os.path.exists(os.path.join(data, "manifest.json")):
-        synthesize(data, num_clips, seed=0, shard_size=16, val_fraction=0.2)
+        synthesize(data, num_clips, seed=0, shard_size=16, val_fraction=0.1)
     manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
     chance = manifest.get("splits", {}).get("val", {}).get("chance") or manifest.get("chance", {})
 
     started = ensure_ray(num_cpus, dashboard=True)
     try:
         common = [f"data.train={data}/train", f"data.val={data}/val", f"storage.root={out}/runs",
-                  *(overrides or [])]
+                  f"data.tokenizer={data}/{manifest.get('tokenizer', 'tokenizer.json')}", *(overrides or [])]
         pre = load_config(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
                           + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
         print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)
         pre_summary = run_training(pre, config)
         ft = load_config(config, common + ["train.stage=finetune", "data.task=finetune", "storage.name=finetune",
                                            f"train.init_from={out}/runs/pretrain"]
-                         + [f"train.steps={finetune_steps or 2 * pre.train.steps}"])
+                         + [f"train.steps={finetune_steps or 5 * pre.train.steps}"])
         print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification)", flush=True)
         ft_summary = run_training(ft, config)
         print("[4/4] evaluating on held-out clips (Ray Data batch inference)", flush=True)
