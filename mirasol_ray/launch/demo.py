@@ -81,7 +81,7 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
     started = ensure_ray(num_cpus, dashboard=True)
     try:
         common = [f"data.train={data}/train", f"data.val={data}/val", f"storage.root={out}/runs",
-                  f"data.tokenizer={data}/{manifest.get('tokenizer', 'tokenizer.json')}", *(overrides or [])]
+                  f"data.tokenizer={data}/{manifest['tokenizer']}", *(overrides or [])]
         pre = load_config(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
                           + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
         print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)

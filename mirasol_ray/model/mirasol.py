@@ -63,17 +63,21 @@ class Mirasol(nn.Module):
         ordinal in 3,000 steps; with this context it did in 500 (docs/PERFORMANCE.md, "The demo").
         """
         B, S, m, _ = h.shape
-        w = snippet_mask.to(h.dtype)[:, :, None, None]  # (B, S, 1, 1)
-        clip = (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)  # (B, 1, m, D)
+        clip = self._clip_tokens(h, snippet_mask)  # (B, 1, m, D)
         snippets = self.context_norm(h - clip) + self.context_time.weight[:S, None]  # (B, S, m, D)
         context = torch.cat([clip[:, 0], rearrange(snippets, "b s m d -> b (s m) d")], dim=1)
         mask = torch.cat([snippet_mask.new_ones(B, m), repeat(snippet_mask, "b s -> b (s m)", m=m)], dim=1)
         return context, mask
 
+    @staticmethod
+    def _clip_tokens(h: Tensor, snippet_mask: Tensor) -> Tensor:
+        """Mean over the valid snippets, token by token: (B, S, m, D) -> (B, 1, m, D)."""
+        w = snippet_mask.to(h.dtype)[:, :, None, None]  # (B, S, 1, 1)
+        return (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
+
     def _pooled(self, h: Tensor, snippet_mask: Tensor) -> Tensor:
         """Mean of the latents of valid snippets: (B, D)."""
-        w = snippet_mask.to(h.dtype)[..., None]  # (B, S, 1)
-        return (h.mean(2) * w).sum(1) / w.sum(1).clamp(min=1)
+        return self._clip_tokens(h, snippet_mask).mean(2)[:, 0]
 
     # ------------------------------------------------------------------------------------------------------------
     # text path

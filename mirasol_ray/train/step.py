@@ -116,7 +116,10 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
         parts["loss"] = parts.get("loss", 0.0) + float(out["loss"].detach()) / len(micro)
         for k, v in out["losses"].items():
             parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    # Norm and clipping over what this step trains: while freeze_av_steps holds the audio-video groups at lr 0,
+    # their (unused) gradients would dominate the norm and shrink the decoder's clipped update.
+    trained = [p for g in opt.param_groups if g["lr"] > 0 for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
     opt.step()
     opt.zero_grad(set_to_none=True)
     parts["lr"] = max(float(g["lr"]) for g in opt.param_groups)

@@ -348,10 +348,13 @@ def test_context_is_clip_tokens_then_normalised_snippet_deviations_with_time():
     # what every snippet shares (a scene, a background) moves the clip tokens only, not the snippet tokens
     shifted, _ = model._context(h + 5 * torch.randn(2, 1, m, cfg.dim), mask)
     torch.testing.assert_close(shifted[:, m:], context[:, m:], rtol=0, atol=1e-4)
-    # the same latent at two times differs by the time embedding
-    same = h[:, :1].expand(-1, S, -1, -1) + torch.randn(2, S, 1, cfg.dim)
+    # the same latent in every snippet: the snippet tokens are their time embeddings alone, and differ
+    same = h[:, :1].expand(-1, S, -1, -1)
     ctx, _ = model._context(same, torch.ones(2, S, dtype=torch.bool))
-    assert (ctx[:, m:2 * m] - ctx[:, 2 * m:3 * m]).norm() > 1.0
+    time = model.context_time.weight[:S].detach()
+    torch.testing.assert_close(ctx[0, m:].reshape(S, m, cfg.dim), time[:, None].expand(-1, m, -1),
+                               rtol=0, atol=1e-4)
+    assert (time[0] - time[1]).norm() > 1.0
 
 
 def test_decoder_learns_which_snippet_a_question_points_at():

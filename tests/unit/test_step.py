@@ -74,3 +74,26 @@ def test_negative_freeze_av_steps_is_a_config_error():
 
     with pytest.raises(ConfigError, match="train.freeze_av_steps"):
         load_config("tiny", ["train.freeze_av_steps=-1"])
+
+
+def test_grad_norm_counts_only_what_the_step_trains():
+    import copy
+
+    from mirasol_ray.bench.step import synthetic_batch
+    from mirasol_ray.train.step import AV_MODULES, train_step
+
+    cfg = load_config("tiny", ["train.steps=10", "train.warmup_steps=1", "train.freeze_av_steps=5",
+                               "train.grad_clip=0"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    batch = synthetic_batch(cfg, 2)
+    twin = copy.deepcopy(model)
+    twin(batch)["loss"].backward()
+    grads = {n: p.grad.norm() for n, p in twin.named_parameters() if p.grad is not None}
+    trained = torch.stack([g for n, g in grads.items() if n.split(".")[0] not in AV_MODULES]).norm()
+    everything = torch.stack(list(grads.values())).norm()
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    parts = train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
+    assert parts["grad_norm"] == pytest.approx(float(trained), rel=1e-4)
+    assert float(everything) > 1.5 * float(trained)  # the frozen path's gradients would have dominated
