@@ -85,7 +85,25 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.
     warm = max(0, min(cfg.warmup_steps, cfg.steps - 1))
     factors = [LRFactor(warm, cfg.steps, cfg.min_lr_ratio, cfg.freeze_av_steps if g.get("av") else 0)
                for g in opt.param_groups]
-    return torch.optim.lr_scheduler.LambdaLR(opt, factors)
+    return Schedule(opt, factors)
+
+
+class Schedule(torch.optim.lr_scheduler.LambdaLR):
+    """LambdaLR whose saved state is the step count alone: the schedule's shape (steps, warmup, freeze, base
+    learning rates) comes from the config of the run that loads it. Plain LambdaLR saves its callables'
+    attributes and restores them over the new ones, so a run resumed with ``train.steps`` raised from 50 to 400
+    would keep decaying over 50 steps while printing "step 250/400"."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.last_epoch = int(state_dict["last_epoch"])
+        self._step_count = int(state_dict.get("_step_count", self.last_epoch + 1))
+        # the learning rates of the restored step under this schedule (the optimiser's state holds the old ones)
+        self._last_lr = [base * f(self.last_epoch) for base, f in zip(self.base_lrs, self.lr_lambdas)]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr):
+            group["lr"] = lr
 
 
 def count_tokens(batch: dict[str, Any]) -> int:

@@ -97,3 +97,35 @@ def test_grad_norm_counts_only_what_the_step_trains():
     parts = train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
     assert parts["grad_norm"] == pytest.approx(float(trained), rel=1e-4)
     assert float(everything) > 1.5 * float(trained)  # the frozen path's gradients would have dominated
+
+
+def test_a_resumed_schedule_follows_the_new_config():
+    """The saved schedule is its step count: resumed with more steps (or another freeze), the learning rate at
+    the restored step is the new config's, not the old one's carried over from the checkpoint."""
+    old = load_config("tiny", ["train.steps=50", "train.warmup_steps=5", "train.freeze_av_steps=30"])
+    new = load_config("tiny", ["train.steps=400", "train.warmup_steps=5", "train.freeze_av_steps=10"])
+    model = build_model(old.model)
+    opt = make_optimizer(model, old.train)
+    sched = make_scheduler(opt, old.train)
+    for _ in range(40):
+        opt.step()
+        sched.step()
+    state = torch.load(_saved(sched.state_dict()), weights_only=True)  # as a checkpoint stores it
+    opt2 = make_optimizer(model, new.train)
+    sched2 = make_scheduler(opt2, new.train)
+    sched2.load_state_dict(state)
+    _, expected = _lrs(new, 41)
+    assert [g["lr"] for g in opt2.param_groups] == pytest.approx(expected[40])
+    opt2.step()
+    sched2.step()
+    assert sched2.last_epoch == 41
+    assert max(g["lr"] for g in opt2.param_groups) > 0.9 * new.train.lr  # 41 of 400: still near the peak
+
+
+def _saved(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return buf
