@@ -64,6 +64,11 @@ class DataConfig:
     """Multiple-choice options kept per sample (padded)."""
     task: str = "caption"
     """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
+    caption_prompt: str = "caption the clip."
+    """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
+    run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
+    cls_prompt: str = "classify the clip."
+    """The prompt of classification rows (the label text is the target)."""
     decode_timeout_s: float = 30.0
     """A sample whose decode takes longer is skipped and counted as ``timeout``."""
     decode_threads: int = 1

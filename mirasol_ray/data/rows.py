@@ -103,7 +103,7 @@ def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None
     rows: list[dict[str, Any]] = []
     for task in _TASKS_FOR[cfg.task]:
         if task == "caption" and _text(meta.get("caption")):
-            rows.append(_text_row(tok, cfg, "caption", "", _text(meta["caption"]), "caption"))
+            rows.append(_text_row(tok, cfg, "caption", cfg.caption_prompt, _text(meta["caption"]), "caption"))
         elif task == "qa":
             qas = meta.get("qas") if isinstance(meta.get("qas"), list) else [meta]
             for qa in qas:
@@ -118,7 +118,7 @@ def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None
                 question = _text(meta.get("mc_question")) or _text(meta.get("question"))
                 rows.append(_text_row(tok, cfg, "mcqa", question, options[idx], "mc", options, idx))
         elif task == "cls" and label_text:
-            rows.append(_text_row(tok, cfg, "cls", "", label_text, "label"))
+            rows.append(_text_row(tok, cfg, "cls", cfg.cls_prompt, label_text, "label"))
     for row in rows:
         row["label"] = np.int64(label)
     return rows

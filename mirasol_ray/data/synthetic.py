@@ -41,6 +41,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mirasol_ray import storage
+from mirasol_ray.config import DataConfig
 from mirasol_ray.data.encode import encode_av
 from mirasol_ray.data.shards import ShardWriter
 from mirasol_ray.data.text import train_bpe_tokenizer
@@ -267,8 +268,10 @@ def synthesize(out: str, num_clips: int, seed: int = 0, shard_size: int = 64, va
         if pool:
             pool.terminate()
     everything = [m for split_metas in metas.values() for m in split_metas]
-    # The clips' own tokenizer, learnt from the training text only (nothing about held-out answers leaks into it).
-    storage.write_text(storage.join(out, TOKENIZER_FILE), train_bpe_tokenizer(texts(metas.get("train", everything))))
+    # The clips' own tokenizer, learnt from the training text only (nothing about held-out answers leaks into it),
+    # and the default task prompts of caption and class-label rows.
+    corpus = [*texts(metas.get("train", everything)), DataConfig.caption_prompt, DataConfig.cls_prompt]
+    storage.write_text(storage.join(out, TOKENIZER_FILE), train_bpe_tokenizer(corpus))
     return writer.close(
         {"source": "synthetic", "seed": seed, "label_set": LABEL_SET, "chance": chance_levels(everything),
          "tokenizer": TOKENIZER_FILE},

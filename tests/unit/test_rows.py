@@ -63,7 +63,7 @@ def test_rows_per_task(make_clip, task, tasks):
 
 def test_text_columns(make_clip):
     tok = get_tokenizer("byte")
-    qa, _, mc, cls = rows_of(sample(make_clip(1.0)), cfg(task="finetune"))
+    qa, _, mc, cls = rows_of(sample(make_clip(1.0)), cfg(task="finetune", max_prompt_len=24))
     assert tok.decode(qa["prompt_ids"][qa["prompt_mask"]]) == "what sound?"
     assert tok.decode(qa["target_ids"]) == "a beep" and int(qa["qtype"]) == qtype_index("audio")
     assert tok.decode(mc["prompt_ids"][mc["prompt_mask"]]) == "which colour?"
@@ -71,6 +71,18 @@ def test_text_columns(make_clip):
     assert [tok.decode(o) for o in mc["option_ids"][:3]] == ["red", "green", "blue"]
     assert not mc["option_mask"][3].any() and not qa["option_mask"].any()
     assert tok.decode(cls["target_ids"]) == "beep" and int(cls["qtype"]) == qtype_index("label")
+    assert tok.decode(cls["prompt_ids"][cls["prompt_mask"]]) == "classify the clip."
+
+
+def test_caption_and_label_rows_carry_their_task_prompt(make_clip):
+    """Tasks trained together must look different to the decoder: with no prompt, a caption row and a class-label
+    row of the same clip would be the same input with two targets."""
+    tok = get_tokenizer("byte")
+    caption, *_, cls = rows_of(sample(make_clip(1.0)), cfg(task="all", max_prompt_len=24))
+    prompts = {tok.decode(r["prompt_ids"][r["prompt_mask"]]) for r in (caption, cls)}
+    assert prompts == {"caption the clip.", "classify the clip."}
+    (row,) = rows_of(sample(make_clip(1.0)), cfg(task="caption", caption_prompt="describe:"))
+    assert tok.decode(row["prompt_ids"][row["prompt_mask"]]) == "describe:"
     (unknown,) = rows_of(sample(make_clip(1.0), {"label": "meow"}), cfg(task="cls"))
     assert int(unknown["label"]) == -1
 
