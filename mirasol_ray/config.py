@@ -80,6 +80,10 @@ class DataConfig:
     (``Dataset.materialize``): for a small dataset trained over many epochs, where decoding every epoch would
     bound the step rate. Rows then keep the frame positions of that one decode (no per-epoch sampling)."""
     shuffle_files: bool = True
+    shuffle_buffer: int = 0
+    """Rows in each training worker's local shuffle buffer; 0 means 4 batches. With ``cache`` the cached blocks
+    also come in a new random order every epoch, and a buffer of several hundred rows mixes them well (the rows
+    of one clip arrive together: a small buffer gives batches of a few clips, in the same order every epoch)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -90,6 +94,8 @@ class DataConfig:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
             raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
+        if self.shuffle_buffer < 0:
+            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if not 0 < self.decode_cpus <= 64:
             raise ConfigError(f"data.decode_cpus must be in (0, 64], got {self.decode_cpus}")
 

@@ -243,6 +243,16 @@ def iter_worker_batches(shard, batch_size: int, *, prefetch_batches: int = 2, lo
         yield to_torch(batch)
 
 
+def reshuffle_blocks_each_epoch(ds, seed: int):
+    """``ds`` (materialised) with its blocks in a new order on every pass: the permutations come from ``seed`` and
+    the pass number (the blocks themselves are in task-completion order, which can vary from run to run). A cached
+    dataset otherwise replays one order every epoch, clip by clip (the rows of a clip are adjacent): a worker's
+    local shuffle buffer then only mixes neighbours, the same ones each epoch."""
+    import ray.data
+
+    return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
+
+
 def train_data_config(data_cpu_limit: float = 0.0):
     """Ray Train's DataConfig: split ``train`` between workers (each sample once per epoch), leave others whole.
 

@@ -180,7 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         nonlocal epoch, skip_batches
         while True:
             it = iter_worker_batches(shard, cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
-                                     local_shuffle_buffer_size=4 * cfg.train.batch_size, drop_last=True)
+                                     local_shuffle_buffer_size=cfg.data.shuffle_buffer or 4 * cfg.train.batch_size,
+                                     drop_last=True)
             n = 0
             for batch in it:
                 n += 1
