@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from typing import Any
@@ -148,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if resume is None and latest is None and cfg.train.init_from:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
-            print(f"initialised from {cfg.train.init_from}; new: {info['missing']}", flush=True)
+            _say(f"initialised from {cfg.train.init_from}; new: {info['missing']}")
     model = _wrap(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
@@ -164,7 +165,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         sched.load_state_dict(st["scheduler"])
         start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
         if rank == 0:
-            print(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})", flush=True)
+            _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
 
     tok = get_tokenizer(cfg.data.tokenizer)
     log = RunLog(run_uri, endpoint_url, start_step) if rank == 0 else None
@@ -217,13 +218,20 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             record["skipped"] = _skips(config["counter"])
             log.write(record)
             extras = "".join(f" {k}={v:.3f}" for k, v in record.get("val", {}).items())
-            print(f"step {step}/{cfg.train.steps} loss {parts['loss']:.4f} lr {parts['lr']:.2e} "
-                  f"{record.get('samples_per_s', 0):.1f} samples/s wait {record.get('data_wait_fraction', 0):.2f}"
-                  + extras, flush=True)
+            _say(f"step {step}/{cfg.train.steps} loss {parts['loss']:.4f} lr {parts['lr']:.2e} "
+                 f"{record.get('samples_per_s', 0):.1f} samples/s wait {record.get('data_wait_fraction', 0):.2f}"
+                 + extras)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set)
     if log is not None:
         log.close()
+
+
+def _say(message: str) -> None:
+    """One progress line on the driver. Ray Train patches ``print`` in its workers to log *and*, when the worker's
+    stdout is wrapped (it is), also print: every line reached the driver twice. Writing to the process's own
+    stdout takes the plain path once."""
+    print(message, file=sys.__stdout__, flush=True)
 
 
 def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, rank: int, log: RunLog | None,
