@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        print("mirasol: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as e:
+        print(f"mirasol: interrupted{f': {e}' if str(e) else ''}", file=sys.stderr)
         return 130
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("MIRASOL_DEBUG"):

@@ -169,7 +169,13 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             ),
         )
         t0 = time.perf_counter()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except SystemExit as e:
+            # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and waiting on the aborted controller raises
+            # SystemExit(1) with no message; say what happened and how to go on
+            raise KeyboardInterrupt(f"run {name} aborted; the same command with storage.name={name} resumes "
+                                    "from its last checkpoint") from e
         elapsed = time.perf_counter() - t0
         skips = read_skips(counter)
     finally:

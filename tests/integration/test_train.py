@@ -98,10 +98,10 @@ def test_worker_killed_mid_run_restarts_from_checkpoint(ray_local, synth_shards,
     assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == 6
 
 
-def _train_cmd(synth_shards, root, steps):
+def _train_cmd(synth_shards, root, steps, name="resume"):
     return [sys.executable, "-m", "mirasol_ray.cli", "train", "--config", "tiny",
             "--set", f"data.train={synth_shards['dir']}", "--set", f"storage.root={root}",
-            "--set", "storage.name=resume", "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
+            "--set", f"storage.name={name}", "--set", f"train.steps={steps}", "--set", "train.checkpoint_every=2",
             *[a for s in TINY_TRAIN for a in ("--set", s)], "--set", "scaling.num_workers=1",
             "--set", "scaling.cpus_per_worker=1"]
 
@@ -133,6 +133,28 @@ def test_driver_stopped_then_rerun_resumes(synth_shards, tmp_path, ray_local):
     assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == 8
     steps = [r["step"] for r in read_metrics(uri)]
     assert steps == list(range(1, 9))
+
+
+def test_ctrl_c_stops_the_driver_and_says_how_to_resume(synth_shards, tmp_path, ray_local):
+    import ray
+
+    ray.shutdown()
+    uri = str(tmp_path / "runs" / "ctrl-c")
+    proc = subprocess.Popen(_train_cmd(synth_shards, tmp_path / "runs", 400, name="ctrl-c"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (latest_checkpoint_dir(uri) and read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"]):
+            assert time.time() < deadline and proc.poll() is None, "no checkpoint before the interrupt"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)  # Ray Train aborts the run; the driver ends within seconds
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130
+    assert "mirasol: interrupted: run ctrl-c aborted; the same command with storage.name=ctrl-c resumes" in err
+    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] < 400
 
 
 @pytest.fixture(scope="module")
