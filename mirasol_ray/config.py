@@ -55,7 +55,8 @@ class DataConfig:
     clip_seconds: float = 0.0
     """Seconds of each clip to use (random start for training, centred for eval); 0 uses the whole clip."""
     tokenizer: str = "byte"
-    """``byte`` (built in), or a path/URI to an HF ``tokenizer.json`` or a sentencepiece ``.model``."""
+    """``byte`` (built in), or a path or ``s3://`` URI to an HF ``tokenizer.json`` or a sentencepiece ``.model``
+    (read into memory by each process: workers need no shared disk)."""
     max_prompt_len: int = 48
     """Question tokens (left-padded)."""
     max_target_len: int = 48

@@ -13,6 +13,8 @@ from typing import Protocol
 
 import numpy as np
 
+from mirasol_ray import storage
+
 
 class Tokenizer(Protocol):
     pad_id: int
@@ -49,10 +51,10 @@ class ByteTokenizer:
 class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (any model's), via the ``tokenizers`` library."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str = "", *, data: bytes | None = None):
         from tokenizers import Tokenizer as _Tok
 
-        self._tok = _Tok.from_file(path)
+        self._tok = _Tok.from_str(data.decode("utf-8")) if data is not None else _Tok.from_file(path)
         vocab = self._tok.get_vocab()
         self.vocab_size = self._tok.get_vocab_size()
 
@@ -87,10 +89,11 @@ class HFTokenizer:
 
 
 class SentencePieceTokenizer:
-    def __init__(self, path: str):
+    def __init__(self, path: str = "", *, data: bytes | None = None):
         import sentencepiece as spm
 
-        self._sp = spm.SentencePieceProcessor(model_file=path)
+        self._sp = (spm.SentencePieceProcessor(model_proto=data) if data is not None
+                    else spm.SentencePieceProcessor(model_file=path))
         n = self._sp.get_piece_size()
         self.vocab_size = n
         self.pad_id = self._sp.pad_id() if self._sp.pad_id() >= 0 else None
@@ -132,17 +135,22 @@ def train_bpe_tokenizer(texts, vocab_size: int = 512) -> str:
 
 @functools.lru_cache(maxsize=8)
 def get_tokenizer(spec: str = "byte") -> Tokenizer:
-    """``byte``, or a local path to ``tokenizer.json`` / a sentencepiece ``.model``."""
+    """``byte``, or a path or URI (``s3://``: read into memory once per process, so every Ray worker of a cluster
+    can load it) to a ``tokenizer.json`` / a sentencepiece ``.model``."""
     if spec in ("", "byte"):
         return ByteTokenizer()
-    path = Path(spec)
-    if not path.is_file():
+    suffix = Path(spec).suffix
+    if suffix not in (".json", ".model"):
+        raise ValueError(f"tokenizer must be 'byte', a tokenizer.json or a sentencepiece .model, got {spec}")
+    cls = HFTokenizer if suffix == ".json" else SentencePieceTokenizer
+    if storage.is_remote(spec):
+        try:
+            return cls(data=storage.read_bytes(spec))
+        except FileNotFoundError:
+            raise FileNotFoundError(f"tokenizer file not found: {spec}") from None
+    if not Path(spec).is_file():
         raise FileNotFoundError(f"tokenizer file not found: {spec}")
-    if path.suffix == ".json":
-        return HFTokenizer(spec)
-    if path.suffix == ".model":
-        return SentencePieceTokenizer(spec)
-    raise ValueError(f"tokenizer must be 'byte', a tokenizer.json or a sentencepiece .model, got {spec}")
+    return cls(spec)
 
 
 def encode_prompt(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:

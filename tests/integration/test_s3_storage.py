@@ -24,3 +24,22 @@ def test_local_paths_and_file_uris(tmp_path):
     storage.write_text(str(p), "local")
     assert storage.read_text("file://" + str(p)) == "local"
     assert storage.join("s3://b/p/", "q", "r") == "s3://b/p/q/r"
+
+
+def test_tokenizer_from_s3_equals_the_local_file(s3_server, tmp_path):
+    """data.tokenizer may be an s3:// URI: every worker of a cluster reads it, none needs a shared disk."""
+    import pytest
+
+    from mirasol_ray.data.text import get_tokenizer, train_bpe_tokenizer
+
+    text = train_bpe_tokenizer(["a red circle, then a blue square; low, high", "which came first?"] * 10, 300)
+    local = tmp_path / "tokenizer.json"
+    local.write_text(text)
+    uri = s3_server.url("tok", "tokenizer.json")
+    storage.write_text(uri, text)
+    remote, ref = get_tokenizer(uri), get_tokenizer(str(local))
+    sample = "a blue circle, then which came first? Ünseen"
+    assert remote.encode(sample) == ref.encode(sample) and remote.vocab_size == ref.vocab_size
+    assert remote.decode(remote.encode(sample)) == sample
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found: s3://.*/missing.json"):
+        get_tokenizer(s3_server.url("tok", "missing.json"))
