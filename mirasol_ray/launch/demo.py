@@ -1,8 +1,8 @@
 """``mirasol demo``: the main job on the embedded default (local Ray, local storage, generated data).
 
 Synthesises a dataset of real MP4 clips, pretrains (captions + latent prediction), fine-tunes (open-ended QA,
-multiple choice, classification) from the pretrain checkpoint, evaluates on held-out clips with the Ray Data
-batch-inference path of ``mirasol eval``, and writes under ``--out``::
+multiple choice, classification, with the captions kept in the mix) from the pretrain checkpoint, evaluates on
+held-out clips with the Ray Data batch-inference path of ``mirasol eval``, and writes under ``--out``::
 
     data/            shards (train/, val/) + manifest.json
     runs/pretrain/   runs/finetune/   Ray Train runs: checkpoints, metrics.jsonl, TensorBoard, plots
@@ -86,10 +86,14 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
                           + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
         print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)
         pre_summary = run_training(pre, config)
-        ft = load_config(config, common + ["train.stage=finetune", "data.task=finetune", "storage.name=finetune",
+        # Fine-tuning keeps the captions in the mix: they say what each snippet shows and sounds like, in order,
+        # which teaches the per-snippet questions far faster than their own one answer per clip does
+        # (docs/PERFORMANCE.md, "The demo"), and the model still captions afterwards.
+        ft = load_config(config, common + ["train.stage=finetune", "data.task=all", "storage.name=finetune",
                                            f"train.init_from={out}/runs/pretrain"]
                          + [f"train.steps={finetune_steps or 5 * pre.train.steps}"])
-        print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification)", flush=True)
+        print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification, with captions)",
+              flush=True)
         ft_summary = run_training(ft, config)
         print("[4/4] evaluating on held-out clips (Ray Data batch inference)", flush=True)
         ev = evaluate(f"{out}/runs/finetune", f"{data}/val", overrides=["data.task=all"],
