@@ -123,6 +123,42 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
     model.train()
     micro = list(micro_batches)
     parts: dict[str, float] = {}
+    # While freeze_av_steps holds the audio-video path at lr 0, it runs without autograd: no graph, no backward, no
+    # activations kept for it. Not under FSDP2, whose hooks expect every sharded parameter's gradient. (DDP is
+    # wrapped with find_unused_parameters, so parameters outside the graph are fine there.)
+    held = [p for g in opt.param_groups if g.get("av") and g["lr"] == 0 for p in g["params"] if p.requires_grad]
+    if held and not _is_fsdp(model):
+        for p in held:
+            p.requires_grad_(False)
+    else:
+        held = []
+    try:
+        _forward_backward(model, micro, cfg, device, no_sync, parts)
+    finally:
+        for p in held:
+            p.requires_grad_(True)
+    # Norm and clipping over what this step trains (under FSDP2 a held audio-video path still has gradients: they
+    # would dominate the norm and shrink the decoder's clipped update).
+    trained = [p for g in opt.param_groups if g["lr"] > 0 for p in g["params"]]
+    grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    parts["lr"] = max(float(g["lr"]) for g in opt.param_groups)
+    sched.step()
+    parts["grad_norm"] = float(grad_norm)
+    return parts
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def _forward_backward(model: nn.Module, micro: list[dict[str, Any]], cfg: TrainConfig, device: torch.device,
+                      no_sync, parts: dict[str, float]) -> None:
     for i, batch in enumerate(micro):
         batch = move_batch(batch, device)
         last = i == len(micro) - 1
@@ -134,16 +170,6 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
         parts["loss"] = parts.get("loss", 0.0) + float(out["loss"].detach()) / len(micro)
         for k, v in out["losses"].items():
             parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
-    # Norm and clipping over what this step trains: while freeze_av_steps holds the audio-video groups at lr 0,
-    # their (unused) gradients would dominate the norm and shrink the decoder's clipped update.
-    trained = [p for g in opt.param_groups if g["lr"] > 0 for p in g["params"]]
-    grad_norm = torch.nn.utils.clip_grad_norm_(trained, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    parts["lr"] = max(float(g["lr"]) for g in opt.param_groups)
-    sched.step()
-    parts["grad_norm"] = float(grad_norm)
-    return parts
 
 
 @torch.no_grad()

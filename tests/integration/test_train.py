@@ -44,7 +44,8 @@ def _check_run(uri, steps):
 
 
 def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path):
-    cfg = _cfg(synth_shards, tmp_path / "runs", "ddp-local")
+    # steps 1-2 with the audio-video path held (run without autograd, outside DDP's graph), 3-4 training it
+    cfg = _cfg(synth_shards, tmp_path / "runs", "ddp-local", extra=("train.freeze_av_steps=2",))
     summary = run_training(cfg)
     assert summary["steps"] == 4
     _check_run(str(tmp_path / "runs" / "ddp-local"), 4)

@@ -69,6 +69,26 @@ def test_frozen_av_parameters_do_not_move_but_the_decoder_does():
     assert any(n.startswith("text_decoder.") for n in moved)
 
 
+def test_a_held_av_path_runs_without_autograd_then_trains():
+    """While freeze_av_steps holds it, the audio-video path builds no graph (no backward, no saved activations);
+    from the step it is released, it does again, and its parameters still require gradients afterwards."""
+    from mirasol_ray.bench.step import synthetic_batch
+    from mirasol_ray.train.step import train_step
+
+    cfg = load_config("tiny", ["train.steps=10", "train.warmup_steps=1", "train.freeze_av_steps=2"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    seen = []
+    model.video_encoder.register_forward_hook(lambda mod, inp, out: seen.append(out.requires_grad))
+    batch = synthetic_batch(cfg, 2)
+    losses = [train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))["loss"] for _ in range(4)]
+    assert seen == [False, False, True, True]
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(math.isfinite(v) for v in losses)
+
+
 def test_negative_freeze_av_steps_is_a_config_error():
     from mirasol_ray.config import ConfigError
 
