@@ -119,9 +119,9 @@ class TrainConfig:
     weight_decay: float = 0.05
     freeze_av_steps: int = 0
     """Steps at the start during which the audio-video path (encoders, combiner, time-aligned model) keeps its
-    weights and only the text decoder learns; it then warms up to the schedule. From scratch this lets the
-    decoder learn where to look before the features under it move (and, unguided, collapse: see
-    docs/PERFORMANCE.md, "The demo")."""
+    weights (and runs without autograd, except under FSDP2) while only the text decoder learns; it then warms up
+    to the schedule. From scratch this lets the decoder learn where to look before the features under it move
+    (docs/PERFORMANCE.md, "The demo")."""
     grad_clip: float = 1.0
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""

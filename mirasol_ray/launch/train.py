@@ -119,14 +119,12 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         reshuffle_blocks_each_epoch,
         train_data_config,
     )
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir
+    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
     expand_shard_urls(cfg.data.train, cfg.storage.endpoint_url)  # fail early, naming the URL
     if cfg.train.init_from:
-        from mirasol_ray.train.checkpoint import resolve_checkpoint
-
         cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, cfg.storage.endpoint_url)
     name = run_name(cfg, config_name)
     uri = run_uri(cfg, name)
@@ -142,7 +140,12 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         if cfg.data.val:
             datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
                                               label_set=label_set, endpoint_url=cfg.storage.endpoint_url)
-        if cfg.data.cache:
+        last = latest_checkpoint_dir(uri, cfg.storage.endpoint_url)
+        done = read_meta(resolve_checkpoint(last, cfg.storage.endpoint_url), cfg.storage.endpoint_url).get(
+            "step", 0) if last else 0
+        if cfg.data.cache and done >= cfg.train.steps:
+            print(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode", flush=True)
+        elif cfg.data.cache:
             t0 = time.perf_counter()
             datasets = {k: ds.materialize() for k, ds in datasets.items()}
             rows = {k: ds.count() for k, ds in datasets.items()}

@@ -63,6 +63,8 @@ def test_cache_decodes_each_clip_once_over_several_epochs(ray_local, synth_shard
     records = read_metrics(str(tmp_path / "runs" / "cached"))
     assert summary["steps"] == 14 and records[-1]["epoch"] >= 2
     assert summary["decoded"] == 12  # decoded once, before training, not once per epoch
+    again = run_training(cfg)  # the same run name, already finished: resumes at its last step, decodes nothing
+    assert again["steps"] == 14 and again["decoded"] == 12  # the run's counter: 24 had it decoded again
 
 
 def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
