@@ -58,9 +58,15 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
     )
 
     m = unwrap(model)
-    opts = StateDictOptions(full_state_dict=True)
-    set_model_state_dict(m, model_sd, options=opts)
-    set_optimizer_state_dict(m, optimizer, optim_sd, options=opts)
+    set_model_state_dict(m, model_sd, options=StateDictOptions(full_state_dict=True))
+    # A parameter that has had no gradient yet (the audio-video path while train.freeze_av_steps holds it) has no
+    # AdamW state to save. Loading is therefore not strict, and the state the loader makes up for such a parameter
+    # (step 1, zero moments) is dropped again: AdamW starts it at its first gradient, as the uninterrupted run does.
+    set_optimizer_state_dict(m, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True, strict=False))
+    saved = optim_sd.get("state", {})
+    for name, p in m.named_parameters():
+        if name not in saved:
+            optimizer.state.pop(p, None)
 
 
 def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
