@@ -14,7 +14,10 @@ import numpy as np
 import pytest
 from conftest import frame_index, index_frames, tone
 
+from mirasol_ray.config import load_config
 from mirasol_ray.data.decode import Video, decode_audio
+from mirasol_ray.data.rows import text_rows
+from mirasol_ray.data.schema import QTYPES
 from mirasol_ray.data.encode import encode_av
 from mirasol_ray.data.shards import build_shards, read_manifest
 
@@ -198,6 +201,8 @@ def test_nextqa_mc_groups_questions_keeps_options_types_and_names_bad_lines(tmp_
     first = meta["qas"][0]
     assert first["options"][2] == "strum, then hum" and first["answer_idx"] == 2 and first["answer"] == "strum, then hum"
     assert (first["type"], first["qid"]) == ("CH", "6")
+    rows = text_rows(meta, load_config("tiny", ["data.task=mcqa"]).data)  # one multiple-choice row per question
+    assert [(int(r["answer_idx"]), QTYPES[int(r["qtype"])]) for r in rows] == [(2, "CH"), (0, "TP")]
 
 
 def test_nextqa_oe_reads_the_extra_reference_answers(tmp_path, clips):
