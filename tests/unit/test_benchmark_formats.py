@@ -16,9 +16,9 @@ from conftest import frame_index, index_frames, tone
 
 from mirasol_ray.config import load_config
 from mirasol_ray.data.decode import Video, decode_audio
+from mirasol_ray.data.encode import encode_av
 from mirasol_ray.data.rows import text_rows
 from mirasol_ray.data.schema import QTYPES
-from mirasol_ray.data.encode import encode_av
 from mirasol_ray.data.shards import build_shards, read_manifest
 
 FPS, SR = 10, 16000
