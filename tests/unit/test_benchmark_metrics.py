@@ -217,3 +217,18 @@ def test_open_ended_predictions_carry_every_accepted_answer():
     recs = predict_batch(model, batch, get_tokenizer(cfg.data.tokenizer), torch.device("cpu"), "fp32")
     assert [(r["qtype"], r["target"], r["refs"], r["rank"]) for r in recs] == [
         ("DC", "two", ["two", "2"], -1), ("CW", "to eat", [], -1)]  # the MC question gives no open-ended row
+
+
+def test_benchmark_presets_load_with_their_tasks():
+    from mirasol_ray.config import load_config
+    from mirasol_ray.data.formats import FORMATS
+    from mirasol_ray.train.metrics import BENCHMARKS
+
+    assert set(BENCHMARKS) == set(FORMATS) - {"jsonl"}
+    tasks = {"msrvtt_qa": "qa", "activitynet_qa": "qa", "nextqa_mc": "mcqa", "nextqa_oe": "qa",
+             "kinetics_sounds": "cls", "vggsound": "cls", "epic_sounds": "cls"}
+    for name, task in tasks.items():
+        cfg = load_config(f"finetune_{name}")
+        assert (cfg.data.task, cfg.train.stage) == (task, "finetune")
+        assert cfg.model.cls_mode == ("score" if task == "cls" else "generate")
+        assert cfg.data.num_snippets * cfg.data.frames_per_snippet == (32 if task == "cls" else 128)
