@@ -694,8 +694,8 @@ def startup_table(reports: list[PartReport], model: torch.nn.Module) -> str:
                      str(len(r.problems())), r.uri))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["pretrained weights:"]
-    lines += ["  " + "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-              for row in rows]
+    lines += [("  " + "  ".join(c.ljust(w) if i in (0, 6) else c.rjust(w)
+                                for i, (c, w) in enumerate(zip(row, widths)))).rstrip() for row in rows]
     for r in reports:
         lines.append(f"  {r.part}: {r.describe}")
         for own, how in r.adapted:
@@ -714,12 +714,13 @@ def startup_table(reports: list[PartReport], model: torch.nn.Module) -> str:
 
 
 def _summarise(names: list[str]) -> str:
-    """Parameter names grouped with block indices folded: ``...blocks.*.cross_attn.to_q.weight`` once."""
+    """Parameter names folded to modules, block indices as ``*``: ``...blocks.*.cross_attn`` once for all."""
     folded = []
     for n in names:
-        f = re.sub(r"\.blocks\.\d+\.", ".blocks.*.", n)
-        if f not in folded:
-            folded.append(f)
+        n = re.sub(r"\.(weight|bias|gamma)$", "", n)
+        n = re.sub(r"(\.blocks)\.\d+\.([^.]+).*", r"\1.*.\2", n)
+        if n not in folded:
+            folded.append(n)
     return ", ".join(folded)
 
 

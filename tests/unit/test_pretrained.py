@@ -243,6 +243,13 @@ def lm_dirs(transformers, tmp_path_factory):
     cfg["rope_scaling"] = rope
     (v4 / "config.json").write_text(json.dumps(cfg))
     out["llama3-v4-config"] = (v4, model)
+    # sharded, as large checkpoints come: model.safetensors.index.json + model-0000N-of-0000M.safetensors
+    d, model = out["llama-gqa-untied"]
+    sharded = tmp_path_factory.mktemp("llama-sharded")
+    model.save_pretrained(sharded, max_shard_size="40KB")
+    shutil.copy(d / "tokenizer.json", sharded / "tokenizer.json")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    out["llama-sharded"] = (sharded, model)
     return out
 
 
@@ -254,7 +261,7 @@ def _decoder_logits(model, ids, context=None):
 
 
 @pytest.mark.parametrize("family", ["llama-gqa-untied", "qwen2-bias-tied", "llama3-rope-scaling", "llama3-v4-config",
-                                    "gpt2"])
+                                    "llama-sharded", "gpt2"])
 def test_text_decoder_reproduces_the_lm(lm_dirs, family):
     """Our decoder with the LM's weights gives the LM's logits: with no context, and with one (the new
     cross-attention starts as identity); step by step with the key/value cache too."""
