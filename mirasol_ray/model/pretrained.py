@@ -124,7 +124,13 @@ def _torch_state(setting: str, uri: str, endpoint_url: str) -> dict[str, torch.T
             obj = torch.load(io.BytesIO(storage.read_bytes(uri, endpoint_url)), map_location="cpu",
                              weights_only=True)
         else:
-            obj = torch.load(storage.strip_scheme(uri), map_location="cpu", weights_only=True, mmap=True)
+            path = storage.strip_scheme(uri)
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:  # a file in torch's legacy (pre-zip) format cannot be memory-mapped
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise PretrainedError(
             f"model.{setting} {uri}: refused: this pickle needs torch.load(weights_only=False), which can run "
