@@ -45,10 +45,22 @@ def run_uri(cfg: Config, name: str) -> str:
 
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
-                pid_dir: str = "") -> dict[str, Any]:
-    """The one plain dict that crosses from the driver to the workers."""
+                train_data: dict[str, Any], pid_dir: str = "") -> dict[str, Any]:
+    """The one plain dict that crosses from the driver to the workers. ``train_data``: ``{"index": the sample
+    index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
+    ``{"cache": object refs of the decoded rows, "num_samples": N}``."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
-            "pid_dir": pid_dir}
+            "train_data": train_data, "pid_dir": pid_dir}
+
+
+def data_cpus_per_worker(cfg: Config) -> float:
+    """CPUs each Train worker's decode pipeline may hold: ``scaling.data_cpu_limit`` (or what the workers leave
+    of the cluster) shared between the workers, never below one decode task."""
+    import ray
+
+    total = cfg.scaling.data_cpu_limit or max(0.0, ray.cluster_resources().get("CPU", 0.0)
+                                              - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    return max(cfg.data.decode_cpus, total / cfg.scaling.num_workers)
 
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
@@ -111,12 +123,13 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     from ray.train.torch import TorchTrainer
 
     from mirasol_ray.data.pipeline import (
+        count_bad_shards,
         decoded_dataset,
         expand_shard_urls,
         find_manifest,
         make_skip_counter,
         read_skips,
-        reshuffle_blocks_each_epoch,
+        sample_index,
         train_data_config,
     )
     from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
@@ -135,8 +148,12 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     ray.data.DataContext.get_current().enable_progress_bars = False
     try:
         counter, counter_name = make_skip_counter(f"mirasol-skips-{name}")
-        datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                             label_set=label_set, endpoint_url=cfg.storage.endpoint_url)}
+        index = sample_index(cfg.data.train, cfg.storage.endpoint_url)
+        count_bad_shards(index, counter_name)
+        if not len(index):
+            raise ValueError(f"no readable samples in {cfg.data.train}")
+        train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
+        datasets = {}
         if cfg.data.val:
             datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
                                               label_set=label_set, endpoint_url=cfg.storage.endpoint_url)
@@ -145,12 +162,16 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "step", 0) if last else 0
         if cfg.data.cache and done >= cfg.train.steps:
             print(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode", flush=True)
+            train_data = {"cache": [], "num_samples": len(index)}
         elif cfg.data.cache:
             t0 = time.perf_counter()
+            # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by
+            # sample index in each epoch's order
+            cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
+                                     label_set=label_set, endpoint_url=cfg.storage.endpoint_url, index=index)
+            train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
             datasets = {k: ds.materialize() for k, ds in datasets.items()}
-            rows = {k: ds.count() for k, ds in datasets.items()}
-            # a new block order every epoch (docs/PERFORMANCE.md, "The demo": temporal 0.68 -> 0.95 in-memory)
-            datasets["train"] = reshuffle_blocks_each_epoch(datasets["train"], cfg.data.seed)
+            rows = read_skips(counter)["rows"]
             print(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s",
                   flush=True)
         fs, root_path = storage.pyarrow_fs(cfg.storage.root, cfg.storage.endpoint_url)
@@ -158,7 +179,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         resources = {"CPU": cfg.scaling.cpus_per_worker}
         trainer = TorchTrainer(
             train_loop_per_worker=_entry,
-            train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir),
+            train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                    resources_per_worker=resources),
             datasets=datasets,

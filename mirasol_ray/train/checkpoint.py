@@ -4,7 +4,8 @@
 A checkpoint folder holds::
 
     model.pt        {"config": ModelConfig as plain types, "model": state_dict}
-    train_state.pt  {"optimizer", "scheduler", "step", "epoch", "batch_in_epoch"}
+    train_state.pt  {"optimizer", "scheduler", "step", "epoch", "data_position"} (data_position: what the
+                    training data stream consumed, ``ReadPosition.to_dict()``: data/index.py)
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
                     too), "label_set"}
 
@@ -70,7 +71,7 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
 
 
 def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
-                     scheduler=None, *, step: int, epoch: int = 0, batch_in_epoch: int = 0, stage: str = "",
+                     scheduler=None, *, step: int, epoch: int = 0, data_position: dict | None = None, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
                      label_set: list[str] | None = None) -> str:
     """Write a checkpoint into a local ``folder`` (Ray Train then uploads it)."""
@@ -80,7 +81,7 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_
     torch.save(state, os.path.join(folder, MODEL_FILE))
     if optim_sd is not None:
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
-                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                    "step": step, "epoch": epoch, "data_position": data_position or {}},
                    os.path.join(folder, STATE_FILE))
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({"step": step, "epoch": epoch, "stage": stage, "metrics": metrics or {},

@@ -1,10 +1,12 @@
 """``train_loop_per_worker``: what each Ray Train worker runs.
 
 Only a plain dict comes in (see :func:`mirasol_ray.launch.train.loop_config`): the config as a dict, the run's
-URI, the skip counter's name and the label set. The loop streams its shard of the training dataset, steps the
-model (DDP, or FSDP2 for large presets), logs metrics on rank 0, and reports checkpoints through
+URI, the skip counter's name, the label set and the training data (the sample index, or the refs of the cached
+rows). Each worker reads its own share of the training stream (:func:`~mirasol_ray.data.pipeline.train_batches`),
+steps the model (DDP, or FSDP2 for large presets), logs metrics on rank 0, and reports checkpoints through
 ``ray.train.report``; on restart (a dead worker, or the same run name again) it continues from the latest one,
-at the same step, optimiser and scheduler state, and data position.
+at the same step, optimiser and scheduler state, and data position: the samples not consumed yet, exactly
+(data/index.py), whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -122,6 +124,52 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
     return aggregate(records)
 
 
+def _all_ranks(value: int, world: int, device: torch.device) -> list[int]:
+    """``value`` of every rank (a collective: every rank calls it)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [value]
+    mine = torch.tensor([value], dtype=torch.int64, device=device)
+    out = [torch.zeros_like(mine) for _ in range(world)]
+    torch.distributed.all_gather(out, mine)
+    return [int(t.item()) for t in out]
+
+
+def _train_source(config: dict[str, Any], cfg: Config):
+    """Where a worker's training rows come from: the decoder over the sample index, or the cached rows."""
+    from mirasol_ray.data.index import SampleIndex
+    from mirasol_ray.data.pipeline import CacheSource, DecodeSource
+
+    data = config["train_data"]
+    if "cache" in data:
+        return CacheSource(data["cache"], data["num_samples"])
+    return DecodeSource(SampleIndex.from_dict(data["index"]), cfg.data, counter_name=config["counter"],
+                        label_set=config.get("label_set"), endpoint_url=cfg.storage.endpoint_url,
+                        cpu_limit=float(data.get("cpu_limit", 0.0)))
+
+
+class SampleLog:
+    """``train.sample_log``: this worker's samples per step, appended locally and copied to
+    ``samples/<start step>-rank<r>.jsonl`` in the run folder at every checkpoint."""
+
+    def __init__(self, run_uri: str, endpoint_url: str, start_step: int, rank: int):
+        self.uri = storage.join(run_uri, "samples", f"{start_step:08d}-rank{rank}.jsonl")
+        self.endpoint_url = endpoint_url
+        self.local = tempfile.mkstemp(prefix="mirasol-samples-", suffix=".jsonl")[1]
+
+    def write(self, step: int, batches: list[dict[str, Any]]) -> None:
+        with open(self.local, "a") as f:
+            f.write(json.dumps({"step": step, "keys": [k for b in batches for k in b["key"]],
+                                "pos": [int(p) for b in batches for p in b["pos"]]}) + "\n")
+
+    def sync(self) -> None:
+        with open(self.local, "rb") as f:
+            storage.write_bytes(self.uri, f.read(), self.endpoint_url)
+
+    def close(self) -> None:
+        self.sync()
+        os.remove(self.local)
+
+
 def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
     """(model state dict, training state) from a checkpoint folder (local, or a URI in the run folder)."""
     model = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)["model"]
@@ -132,7 +180,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from mirasol_ray.data.pipeline import iter_worker_batches
+    from mirasol_ray.data.index import ReadPosition
+    from mirasol_ray.data.pipeline import iter_worker_batches, train_batches
 
     cfg: Config = from_dict(config["cfg"])
     run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
@@ -150,7 +199,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
-    start_step, epoch, skip_batches = 0, 0, 0
+    start_step, position = 0, ReadPosition()
     resume = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
     # the same run name again (e.g. after the driver died): continue from the run folder's latest checkpoint
     latest = None if resume is not None else ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
@@ -180,46 +229,40 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model_sd, st = state
         ckpt.restore_state(model, opt, model_sd, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
-        start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
+        start_step, position = st["step"], ReadPosition.from_dict(st.get("data_position"))
         if rank == 0:
-            _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
+            consumed = position.consumed()
+            _say(f"resumed at step {start_step} (epoch {st['epoch']}, sample position {consumed.prefix}"
+                 + (f" and {len(consumed.extra)} past it" if consumed.extra else "") + ")")
+    position = position.for_world(world)
 
     tok = get_tokenizer(cfg.data.tokenizer)
     log = RunLog(run_uri, endpoint_url, start_step) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    samples_log = SampleLog(run_uri, endpoint_url, start_step, rank) if cfg.train.sample_log else None
+    source = _train_source(config, cfg)
+    stream = train_batches(source, position, rank=rank, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
+                           shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches)
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     no_sync = getattr(model, "no_sync", None)
     meter = Throughput()
     step = start_step
+    last_pos, epoch = position.last[rank], position.epoch(len(source))
     t_start = time.perf_counter()
     final_eval: dict[str, Any] = {}
 
-    def batches_forever():
-        nonlocal epoch, skip_batches
-        while True:
-            it = iter_worker_batches(shard, cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
-                                     local_shuffle_buffer_size=cfg.data.shuffle_buffer or 4 * cfg.train.batch_size,
-                                     drop_last=True)
-            n = 0
-            for batch in it:
-                n += 1
-                if n <= skip_batches:  # resume: the data position inside the epoch
-                    continue
-                yield batch, n
-            skip_batches = 0
-            epoch += 1
-
-    stream = batches_forever()
     while step < cfg.train.steps:
         micro = []
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
-            batch, pos = next(stream)
+            batch = next(stream)
             meter.add(len(batch["key"]) * world, count_tokens(batch) * world, time.perf_counter() - t0)
             micro.append(batch)
+            last_pos, epoch = batch.pop("last_pos"), batch.pop("epoch")
         parts = train_step(model, micro, opt, sched, cfg.train, device, no_sync=no_sync)
         meter.step()
         step += 1
+        if samples_log is not None:
+            samples_log.write(step, micro)
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             record = {"step": step, "epoch": epoch, **parts, **meter.read(),
@@ -239,7 +282,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  f"{record.get('samples_per_s', 0):.1f} samples/s wait {record.get('data_wait_fraction', 0):.2f}"
                  + extras)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set)
+            reached = position.advance(_all_ranks(last_pos, world, device))  # a collective
+            if samples_log is not None:
+                samples_log.sync()
+            _report(model, opt, sched, cfg, step, reached.epoch(len(source)), reached, rank, log, record,
+                    final_eval, label_set)
+    if samples_log is not None:
+        samples_log.close()
     if log is not None:
         log.close()
 
@@ -251,7 +300,7 @@ def _say(message: str) -> None:
     print(message, file=sys.__stdout__, flush=True)
 
 
-def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, rank: int, log: RunLog | None,
+def _report(model, opt, sched, cfg: Config, step: int, epoch: int, position, rank: int, log: RunLog | None,
             record: dict | None, final_eval: dict, label_set: list[str] | None) -> None:
     import ray.train
 
@@ -265,7 +314,7 @@ def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, ran
         log.sync()
         with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
             ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
-                                  batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
+                                  data_position=position.to_dict(), stage=cfg.train.stage, metrics=metrics,
                                   run_config=cfg.to_dict(), label_set=label_set)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
