@@ -12,6 +12,8 @@ up to a shard) with the same function (:func:`decode_one`: the training decode, 
 warm-up (``--warmup`` clips per decoding process, in the same processes the timed pass then uses), and counts the
 same unit: clips decoded. Each round measures every variant once; ``--repeats`` rounds interleave them, so a
 change in the machine's load hits all alike, and the ratios are taken within each round (median and range).
+Beside wall-clock clips/s, each variant's CPU seconds (its whole process tree: Ray's GCS, raylet and workers, the
+DataLoader's workers) give CPU ms per clip, which a busy machine disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -86,9 +88,51 @@ def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
     return reason is None
 
 
-def _result(n: int, dt: float, cfg: DataConfig) -> dict[str, float]:
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (default: this one) and all its descendants,
+    live ones and those already reaped, from /proc (Linux). Ray's processes (GCS, raylet, its workers) and a
+    DataLoader's workers all descend from the process that started them, so this counts everything a variant
+    runs, whatever else the machine is doing: the load-robust figure beside wall-clock throughput."""
+    pid = pid or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: cutime, cstime (waited-for children)
+        stats[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += children.get(p, [])
+    return total
+
+
+class _Timer:
+    """Wall and process-tree CPU time of a timed phase."""
+
+    def __enter__(self) -> _Timer:
+        self.cpu0, self.t0 = tree_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu = tree_cpu_seconds() - self.cpu0
+
+
+def _result(n: int, timer: _Timer, cfg: DataConfig) -> dict[str, float]:
     frames = n * cfg.num_snippets * cfg.frames_per_snippet
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+    return {"clips": n, "seconds": timer.seconds, "clips_per_s": n / timer.seconds,
+            "frames_per_s": frames / timer.seconds, "cpu_s": timer.cpu, "cpu_ms_per_clip": 1000 * timer.cpu / max(n, 1)}
 
 
 def bench_bare(urls: list[str], cfg: DataConfig, warmup: int) -> dict[str, float]:
@@ -98,10 +142,10 @@ def bench_bare(urls: list[str], cfg: DataConfig, warmup: int) -> dict[str, float
             break
         decode_one(sample, cfg)
     n = 0
-    t0 = time.perf_counter()
-    for sample in iter_samples(urls):
-        n += decode_one(sample, cfg)
-    return _result(n, time.perf_counter() - t0, cfg)
+    with _Timer() as timer:
+        for sample in iter_samples(urls):
+            n += decode_one(sample, cfg)
+    return _result(n, timer, cfg)
 
 
 class _DecodeIterable(torch.utils.data.IterableDataset):
@@ -138,12 +182,11 @@ def bench_dataloader(urls: list[str], cfg: DataConfig, workers: int, warmup: int
     for _ in dl:  # warm-up pass: starts the workers, imports the decoders
         pass
     n = 0
-    t0 = time.perf_counter()
-    for ok in dl:
-        n += int(ok)
-    dt = time.perf_counter() - t0
+    with _Timer() as timer:
+        for ok in dl:
+            n += int(ok)
     del dl
-    return _result(n, dt, cfg)
+    return _result(n, timer, cfg)
 
 
 def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int, actors: bool = False
@@ -168,15 +211,14 @@ def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int
             pass
         before = read_skips(counter)["decoded"]
         rows = 0
-        t0 = time.perf_counter()
-        ds = decoded_dataset(url, cfg, train=True, counter_name=name, index=index)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
-            rows += len(batch["key"])
-        dt = time.perf_counter() - t0
+        with _Timer() as timer:
+            ds = decoded_dataset(url, cfg, train=True, counter_name=name, index=index)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+                rows += len(batch["key"])
         n = read_skips(counter)["decoded"] - before
     finally:
         ray.shutdown()
-    return _result(n, dt, cfg) | {"rows": rows}
+    return _result(n, timer, cfg) | {"rows": rows}
 
 
 def bench_ceiling(urls: list[str], cfg: DataConfig) -> dict[str, float]:
@@ -186,22 +228,21 @@ def bench_ceiling(urls: list[str], cfg: DataConfig) -> dict[str, float]:
     from mirasol_ray.data.rows import VIDEO_EXTENSIONS
 
     n = frames = 0
-    t0 = time.perf_counter()
-    for sample in iter_samples(urls):
-        data = next((sample[e] for e in VIDEO_EXTENSIONS if isinstance(sample.get(e), bytes)), None)
-        if not data:
-            continue
-        try:
-            with av.open(io.BytesIO(data)) as c:
-                stream = c.streams.video[0]
-                stream.thread_type = "NONE"
-                for _ in c.decode(stream):
-                    frames += 1
-        except av.FFmpegError:
-            continue
-        n += 1
-    dt = time.perf_counter() - t0
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+    with _Timer() as timer:
+        for sample in iter_samples(urls):
+            data = next((sample[e] for e in VIDEO_EXTENSIONS if isinstance(sample.get(e), bytes)), None)
+            if not data:
+                continue
+            try:
+                with av.open(io.BytesIO(data)) as c:
+                    stream = c.streams.video[0]
+                    stream.thread_type = "NONE"
+                    for _ in c.decode(stream):
+                        frames += 1
+            except av.FFmpegError:
+                continue
+            n += 1
+    return _result(n, timer, cfg) | {"frames_per_s": frames / timer.seconds}
 
 
 def make_videos(folder: str, n: int, transcode_height: int) -> tuple[str, str]:
@@ -277,6 +318,10 @@ def run(args: argparse.Namespace) -> int:
     def ratios(r: dict[str, dict[str, float]]) -> dict[str, float]:
         out: dict[str, float] = {}
         cps = {k: v["clips_per_s"] for k, v in r.items()}
+        if "bare" in r:  # clips per CPU-second against the bare loop's (load-robust)
+            for k, v in r.items():
+                if k != "bare" and v["cpu_s"] > 0:
+                    out[f"{k} clips per CPU-s / bare"] = r["bare"]["cpu_ms_per_clip"] / v["cpu_ms_per_clip"]
         for k in args.cpus:
             for ray_name in (f"ray_{k}cpu", f"ray_actors_{k}cpu"):
                 if ray_name in cps and "bare" in cps:
@@ -298,12 +343,14 @@ def run(args: argparse.Namespace) -> int:
         "results": {k: {m: statistics.median(r[k][m] for r in rounds) for m in rounds[0][k]} for k in rounds[0]},
         "ratios": {k: _summary([r[k] for r in per_round]) for k in per_round[0]},
     }
-    print(f"\n{'variant':<22}{'clips':>7}{'s':>8}{'clips/s':>10}{'frames/s':>10}   (median of {len(rounds)})")
+    print(f"\n{'variant':<22}{'clips':>7}{'s':>8}{'clips/s':>10}{'frames/s':>10}{'CPU ms/clip':>13}"
+          f"   (median of {len(rounds)})")
     for k, v in res["results"].items():
-        print(f"{k:<22}{v['clips']:>7.0f}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}")
+        print(f"{k:<22}{v['clips']:>7.0f}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}"
+              f"{v['cpu_ms_per_clip']:>13.1f}")
     print()
     for k, v in res["ratios"].items():
-        print(f"{k:<42}{v['median']:>8.2f}   ({v['min']:.2f}-{v['max']:.2f})")
+        print(f"{k:<48}{v['median']:>8.2f}   ({v['min']:.2f}-{v['max']:.2f})")
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in res['load_average'])}")
     if args.json_out:
         with open(args.json_out, "w") as f:
