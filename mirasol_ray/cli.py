@@ -202,7 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
                                 ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
-                                ("step", "mirasol_ray.bench.step", "train-step speed in plain torch")):
+                                ("step", "mirasol_ray.bench.step", "train-step speed in plain torch"),
+                                ("train", "mirasol_ray.bench.train",
+                                 "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:

@@ -62,7 +62,11 @@ class DataConfig:
     max_target_len: int = 48
     """Answer/caption/label tokens including BOS/EOS (right-padded)."""
     max_options: int = 5
-    """Multiple-choice options kept per sample (padded)."""
+    """Multiple-choice options kept per question (padded)."""
+    max_texts: int = 16
+    """K: texts (caption, questions, label) a row carries with its clip, padded and masked. The clip is decoded
+    and encoded once for all of them; a clip with more texts gives several rows of K (each a copy of the clip:
+    raise K above the most texts a clip has to avoid that). Only the texts present cost compute."""
     task: str = "caption"
     """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
     caption_prompt: str = "caption the clip."
@@ -91,7 +95,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_snippets", "frames_per_snippet", "height", "width", "sample_rate", "n_mels",
-                     "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options",
+                     "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options", "max_texts",
                      "decode_batch_size", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")

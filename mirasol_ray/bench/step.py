@@ -22,7 +22,9 @@ PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch-size", type=int, default=0, help="default: the preset's train.batch_size")
+    p.add_argument("--batch-size", type=int, default=0, help="clips; default: the preset's train.batch_size")
+    p.add_argument("--texts-per-clip", type=int, default=1,
+                   help="texts each clip carries (at most data.max_texts); the clip is encoded once for all")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -30,8 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", default="")
 
 
-def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """A batch with the schema's shapes and dtypes: random pixels/mel, random text of full length."""
+def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = None, texts: int = 1) -> dict:
+    """A batch with the schema's shapes and dtypes: random pixels/mel; ``texts`` open-ended questions of full
+    length per clip (the other text entries padding)."""
     from mirasol_ray.data.schema import row_spec
 
     g = generator or torch.Generator().manual_seed(0)
@@ -49,9 +52,15 @@ def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = No
             out[name] = torch.randint(3, cfg.model.vocab_size, full, dtype=torch.int32, generator=g)
         else:
             out[name] = torch.zeros(full, dtype=torch.int64)
+    texts = min(max(1, texts), cfg.data.max_texts)
     out["task"][:] = 1  # open-ended QA: prompt + target
     out["label"][:] = 0 if cfg.model.num_classes else -1
     out["answer_idx"][:] = -1
+    out["num_texts"][:] = texts
+    out["text_index"][:] = torch.arange(cfg.data.max_texts)
+    for name in ("text_mask", "prompt_mask", "target_mask", "option_mask"):
+        out[name][:, texts:] = False
+    out["text_index"][:, texts:] = -1
     out["key"] = [str(i) for i in range(batch_size)]
     return out
 
@@ -74,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         model = torch.compile(model)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    batch = synthetic_batch(cfg, bs)
+    batch = synthetic_batch(cfg, bs, texts=args.texts_per_clip)
     tokens = count_tokens(batch)
 
     with FlopCounterMode(display=False) as fc:  # one forward+backward, counted once
@@ -101,7 +110,8 @@ def run(args: argparse.Namespace) -> int:
     sync()
     dt = (time.perf_counter() - t0) / args.steps
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else
-           f"cpu ({torch.get_num_threads()} threads)", "batch_size": bs, "step_s": dt,
+           f"cpu ({torch.get_num_threads()} threads)", "batch_size": bs, "texts_per_clip": args.texts_per_clip,
+           "step_s": dt,
            "samples_per_s": bs / dt, "tokens_per_s": tokens / dt, "flops_per_step": flops,
            "achieved_tflops": flops / dt / 1e12,
            "params": sum(p.numel() for p in model.parameters())}
