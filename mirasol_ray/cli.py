@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
                                 ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
                                 ("step", "mirasol_ray.bench.step", "train-step speed in plain torch"),
+                                ("rows", "mirasol_ray.bench.rows",
+                                 "clip rows against one row per text: bytes, FLOPs, samples/s"),
                                 ("train", "mirasol_ray.bench.train",
                                  "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop")):
         bp = bench.add_parser(name, help=help_)

@@ -6,9 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mirasol_ray.bench.rows import text_rows_of
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.config import ModelConfig
-from mirasol_ray.model.mirasol import build_model, texts_of
+from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train.step import TASK_CAPTION, TASK_CLS, TASK_MCQA, TASK_QA, predict_batch
 
 PAD, BOS, EOS = 0, 1, 2
@@ -67,10 +68,9 @@ def clip_batch(c: ModelConfig, Lp: int = 5, Lt: int = 7, n_options: int = 3, see
 
 
 def one_text_per_row(b: dict) -> dict:
-    """The same texts as rows of their own, each with a copy of its clip (the layout before clip rows)."""
-    t = texts_of(b)
-    rows = {k: b[k][t["clip"]] for k in ("video", "audio", "audio_present", "snippet_mask", "label")}
-    return rows | {k: v for k, v in t.items() if k != "clip"} | {"key": [f"r{i}" for i in range(len(t["clip"]))]}
+    """The same texts as rows of their own, each with a copy of its clip (the layout before clip rows), as
+    ``mirasol bench rows`` lays them out."""
+    return text_rows_of(b)
 
 
 def encoder_calls(model) -> list[int]:
