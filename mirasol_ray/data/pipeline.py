@@ -353,9 +353,14 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """A numpy batch of rows -> torch tensors with the schema's dtypes (``key`` stays a list of str)."""
+    import warnings
+
     import torch
 
-    out: dict[str, Any] = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TENSOR_COLUMNS}
+    with warnings.catch_warnings():
+        # zero-copy views of Ray's object store are read-only; the step only reads them (and copies to the device)
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        out: dict[str, Any] = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TENSOR_COLUMNS}
     out["key"] = [str(k) for k in batch["key"]]
     if "pos" in batch:
         out["pos"] = torch.as_tensor(np.asarray(batch["pos"], np.int64))
