@@ -69,12 +69,13 @@ class ShardWriter:
 
     Local outputs are written in place (as ``.partial`` files renamed when complete); for ``s3://`` each tar is
     written to a local temporary file and uploaded when full, so memory holds one sample at a time. Nothing is
-    written under ``out``'s parent or siblings.
+    written under ``out``'s parent or siblings. ``out`` is checked (writable, not an existing file) on creation.
     """
 
     def __init__(self, out: str, shard_size: int, endpoint_url: str = "") -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
+        storage.check_output(out, "dir", endpoint_url)  # before any sample is made
         self.out = out
         self.shard_size = shard_size
         self.endpoint_url = endpoint_url
@@ -91,7 +92,7 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is not None:
-            self._abort()
+            self.abort()
 
     def write(self, key: str, members: Mapping[str, bytes | dict], split: str = "") -> None:
         """Add one sample: ``members`` maps extension -> bytes (a dict is stored as JSON), in tar order."""
@@ -198,7 +199,8 @@ class ShardWriter:
         s.shards.append({"name": name, "samples": s.count, "bytes": size})
         s.tar, s.local, s.count = None, "", 0
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the shard being written and the temporary folder (an error or an interrupt midway)."""
         for s in self._splits.values():
             if s.tar is not None:
                 s.tar.close()
@@ -295,15 +297,35 @@ def _sample_key(name: str, used: set[str]) -> str:
     return key
 
 
+def inside_folder(uri: str, folder: str) -> bool:
+    """Whether ``uri`` names something inside ``folder``, judged before anything is opened.
+
+    Local paths are compared after resolving every symlink (``os.path.realpath``), so ``../x``, an absolute path
+    elsewhere, or a link inside the folder that points out of it are all outside. On object storage, where
+    nothing resolves ``..``, a key must start with the folder's prefix and hold no ``.`` or ``..`` part."""
+    if storage.is_remote(folder):
+        if not storage.is_remote(uri) or uri.split("://", 1)[0] != folder.split("://", 1)[0]:
+            return False
+        root, path = storage.strip_scheme(folder).rstrip("/"), storage.strip_scheme(uri)
+        return path.startswith(root + "/") and not {".", "..", ""} & set(path[len(root) + 1:].split("/"))
+    if storage.is_remote(uri):
+        return False
+    root = os.path.realpath(storage.strip_scheme(folder))
+    path = os.path.realpath(storage.strip_scheme(uri))
+    return path != root and os.path.commonpath([root, path]) == root
+
+
 def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: int = 100,
                  transcode: int | None = None, gop: int | None = None, progress: bool = True,
                  sample_rate: int = 16000, endpoint_url: str = "") -> dict:
     """Convert a dataset on disk (or object storage) into shards under ``out``; returns the manifest.
 
-    ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`. Records the converter rejects, and
-    videos that are missing or undecodable, are skipped, named in a warning line and counted in the manifest;
-    the build goes on. ``transcode=H`` re-encodes every clip at height H with a keyframe every ``gop`` frames
-    (default :data:`DEFAULT_GOP`); otherwise the original bytes are stored after a one-frame decode check.
+    ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`. Records the converter rejects, videos
+    outside ``videos`` (``outside_videos``: refused by name, never opened), and videos that are missing or
+    undecodable, are skipped, named in a warning line and counted in the manifest; the build goes on. ``out`` is
+    checked (writable, not an existing file) before anything is read. ``transcode=H`` re-encodes every clip at
+    height H with a keyframe every ``gop`` frames (default :data:`DEFAULT_GOP`); otherwise the original bytes are
+    stored after a one-frame decode check.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(sorted(FORMATS))}")
@@ -322,6 +344,9 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
         for rec in tqdm(FORMATS[fmt](annotations, videos), desc=f"build {fmt}", unit="clip", disable=not progress):
             if rec.skip:
                 writer.skip(rec.name, rec.skip)
+                continue
+            if not inside_folder(rec.video, videos):  # refused by name, never opened
+                writer.skip(rec.name, "outside_videos")
                 continue
             path = storage.strip_scheme(rec.video)
             if not vfs.isfile(path):
