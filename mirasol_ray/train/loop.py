@@ -67,7 +67,8 @@ def die_with_raylet() -> None:
     parent = os.getppid()
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG
+        ulong = ctypes.c_ulong  # prctl is variadic: pass full-width arguments
+        libc.prctl(ctypes.c_int(1), ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))  # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         return
     if os.getppid() != parent:  # the raylet died before the call
