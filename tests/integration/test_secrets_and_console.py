@@ -11,9 +11,9 @@ import sys
 from mirasol_ray import storage
 
 NOISE = ("INFO", "WARNING", "Execution plan", "core_worker", "PlacementGroupCleaner", "UserWarning",
-         "Failed to convert column", "RayTrainWorker", "TrainController", "Traceback", "step 1/")
+         "Failed to convert column", "RayTrainWorker", "TrainController", "Traceback", "samples/s")
 """What used to reach the console: Ray's INFO lines and execution plans, core_worker "E" lines, the placement group
-cleaner, numpy's not-writable warning, Arrow's conversion fallback, worker lines."""
+cleaner, numpy's not-writable warning, Arrow's conversion fallback, the workers' step lines ("... samples/s ...")."""
 
 
 def _cli(args, env):
