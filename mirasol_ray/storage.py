@@ -8,6 +8,8 @@ holds a credential: each process resolves its own from its environment.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import posixpath
 import tempfile
@@ -159,13 +161,34 @@ def read_bytes(uri: str, endpoint_url: str = "") -> bytes:
         return f.read()
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: once, and put back at once
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(uri: str, data: bytes, endpoint_url: str = "") -> None:
-    fs = fsspec_fs(uri, endpoint_url)
+    """Write ``uri`` whole. A reader never sees it half-written: an object store's PUT replaces the object at once,
+    and a local file is written beside its place and renamed over it (a lease read mid-heartbeat, a crash
+    mid-write)."""
     path = strip_scheme(uri)
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    if is_remote(uri):
+        with fsspec_fs(uri, endpoint_url).open(path, "wb") as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_text(uri: str, endpoint_url: str = "") -> str:

@@ -108,8 +108,9 @@ def _counter_cls():
             self.progress: dict[str, Any] = {}
             self.events: list[str] = []
 
-        def report_step(self, progress: dict[str, Any], event: str = "") -> None:
-            self.progress = progress
+        def report_step(self, progress: dict[str, Any] | None, event: str = "") -> None:
+            if progress is not None:  # None: an event alone
+                self.progress = progress
             if event:
                 self.events.append(event)
 

@@ -27,9 +27,17 @@ from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.model.pretrained import load_pretrained, startup_table
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
-from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, predict_batch, train_step
+from mirasol_ray.train.step import (
+    apply_freeze,
+    count_tokens,
+    make_optimizer,
+    make_scheduler,
+    predict_batch,
+    train_step,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -130,11 +138,17 @@ def _snapshot(counter_name: str) -> dict[str, Any]:
         return {}
 
 
+def _say(counter_name: str, message: str) -> None:
+    """A line for the person at the driver (workers run with ``log_to_driver=False``: their own output stays in
+    the Ray session's logs): an event on the counter actor, which the driver's progress thread prints."""
+    _progress(counter_name, None, message)
+
+
 def _skips(counter_name: str) -> dict[str, int]:
     return _snapshot(counter_name).get("skipped", {})
 
 
-def _progress(counter_name: str, progress: dict[str, Any], event: str = "") -> None:
+def _progress(counter_name: str, progress: dict[str, Any] | None, event: str = "") -> None:
     """Rank 0's step (and an event line such as a resume) to the counter actor, which the driver draws."""
     import ray
 
@@ -222,7 +236,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if latest is None and cfg.train.init_from:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
-            print(f"initialised from {cfg.train.init_from}; new: {info['missing']}", flush=True)
+            _say(config["counter"], f"initialised from {cfg.train.init_from}; new: {info['missing']}")
+    elif latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):
+        reports = load_pretrained(model, cfg.model, endpoint_url)
+        if rank == 0:
+            _say(config["counter"], startup_table(reports, model))
+    if cfg.train.freeze:  # on resume too: the optimiser's groups must be the ones the checkpoint saved
+        frozen = set(apply_freeze(model, cfg.train.freeze))
+        if rank == 0:
+            values = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
+            _say(config["counter"], f"frozen ({', '.join(cfg.train.freeze)}): {len(frozen)} tensors, "
+                                    f"{values:,} parameters")
     model = _wrap(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
