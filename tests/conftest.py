@@ -80,7 +80,6 @@ def s3_server(tmp_path_factory):
         # parallel servers (other test runs on this machine) do not collide
         "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports (8181, 9101): parallel servers collide
     ]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -125,8 +124,18 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """A local Ray with explicit CPUs (2), dashboard off; shut down at the end of the session.
+def _ray_session(s3_server):
+    """Shuts this process's Ray down at the end of the session (whichever test started it last)."""
+    import ray
+
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_local(_ray_session):
+    """A local Ray with explicit CPUs (2), dashboard off: started on first use, kept for the session, and started
+    again after a test that needed this process without one (see ``no_local_ray``).
 
     Started after the S3 server has set the AWS_* variables, so its workers inherit them from this process, as an
     embedded Ray's do: no credential goes into a runtime env."""
@@ -134,9 +143,16 @@ def ray_local(s3_server):
 
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    yield ray
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture()
+def no_local_ray(_ray_session):
+    """No Ray in this process (the test runs `mirasol` in subprocesses, each starting its own on the 2 cores);
+    the S3 server's AWS_* variables are set, for the subprocesses to inherit."""
+    import ray
+
     ray.shutdown()
 
 

@@ -142,6 +142,8 @@ def test_every_failure_is_one_line_naming_the_thing(tmp_path, capsys, synth_shar
     cases.append((["predict", "--checkpoint", str(folder), str(tmp_path)], r"is a folder, not a video file"))
     cases.append((["eval", "--checkpoint", str(folder), "--data", synth_shards["dir"], "--records",
                    str(tmp_path / "afile" / "records.jsonl")], r"cannot write to .*afile/records.jsonl"))
+    cases.append((["eval", "--checkpoint", str(folder), "--data", synth_shards["dir"], "--out",
+                   str(tmp_path / "afile")], r"afile is an existing file, not a folder"))
     cases.append((["data", "inspect", synth_shards["dir"], "--png", str(tmp_path / "afile" / "s.png")],
                   r"cannot write to .*afile/s.png"))
     cases.append((["shards", "build", "--format", "jsonl", "--annotations", str(tmp_path / "afile"), "--videos",

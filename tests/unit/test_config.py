@@ -50,6 +50,15 @@ def test_cli_bad_key_is_one_line_and_nonzero(capsys):
     assert len(err) == 1 and "train.bogus" in err[0]
 
 
+def test_cli_traceback_only_with_mirasol_debug(monkeypatch, capsys):
+    from mirasol_ray.cli import main
+
+    monkeypatch.setenv("MIRASOL_DEBUG", "1")
+    with pytest.raises(ConfigError, match="train.bogus"):  # raised as is: Python prints its traceback
+        main(["train", "--config", "tiny", "--set", "train.bogus=1"])
+    assert capsys.readouterr().err == ""
+
+
 def test_base_cycles_are_named(tmp_path):
     (tmp_path / "self.yaml").write_text("base: self.yaml\n")
     with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml"):
