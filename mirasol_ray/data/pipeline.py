@@ -148,11 +148,18 @@ def read_skips(counter) -> dict[str, Any]:
 
 def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
            examples: dict[str, list[str]]) -> None:
+    """Add to the counter and wait until it holds the counts, so that whoever has seen this batch (or the end of
+    the data) reads them in a snapshot: a fire-and-forget call could still be in flight when a run that formed no
+    batch read the counter for its error line ("skipped: none")."""
     import ray
 
     try:
-        ray.get_actor(counter_name).add.remote(decoded, rows, skipped, examples)
+        actor = ray.get_actor(counter_name)
     except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
+        return
+    try:
+        ray.get(actor.add.remote(decoded, rows, skipped, examples), timeout=120)
+    except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
         pass
 
 
