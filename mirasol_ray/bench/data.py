@@ -84,7 +84,7 @@ def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
     from mirasol_ray.data.index import sample_rng
     from mirasol_ray.data.rows import decode_sample_safe
 
-    _, reason = decode_sample_safe(sample, cfg, train=True, rng=sample_rng(cfg.seed, 0, str(sample["__key__"])))
+    _, reason, _ = decode_sample_safe(sample, cfg, train=True, rng=sample_rng(cfg.seed, 0, str(sample["__key__"])))
     return reason is None
 
 

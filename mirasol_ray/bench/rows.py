@@ -83,7 +83,7 @@ def decode_clips(url: str, cfg, n: int) -> list[dict[str, Any]]:
     for s in samples:
         if isinstance(s, Exception):
             continue
-        out, _ = decode_sample_safe(s, cfg.data, train=True, rng=sample_rng(cfg.data.seed, 0, str(s["__key__"])))
+        out, _, _ = decode_sample_safe(s, cfg.data, train=True, rng=sample_rng(cfg.data.seed, 0, str(s["__key__"])))
         rows += out
     return rows
 

@@ -87,8 +87,8 @@ class _Clips(torch.utils.data.IterableDataset):
             ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, workersplitter=wds.split_by_worker)
             for sample in ds:
                 sample = {k: v for k, v in sample.items() if k != "__url__"}
-                rows, _ = decode_sample_safe(sample, self.data_cfg, train=True,
-                                             rng=sample_rng(self.data_cfg.seed, epoch, str(sample["__key__"])))
+                rows, _, _ = decode_sample_safe(sample, self.data_cfg, train=True,
+                                                rng=sample_rng(self.data_cfg.seed, epoch, str(sample["__key__"])))
                 yield from rows
             epoch += 1
 

@@ -130,6 +130,7 @@ def resolve_shards(url: str, endpoint_url: str = "") -> ShardList:
     """A folder, a glob, a brace list (``shard-{000..009}.tar``) or a single tar, local or ``s3://``, to its
     shards (see the module docstring for the rules). Raises FileNotFoundError naming the URL when nothing is
     there, or the first shard a manifest lists that is missing; ValueError for a folder of several splits."""
+    storage.check_bucket(url, endpoint_url)  # a missing bucket is named as such, not as "no shards"
     fs = storage.fsspec_fs(url, endpoint_url)
     s3 = storage.is_s3(url)
     if not any(c in url for c in "*?[{") and not url.rstrip("/").endswith(".tar"):
@@ -206,22 +207,75 @@ def split_name(name: str) -> tuple[str, str]:
     return (f"{head}/{stem}" if head else stem), (ext if dot else "")
 
 
+SHARD_REASONS = {
+    "not_a_tar": "the shard file is not a tar archive (or is empty)",
+    "truncated_shard": "the tar ends inside a member or header: the samples before the cut are kept",
+    "unreadable_shard": "the shard cannot be opened or read (permissions, vanished file, storage error)",
+    "bad_shard": "the tar breaks its layout mid-file (e.g. a bad header): the samples before it are kept",
+}
+"""Reasons a whole shard (counted once, by file name) is not read whole; sample-level ones are
+``rows.SKIP_REASONS``."""
+
+
+def scan_tar_until_failure(fileobj) -> tuple[list[int], BaseException | None, int]:
+    """Sample boundaries of a tar read from ``fileobj`` (as :func:`scan_tar`), up to the first failure: the
+    boundaries of every sample read before it, the failure (None: the tar reads to its end), and how many member
+    headers were read (0 with a failure: the file is not a tar).
+
+    A member counts as read once tarfile has moved past it (on its way to the next header it checks that the
+    member's data is all there). When the data of a member is cut, the sample in progress is left out (a member
+    of it is cut); when a header is cut short or is garbage, tarfile itself stops there as if at the archive's
+    end, so the bytes after the last member are checked (end-of-archive blocks are zeros): the samples before it
+    are kept, and the failure is reported. A tar cut at a sample boundary ends cleanly."""
+    offsets: list[int] = []
+    end = 0  # end of the last member read
+    last_key = None
+    members = 0
+    failure: BaseException | None = None
+    try:
+        with tarfile.open(fileobj=fileobj, mode="r:") as tar:
+            for m in tar:
+                members += 1
+                if not m.isfile():
+                    continue
+                key, _ = split_name(m.name)
+                if key != last_key:
+                    offsets.append(m.offset)
+                    last_key = key
+                end = m.offset_data + ((m.size + 511) // 512) * 512
+    except (tarfile.TarError, OSError, EOFError, ValueError) as e:
+        failure = e
+        if offsets:
+            end = offsets.pop()  # the sample in progress: one of its members is cut
+    else:
+        fileobj.seek(end)
+        tail = fileobj.read(1024)
+        if tail.strip(b"\0"):
+            failure = tarfile.ReadError(f"a header cut short (truncated) at byte {end}" if len(tail) < 512
+                                        else f"invalid header at byte {end}")
+    return (offsets + [end]) if offsets else [0], failure, members
+
+
 def scan_tar(fileobj) -> list[int]:
     """Sample boundaries of a tar read from ``fileobj``: ``[o_0, ..., o_n]``, sample i spanning bytes
-    ``[o_i, o_{i+1})`` (its members' headers and data). Reads headers only (it seeks past member data)."""
-    offsets: list[int] = []
-    last_key = None
-    end = 0
-    with tarfile.open(fileobj=fileobj, mode="r:") as tar:
-        for m in tar:
-            if not m.isfile():
-                continue
-            key, _ = split_name(m.name)
-            if key != last_key:
-                offsets.append(m.offset)
-                last_key = key
-            end = m.offset_data + ((m.size + 511) // 512) * 512
-    return offsets + [end] if offsets else [0]
+    ``[o_i, o_{i+1})`` (its members' headers and data). Reads headers only (it seeks past member data).
+    Raises what tarfile raises on a tar that is not whole (:func:`scan_tar_until_failure` keeps what precedes)."""
+    offsets, failure, _ = scan_tar_until_failure(fileobj)
+    if failure is not None:
+        raise failure
+    return offsets
+
+
+def shard_failure(error: BaseException, members: int) -> str:
+    """The :data:`SHARD_REASONS` key of a failure to read a shard after ``members`` member headers."""
+    message = str(error)
+    if isinstance(error, tarfile.ReadError) and not members:
+        return "not_a_tar"
+    if isinstance(error, tarfile.ReadError) and ("unexpected end" in message or "truncated" in message):
+        return "truncated_shard"
+    if isinstance(error, OSError) and not isinstance(error, tarfile.TarError):
+        return "unreadable_shard"
+    return "bad_shard"
 
 
 def parse_sample(chunk: bytes) -> dict[str, Any]:
@@ -253,8 +307,9 @@ class SampleIndex:
     """int64 [N]: byte offset of sample i's first header in its shard."""
     end: np.ndarray
     """int64 [N]: end of sample i's last member (padded to 512)."""
-    bad_shards: dict[str, str] = field(default_factory=dict)
-    """Shards that could not be indexed (not a tar, unreadable): path -> reason. They are left out."""
+    bad_shards: dict[str, tuple[str, str]] = field(default_factory=dict)
+    """Shards not indexed whole: path -> (reason from :data:`SHARD_REASONS`, one-line message). A shard that
+    cannot be read at all is left out; one that breaks mid-file keeps the complete samples before the break."""
 
     def __len__(self) -> int:
         return len(self.shard)
@@ -272,23 +327,25 @@ class SampleIndex:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleIndex:
         return cls(d["url"], list(d["shards"]), np.asarray(d["shard"], np.int32), np.asarray(d["start"], np.int64),
-                   np.asarray(d["end"], np.int64), dict(d.get("bad_shards") or {}))
+                   np.asarray(d["end"], np.int64),
+                   {k: tuple(v) for k, v in (d.get("bad_shards") or {}).items()})
 
 
-def scan_shard(url: str, path: str, endpoint_url: str = "") -> list[int]:
-    """:func:`scan_tar` of one shard (``path`` as in :class:`ShardList`). On object storage each header is one
-    small ranged read (no block read-ahead: the member data between headers is never fetched)."""
+def scan_shard(url: str, path: str, endpoint_url: str = "") -> tuple[list[int], BaseException | None, int]:
+    """:func:`scan_tar_until_failure` of one shard (``path`` as in :class:`ShardList`). On object storage each
+    header is one small ranged read (no block read-ahead: the member data between headers is never fetched)."""
     fs = storage.fsspec_fs(url, endpoint_url)
     kwargs = {"block_size": 4096, "cache_type": "none"} if storage.is_s3(url) else {}
     with fs.open(path, "rb", **kwargs) as f:
-        return scan_tar(f)
+        return scan_tar_until_failure(f)
 
 
 def build_index(shards: ShardList, endpoint_url: str = "",
                 map_fn: Callable[[Callable[[str], Any], list[str]], Iterable[Any]] = map) -> SampleIndex:
     """The sample index of ``shards``: offsets from the manifest where it has them, otherwise each shard's
     headers are scanned (``map_fn`` maps the scan over those shards: the built-in ``map``, or a parallel one).
-    A shard that cannot be scanned is left out and named in ``bad_shards``."""
+    A shard that cannot be read whole is named in ``bad_shards``, with the complete samples before its break
+    (none for a file that is not a tar or cannot be opened) kept."""
     todo = [p for p, o in zip(shards.paths, shards.offsets) if o is None]
     scanned: dict[str, Any] = {}
     if todo:
@@ -296,10 +353,9 @@ def build_index(shards: ShardList, endpoint_url: str = "",
     shard_ids, starts, ends, bad = [], [], [], {}
     for i, (path, offsets) in enumerate(zip(shards.paths, shards.offsets)):
         if offsets is None:
-            offsets = scanned[path]
-            if isinstance(offsets, str):
-                bad[path] = offsets
-                continue
+            offsets, reason, message = scanned[path]
+            if reason is not None:
+                bad[path] = (reason, message)
         o = np.asarray(offsets, np.int64)
         n = len(o) - 1
         shard_ids.append(np.full(n, i, np.int32))
@@ -314,16 +370,22 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
 
 
 class _ScanOne:
-    """Picklable scan of one shard: offsets, or a one-line reason when the shard is not a readable tar."""
+    """Picklable scan of one shard: (offsets of its complete samples, None or the :data:`SHARD_REASONS` key of
+    why it is not read whole, a one-line message)."""
 
     def __init__(self, url: str, endpoint_url: str):
         self.url, self.endpoint_url = url, endpoint_url
 
-    def __call__(self, path: str) -> list[int] | str:
+    def __call__(self, path: str) -> tuple[list[int], str | None, str]:
         try:
-            return scan_shard(self.url, path, self.endpoint_url)
-        except (tarfile.TarError, OSError, EOFError, ValueError) as e:
-            return f"not a readable tar: {str(e).splitlines()[0][:120] if str(e) else type(e).__name__}"
+            offsets, failure, members = scan_shard(self.url, path, self.endpoint_url)
+        except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # could not even open it
+            offsets, failure, members = [0], e, 0
+        if failure is None:
+            return offsets, None, ""
+        from mirasol_ray.data.decode import cut_message
+
+        return offsets, shard_failure(failure, members), cut_message(str(failure) or type(failure).__name__)
 
 
 def read_samples(url: str, shards: list[str], refs: dict[str, np.ndarray], endpoint_url: str = ""

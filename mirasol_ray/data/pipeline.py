@@ -17,7 +17,9 @@ Two orders:
   ``data.cache`` the rows come from the object store instead of the decoder, by the same positions.
 
 A bad sample is skipped and counted by reason in a small named actor (:class:`SkipCounter`), which the driver,
-``mirasol data inspect`` and the training metrics read.
+``mirasol data inspect`` and the training metrics read; so is a bad shard (not a tar, truncated, unreadable), by
+file name, when the index is built: one bad file never stops an epoch, and a truncated tar keeps the samples
+before the cut.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import numpy as np
 
 from mirasol_ray.config import DataConfig
 from mirasol_ray.data.index import (
+    SHARD_REASONS,
     ReadPosition,
     SampleIndex,
     build_index,
@@ -43,7 +46,8 @@ from mirasol_ray.data.index import (
 from mirasol_ray.data.schema import TENSOR_COLUMNS, row_spec
 
 __all__ = ["expand_shard_urls", "find_manifest", "sample_index", "decoded_dataset", "train_batches",
-           "make_skip_counter", "read_skips", "to_torch", "stack_rows"]
+           "make_skip_counter", "read_skips", "describe_skips", "shards_failed", "samples_seen", "SHARD_REASONS",
+           "to_torch", "stack_rows"]
 
 
 def expand_shard_urls(url: str, endpoint_url: str = "") -> list[str]:
@@ -73,19 +77,34 @@ def sample_index(url: str, endpoint_url: str = "") -> SampleIndex:
 # --------------------------------------------------------------------------------------------------------------
 # Skip counting
 
+_MAX_EXAMPLES = 5
+
 
 def _counter_cls():
     import ray
 
     @ray.remote(num_cpus=0)
     class SkipCounter:
-        """Counts decoded samples and skipped ones by reason, across all decode tasks."""
+        """Counts decoded samples, and skipped samples and shards by reason, across all read and decode tasks; also
+        holds the training progress rank 0 reports, which the driver draws (workers' output stays in log files)."""
 
         def __init__(self):
             self.decoded = 0
             self.rows = 0
             self.skipped: dict[str, int] = {}
             self.examples: dict[str, list[str]] = {}
+            self.progress: dict[str, Any] = {}
+            self.events: list[str] = []
+
+        def report_step(self, progress: dict[str, Any] | None, event: str = "") -> None:
+            if progress is not None:  # None: an event alone
+                self.progress = progress
+            if event:
+                self.events.append(event)
+
+        def status(self, events_seen: int = 0) -> dict[str, Any]:
+            return {"progress": dict(self.progress), "events": self.events[events_seen:],
+                    "decoded": self.decoded, "skipped": dict(self.skipped)}
 
         def add(self, decoded: int, rows: int, skipped: dict[str, int], examples: dict[str, list[str]]) -> None:
             self.decoded += decoded
@@ -94,7 +113,7 @@ def _counter_cls():
                 self.skipped[k] = self.skipped.get(k, 0) + v
             for k, v in examples.items():
                 self.examples.setdefault(k, [])
-                self.examples[k] = (self.examples[k] + v)[:5]
+                self.examples[k] = (self.examples[k] + v)[:_MAX_EXAMPLES]
 
         def snapshot(self) -> dict[str, Any]:
             return {"decoded": self.decoded, "rows": self.rows, "skipped": dict(self.skipped),
@@ -115,17 +134,53 @@ def read_skips(counter) -> dict[str, Any]:
     return ray.get(counter.snapshot.remote())
 
 
-def count_bad_shards(index: SampleIndex, counter_name: str) -> None:
-    """Shards the index left out (not a readable tar) go to the skip counter as ``bad_shard``."""
-    if not index.bad_shards:
-        return
+def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
+           examples: dict[str, list[str]]) -> None:
+    """Add to the counter and wait until it holds the counts, so that whoever has seen this batch (or the end of
+    the data) reads them in a snapshot: a fire-and-forget call could still be in flight when a run that formed no
+    batch read the counter for its error line ("skipped: none")."""
     import ray
 
     try:
-        ray.get_actor(counter_name).add.remote(0, 0, {"bad_shard": len(index.bad_shards)},
-                                               {"bad_shard": sorted(index.bad_shards)[:5]})
-    except ValueError:
+        actor = ray.get_actor(counter_name)
+    except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
+        return
+    try:
+        ray.get(actor.add.remote(decoded, rows, skipped, examples), timeout=120)
+    except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
         pass
+
+
+def describe_skips(snap: dict[str, Any]) -> str:
+    """``decoded 0 clips; skipped: corrupt 3 (a, b), not_a_tar 1 (x.tar: invalid header)``: one line from a
+    :class:`SkipCounter` snapshot."""
+    parts = []
+    for reason, n in sorted(snap.get("skipped", {}).items()):
+        ex = ", ".join(snap.get("examples", {}).get(reason, [])[:2])
+        parts.append(f"{reason} {n}" + (f" (e.g. {ex})" if ex else ""))
+    return f"decoded {snap.get('decoded', 0)} clips; skipped: " + ("; ".join(parts) or "none")
+
+
+def shards_failed(snap: dict[str, Any]) -> int:
+    """How many shards a snapshot counts as skipped whole."""
+    return sum(n for reason, n in snap.get("skipped", {}).items() if reason in SHARD_REASONS)
+
+
+def samples_seen(snap: dict[str, Any]) -> int:
+    """Samples read (decoded or skipped), not counting shards skipped whole."""
+    return snap["decoded"] + sum(n for r, n in snap["skipped"].items() if r not in SHARD_REASONS)
+
+
+def count_bad_shards(index: SampleIndex, counter_name: str) -> None:
+    """Shards the index could not read whole go to the skip counter, once each, by reason
+    (:data:`~mirasol_ray.data.index.SHARD_REASONS`), with their file names and what went wrong as examples."""
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for path, (reason, message) in sorted(index.bad_shards.items()):
+        skipped[reason] = skipped.get(reason, 0) + 1
+        examples.setdefault(reason, []).append(f"{path}: {message}")
+    if skipped:
+        _count(counter_name, 0, 0, skipped, {k: v[:_MAX_EXAMPLES] for k, v in examples.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -151,16 +206,17 @@ def stack_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> dict[str, np.ndar
 
 def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], shards: list[str], url: str,
                  endpoint_url: str, data_cfg: dict[str, Any], train: bool, label_set: list[str] | None,
-                 counter_name: str) -> dict[str, np.ndarray]:
+                 counter_name: str) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` function: the item ids of a block (``batch["id"]``) -> decoded rows.
 
     ``items`` holds, per item: ``sample``, ``shard``, ``start``, ``end`` (where to read it), ``pos`` (its
     stream position, carried to the rows) and ``epoch`` (for the sample's random choices). Only plain values
-    come in (arrays, a config dict, the counter's name): no closures, no objects.
+    come in (arrays, a config dict, the counter's name): no closures, no objects. The rows are yielded, nothing
+    when every sample of the block is skipped (an empty batch has no shape Arrow can store its tensor columns in).
     """
-    import ray
     import torch
 
+    from mirasol_ray.data.decode import cut_message
     from mirasol_ray.data.rows import decode_sample_safe
 
     cfg = DataConfig(**data_cfg)
@@ -177,32 +233,32 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
     for j, sample in enumerate(samples):
         i = int(ids[j])
         if isinstance(sample, Exception):
-            reason, name = "unreadable", f"{shards[int(items['shard'][i])]}@{int(items['start'][i])}"
+            reason, key = "unreadable", f"{shards[int(items['shard'][i])]}@{int(items['start'][i])}"
+            detail = cut_message(f"{type(sample).__name__}: {sample}")
         else:
             key = str(sample.get("__key__", ""))
             rng = sample_rng(cfg.seed, int(items["epoch"][i]), key)
-            out, reason = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
-            name = key
+            out, reason, detail = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
-            examples.setdefault(reason, []).append(name)
+            # an unexpected error keeps its (cut) message: the reason alone would not say what to fix
+            examples.setdefault(reason, []).append(
+                f"{key}: {detail}" if reason in ("error", "unreadable") and detail else key)
             continue
         decoded += 1
         for row in out:
             row["pos"] = int(items["pos"][i])
         rows.extend(out)
-    try:
-        ray.get_actor(counter_name).add.remote(decoded, len(rows), skipped, examples)
-    except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
-        pass
-    return stack_rows(rows, cfg)
+    _count(counter_name, decoded, len(rows), skipped, examples)
+    if rows:
+        yield stack_rows(rows, cfg)
 
 
 class DecodeItems:
     """:func:`decode_items` as an actor-pool callable (``data.decode_actors``): the same function, in a process
     that stays up for the whole pass."""
 
-    def __call__(self, batch: dict[str, np.ndarray], **kwargs) -> dict[str, np.ndarray]:
+    def __call__(self, batch: dict[str, np.ndarray], **kwargs) -> Iterator[dict[str, np.ndarray]]:
         return decode_items(batch, **kwargs)
 
 
@@ -226,14 +282,17 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
                     endpoint_url: str = "", limit: int = 0, index: SampleIndex | None = None):
     """The Ray Data pipeline in the dataset's canonical order: shards at ``url`` (or ``index``) -> rows per
-    :mod:`mirasol_ray.data.schema`, each with ``pos`` = the sample's index. ``limit``: the first N samples.
+    :mod:`mirasol_ray.data.schema`, each with ``pos`` = the sample's index. ``limit``: the first N samples. Bad
+    shards (found while indexing ``url``; a caller passing ``index`` counts its own) and samples are skipped and
+    counted in the counter named ``counter_name``.
 
     ``train`` picks the random frame positions of training (those of epoch 0, from ``data.seed`` and each key);
     otherwise the deterministic ones of evaluation. Decode tasks reserve ``cfg.decode_cpus`` CPUs each, so Train
     workers are never starved on small machines (FIELD_NOTES: the silent-hang trap).
     """
-    index = index if index is not None else sample_index(url, endpoint_url)
-    count_bad_shards(index, counter_name)
+    if index is None:
+        index = sample_index(url, endpoint_url)
+        count_bad_shards(index, counter_name)
     if label_set is None:
         label_set = (find_manifest(url, endpoint_url) or {}).get("label_set")
     n = min(len(index), limit) if limit else len(index)
@@ -313,6 +372,12 @@ def _take(batch: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarra
     return {k: v[lo:hi] for k, v in batch.items()}
 
 
+class NoRowsError(RuntimeError):
+    """:func:`train_batches` read a whole epoch of a worker's positions (after a resume: the rest of the first
+    epoch and the whole next one) and got no row: the samples fail to decode (or give no text for ``data.task``),
+    and reading on would loop forever."""
+
+
 def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int, seed: int,
                   shuffle: bool = True, prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
     """Torch batches of ``batch_size`` rows for worker ``rank`` of the dealing ``position`` (see
@@ -324,9 +389,9 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
     n = len(source)
     if n == 0:
         raise ValueError("the training dataset holds no samples")
-    epoch = position.epoch(n)
+    epoch = first_epoch = position.epoch(n)
     carry: dict[str, np.ndarray] | None = None
-    empty_epochs = 0
+    empty = 0  # 2 per whole epoch in a row that gave this worker no row, 1 for a resumed run's partial first one
     last_done = position.last[rank]
     while True:
         positions = position.worker_positions(epoch, n, rank)
@@ -345,22 +410,25 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
                 last_done = max(done) if done else last_done
                 out["epoch"], out["last_pos"] = epoch, last_done
                 yield out
-        empty_epochs = 0 if got or not len(positions) else empty_epochs + 1
-        if empty_epochs >= 2:  # two whole epochs gave this worker no row: every sample fails to decode
-            raise RuntimeError("no sample of the training data decodes (see the skipped counts)")
+        whole = epoch > first_epoch or (position.prefix <= epoch * n and position.last[rank] < epoch * n)
+        empty = 0 if got or not len(positions) else empty + (2 if whole else 1)
+        if empty >= 2:  # a whole epoch gave this worker no row: its samples fail to decode
+            raise NoRowsError("no sample of this worker's share of an epoch decodes (see the skipped counts)")
         epoch += 1
+
+
+def _writable(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
 
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """A numpy batch of rows -> torch tensors with the schema's dtypes (``key`` stays a list of str)."""
-    import warnings
-
     import torch
 
-    with warnings.catch_warnings():
-        # zero-copy views of Ray's object store are read-only; the step only reads them (and copies to the device)
-        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        out: dict[str, Any] = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TENSOR_COLUMNS}
+    # Ray hands out read-only views of its object store; torch wants memory it may write, so such arrays are copied
+    # (one memcpy of the batch) rather than wrapped
+    out: dict[str, Any] = {k: torch.from_numpy(_writable(batch[k])) for k in TENSOR_COLUMNS}
     out["key"] = [str(k) for k in batch["key"]]
     if "pos" in batch:
         out["pos"] = torch.as_tensor(np.asarray(batch["pos"], np.int64))

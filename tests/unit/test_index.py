@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 
 import numpy as np
@@ -66,6 +67,49 @@ def test_foreign_tars_are_scanned_and_bad_ones_left_out(tmp_path):
     samples = read_samples(str(d), index.shards, index.refs(np.arange(3)))
     assert [s["__key__"] for s in samples] == ["s1", "s2", "dir/s3"]
     assert set(samples[1]) == {"__key__", "000.mp4", "000.json"}
+
+
+def test_a_shard_cut_or_broken_mid_file_keeps_the_complete_samples_before_the_break(tmp_path):
+    """A truncated tar (cut inside a member's data, or inside a header) or one with a bad header mid-file keeps
+    the samples that are whole before the break, the one in progress left out; a file that is not a tar or
+    cannot be opened gives none. Each is named with its reason (the skip counter counts them by file name)."""
+    d = tmp_path / "cut"
+    d.mkdir()
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as t:
+        for key in ("s1", "s2", "s3"):
+            for ext in ("mp4", "json"):
+                data = f"{key}.{ext}".encode() * 300
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                t.addfile(info, io.BytesIO(data))
+    whole = buf.getvalue()
+    with open(d / "whole.tar", "wb") as f:
+        f.write(whole)
+    with open(d / "whole.tar", "rb") as f:
+        bounds = scan_tar(f)
+    s3_mp4_header = bounds[2]  # s3 starts with its mp4 member
+    (d / "in_data.tar").write_bytes(whole[: s3_mp4_header + 512 + 100])  # inside s3's mp4 data
+    (d / "in_json.tar").write_bytes(whole[: bounds[3] - 200])  # inside s3's json (its mp4 is whole)
+    broken = bytearray(whole)
+    broken[bounds[2]: bounds[2] + 512] = b"x" * 512  # s3's first header is garbage
+    (d / "bad_header.tar").write_bytes(bytes(broken))
+    (d / "empty.tar").write_bytes(b"")
+    (d / "one_cut.tar").write_bytes(whole[:512 + 100])  # its only header whole, the data cut
+    (d / "gone.tar").symlink_to(tmp_path / "nowhere.tar")
+    index = build_index(resolve_shards(str(d)))
+    name = {str(d / n): n for n in os.listdir(d)}
+    reasons = {name[p]: r for p, (r, _) in index.bad_shards.items()}
+    assert reasons == {"in_data.tar": "truncated_shard", "in_json.tar": "truncated_shard",
+                       "bad_header.tar": "bad_shard", "empty.tar": "not_a_tar", "gone.tar": "unreadable_shard",
+                       "one_cut.tar": "truncated_shard"}
+    samples = read_samples(str(d), index.shards, index.refs(np.arange(len(index))))
+    by_shard: dict[str, list[str]] = {}
+    for s, sample in zip(index.shard, samples):
+        by_shard.setdefault(name[index.shards[int(s)]], []).append(sample["__key__"])
+        assert set(sample) == {"__key__", "mp4", "json"}  # every kept sample is whole
+    assert by_shard == {"whole.tar": ["s1", "s2", "s3"], "in_data.tar": ["s1", "s2"], "in_json.tar": ["s1", "s2"],
+                        "bad_header.tar": ["s1", "s2"]}
 
 
 def test_a_split_folder_never_reads_its_sibling(tmp_path):
