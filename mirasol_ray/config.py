@@ -63,8 +63,10 @@ class DataConfig:
     """Answer/caption/label tokens including BOS/EOS (right-padded)."""
     max_options: int = 5
     """Multiple-choice options kept per sample (padded)."""
-    task: str = "caption"
-    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
+    task: str = "auto"
+    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all | auto. ``auto``
+    follows ``train.stage``: caption rows to pretrain (with the latent prediction loss), finetune rows (open-ended
+    QA, multiple choice, labels) to fine-tune."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
@@ -93,8 +95,8 @@ class DataConfig:
                      "decode_batch_size", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
-        if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
-            raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
+        if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all", "auto"):
+            raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all|auto, got {self.task!r}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if not 0 < self.decode_cpus <= 64:
@@ -106,9 +108,14 @@ class TrainConfig:
     """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
 
     stage: str = "pretrain"
-    """pretrain (caption + latent prediction) or finetune (qa, mcqa, cls)."""
+    """pretrain (caption rows + latent prediction) or finetune (QA, multiple choice and label rows, from the
+    weights of ``init_from``). Sets ``data.task`` unless that is given."""
     init_from: str = ""
-    """Checkpoint URI to initialise the model from (finetune from a pretrain run)."""
+    """Run folder, checkpoint folder or ``model.pt`` (local or ``s3://``) to initialise the model from: a
+    finetune run's pretrained weights. Required by ``stage: finetune`` unless ``finetune_from_scratch``."""
+    finetune_from_scratch: bool = False
+    """Let ``stage: finetune`` start from random weights (ablations, smoke tests). Off, a finetune run without
+    ``init_from`` is an error: a fine-tuning job that quietly trains from scratch wastes a cluster's hours."""
     steps: int = 100
     batch_size: int = 8
     """Per worker, per micro-step."""
@@ -140,6 +147,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in ("pretrain", "finetune"):
             raise ConfigError(f"train.stage must be pretrain|finetune, got {self.stage!r}")
+        if self.stage == "finetune" and not self.init_from and not self.finetune_from_scratch:
+            raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights); "
+                              "set train.finetune_from_scratch=true to fine-tune random weights on purpose")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
         if self.freeze_av_steps < 0:
@@ -158,12 +168,18 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     """Restarts after a worker dies (Ray Train ``FailureConfig``)."""
+    placement_strategy: str = "PACK"
+    """How the workers spread over nodes (a Ray placement group strategy): PACK | SPREAD | STRICT_PACK |
+    STRICT_SPREAD (one worker per node)."""
     data_cpu_limit: float = 0.0
     """Cap on CPUs Ray Data may use while training; 0 = what is left after the workers."""
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0:
             raise ConfigError(f"scaling.num_workers must be positive, got {self.num_workers}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError("scaling.placement_strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD, "
+                              f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -190,6 +206,8 @@ class Config:
         from mirasol_ray.data.text import get_tokenizer
 
         d, m = self.data, self.model
+        if d.task == "auto":
+            d.task = "caption" if self.train.stage == "pretrain" else "finetune"
         # data owns the geometry; the model follows it.
         m.max_snippets = max(m.max_snippets, d.num_snippets)
         m.frames_per_snippet = d.frames_per_snippet

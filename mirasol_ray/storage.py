@@ -52,6 +52,8 @@ def fsspec_fs(uri: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
     if is_s3(uri):
         ep = endpoint(endpoint_url)
         kwargs = {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+        # no cached listings: runs change under us (checkpoints appear while we watch for them)
+        kwargs["use_listings_cache"] = False
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs.setdefault("client_kwargs", {})["region_name"] = region

@@ -23,7 +23,8 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
         return False
     env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        # a cluster's workers have the cluster's own environment (credentials included): nothing of ours travels
+        ray.init(log_to_driver=True)
     else:
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  runtime_env={"env_vars": env} if env else None, configure_logging=False)
@@ -160,7 +161,8 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             train_loop_per_worker=_entry,
             train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir),
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker=resources),
+                                                   resources_per_worker=resources,
+                                                   placement_strategy=cfg.scaling.placement_strategy),
             datasets=datasets,
             dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
             run_config=ray.train.RunConfig(

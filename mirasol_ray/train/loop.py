@@ -167,6 +167,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if rank == 0:
             _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
 
+    nodes = _worker_nodes(world)
+    if rank == 0:
+        _say(f"{world} worker(s) on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}")
     tok = get_tokenizer(cfg.data.tokenizer)
     log = RunLog(run_uri, endpoint_url, start_step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
@@ -216,6 +219,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             final_eval = ev
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
+            if nodes:  # the first record of each worker group says where its ranks ran
+                record["nodes"], nodes = nodes, []
             log.write(record)
             extras = "".join(f" {k}={v:.3f}" for k, v in record.get("val", {}).items())
             _say(f"step {step}/{cfg.train.steps} loss {parts['loss']:.4f} lr {parts['lr']:.2e} "
@@ -225,6 +230,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set)
     if log is not None:
         log.close()
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _say(message: str) -> None:

@@ -1,0 +1,246 @@
+"""A real multi-node Ray cluster on this machine (`mirasol cluster up`: a head and a worker node, token auth on),
+jobs submitted to it with `ray job submit` and `mirasol submit`, storage on the SeaweedFS S3 server.
+
+One cluster serves the whole module (nodes are expensive to start); each job is a few steps of the tiny preset.
+The nodes get the S3 credentials from the environment they start in, as a cluster's machines get theirs from an
+instance role or a Kubernetes Secret; the jobs carry none.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mirasol_ray import storage
+from mirasol_ray.launch import cluster
+from mirasol_ray.launch.train import read_metrics
+from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+
+REPO = Path(__file__).resolve().parents[2]
+MIRASOL = [sys.executable, "-m", "mirasol_ray.cli"]
+JOB_TIMEOUT_S = 600
+
+FINETUNE = ["train.steps=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+            "train.warmup_steps=1", "data.decode_cpus=0.25", "data.decode_batch_size=2", "scaling.num_workers=2",
+            "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD"]
+"""Two train workers, one per node (STRICT_SPREAD), a few steps."""
+
+
+def _sets(items):
+    return [a for s in items for a in ("--set", s)]
+
+
+@pytest.fixture(scope="module")
+def local_cluster(s3_server, synth_shards, tmp_path_factory):
+    """Shards and a pretrained checkpoint in S3, and a head + 1 worker node; stopped at the end of the module."""
+    import fsspec
+
+    from mirasol_ray.config import load_config
+    from mirasol_ray.model.mirasol import build_model
+    from mirasol_ray.train.checkpoint import write_checkpoint
+
+    shards = s3_server.url("cluster", "shards")
+    fs = fsspec.filesystem("s3", client_kwargs={"endpoint_url": s3_server.endpoint})
+    fs.put(synth_shards["dir"] + "/", storage.strip_scheme(shards) + "/", recursive=True)
+    # the pretrained weights a fine-tuning job starts from: a freshly built tiny model, in a real checkpoint
+    cfg = load_config("tiny", [f"data.train={synth_shards['dir']}"])
+    labels = synth_shards["manifest"].get("label_set")
+    cfg.model.num_classes = len(labels) if labels else cfg.model.num_classes
+    model = build_model(cfg.model)
+    local = tmp_path_factory.mktemp("pretrained")
+    write_checkpoint(str(local), model, model.state_dict(), step=0, stage="pretrain", run_config=cfg.to_dict(),
+                     label_set=labels)
+    pretrained = s3_server.url("cluster", "pretrained")
+    fs.put(str(local) + "/", storage.strip_scheme(pretrained) + "/", recursive=True)
+
+    d = tmp_path_factory.mktemp("cluster")
+    up = subprocess.run([*MIRASOL, "cluster", "up", "--dir", str(d), "--workers", "1", "--head-cpus", "2",
+                         "--worker-cpus", "2", "--object-store-memory", str(300 * 2**20), "--json"],
+                        capture_output=True, text=True, timeout=400)
+    try:
+        assert up.returncode == 0, up.stderr[-3000:]
+        state = json.loads(up.stdout)
+        env = {**os.environ, **cluster.client_env(state)}
+        yield {"dir": str(d), "state": state, "env": env, "shards": shards, "pretrained": pretrained,
+               "runs": s3_server.url("cluster", "runs"), "s3": s3_server}
+    finally:
+        subprocess.run([*MIRASOL, "cluster", "down", "--dir", str(d)], capture_output=True, timeout=300)
+
+
+def _client(c):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(c["state"]["dashboard_url"], headers=cluster.auth_headers(c["state"]["token_path"]))
+
+
+def _node_ids(c) -> dict[str, str]:
+    """{"head": id, "worker": id} of the live nodes."""
+    out = {}
+    for n in cluster.nodes(c["state"]["dashboard_url"], c["state"]["token_path"]):
+        if n["state"] == "ALIVE":
+            out["head" if n["is_head"] else "worker"] = n["node_id"]
+    return out
+
+
+def _finetune_args(c, name, extra=()):
+    return ["--config", "tiny", *_sets([f"data.train={c['shards']}", f"train.init_from={c['pretrained']}",
+                                        f"storage.root={c['runs']}", f"storage.name={name}", *FINETUNE, *extra])]
+
+
+def _check_finetune_run(c, name, nodes, steps=4):
+    uri = storage.join(c["runs"], name)
+    records = read_metrics(uri)
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    assert set(records[0]["nodes"]) == {nodes["head"], nodes["worker"]}, "one train worker on each node"
+    meta = read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))
+    assert meta["step"] == steps and meta["stage"] == "finetune"
+    assert meta["run_config"]["data"]["task"] == "finetune"  # QA, multiple choice, labels: not captions
+    assert meta["run_config"]["train"]["init_from"].startswith(c["pretrained"])
+    assert storage.exists(storage.join(uri, "summary.json"))
+    return records
+
+
+def _complete_checkpoint_step(uri) -> int:
+    from mirasol_ray.train.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
+
+    last = latest_checkpoint_dir(uri)
+    if not last or not all(storage.exists(storage.join(last, f)) for f in (MODEL_FILE, STATE_FILE, META_FILE)):
+        return 0
+    return read_meta(resolve_checkpoint(last))["step"]
+
+
+def test_cluster_has_two_nodes_and_token_auth(local_cluster):
+    import requests
+
+    st = json.loads(subprocess.run([*MIRASOL, "cluster", "status", "--dir", local_cluster["dir"], "--json"],
+                                   capture_output=True, text=True, timeout=120).stdout)
+    assert st["running"] and st["head"]["alive"] and [w["alive"] for w in st["workers"]] == [True]
+    alive = [n for n in st["ray_nodes"] if n["state"] == "ALIVE"]
+    assert sorted(n["is_head"] for n in alive) == [False, True]
+    assert any(n["resources"].get("worker_node") == 1 for n in alive)
+    url = st["dashboard_url"]
+    assert url.startswith("http://127.0.0.1:")
+    assert requests.get(f"{url}/api/jobs/", timeout=30).status_code == 401  # no token, no jobs API
+    token = cluster.auth_headers(st["token_path"])
+    assert requests.get(f"{url}/api/jobs/", headers=token, timeout=30).status_code == 200
+    assert os.stat(st["token_path"]).st_mode & 0o077 == 0
+
+
+def test_ray_job_submit_finetunes_on_both_nodes(local_cluster):
+    c = local_cluster
+    proc = subprocess.run([str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", c["state"]["dashboard_url"], "--working-dir", ".",
+                           "--", "python", "jobs/finetune.py", *_finetune_args(c, "ray-cli")],
+                          cwd=REPO, env={**c["env"], "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"},
+                          capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    out = proc.stdout + proc.stderr
+    job_id = re.search(r"raysubmit_\w+", out).group(0)
+    assert str(_client(c).get_job_status(job_id)) == "SUCCEEDED", out[-3000:]
+    assert "initialised from" in out
+    _check_finetune_run(c, "ray-cli", _node_ids(c))
+
+
+def test_mirasol_submit_finetunes_and_carries_no_secret(local_cluster):
+    c = local_cluster
+    proc = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "finetune",
+                           *_finetune_args(c, "mirasol-submit")],
+                          cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    assert last.endswith("SUCCEEDED")
+    job_id = re.search(r"raysubmit_\w+", last).group(0)
+    _check_finetune_run(c, "mirasol-submit", _node_ids(c))
+    client = _client(c)
+    info = client.get_job_info(job_id)
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == c["s3"].endpoint  # non-secret settings travel
+    secret = c["s3"].env()["AWS_SECRET_ACCESS_KEY"]
+    everything = json.dumps(info.dict(), default=str) + client.get_job_logs(job_id) + proc.stdout + proc.stderr
+    assert everything.count(secret) == 0
+    assert "AWS_SECRET_ACCESS_KEY" not in everything and "AWS_ACCESS_KEY_ID" not in everything
+
+
+def test_bad_config_key_fails_the_job_and_names_the_key(local_cluster):
+    c = local_cluster
+    proc = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "finetune",
+                           *_finetune_args(c, "bad-key", extra=["train.stepz=3"])],
+                          cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "FAILED" in last and "train.stepz" in last, last
+    job_id = re.search(r"raysubmit_\w+", last).group(0)
+    client = _client(c)
+    assert str(client.get_job_status(job_id)) == "FAILED"
+    assert "unknown config key 'train.stepz'" in client.get_job_logs(job_id)
+    status = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "--status", job_id],
+                            env=c["env"], capture_output=True, text=True, timeout=120)
+    assert status.returncode == 1 and "FAILED" in status.stdout
+
+
+def test_worker_node_lost_mid_job_resumes_from_checkpoint(local_cluster):
+    """Kill every process of the worker node after the first checkpoint; bring a worker node back. With
+    scaling.max_failures=1 the job waits for two nodes again (STRICT_SPREAD), restarts both workers from the
+    last checkpoint in S3, and finishes."""
+    c = local_cluster
+    name = "node-lost"
+    steps = 8
+    proc = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "--no-follow", "finetune",
+                           *_finetune_args(c, name, extra=[f"train.steps={steps}", "scaling.max_failures=1"])],
+                          cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
+    client = _client(c)
+    before = _node_ids(c)
+    uri = storage.join(c["runs"], name)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while True:  # the event: a whole checkpoint in S3 (all its files uploaded)
+        if _complete_checkpoint_step(uri) >= 2:
+            break
+        status = str(client.get_job_status(job_id))
+        assert status in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    state = cluster.load_state(c["dir"])
+    cluster.kill_node(state["workers"][0])
+    killed_at = read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"]
+    assert killed_at < steps and str(client.get_job_status(job_id)) == "RUNNING"
+    up = subprocess.run([*MIRASOL, "cluster", "up", "--dir", c["dir"], "--workers", "1", "--worker-cpus", "2",
+                         "--object-store-memory", str(300 * 2**20)], capture_output=True, text=True, timeout=400)
+    assert up.returncode == 0, up.stderr[-3000:]
+    status = subprocess.run([*MIRASOL, "submit", "--logs", job_id, "--follow"], env=c["env"], capture_output=True,
+                            text=True, timeout=JOB_TIMEOUT_S)
+    logs = client.get_job_logs(job_id)
+    assert status.returncode == 0 and str(client.get_job_status(job_id)) == "SUCCEEDED", logs[-3000:]
+    assert re.search(r"resumed at step [2-9]", logs), logs[-3000:]
+    after = _node_ids(c)
+    assert after["worker"] != before["worker"]
+    records = read_metrics(uri)
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "no step lost or repeated"
+    groups = [r["nodes"] for r in records if "nodes" in r]
+    assert set(groups[0]) == {before["head"], before["worker"]}
+    assert set(groups[-1]) == {after["head"], after["worker"]}, "the restarted workers ran on both nodes"
+    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == steps
+
+
+def test_results_read_back_with_the_cluster_down(local_cluster):
+    from mirasol_ray.train.checkpoint import load_model_from
+
+    c = local_cluster
+    down = subprocess.run([*MIRASOL, "cluster", "down", "--dir", c["dir"]], capture_output=True, text=True,
+                          timeout=300)
+    assert down.returncode == 0 and "stopped" in down.stdout
+    st = subprocess.run([*MIRASOL, "cluster", "status", "--dir", c["dir"]], capture_output=True, text=True,
+                        timeout=60)
+    assert st.returncode == 1 and "no local cluster" in st.stdout
+    for name in ("ray-cli", "mirasol-submit"):
+        uri = storage.join(c["runs"], name)
+        summary = json.loads(storage.read_text(storage.join(uri, "summary.json")))
+        assert summary["steps"] == 4 and summary["stage"] == "finetune"
+        model = load_model_from(uri)
+        assert sum(p.numel() for p in model.parameters()) > 0
+        assert storage.exists(storage.join(uri, "plots", "learning_curve.png"))
