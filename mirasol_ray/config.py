@@ -63,10 +63,10 @@ class DataConfig:
     """Answer/caption/label tokens including BOS/EOS (right-padded)."""
     max_options: int = 5
     """Multiple-choice options kept per sample (padded)."""
-    task: str = "auto"
-    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all | auto. ``auto``
-    follows ``train.stage``: caption rows to pretrain (with the latent prediction loss), finetune rows (open-ended
-    QA, multiple choice, labels) to fine-tune."""
+    task: str = "caption"
+    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all. Left out of a
+    config (YAML and ``--set``), it follows ``train.stage``: caption rows to pretrain (with the latent prediction
+    loss), finetune rows (open-ended QA, multiple choice, labels) to fine-tune."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
@@ -95,8 +95,8 @@ class DataConfig:
                      "decode_batch_size", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
-        if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all", "auto"):
-            raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all|auto, got {self.task!r}")
+        if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
+            raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
         if self.shuffle_buffer < 0:
             raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
         if not 0 < self.decode_cpus <= 64:
@@ -206,8 +206,6 @@ class Config:
         from mirasol_ray.data.text import get_tokenizer
 
         d, m = self.data, self.model
-        if d.task == "auto":
-            d.task = "caption" if self.train.stage == "pretrain" else "finetune"
         # data owns the geometry; the model follows it.
         m.max_snippets = max(m.max_snippets, d.num_snippets)
         m.frames_per_snippet = d.frames_per_snippet
@@ -361,6 +359,10 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
+    data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict | None) and "task" not in (data or {}):  # the stage says which rows to train on
+        stage = train.get("stage") if isinstance(train, dict) else None
+        raw = {**raw, "data": {**(data or {}), "task": "finetune" if stage == "finetune" else "caption"}}
     return _build(Config, raw, "")
 
 

@@ -357,8 +357,7 @@ def print_status(st: dict[str, Any]) -> None:
         print(f"no local cluster running (folder {st['dir']})")
         return
     print(f"local Ray cluster in {st['dir']}: dashboard {st['dashboard_url']}, GCS {st['gcs_address']}")
-    by_pid = {n["pid"]: n for n in [st["head"], *st["workers"]]}
-    for n in by_pid.values():
+    for n in [st["head"], *st["workers"]]:
         print(f"  {n['name']:<10} pid {n['pid']:<8} {'alive' if n['alive'] else 'dead':<6} {n['num_cpus']:g} CPU"
               f"  log {n['log']}")
     for r in st.get("ray_nodes", []):
