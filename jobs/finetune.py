@@ -1,6 +1,7 @@
 """Ray job: fine-tune a pretrained Mirasol model (train.stage=finetune): open-ended QA, multiple choice and
 class labels, starting from the weights of train.init_from (a pretrain run folder, checkpoint folder or
-model.pt; required). data.task defaults to those tasks (set data.task=all to keep the captions in the mix).
+model.pt) or from pretrained parts (model.video_init/audio_init/text_init); with neither it refuses to start
+unless train.finetune_from_scratch=true. data.task defaults to those tasks (data.task=all keeps the captions).
 Running it again with the same storage.name resumes from the run's last checkpoint.
 
     ray job submit --working-dir . -- python jobs/finetune.py --config base \\

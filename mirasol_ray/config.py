@@ -112,10 +112,12 @@ class TrainConfig:
     weights of ``init_from``). Sets ``data.task`` unless that is given."""
     init_from: str = ""
     """Run folder, checkpoint folder or ``model.pt`` (local or ``s3://``) to initialise the model from: a
-    finetune run's pretrained weights. Required by ``stage: finetune`` unless ``finetune_from_scratch``."""
+    finetune run's pretrained weights."""
     finetune_from_scratch: bool = False
-    """Let ``stage: finetune`` start from random weights (ablations, smoke tests). Off, a finetune run without
-    ``init_from`` is an error: a fine-tuning job that quietly trains from scratch wastes a cluster's hours."""
+    """Let a ``stage: finetune`` run start with neither ``init_from`` nor pretrained parts (``model.video_init``,
+    ``audio_init``, ``text_init``): random weights, for ablations and smoke tests. Off, starting such a run is an
+    error (see :meth:`Config.check_start`): a fine-tuning job that quietly trains from scratch wastes a cluster's
+    hours."""
     steps: int = 100
     batch_size: int = 8
     """Per worker, per micro-step."""
@@ -124,6 +126,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.05
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch, e.g. ``video_encoder.*``) whose parameters keep their initial (e.g.
+    pretrained) values: no gradient, not in the optimiser. A pattern that matches no parameter is an error."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern, e.g. ``{"video_encoder.*": 0.1}``; the first
+    matching pattern counts; other parameters get 1. A pattern that matches no parameter is an error."""
     freeze_av_steps: int = 0
     """Steps at the start during which the audio-video path (encoders, combiner, time-aligned model) keeps its
     weights (and runs without autograd, except under FSDP2) while only the text decoder learns; it then warms up
@@ -147,13 +155,19 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.stage not in ("pretrain", "finetune"):
             raise ConfigError(f"train.stage must be pretrain|finetune, got {self.stage!r}")
-        if self.stage == "finetune" and not self.init_from and not self.finetune_from_scratch:
-            raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights); "
-                              "set train.finetune_from_scratch=true to fine-tune random weights on purpose")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
         if self.freeze_av_steps < 0:
             raise ConfigError(f"train.freeze_av_steps must be >= 0, got {self.freeze_av_steps}")
+        if not isinstance(self.lr_mult, dict):
+            raise ConfigError(f"train.lr_mult must be a mapping of pattern: multiplier, got {self.lr_mult!r}")
+        try:
+            self.lr_mult = {str(k): float(v) for k, v in self.lr_mult.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.lr_mult values must be numbers, got {self.lr_mult!r}") from None
+        for k, v in self.lr_mult.items():
+            if v < 0:
+                raise ConfigError(f"train.lr_mult[{k!r}] must be >= 0, got {v}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -217,6 +231,16 @@ class Config:
         m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
         # num_classes 0 means "the label set of the training shards' manifest", filled in by the train loop
         dataclasses.replace(m, num_classes=max(m.num_classes, 1)).validate()
+
+    def check_start(self) -> None:
+        """What a training run needs beyond a valid config: a fine-tuning run starts from pretrained weights.
+        Checked when a run starts, not when a config loads (a finetune preset names no checkpoint of its own)."""
+        t, m = self.train, self.model
+        if (t.stage == "finetune" and not t.init_from and not t.finetune_from_scratch
+                and not any(getattr(m, k, "") for k in ("video_init", "audio_init", "text_init"))):
+            raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights) "
+                              "or pretrained parts (model.video_init/audio_init/text_init); set "
+                              "train.finetune_from_scratch=true to fine-tune random weights on purpose")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -370,4 +394,18 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) 
     """Load a preset name or YAML path, apply ``--set`` overrides, validate."""
     raw = _read_yaml(name_or_path)
     _deep_update(raw, parse_overrides(overrides))
-    return from_dict(raw)
+    pretrained = any((raw.get("model") or {}).get(k) for k in ("video_init", "audio_init", "text_init"))
+    if pretrained:
+        # the checkpoints' architectures and the LM's tokenizer, resolved once, here: workers, checkpoints and
+        # evaluation then take the config as it is and never need the pretrained files to build the model
+        from mirasol_ray.model.pretrained import rehearse_load, resolve_pretrained
+
+        raw = resolve_pretrained(raw)
+    cfg = from_dict(raw)
+    if pretrained:
+        rehearse_load(cfg)
+    if cfg.train.freeze or cfg.train.lr_mult:
+        from mirasol_ray.train.step import check_patterns
+
+        check_patterns(cfg)
+    return cfg

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-JOBS = ("pretrain", "finetune", "evaluate", "build_shards", "sweep")
+JOBS = ("pretrain", "finetune", "evaluate", "build_shards", "benchmark", "sweep")
 """Names of the entrypoints in ``jobs/`` (``mirasol submit finetune ...`` runs ``python jobs/finetune.py ...``)."""
 
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")

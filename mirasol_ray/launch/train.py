@@ -124,6 +124,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    cfg.check_start()
     expand_shard_urls(cfg.data.train, cfg.storage.endpoint_url)  # fail early, naming the URL
     if cfg.train.init_from:
         cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, cfg.storage.endpoint_url)

@@ -24,10 +24,23 @@ def test_stage_sets_the_task_unless_given():
 
 
 def test_finetune_needs_pretrained_weights_unless_asked_not_to():
+    cfg = load_config("tiny", ["train.stage=finetune"])  # a finetune preset names no checkpoint: it loads
     with pytest.raises(ConfigError, match="train.init_from"):
-        load_config("tiny", ["train.stage=finetune"])
-    cfg = load_config("tiny", ["train.stage=finetune", "train.finetune_from_scratch=true"])
-    assert cfg.train.stage == "finetune" and not cfg.train.init_from
+        cfg.check_start()  # but a run cannot start from nothing
+    load_config("tiny", ["train.stage=finetune", "train.init_from=runs/pre"]).check_start()
+    cfg.model.text_init = "/weights/lm"  # pretrained parts are a start too (loading them is checked elsewhere)
+    cfg.check_start()
+    load_config("tiny", ["train.stage=finetune", "train.finetune_from_scratch=true"]).check_start()
+    load_config("tiny").check_start()  # pretraining starts from scratch
+
+
+def test_a_finetune_run_without_weights_fails_before_ray_starts(capsys):
+    from mirasol_ray.cli import main
+
+    assert main(["train", "--config", "tiny", "--set", "train.stage=finetune", "--set", "data.train=/nowhere"]) \
+        in (2,)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "train.init_from" in err[0]
 
 
 def test_placement_strategy_is_checked():
