@@ -235,4 +235,6 @@ def test_sweep_rayjob_calls_jobs_sweep_with_mirasol_sweeps_arguments():
     assert space
     # every searched key exists in the config: its first candidate value loads
     first = [f"{k}={next(iter(d.values()))[0]}" for k, d in space.items()]
-    load_config(opts["--config"], _sets(argv) + first + ["train.stage=finetune"])
+    cfg = load_config(opts["--config"], _sets(argv) + first)
+    assert cfg.train.stage == "finetune" and cfg.data.task == "finetune", "each trial fine-tunes"
+    cfg.check_start()  # from the pretrained run
