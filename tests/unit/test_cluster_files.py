@@ -7,6 +7,8 @@ from __future__ import annotations
 import copy
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import jsonschema
@@ -238,3 +240,13 @@ def test_sweep_rayjob_calls_jobs_sweep_with_mirasol_sweeps_arguments():
     cfg = load_config(opts["--config"], _sets(argv) + first)
     assert cfg.train.stage == "finetune" and cfg.data.task == "finetune", "each trial fine-tunes"
     cfg.check_start()  # from the pretrained run
+
+
+def test_local_sh_runs_mirasol_cluster(tmp_path):
+    env = {"PATH": "/usr/bin:/bin", "MIRASOL": str(Path(sys.executable).parent / "mirasol")}
+    st = subprocess.run(["bash", str(CLUSTER / "local.sh"), "status", "--dir", str(tmp_path)], env=env,
+                        capture_output=True, text=True, timeout=120)
+    assert st.returncode == 1 and "no local cluster running" in st.stdout, st.stdout + st.stderr
+    bad = subprocess.run(["bash", str(CLUSTER / "local.sh"), "start"], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode == 2 and "usage: cluster/local.sh up|down|status" in bad.stderr
