@@ -99,6 +99,14 @@ def _pods(doc: dict) -> list[dict]:
     return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
 
 
+def _bytes(quantity: str) -> int:
+    """A Kubernetes memory quantity (``8Gi``, ``500M``, ``1000``) in bytes."""
+    m = re.fullmatch(r"(\d+)([KMGT]i?)?", quantity)
+    assert m, quantity
+    unit = m.group(2) or ""
+    return int(m.group(1)) * (1024 if unit.endswith("i") else 1000) ** (" KMGT".index(unit[:1] or " "))
+
+
 def _cluster_spec(doc: dict) -> dict:
     return doc["spec"] if doc["kind"] == "RayCluster" else doc["spec"]["rayClusterSpec"]
 
@@ -170,11 +178,15 @@ def test_kuberay_manifest_matches_the_crd(name, crd_schemas):
     gpu = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert int(gpu["nvidia.com/gpu"]) >= 1
     assert "nvidia.com/gpu" not in groups["decode"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    for pod in _pods(doc):
+    groups_in_order = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+    for group, pod in zip(groups_in_order, _pods(doc)):
         volumes = {v["name"]: v for v in pod["volumes"]}
         (c,) = pod["containers"]
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
-        assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+        shm = volumes[mounts["/dev/shm"]]["emptyDir"]
+        assert shm["medium"] == "Memory"
+        # the object store lives in /dev/shm: the volume holds all of it
+        assert _bytes(shm["sizeLimit"]) >= int(group["rayStartParams"]["object-store-memory"]), group
         assert "emptyDir" in volumes[mounts["/tmp/ray"]]
         # credentials only by reference to a Secret, never as a value in the manifest
         assert any(e.get("secretRef") for e in c.get("envFrom", [])) or any(
