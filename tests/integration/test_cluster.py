@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -127,6 +128,12 @@ def test_cluster_has_two_nodes_and_token_auth(local_cluster):
     assert any(n["resources"].get("worker_node") == 1 for n in alive)
     url = st["dashboard_url"]
     assert url.startswith("http://127.0.0.1:")
+    # bound to loopback only: the machine's own address (Ray's node address) does not answer on that port
+    port = int(url.rsplit(":", 1)[1])
+    for ip in {n["ip"] for n in alive} - {"127.0.0.1"}:
+        with socket.socket() as s, pytest.raises(ConnectionRefusedError):
+            s.settimeout(30)
+            s.connect((ip, port))
     assert requests.get(f"{url}/api/jobs/", timeout=30).status_code == 401  # no token, no jobs API
     token = cluster.auth_headers(st["token_path"])
     assert requests.get(f"{url}/api/jobs/", headers=token, timeout=30).status_code == 200
@@ -187,6 +194,39 @@ def test_bad_config_key_fails_the_job_and_names_the_key(local_cluster):
     status = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "--status", job_id],
                             env=c["env"], capture_output=True, text=True, timeout=120)
     assert status.returncode == 1 and "FAILED" in status.stdout
+
+
+def test_submit_a_script_then_logs_stop_and_status(local_cluster, tmp_path):
+    """`mirasol submit --no-follow SCRIPT` from another working directory, then `--logs ID`, `--stop ID` and
+    `--status ID` (exit code 3 once the job is STOPPED)."""
+    c = local_cluster
+    script = tmp_path / "block.py"
+    script.write_text("import threading\nprint('block: waiting to be stopped', flush=True)\n"
+                      "threading.Event().wait()\n")
+    url = c["state"]["dashboard_url"]
+    sub = subprocess.run([*MIRASOL, "submit", "--address", url, "--working-dir", str(tmp_path), "--no-follow",
+                          str(script)], env=c["env"], capture_output=True, text=True, timeout=120)
+    assert sub.returncode == 0, sub.stderr[-3000:]
+    job_id = re.search(r"raysubmit_\w+", sub.stdout).group(0)
+    assert "python block.py" in sub.stdout
+    client = _client(c)
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while "block: waiting" not in client.get_job_logs(job_id):  # the event: the script is running
+        assert str(client.get_job_status(job_id)) in ("PENDING", "RUNNING"), client.get_job_logs(job_id)[-3000:]
+        assert time.monotonic() < deadline, "the job never started"
+        time.sleep(0.5)
+    logs = subprocess.run([*MIRASOL, "submit", "--address", url, "--logs", job_id], env=c["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert logs.returncode == 0 and "block: waiting to be stopped" in logs.stdout
+    stop = subprocess.run([*MIRASOL, "submit", "--address", url, "--stop", job_id], env=c["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert stop.returncode == 0 and "stop requested" in stop.stdout, stop.stdout + stop.stderr
+    while not client.get_job_status(job_id).is_terminal():
+        assert time.monotonic() < deadline, "the job did not stop"
+        time.sleep(0.5)
+    status = subprocess.run([*MIRASOL, "submit", "--address", url, "--status", job_id], env=c["env"],
+                            capture_output=True, text=True, timeout=120)
+    assert status.returncode == 3 and f"{job_id} STOPPED" in status.stdout, status.stdout + status.stderr
 
 
 def test_worker_node_lost_mid_job_resumes_from_checkpoint(local_cluster):
