@@ -251,6 +251,8 @@ def test_sweep_rayjob_calls_jobs_sweep_with_mirasol_sweeps_arguments():
     first = [f"{k}={next(iter(d.values()))[0]}" for k, d in space.items()]
     cfg = load_config(opts["--config"], _sets(argv) + first)
     assert cfg.train.stage == "finetune" and cfg.data.task == "finetune", "each trial fine-tunes"
+    # trials are ranked on a validation metric: they must validate, more than once
+    assert cfg.data.val and 0 < cfg.train.eval_every < cfg.train.steps
     cfg.check_start()  # from the pretrained run
 
 
