@@ -22,7 +22,7 @@ import pytest
 from mirasol_ray import storage
 from mirasol_ray.launch import cluster
 from mirasol_ray.launch.train import read_metrics
-from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+from mirasol_ray.train.checkpoint import complete_step, latest_checkpoint_dir, read_meta, resolve_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 MIRASOL = [sys.executable, "-m", "mirasol_ray.cli"]
@@ -62,13 +62,15 @@ def local_cluster(s3_server, synth_shards, tmp_path_factory):
     fs.put(str(local) + "/", storage.strip_scheme(pretrained) + "/", recursive=True)
 
     d = tmp_path_factory.mktemp("cluster")
+    # the nodes, and this side too, use the S3 identity whose secret is unique to the session: the tests look for it
+    node_env = {**os.environ, **s3_server.env(sentinel=True)}
     up = subprocess.run([*MIRASOL, "cluster", "up", "--dir", str(d), "--workers", "1", "--head-cpus", "2",
                          "--worker-cpus", "2", "--object-store-memory", str(300 * 2**20), "--json"],
-                        capture_output=True, text=True, timeout=400)
+                        env=node_env, capture_output=True, text=True, timeout=400)
     try:
         assert up.returncode == 0, up.stderr[-3000:]
         state = json.loads(up.stdout)
-        env = {**os.environ, **cluster.client_env(state)}
+        env = {**node_env, **cluster.client_env(state)}
         yield {"dir": str(d), "state": state, "env": env, "shards": shards, "pretrained": pretrained,
                "runs": s3_server.url("cluster", "runs"), "s3": s3_server}
     finally:
@@ -109,12 +111,9 @@ def _check_finetune_run(c, name, nodes, steps=4):
 
 
 def _complete_checkpoint_step(uri) -> int:
-    from mirasol_ray.train.checkpoint import META_FILE, MODEL_FILE, STATE_FILE
-
+    """The step of the run's newest complete checkpoint (complete.json written after all its files), 0 if none."""
     last = latest_checkpoint_dir(uri)
-    if not last or not all(storage.exists(storage.join(last, f)) for f in (MODEL_FILE, STATE_FILE, META_FILE)):
-        return 0
-    return read_meta(resolve_checkpoint(last))["step"]
+    return (complete_step(last) or 0) if last else 0
 
 
 def test_cluster_has_two_nodes_and_token_auth(local_cluster):
@@ -171,12 +170,17 @@ def test_ray_job_submit_and_mirasol_submit_finetune_on_both_nodes(local_cluster)
     info = client.get_job_info(our_job)
     assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == c["s3"].endpoint  # non-secret settings travel
 
-    secret = c["s3"].env()["AWS_SECRET_ACCESS_KEY"]
+    secret = c["s3"].sentinel_secret
     everything = ours_out + ours_err + cli_out
     for job in (cli_job, our_job):
         everything += json.dumps(client.get_job_info(job).dict(), default=str) + client.get_job_logs(job)
     assert everything.count(secret) == 0
     assert "AWS_SECRET_ACCESS_KEY" not in everything and "AWS_ACCESS_KEY_ID" not in everything
+    # nor in anything Ray wrote on the nodes: session logs, runtime-env records, the jobs' driver logs
+    for path in Path(c["state"]["temp_dir"]).rglob("*"):
+        if path.is_file() and not path.is_socket():
+            with open(path, "rb") as f:
+                assert secret.encode() not in f.read(), path
 
 
 def test_bad_config_key_fails_the_job_and_names_the_key(local_cluster):
@@ -257,7 +261,8 @@ def test_worker_node_lost_mid_job_resumes_from_checkpoint(local_cluster):
     cluster.kill_node(state["workers"][0])
     assert killed_at < steps and str(client.get_job_status(job_id)) == "RUNNING"
     up = subprocess.run([*MIRASOL, "cluster", "up", "--dir", c["dir"], "--workers", "1", "--worker-cpus", "2",
-                         "--object-store-memory", str(300 * 2**20)], capture_output=True, text=True, timeout=400)
+                         "--object-store-memory", str(300 * 2**20)], env=c["env"], capture_output=True, text=True,
+                        timeout=400)
     assert up.returncode == 0, up.stderr[-3000:]
     status = subprocess.run([*MIRASOL, "submit", "--logs", job_id, "--follow"], env=c["env"], capture_output=True,
                             text=True, timeout=JOB_TIMEOUT_S)
