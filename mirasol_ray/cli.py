@@ -123,6 +123,65 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
 
+# --- submit, cluster: jobs on a Ray cluster ---------------------------------------------------------------------
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import submit
+
+    given = [n for n in ("status", "stop", "logs") if getattr(args, n)]
+    if len(given) > 1 or (given and args.job):
+        raise ValueError("give a job to submit, or one of --status/--stop/--logs ID")
+    if args.status:
+        return submit.job_status(args.status, args.address)
+    if args.stop:
+        return submit.stop(args.stop, args.address)
+    if args.logs:
+        return submit.logs(args.logs, args.address, follow=bool(args.follow))
+    if not args.job:
+        raise ValueError("give a job (" + ", ".join(submit.JOBS) + ") or a script, e.g. "
+                         "mirasol submit finetune --config base --set ...")
+    return submit.submit(args.job, args.args, address=args.address, working_dir=args.working_dir,
+                         follow=args.follow is not False)
+
+
+def run_job(doc: str, command: list[str], argv: list[str], owned: tuple[str, ...] = ()) -> int:
+    """A ``jobs/`` entrypoint: ``mirasol COMMAND ARGV`` plus the ``--set`` overrides the job owns (``owned``, e.g.
+    ``train.stage=finetune``); ``--help`` shows the job's docstring, then the command's options."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip() + "\n", flush=True)
+        try:
+            return main([*command, "--help"])
+        except SystemExit as e:
+            return int(e.code or 0)
+    for item in owned:
+        key = item.split("=", 1)[0]
+        if any(a.split("=", 1)[0].removeprefix("--set").strip() == key for a in argv if "=" in a):
+            print(f"mirasol: error: this job sets {item} itself; leave {key} out", file=sys.stderr)
+            return 2
+    return main([*command, *argv, *(x for item in owned for x in ("--set", item))])
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import cluster
+
+    if args.action == "up":
+        state = cluster.up(args.dir, workers=args.workers, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus,
+                           worker_gpus=args.worker_gpus, object_store_memory=args.object_store_memory)
+        st = cluster.status(state["dir"])
+    elif args.action == "down":
+        stopped = cluster.down(args.dir)
+        print("stopped the local cluster" if stopped else f"no local cluster in {cluster.cluster_dir(args.dir)}")
+        return 0
+    else:
+        st = cluster.status(args.dir)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        cluster.print_status(st)
+    return 0 if st["running"] else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mirasol", description="Mirasol3B-style multimodal models on Ray.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -213,6 +272,42 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
+
+    # submit, cluster
+    sb = sub.add_parser("submit", help="run a jobs/ entrypoint as a Ray job on a cluster (token auth); its exit "
+                        "code follows the job's final status",
+                        description="Submit JOB (pretrain, finetune, evaluate, build_shards, benchmark, sweep, or a .py "
+                        "script in the working directory) with its ARGS to the Ray cluster at --address (else "
+                        "RAY_API_SERVER_ADDRESS or RAY_ADDRESS), follow its logs, and exit 0 SUCCEEDED, "
+                        "1 FAILED, 3 STOPPED. The job gets the working directory and this shell's S3 endpoint "
+                        "and region, never credentials: workers take those from the cluster's own environment.")
+    sb.add_argument("--address", default=None, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
+    sb.add_argument("--working-dir", default=".", help="uploaded with the job (default: here)")
+    fw = sb.add_mutually_exclusive_group()
+    fw.add_argument("--follow", dest="follow", action="store_true", default=None,
+                    help="stream the job's logs until it ends (the default when submitting)")
+    fw.add_argument("--no-follow", dest="follow", action="store_false", help="print the job id and return")
+    sb.add_argument("--status", metavar="ID", help="print a job's status")
+    sb.add_argument("--stop", metavar="ID", help="stop a job")
+    sb.add_argument("--logs", metavar="ID", help="print a job's logs (with --follow: until it ends)")
+    sb.add_argument("job", nargs="?",
+                    help="pretrain | finetune | evaluate | build_shards | benchmark | sweep | path/to/script.py")
+    sb.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
+    sb.set_defaults(func=_cmd_submit)
+
+    cl = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine: up | down | status",
+                        description="A head and N worker nodes as separate Ray nodes on this machine (ray start, "
+                        "free ports, dashboard on 127.0.0.1, token auth on). The nodes inherit this shell's "
+                        "environment (S3 endpoint and credentials), as a cluster's machines have theirs.")
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--dir", default=None, help="state folder (default: $MIRASOL_CLUSTER_DIR or ~/.mirasol/cluster)")
+    cl.add_argument("--workers", type=int, default=1, help="worker nodes (up)")
+    cl.add_argument("--head-cpus", type=float, default=2, help="logical CPUs of the head node (up)")
+    cl.add_argument("--worker-cpus", type=float, default=2, help="logical CPUs of each worker node (up)")
+    cl.add_argument("--worker-gpus", type=int, default=0, help="GPUs of each worker node (up)")
+    cl.add_argument("--object-store-memory", type=int, default=None, help="bytes per node (up; default: Ray's)")
+    cl.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    cl.set_defaults(func=_cmd_cluster)
 
     # bench
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)

@@ -64,7 +64,9 @@ class DataConfig:
     max_options: int = 5
     """Multiple-choice options kept per sample (padded)."""
     task: str = "caption"
-    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
+    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all. Left out of a
+    config (YAML and ``--set``), it follows ``train.stage``: caption rows to pretrain (with the latent prediction
+    loss), finetune rows (open-ended QA, multiple choice, labels) to fine-tune."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
@@ -106,9 +108,16 @@ class TrainConfig:
     """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
 
     stage: str = "pretrain"
-    """pretrain (caption + latent prediction) or finetune (qa, mcqa, cls)."""
+    """pretrain (caption rows + latent prediction) or finetune (QA, multiple choice and label rows, from the
+    weights of ``init_from``). Sets ``data.task`` unless that is given."""
     init_from: str = ""
-    """Checkpoint URI to initialise the model from (finetune from a pretrain run)."""
+    """Run folder, checkpoint folder or ``model.pt`` (local or ``s3://``) to initialise the model from: a
+    finetune run's pretrained weights."""
+    finetune_from_scratch: bool = False
+    """Let a ``stage: finetune`` run start with neither ``init_from`` nor pretrained parts (``model.video_init``,
+    ``audio_init``, ``text_init``): random weights, for ablations and smoke tests. Off, starting such a run is an
+    error (see :meth:`Config.check_start`): a fine-tuning job that quietly trains from scratch wastes a cluster's
+    hours."""
     steps: int = 100
     batch_size: int = 8
     """Per worker, per micro-step."""
@@ -173,12 +182,18 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     """Restarts after a worker dies (Ray Train ``FailureConfig``)."""
+    placement_strategy: str = "PACK"
+    """How the workers spread over nodes (a Ray placement group strategy): PACK | SPREAD | STRICT_PACK |
+    STRICT_SPREAD (one worker per node)."""
     data_cpu_limit: float = 0.0
     """Cap on CPUs Ray Data may use while training; 0 = what is left after the workers."""
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0:
             raise ConfigError(f"scaling.num_workers must be positive, got {self.num_workers}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError("scaling.placement_strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD, "
+                              f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -216,6 +231,16 @@ class Config:
         m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
         # num_classes 0 means "the label set of the training shards' manifest", filled in by the train loop
         dataclasses.replace(m, num_classes=max(m.num_classes, 1)).validate()
+
+    def check_start(self) -> None:
+        """What a training run needs beyond a valid config: a fine-tuning run starts from pretrained weights.
+        Checked when a run starts, not when a config loads (a finetune preset names no checkpoint of its own)."""
+        t, m = self.train, self.model
+        if (t.stage == "finetune" and not t.init_from and not t.finetune_from_scratch
+                and not any(getattr(m, k, "") for k in ("video_init", "audio_init", "text_init"))):
+            raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights) "
+                              "or pretrained parts (model.video_init/audio_init/text_init); set "
+                              "train.finetune_from_scratch=true to fine-tune random weights on purpose")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -377,6 +402,10 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
 
 
 def from_dict(raw: dict[str, Any]) -> Config:
+    data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict | None) and "task" not in (data or {}):  # the stage says which rows to train on
+        stage = train.get("stage") if isinstance(train, dict) else None
+        raw = {**raw, "data": {**(data or {}), "task": "finetune" if stage == "finetune" else "caption"}}
     return _build(Config, raw, "")
 
 

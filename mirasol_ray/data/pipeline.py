@@ -136,8 +136,13 @@ def _counter_cls():
 
 def make_skip_counter(name: str | None = None):
     """A named skip-counter actor (lives as long as this driver); pass its name to :func:`decoded_dataset`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = name or f"mirasol-skips-{uuid.uuid4().hex[:8]}"
-    return _counter_cls().options(name=name, get_if_exists=True).remote(), name
+    # on the driver's node: losing another node of a cluster must not lose the count (nor fail the run)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _counter_cls().options(name=name, get_if_exists=True, scheduling_strategy=here).remote(), name
 
 
 def read_skips(counter) -> dict[str, Any]:

@@ -151,6 +151,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    cfg.check_start()
     ep = cfg.storage.endpoint_url
     expand_shard_urls(cfg.data.train, ep)  # fail early, naming the URL
     if cfg.data.val:
@@ -203,7 +204,8 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
                 train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir,
                                               lease.token, scratch),
                 scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                                       use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+                                                       use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources,
+                                                       placement_strategy=cfg.scaling.placement_strategy),
                 datasets=datasets,
                 dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
                 run_config=ray.train.RunConfig(

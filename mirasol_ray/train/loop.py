@@ -260,13 +260,16 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _progress(config["counter"], {"step": start_step, "steps": cfg.train.steps},
                       f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches}) from {latest}")
 
+    nodes = _worker_nodes(world)
+    if rank == 0:
+        _say(config["counter"], f"{world} worker(s) on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}")
     tok = get_tokenizer(cfg.data.tokenizer)
     scratch = scratch_dir(config)
     log = RunLog(run_uri, endpoint_url, start_step, scratch) if rank == 0 else None
     finished = False
     try:
         _train(model, opt, sched, cfg, config, rank, world, device, tok, log, scratch, start_step, epoch,
-               skip_batches)
+               skip_batches, nodes)
         finished = True
     finally:
         if log is not None:  # on an error the run folder keeps the log of its last checkpoint
@@ -274,7 +277,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, world: int, device, tok,
-           log: RunLog | None, scratch: str | None, start_step: int, epoch: int, skip_batches: int) -> None:
+           log: RunLog | None, scratch: str | None, start_step: int, epoch: int, skip_batches: int,
+           nodes: list[str]) -> None:
+    """Steps from ``start_step`` to ``train.steps``; ``nodes`` (every rank's Ray node id) goes into the first
+    record this worker group writes."""
     import ray.train
 
     from mirasol_ray.data.pipeline import iter_worker_batches
@@ -329,6 +335,8 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
             final_eval = ev
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
+            if nodes:  # the first record of each worker group says where its ranks ran
+                record["nodes"], nodes = nodes, []
             log.write(record)
         if rank == 0:
             _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
@@ -336,6 +344,18 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
             _report(model, opt, sched, cfg, config, step, epoch, pos, rank, world, log, record, final_eval,
                     scratch)
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not torch.distributed.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, pos: int, rank: int,
