@@ -23,14 +23,19 @@ RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct")
 
 def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = ""
                       ) -> tuple[str, Config, list[str] | None]:
-    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI."""
+    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI.
+
+    The tokenizer is the checkpoint's own copy (see :mod:`mirasol_ray.train.checkpoint`), not the path the run was
+    trained with, which need not exist here."""
     from mirasol_ray.config import _deep_update
-    from mirasol_ray.train.checkpoint import read_meta, resolve_checkpoint
+    from mirasol_ray.train.checkpoint import read_meta, resolve_checkpoint, tokenizer_spec
 
     model_uri = resolve_checkpoint(checkpoint, endpoint_url)
     meta = read_meta(model_uri, endpoint_url)
     raw = meta.get("run_config") or {}
     raw = json.loads(json.dumps(raw))  # a deep copy
+    if "tokenizer" in meta:  # checkpoints from before tokenizers travelled with them keep the run's path
+        raw.setdefault("data", {})["tokenizer"] = tokenizer_spec(model_uri, meta, endpoint_url)
     _deep_update(raw, parse_overrides(overrides))
     return model_uri, from_dict(raw), meta.get("label_set")
 

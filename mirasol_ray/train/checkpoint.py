@@ -6,10 +6,16 @@ A checkpoint folder holds::
     model.pt        {"config": ModelConfig as plain types, "model": state_dict}
     train_state.pt  {"optimizer", "scheduler", "step", "epoch", "batch_in_epoch"}
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
-                    too), "label_set"}
+                    too), "label_set", "tokenizer" (the file name below, or null for the byte tokenizer)}
+    tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
 
-``resolve_checkpoint`` accepts a ``model.pt``, a checkpoint folder, or a run folder (its latest checkpoint), on
-local disk or ``s3://``.
+so a checkpoint is self-contained: evaluation and prediction on another machine need its URI alone, whatever
+paths the run was trained with. ``mirasol export`` writes the same in one file::
+
+    {"config", "model", "meta": the meta.json dict, "tokenizer": {"name", "data": bytes} or None}
+
+``resolve_checkpoint`` accepts a ``model.pt`` (or an exported file), a checkpoint folder, or a run folder (its
+latest checkpoint), on local disk or ``s3://``.
 """
 
 from __future__ import annotations
@@ -27,6 +33,17 @@ from mirasol_ray.model.mirasol import load_model, model_state
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
+"""A tokenizer's name inside a checkpoint, by the suffix of the file it came from."""
+
+
+def tokenizer_payload(spec: str, endpoint_url: str = "") -> dict[str, Any] | None:
+    """``{"name", "data"}``: the bytes of the tokenizer file ``data.tokenizer`` names, to store in checkpoints;
+    None for the built-in byte tokenizer."""
+    if spec in ("", "byte"):
+        return None
+    suffix = os.path.splitext(spec)[1]
+    return {"name": TOKENIZER_FILES[suffix], "data": storage.read_bytes(spec, endpoint_url)}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -72,8 +89,9 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
 def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
                      scheduler=None, *, step: int, epoch: int = 0, batch_in_epoch: int = 0, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
-                     label_set: list[str] | None = None) -> str:
-    """Write a checkpoint into a local ``folder`` (Ray Train then uploads it)."""
+                     label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None) -> str:
+    """Write a checkpoint into a local ``folder`` (Ray Train then uploads it). ``tokenizer``: see
+    :func:`tokenizer_payload`."""
     os.makedirs(folder, exist_ok=True)
     state = model_state(unwrap(model))
     state["model"] = model_sd
@@ -82,13 +100,24 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
                    os.path.join(folder, STATE_FILE))
+    if tokenizer is not None:
+        with open(os.path.join(folder, tokenizer["name"]), "wb") as f:
+            f.write(tokenizer["data"])
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({"step": step, "epoch": epoch, "stage": stage, "metrics": metrics or {},
-                   "run_config": run_config or {}, "label_set": label_set}, f)
+                   "run_config": run_config or {}, "label_set": label_set,
+                   "tokenizer": tokenizer["name"] if tokenizer else None}, f)
     return folder
 
 
 def load_torch(uri: str, endpoint_url: str = "") -> Any:
+    """``torch.load(weights_only=True)`` of a local file (memory-mapped: loading it again, or reading only its
+    small entries, costs little) or of an object in storage."""
+    if not storage.is_remote(uri):
+        path = storage.strip_scheme(uri)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"not found: {uri}")
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     data = storage.read_bytes(uri, endpoint_url)
     return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
 
@@ -143,10 +172,62 @@ def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") 
 
 
 
-def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
-    """meta.json beside a resolved ``model.pt`` ({} if absent)."""
+def _folder(uri: str) -> str:
     import posixpath
 
-    folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
-    uri = storage.join(folder, META_FILE)
-    return json.loads(storage.read_text(uri, endpoint_url)) if storage.exists(uri, endpoint_url) else {}
+    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
+
+
+def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """meta.json beside a resolved ``model.pt``; an exported file's own ``meta``; {} if neither."""
+    uri = storage.join(_folder(model_uri), META_FILE)
+    if storage.exists(uri, endpoint_url):
+        return json.loads(storage.read_text(uri, endpoint_url))
+    if model_uri.endswith(".pt"):
+        return load_torch(model_uri, endpoint_url).get("meta") or {}
+    return {}
+
+
+def tokenizer_spec(model_uri: str, meta: dict[str, Any], endpoint_url: str = "") -> str:
+    """A ``data.tokenizer`` value for the tokenizer a checkpoint carries: the file in its folder, or (an exported
+    file) its bytes written to a temporary file that lives as long as this process; "byte" when it has none."""
+    name = meta.get("tokenizer")
+    if not name:
+        return "byte"
+    beside = storage.join(_folder(model_uri), name)
+    if storage.exists(beside, endpoint_url):
+        return beside
+    embedded = load_torch(model_uri, endpoint_url).get("tokenizer")
+    if not embedded:
+        raise FileNotFoundError(f"checkpoint {model_uri} names tokenizer {name} but does not hold it")
+    return _temporary_file(embedded["name"], embedded["data"])
+
+
+def _temporary_file(name: str, data: bytes) -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mirasol-tokenizer-")
+    atexit.register(shutil.rmtree, d, True)
+    path = os.path.join(d, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def export(checkpoint: str, out: str, endpoint_url: str = "") -> dict[str, Any]:
+    """One self-contained file (weights, model config, run config, label set, tokenizer bytes) from a checkpoint
+    (file, checkpoint folder or run folder; local or ``s3://``), written to ``out`` (local or ``s3://``)."""
+    model_uri = resolve_checkpoint(checkpoint, endpoint_url)
+    state = load_torch(model_uri, endpoint_url)
+    meta = read_meta(model_uri, endpoint_url)
+    tok = tokenizer_spec(model_uri, meta, endpoint_url)
+    state = {"config": state["config"], "model": state["model"], "meta": meta,
+             "tokenizer": None if tok == "byte" else {"name": meta["tokenizer"],
+                                                      "data": storage.read_bytes(tok, endpoint_url)}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(out, buf.getvalue(), endpoint_url)
+    return {"checkpoint": model_uri, "out": out, "step": meta.get("step"), "bytes": buf.tell(),
+            "parameters": sum(v.numel() for v in state["model"].values())}

@@ -26,7 +26,18 @@ from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
+from mirasol_ray.train.parallel import (
+    full_parameters,
+    gather_objects,
+    gradient_sync,
+    mean_over_ranks,
+    parallelize,
+    rank_seed,
+)
 from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, predict_batch, train_step
+
+LOSS_PARTS = ("loss", "text", "latent", "cls")
+"""Loss parts logged as their mean over the ranks."""
 
 
 def seed_everything(seed: int) -> None:
@@ -89,29 +100,17 @@ def _skips(counter_name: str) -> dict[str, int]:
         return {}
 
 
-def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
-    import ray.train.torch
-
-    if cfg.train.fsdp and torch.distributed.is_initialized():
-        from torch.distributed.fsdp import fully_shard
-
-        from mirasol_ray.model.layers import Block
-
-        model = model.to(device)
-        for block in [m for m in model.modules() if isinstance(m, Block)]:  # one FSDP unit per block
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0) -> dict[str, Any]:
+    """Task metrics over the validation split: each rank predicts its own share (``batches``, its split of ``val``),
+    with the model gathered once (FSDP2) so decoding needs no collective; every rank's records are then gathered
+    and scored together, so the metrics are those of the whole split. A collective: every rank calls it."""
     records = []
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        records += predict_batch(model, batch, tok, device, cfg.train.precision, label_set=label_set)
-    return aggregate(records)
+    with full_parameters(model) as m:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set)
+    return aggregate(r for part in gather_objects(records) for r in part)
 
 
 def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
@@ -131,7 +130,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     label_set = config.get("label_set")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
     pid_dir = config.get("pid_dir")
     if pid_dir:
@@ -140,8 +138,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f.write(str(os.getpid()))
 
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
+    seed_everything(rank_seed(cfg.train.seed, rank))  # then each rank its own dropout
     start_step, epoch, skip_batches = 0, 0, 0
     resume = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
     # the same run name again (e.g. after the driver died): continue from the run folder's latest checkpoint
@@ -150,7 +149,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
             _say(f"initialised from {cfg.train.init_from}; new: {info['missing']}")
-    model = _wrap(model, cfg, device)
+    model = parallelize(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
     state = None
@@ -168,10 +167,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
 
     tok = get_tokenizer(cfg.data.tokenizer)
+    # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
+    tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer, endpoint_url) if rank == 0 else None
     log = RunLog(run_uri, endpoint_url, start_step) if rank == 0 else None
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    no_sync = getattr(model, "no_sync", None)
+
+    def no_sync():
+        return gradient_sync(model, sync=False)
+
     meter = Throughput()
     step = start_step
     t_start = time.perf_counter()
@@ -205,11 +209,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         step += 1
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            parts = mean_over_ranks(parts, LOSS_PARTS)  # every rank logs on the same steps
             record = {"step": step, "epoch": epoch, **parts, **meter.read(),
                       "elapsed_s": time.perf_counter() - t_start}
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
-        if do_eval and rank == 0:
+        if do_eval:
             ev = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
                           cfg.train.eval_batches)
             record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}}
@@ -222,7 +227,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                  f"{record.get('samples_per_s', 0):.1f} samples/s wait {record.get('data_wait_fraction', 0):.2f}"
                  + extras)
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set)
+            _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set, tok_payload)
     if log is not None:
         log.close()
 
@@ -235,7 +240,7 @@ def _say(message: str) -> None:
 
 
 def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, rank: int, log: RunLog | None,
-            record: dict | None, final_eval: dict, label_set: list[str] | None) -> None:
+            record: dict | None, final_eval: dict, label_set: list[str] | None, tokenizer: dict | None) -> None:
     import ray.train
 
     model_sd, optim_sd = ckpt.gather_state(model, opt)  # a collective under FSDP2
@@ -249,7 +254,7 @@ def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, ran
         with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
             ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
                                   batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
-                                  run_config=cfg.to_dict(), label_set=label_set)
+                                  run_config=cfg.to_dict(), label_set=label_set, tokenizer=tokenizer)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
     else:
         ray.train.report(metrics, checkpoint=None)
