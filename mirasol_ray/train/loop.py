@@ -17,35 +17,23 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
-import torch
-
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.text import get_tokenizer
-from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
 from mirasol_ray.train.parallel import (
+    build_on_rank,
     full_parameters,
     gather_objects,
     gradient_sync,
     mean_over_ranks,
     parallelize,
-    rank_seed,
 )
 from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, predict_batch, train_step
 
 LOSS_PARTS = ("loss", "text", "latent", "cls")
 """Loss parts logged as their mean over the ranks."""
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 class RunLog:
@@ -100,17 +88,20 @@ def _skips(counter_name: str) -> dict[str, int]:
         return {}
 
 
-def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0) -> dict[str, Any]:
-    """Task metrics over the validation split: each rank predicts its own share (``batches``, its split of ``val``),
-    with the model gathered once (FSDP2) so decoding needs no collective; every rank's records are then gathered
-    and scored together, so the metrics are those of the whole split. A collective: every rank calls it."""
+def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
+             ) -> tuple[dict[str, Any], list[int]]:
+    """Task metrics over the validation split, and the rows each rank scored: each rank predicts its own share
+    (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that decoding needs no collective;
+    every rank's records are then gathered and scored together, so the metrics are those of the whole split. A
+    collective: every rank calls it."""
     records = []
     with full_parameters(model) as m:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
             records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set)
-    return aggregate(r for part in gather_objects(records) for r in part)
+    parts = gather_objects(records)
+    return aggregate(r for part in parts for r in part), [len(p) for p in parts]
 
 
 def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
@@ -138,9 +129,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f.write(str(os.getpid()))
 
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
-    seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
-    seed_everything(rank_seed(cfg.train.seed, rank))  # then each rank its own dropout
+    model = build_on_rank(cfg.model, cfg.train.seed, rank)
     start_step, epoch, skip_batches = 0, 0, 0
     resume = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
     # the same run name again (e.g. after the driver died): continue from the run folder's latest checkpoint
@@ -215,9 +204,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
         if do_eval:
-            ev = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
-                          cfg.train.eval_batches)
-            record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}}
+            ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
+                                cfg.train.eval_batches)
+            record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}, "val_rows": rows}
             final_eval = ev
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])

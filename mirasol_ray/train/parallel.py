@@ -192,3 +192,24 @@ def rank_seed(seed: int, rank: int) -> int:
     """The seed of a rank's own random streams (dropout, sampling) after the shared model initialisation: distinct
     per rank, and distinct from the initialisation's ``seed``."""
     return seed * 1_000_003 + 1 + rank
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_on_rank(model_cfg, seed: int, rank: int) -> nn.Module:
+    """The model a rank starts from: the same initial weights on every rank (all seeded with ``seed``), after
+    which each rank's random streams are its own (:func:`rank_seed`), so dropout masks differ between ranks."""
+    from mirasol_ray.model.mirasol import build_model
+
+    seed_everything(seed)
+    model = build_model(model_cfg)
+    seed_everything(rank_seed(seed, rank))
+    return model
