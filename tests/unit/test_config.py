@@ -48,3 +48,34 @@ def test_cli_bad_key_is_one_line_and_nonzero(capsys):
     assert main(["train", "--config", "tiny", "--set", "train.bogus=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.bogus" in err[0]
+
+
+@pytest.mark.parametrize("override, data_key", [
+    ("model.frames_per_snippet=8", "data.frames_per_snippet"),
+    ("model.image_size=[32,32]", "data.height, data.width"),
+    ("model.mel_frames=16", "data.mel_frames"),
+    ("model.max_text_len=200", "data.max_prompt_len + data.max_target_len"),
+    ("model.vocab_size=500", "data.tokenizer"),
+])
+def test_model_geometry_set_by_hand_is_an_error_naming_the_data_key(override, data_key):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert str(err.value).startswith(f"{key}=") and "cannot be set" in str(err.value)
+    assert str(err.value).endswith(f"set {data_key} instead")
+
+
+def test_a_saved_run_config_with_its_derived_values_loads():
+    from mirasol_ray.config import from_dict
+
+    cfg = load_config("tiny", ["data.frames_per_snippet=8", "model.frames_per_snippet=8"])  # the same value: fine
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_geometry_error_is_one_line(capsys):
+    from mirasol_ray.cli import main
+
+    assert main(["train", "--config", "tiny", "--set", "model.frames_per_snippet=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mirasol: error: model.frames_per_snippet=8 cannot be set: it follows data.frames_per_snippet "
+                   "(4 here); set data.frames_per_snippet instead"]

@@ -147,3 +147,89 @@ def test_parallelize_in_one_process_applies_checkpointing_and_compile():
     assert all(t.checkpointing for t in model.modules() if isinstance(t, Transformer))
     blocks = [b for b in model.modules() if isinstance(b, Block)]
     assert blocks and all(b._compiled_call_impl is not None for b in blocks)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# sharded checkpoints
+
+
+RESUME = ["train.steps=6", "train.warmup_steps=1", "train.fsdp=true", "train.freeze_av_steps=1"]
+"""The audio-video path held at step 1: a checkpoint at step 1 has no optimiser state for it (see sharded.load)."""
+
+
+def _resume_batch(cfg, rank: int, step: int, world: int) -> dict:
+    """Rank ``rank``'s batch of ``step`` when two ranks share the work; one rank alone takes both halves, so that
+    it sees the same global batch (every row full length: the mean over ranks is the mean over rows)."""
+    from mirasol_ray.data.pipeline import to_torch
+
+    halves = [synthetic_batch(cfg, 2, torch.Generator().manual_seed(100 * r + step)) for r in range(2)]
+    if world == 2:
+        return halves[rank]
+    return to_torch({k: torch.cat([h[k] for h in halves]).numpy() if torch.is_tensor(halves[0][k])
+                     else halves[0][k] + halves[1][k] for k in halves[0]})
+
+
+def _sharded_run(rank: int, world: int, port: int, out: str, phase: str) -> None:
+    from mirasol_ray.train import sharded
+
+    _init(rank, world, port)
+    cfg = load_config("tiny", RESUME)
+    model = parallelize(build_on_rank(cfg.model, 0, rank), cfg, CPU)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    first = 0
+    if phase == "resume":
+        sharded.load(os.path.join(out, "merged"), model, opt)
+        sched.load_state_dict(torch.load(os.path.join(out, "sched.pt"), weights_only=True))
+        first = 2
+    losses = []
+    for step in range(first, 4):
+        if phase == "uninterrupted" and step == 2:
+            sharded.save(os.path.join(out, f"local-rank{rank}"), model, opt)  # a folder of its own per rank
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if rank == 0:
+                torch.save(sched.state_dict(), os.path.join(out, "sched.pt"))
+                torch.save(full, os.path.join(out, "full.pt"))
+        batch = _resume_batch(cfg, rank, step, world)
+        losses.append(mean_over_ranks(train_step(model, [batch], opt, sched, cfg.train, CPU), ("loss",))["loss"])
+    with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+        json.dump({"losses": losses}, f)
+    dist.destroy_process_group()
+
+
+def test_sharded_checkpoint_from_two_ranks_resumes_on_two_and_on_one(tmp_path):
+    """Two FSDP2 ranks write a sharded checkpoint at step 2, each into a folder of its own (merged afterwards, as
+    Ray Train merges what every worker reports); resumed on two ranks and on one, steps 3 and 4 give the losses of
+    the run that never stopped (fp32 on the CPU; one rank adds the gradients in another order: rel 1e-5)."""
+    import shutil
+
+    from mirasol_ray.train import sharded
+
+    ranks = _spawn(_sharded_run, tmp_path, "uninterrupted")
+    expected = ranks[0]["losses"][2:]
+    merged = tmp_path / "merged"
+    for r in range(2):
+        shutil.copytree(tmp_path / f"local-rank{r}", merged, dirs_exist_ok=True)
+    assert sorted(os.listdir(merged)) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
+    assert sharded.is_sharded(str(merged))
+    again = _spawn(_sharded_run, tmp_path, "resume")
+    assert again[0]["losses"] == pytest.approx(expected, rel=1e-5)
+    mp.spawn(_sharded_run, args=(1, _free_port(), str(tmp_path), "resume"), nprocs=1, join=True)
+    alone = json.loads((tmp_path / "rank0.json").read_text())["losses"]
+    assert alone == pytest.approx(expected, rel=1e-5)
+
+    # one process, no process group: the whole model's weights (evaluation, export), and train.init_from
+    full = torch.load(tmp_path / "full.pt", weights_only=True)
+    weights = sharded.model_weights(str(merged))
+    assert weights.keys() == full.keys()
+    for k in full:
+        assert torch.equal(weights[k], full[k]), k
+    from mirasol_ray.model.mirasol import build_model
+
+    cfg = load_config("tiny", ["model.cls_mode=head", "model.num_classes=3"])
+    fresh = build_model(cfg.model)
+    info = sharded.load_weights_into(fresh, str(merged))
+    assert info["missing"] == ["cls_head.0.bias", "cls_head.0.weight", "cls_head.1.bias", "cls_head.1.weight"]
+    assert torch.equal(fresh.state_dict()["text_decoder.embed.weight"], full["text_decoder.embed.weight"])
