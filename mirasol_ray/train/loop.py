@@ -24,7 +24,7 @@ from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
 from mirasol_ray.train.parallel import (
     build_on_rank,
-    full_parameters,
+    evaluating,
     gather_objects,
     gradient_sync,
     mean_over_ranks,
@@ -95,7 +95,7 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
     every rank's records are then gathered and scored together, so the metrics are those of the whole split. A
     collective: every rank calls it."""
     records = []
-    with full_parameters(model) as m:
+    with evaluating(model) as m:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break

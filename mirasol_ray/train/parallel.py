@@ -15,7 +15,7 @@ needs only ``torch.distributed`` (initialised by Ray Train's TorchTrainer, or by
 Under FSDP2 a parameter outside a block is a sharded DTensor until the root's forward gathers it, so only methods
 registered as forward methods may be called on the model; and generation, whose step count depends on the data,
 must not gather block by block (each rank would issue a different sequence of collectives). Evaluation therefore
-runs inside :func:`full_parameters`: the whole model is gathered once on every rank, each rank decodes its own
+runs inside :func:`evaluating`: the whole model is gathered once on every rank, each rank decodes its own
 rows with no collective, and the parameters are freed again after.
 """
 
@@ -74,6 +74,12 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     model = model.to(device)
     set_activation_checkpointing(model, cfg.model.activation_checkpointing)
     if cfg.train.compile:
+        from torch import _dynamo
+
+        # One code object (Block.forward) for every block of every component: each width, mask pattern, mode
+        # (training, evaluation, cached decoding) is a variant of it, beyond dynamo's default of 8 (the rest
+        # would silently run eager).
+        _dynamo.config.recompile_limit = max(_dynamo.config.recompile_limit, 64)
         for block in blocks(model):
             block.compile()
     if not distributed():
@@ -116,25 +122,35 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def full_parameters(model: nn.Module) -> Iterator[nn.Module]:
-    """Every parameter gathered on every rank for the duration (FSDP2; a no-op otherwise); yields the model.
+def evaluating(model: nn.Module) -> Iterator[nn.Module]:
+    """The model ready for evaluation on this rank alone; yields the module whose methods to call.
 
-    A collective on entry: every rank enters together. Inside, forward passes issue no collective at all, so ranks
-    may run different numbers of batches and decoding steps. The gathered parameters are freed on exit.
+    Under FSDP2 every parameter is gathered on every rank for the duration: a collective on entry (every rank
+    enters together), after which forward passes issue no collective at all, so ranks may run different numbers
+    of batches and decoding steps; the gathered parameters are freed on exit. Compiled blocks (``train.compile``)
+    run eagerly here: step-by-step decoding, with its growing key/value cache, would compile a variant per length
+    and gain little from it.
     """
-    if not is_fsdp(model):
-        yield unwrap(model)
-        return
-    units = [m for m in model.modules() if is_fsdp(m)]
-    model.set_reshard_after_forward(False)  # recursive
-    for m in units:  # the same order on every rank
-        m.unshard()
+    compiled = {b: b._compiled_call_impl for b in blocks(model) if getattr(b, "_compiled_call_impl", None)}
+    for b in compiled:
+        b._compiled_call_impl = None
     try:
-        yield model
+        if not is_fsdp(model):
+            yield unwrap(model)
+            return
+        units = [m for m in model.modules() if is_fsdp(m)]
+        model.set_reshard_after_forward(False)  # recursive
+        for m in units:  # the same order on every rank
+            m.unshard()
+        try:
+            yield model
+        finally:
+            for m in units:
+                m.reshard()
+                m.set_reshard_after_forward(m is not model, recurse=False)
     finally:
-        for m in units:
-            m.reshard()
-            m.set_reshard_after_forward(m is not model, recurse=False)
+        for b, impl in compiled.items():
+            b._compiled_call_impl = impl
 
 
 def gradient_sync(model: nn.Module, sync: bool):

@@ -19,7 +19,7 @@ from mirasol_ray.config import load_config
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.train.parallel import (
     build_on_rank,
-    full_parameters,
+    evaluating,
     gather_objects,
     is_fsdp,
     mean_over_ranks,
@@ -62,7 +62,7 @@ def _batch(cfg, rank: int, step: int) -> dict:
 
 def _records(model, cfg, batches) -> list[dict]:
     tok = get_tokenizer(cfg.data.tokenizer)
-    with full_parameters(model) as m:
+    with evaluating(model) as m:
         return [r for b in batches for r in predict_batch(m, b, tok, CPU, label_set=["a", "b", "c"])]
 
 
