@@ -69,8 +69,7 @@ def s3_server(tmp_path_factory):
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
         "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={cfg}",
         "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
-        # its Iceberg and Lance listeners take fixed ports (8181, 9101) by default: two sessions would collide
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports (8181, 9101): parallel servers collide
     ]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)

@@ -103,7 +103,9 @@ class ModelConfig:
 
     # --- classification
     cls_mode: str = "generate"
-    """"generate" (label text by the decoder) or "head" (linear head on pooled latents; needs num_classes)."""
+    """How a clip's class is predicted: "generate" (the decoder writes the label text), "score" (trained like
+    generate; predicts the label whose text the decoder finds most likely among the whole label set: gives a
+    ranking, so top-5) or "head" (linear head on pooled latents; needs num_classes)."""
     cls_loss_weight: float = 1.0
     """Weight of the head's cross-entropy in the total (cls_mode == "head")."""
 
@@ -148,7 +150,8 @@ class ModelConfig:
                    f"{getattr(self, width)} must be divisible by {heads} {getattr(self, heads)}")
         _check(self.combiner in ("transformer", "ttm"), "combiner", f"must be transformer|ttm, got {self.combiner!r}")
         _check(self.latent_loss in ("l2", "cosine"), "latent_loss", f"must be l2|cosine, got {self.latent_loss!r}")
-        _check(self.cls_mode in ("generate", "head"), "cls_mode", f"must be generate|head, got {self.cls_mode!r}")
+        _check(self.cls_mode in ("generate", "score", "head"), "cls_mode",
+               f"must be generate|score|head, got {self.cls_mode!r}")
         if self.cls_mode == "head":
             _check(self.num_classes > 0, "num_classes", "must be positive when cls_mode is 'head'")
         _check(self.latent_loss_weight >= 0, "latent_loss_weight", "must be >= 0")
