@@ -29,7 +29,7 @@ from torch import nn
 
 from mirasol_ray.model.layers import Block, Transformer
 
-FORWARD_METHODS = ("generate", "score_options", "classify", "text_logits")
+FORWARD_METHODS = ("generate", "score_options", "score_candidates", "classify", "text_logits")
 """The model's entry points besides ``forward`` (see :class:`~mirasol_ray.model.mirasol.Mirasol`). Methods they
 call internally (``encode_av``, ``start_decoding``) are not registered: a nested registered call would free the
 root's parameters when it returns, under its caller's feet."""
