@@ -7,6 +7,7 @@ Batches are dicts per :mod:`mirasol_ray.data.schema`; video arrives uint8 and is
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from typing import Any, Iterable
 
@@ -39,22 +40,68 @@ AV_MODULES = ("video_encoder", "audio_encoder", "combiner", "av_model")
 """The audio-video path: what ``train.freeze_av_steps`` holds still while the text decoder learns to read it."""
 
 
+def _param_name(name: str) -> str:
+    return name.removeprefix("module.")  # DDP's wrapper
+
+
+def _unmatched(names: list[str], patterns) -> list[str]:
+    return [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+
+
+def check_patterns(cfg) -> None:
+    """``train.freeze`` and ``train.lr_mult`` patterns that match no parameter of the model ``cfg`` builds are
+    errors (a typo would otherwise silently train everything). Checked on the meta device: nothing allocated."""
+    from mirasol_ray.config import ConfigError
+    from mirasol_ray.model.mirasol import build_model
+
+    with torch.device("meta"):
+        names = [n for n, _ in build_model(cfg.model).named_parameters()]
+    for setting, patterns in (("freeze", cfg.train.freeze), ("lr_mult", cfg.train.lr_mult)):
+        bad = _unmatched(names, patterns)
+        if bad:
+            raise ConfigError(f"train.{setting} pattern {bad[0]!r} matches no parameter (names look like "
+                              f"{names[0]}, text_decoder.transformer.blocks.0.attn.to_q.weight)")
+
+
+def apply_freeze(model: nn.Module, patterns) -> list[str]:
+    """Parameters matching ``train.freeze`` stop requiring gradients (so :func:`make_optimizer` leaves them out);
+    returns their names. Call before wrapping the model (DDP/FSDP2)."""
+    bad = _unmatched([n for n, _ in model.named_parameters()], patterns)
+    if bad:
+        raise ValueError(f"train.freeze pattern {bad[0]!r} matches no parameter")
+    frozen = []
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(_param_name(name), pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def lr_multiplier(name: str, lr_mult: dict[str, float]) -> float:
+    """The first ``train.lr_mult`` pattern matching the parameter ``name`` gives its multiplier; else 1."""
+    name = _param_name(name)
+    return next((m for pat, m in lr_mult.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings, position tables and learned tokens (parameters with
-    < 2 dims, or named embed/pos/token/memory/time). The audio-video path's parameters get groups of their own
-    (``"av": True``) so that :func:`make_scheduler` can hold them still for ``freeze_av_steps``."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW over the parameters that require gradients (``train.freeze`` removed some); no weight decay on biases,
+    norms, embeddings, position tables and learned tokens (parameters with < 2 dims, or named
+    embed/pos/token/memory/time/prefix). The audio-video path's parameters get groups of their own (``"av": True``)
+    so that :func:`make_scheduler` can hold them still for ``freeze_av_steps``; each ``train.lr_mult`` multiplier
+    its own group, at ``lr * multiplier``."""
+    groups: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory", "time"))
-        av = name.removeprefix("module.").split(".")[0] in AV_MODULES  # "module.": DDP's wrapper
-        groups.setdefault((av, no_decay), []).append(p)
+        no_decay = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory", "time", "prefix"))
+        av = _param_name(name).split(".")[0] in AV_MODULES
+        groups.setdefault((av, no_decay, lr_multiplier(name, cfg.lr_mult)), []).append(p)
     params = [p for ps in groups.values() for p in ps]
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "av": av}
-         for (av, no_decay), ps in sorted(groups.items())],
+        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "av": av, "lr": cfg.lr * mult,
+          "lr_mult": mult}
+         for (av, no_decay, mult), ps in sorted(groups.items())],
         lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
 
 
