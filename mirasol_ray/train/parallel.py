@@ -91,8 +91,9 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    # a held audio-video path (train.freeze_av_steps) runs outside the autograd graph
-    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=cfg.train.freeze_av_steps > 0)
+    # find_unused_parameters: a held audio-video path (train.freeze_av_steps) runs outside the autograd graph, and
+    # a pretrained part may hold parameters this model never uses (the cost: one graph traversal a step)
+    return DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
 
 def shard(model: nn.Module, device: torch.device, precision: str = "auto") -> nn.Module:
