@@ -1,8 +1,9 @@
 """What a training step costs, counted on the meta device (no memory allocated, no GPU needed).
 
 - :func:`step_flops`: the FLOPs of one forward + backward. *Model* FLOPs count the model once (what MFU means:
-  the work the model defines, whatever the implementation does); *hardware* FLOPs add the forward of every block
-  again in backward when activation checkpointing recomputes it. Counted by ``torch.utils.flop_counter`` on meta
+  the work the model defines, whatever the implementation does); *hardware* FLOPs add what activation
+  checkpointing recomputes in backward: every block's forward up to the last tensor backward needs (torch's
+  non-reentrant checkpoint stops there, so a block's final MLP projection is not run again). Counted by ``torch.utils.flop_counter`` on meta
   tensors, where attention runs as its math decomposition (two batched matmuls), so attention is counted in full
   (dense, masks ignored), even where the fused kernel a GPU runs has no formula in the counter.
 - :func:`memory_plan`: bytes per GPU of parameters, gradients, AdamW state and saved activations, under DDP or
