@@ -107,7 +107,9 @@ class TrainConfig:
     """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
 
     stage: str = "pretrain"
-    """pretrain (caption + latent prediction) or finetune (qa, mcqa, cls)."""
+    """pretrain (from scratch, or from pretrained encoders/decoder: ``model.*_init``) or finetune (from a trained
+    checkpoint, ``train.init_from``, on task rows: ``data.task`` qa, mcqa, cls, finetune or all). Checked when a
+    run starts (:func:`check_stage`); the checkpoint's meta.json records it."""
     init_from: str = ""
     """Checkpoint URI to initialise the model from (finetune from a pretrain run)."""
     steps: int = 100
@@ -386,6 +388,20 @@ def _check_derived(raw_model: dict[str, Any], model: ModelConfig) -> None:
         if given != getattr(model, key):
             raise ConfigError(f"model.{key}={given!r} cannot be set: it follows {source} ({getattr(model, key)!r} "
                               f"here); set {source} instead")
+
+
+def check_stage(cfg: Config) -> None:
+    """What ``train.stage=finetune`` promises, checked before a run starts: it continues from trained weights
+    (``train.init_from``, or pretrained ``model.*_init``) on task rows, never trains on captions from scratch."""
+    if cfg.train.stage != "finetune":
+        return
+    if cfg.data.task == "caption":
+        raise ConfigError("train.stage=finetune trains on task rows, but data.task=caption: set data.task="
+                          "qa|mcqa|cls|finetune|all (or train.stage=pretrain to train on captions)")
+    m = cfg.model
+    if not (cfg.train.init_from or m.video_init or m.audio_init or m.text_init):
+        raise ConfigError("train.stage=finetune needs weights to start from: set train.init_from=RUN_OR_CHECKPOINT "
+                          "(or model.video_init/audio_init/text_init), or train.stage=pretrain to train from scratch")
 
 
 def from_dict(raw: dict[str, Any]) -> Config:

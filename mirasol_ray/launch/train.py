@@ -11,7 +11,7 @@ import time
 from typing import Any
 
 from mirasol_ray import storage
-from mirasol_ray.config import Config
+from mirasol_ray.config import Config, check_stage
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
@@ -123,6 +123,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    check_stage(cfg)
     expand_shard_urls(cfg.data.train, cfg.storage.endpoint_url)  # fail early, naming the URL
     if cfg.train.init_from:
         cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, cfg.storage.endpoint_url)

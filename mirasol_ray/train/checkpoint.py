@@ -10,7 +10,14 @@ A checkpoint folder holds::
     tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
 
 so a checkpoint is self-contained: evaluation and prediction on another machine need its URI alone, whatever
-paths the run was trained with. ``mirasol export`` writes the same in one file::
+paths the run was trained with.
+
+Under FSDP2 (``train.fsdp``) a checkpoint is **sharded**: no rank gathers the model. Every rank writes its own part
+of the weights and the optimiser state through ``torch.distributed.checkpoint`` (:mod:`mirasol_ray.train.sharded`:
+``.metadata`` and one ``__<rank>_0.distcp`` per rank), and ``model.pt`` holds the config alone with
+``"sharded": True``; ``train_state.pt`` then holds ``"optimizer": None``. Everything that reads a checkpoint goes through
+:func:`load_model_state` (the weights, whichever kind) or, for a model being trained, :func:`load_weights_into`,
+so evaluation, prediction, ``train.init_from`` and ``mirasol export`` read both kinds alike. ``mirasol export`` writes the same in one file::
 
     {"config", "model", "meta": the meta.json dict, "tokenizer": {"name", "data": bytes} or None}
 
@@ -28,11 +35,13 @@ from typing import Any
 import torch
 
 from mirasol_ray import storage
-from mirasol_ray.model.mirasol import load_model, model_state
+from mirasol_ray.model.mirasol import load_model
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+SHARDED = "sharded"
+"""``model.pt``'s flag of a sharded checkpoint (its weights are the folder's DCP shards)."""
 TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
 """A tokenizer's name inside a checkpoint, by the suffix of the file it came from."""
 
@@ -86,17 +95,20 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
             optimizer.state.pop(p, None)
 
 
-def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
+def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None, optim_sd: dict | None = None,
                      scheduler=None, *, step: int, epoch: int = 0, batch_in_epoch: int = 0, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
-                     label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None) -> str:
+                     label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None,
+                     sharded: bool = False) -> str:
     """Write a checkpoint into a local ``folder`` (Ray Train then uploads it). ``tokenizer``: see
-    :func:`tokenizer_payload`."""
+    :func:`tokenizer_payload`. ``sharded``: the weights and optimiser state are in the folder's DCP shards
+    (written by every rank, :func:`mirasol_ray.train.sharded.save`), not in ``model_sd``/``optim_sd``; the
+    training state holds the scheduler and the data position."""
     os.makedirs(folder, exist_ok=True)
-    state = model_state(unwrap(model))
-    state["model"] = model_sd
+    state = {"config": unwrap(model).config.to_dict(), "model": {}, SHARDED: True} if sharded else {
+        "config": unwrap(model).config.to_dict(), "model": model_sd}
     torch.save(state, os.path.join(folder, MODEL_FILE))
-    if optim_sd is not None:
+    if optim_sd is not None or sharded:
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
                     "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
                    os.path.join(folder, STATE_FILE))
@@ -153,15 +165,39 @@ def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
     return storage.join(latest, MODEL_FILE)
 
 
+def is_sharded_state(state: dict[str, Any]) -> bool:
+    """Whether a loaded ``model.pt`` is a sharded checkpoint's (config only; weights in the DCP shards)."""
+    return bool(state.get(SHARDED))
+
+
+def load_model_state(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """``{"config", "model", ...}`` of a resolved ``model.pt`` with the whole model's weights, also for a sharded
+    checkpoint (read from its shards in this process: the model's, not the optimiser's)."""
+    state = load_torch(model_uri, endpoint_url)
+    if is_sharded_state(state):
+        from mirasol_ray.train import sharded
+
+        state = {**state, "model": sharded.model_weights(_folder(model_uri), endpoint_url)}
+        state.pop(SHARDED)
+    return state
+
+
 def load_model_from(uri: str, endpoint_url: str = ""):
-    """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder)."""
-    return load_model(load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url))
+    """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder; sharded or not)."""
+    return load_model(load_model_state(resolve_checkpoint(uri, endpoint_url), endpoint_url))
 
 
 def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") -> dict[str, list[str]]:
     """Initialise ``model`` from a checkpoint's weights (finetune from pretrain). Parameters whose shapes differ
-    (e.g. a classification head sized for another label set) are left as initialised and reported."""
-    state = load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url)["model"]
+    (e.g. a classification head sized for another label set) are left as initialised and reported. From a
+    sharded checkpoint every rank reads only what it holds (a collective under a process group)."""
+    model_uri = resolve_checkpoint(uri, endpoint_url)
+    state = load_torch(model_uri, endpoint_url)
+    if is_sharded_state(state):
+        from mirasol_ray.train import sharded
+
+        return sharded.load_weights_into(model, _folder(model_uri), endpoint_url)
+    state = state["model"]
     own = unwrap(model).state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     result = unwrap(model).load_state_dict(keep, strict=False)
@@ -220,7 +256,7 @@ def export(checkpoint: str, out: str, endpoint_url: str = "") -> dict[str, Any]:
     """One self-contained file (weights, model config, run config, label set, tokenizer bytes) from a checkpoint
     (file, checkpoint folder or run folder; local or ``s3://``), written to ``out`` (local or ``s3://``)."""
     model_uri = resolve_checkpoint(checkpoint, endpoint_url)
-    state = load_torch(model_uri, endpoint_url)
+    state = load_model_state(model_uri, endpoint_url)
     meta = read_meta(model_uri, endpoint_url)
     tok = tokenizer_spec(model_uri, meta, endpoint_url)
     state = {"config": state["config"], "model": state["model"], "meta": meta,

@@ -22,12 +22,14 @@ from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.pretrained import load_pretrained, startup_table
 from mirasol_ray.train import checkpoint as ckpt
+from mirasol_ray.train import sharded
 from mirasol_ray.train.metrics import Throughput, aggregate
 from mirasol_ray.train.parallel import (
     build_on_rank,
     evaluating,
     gather_objects,
     gradient_sync,
+    is_fsdp,
     mean_over_ranks,
     parallelize,
 )
@@ -112,10 +114,19 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
     return aggregate(r for part in parts for r in part), [len(p) for p in parts]
 
 
-def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
-    """(model state dict, training state) from a checkpoint folder (local, or a URI in the run folder)."""
-    model = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)["model"]
-    return model, ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any]:
+    """Load a checkpoint folder (local, or a URI in the run folder) into the parallelised model, its optimiser and
+    scheduler, and return its training state (``step``, ``epoch``, ``batch_in_epoch``). A sharded checkpoint is
+    read shard by shard onto however many ranks there are now (resharding); a full one is loaded on every rank. A
+    collective under FSDP2."""
+    model_file = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)
+    state = ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+    if ckpt.is_sharded_state(model_file):
+        sharded.load(folder, model, opt, endpoint_url)
+    else:
+        ckpt.restore_state(model, opt, model_file["model"], state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -158,16 +169,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parallelize(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    state = None
+    st = None
     if resume is not None:
         with resume.as_directory() as d:
-            state = _load_state(d, "")
+            st = _restore(d, "", model, opt, sched)
     elif latest is not None:
-        state = _load_state(latest, endpoint_url)
-    if state is not None:
-        model_sd, st = state
-        ckpt.restore_state(model, opt, model_sd, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+        st = _restore(latest, endpoint_url, model, opt, sched)
+    if st is not None:
         start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
         if rank == 0:
             _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
@@ -247,9 +255,15 @@ def _say(message: str) -> None:
 
 def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, rank: int, log: RunLog | None,
             record: dict | None, final_eval: dict, label_set: list[str] | None, tokenizer: dict | None) -> None:
+    """Report a checkpoint through Ray Train. Under FSDP2 it is sharded: every rank writes its own shard into a
+    folder of its own and reports it, and Ray Train uploads them all into the one checkpoint folder (nothing is
+    gathered); otherwise rank 0 writes the whole model."""
     import ray.train
 
-    model_sd, optim_sd = ckpt.gather_state(model, opt)  # a collective under FSDP2
+    by_shards = is_fsdp(model)
+    model_sd = optim_sd = None
+    if rank == 0 and not by_shards:
+        model_sd, optim_sd = ckpt.gather_state(model, opt)
     metrics = {"step": step, "epoch": epoch}
     if record:
         metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
@@ -257,10 +271,15 @@ def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, ran
         metrics["val"] = {k: v["value"] for k, v in final_eval.items()}
     if rank == 0:
         log.sync()
-        with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
+    if rank != 0 and not by_shards:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
+        if by_shards:
+            sharded.save(d, model, opt)  # a collective: this rank's shard (and on rank 0 the .metadata)
+        if rank == 0:
             ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
                                   batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
-                                  run_config=cfg.to_dict(), label_set=label_set, tokenizer=tokenizer)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
-    else:
-        ray.train.report(metrics, checkpoint=None)
+                                  run_config=cfg.to_dict(), label_set=label_set, tokenizer=tokenizer,
+                                  sharded=by_shards)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))

@@ -54,19 +54,31 @@ def _cfg(data, name, *extra, root=None):
                                 f"storage.name={name}", *RUN, *extra])
 
 
+SHARDS = [".metadata", "__0_0.distcp", "__1_0.distcp"]
+"""What torch.distributed.checkpoint writes for two ranks: the index (rank 0), and one shard per rank."""
+
+
 @pytest.fixture(scope="module")
 def runs(ray_local, data):
-    """DDP for 4 steps and FSDP2 for 2 (both validating at the end and checkpointing every 2 steps)."""
+    """DDP for 4 steps straight through. FSDP2 for 2 steps (a sharded checkpoint at step 2, written by two
+    workers), then the same run continued to step 4 on two workers, and a copy of its step-2 checkpoint continued
+    on one worker (resharding). Every run validates at its end and checkpoints every 2 steps."""
     out = {}
-    for kind, steps in (("ddp", 4), ("fsdp", 2)):
-        summary = run_training(_cfg(data, kind, f"train.steps={steps}", f"train.fsdp={kind == 'fsdp'}"))
+    ddp = run_training(_cfg(data, "ddp", "train.steps=4", "train.fsdp=false"))
+    out["ddp"] = {"summary": ddp, "records": read_metrics(ddp["run"])}
+    first = run_training(_cfg(data, "fsdp", "train.steps=2", "train.fsdp=true"))
+    out["fsdp_step2"] = {"summary": first, "files": sorted(os.listdir(first["checkpoint"]))}
+    alone = data["root"] / "runs" / "fsdp-on-one"
+    shutil.copytree(first["checkpoint"], alone / os.path.basename(first["checkpoint"]))
+    for kind, extra in (("fsdp", []), ("fsdp-on-one", ["scaling.num_workers=1"])):
+        summary = run_training(_cfg(data, kind, "train.steps=4", "train.fsdp=true", *extra))
         out[kind] = {"summary": summary, "records": read_metrics(summary["run"])}
     return out
 
 
 def test_fsdp2_and_ddp_train_alike_and_validate_on_every_rank(runs):
     ddp, fsdp = runs["ddp"]["records"], runs["fsdp"]["records"]
-    assert [r["step"] for r in ddp] == [1, 2, 3, 4] and [r["step"] for r in fsdp] == [1, 2]
+    assert [r["step"] for r in ddp] == [1, 2, 3, 4] and [r["step"] for r in fsdp] == [1, 2, 3, 4]
     for a, b in zip(ddp, fsdp):  # the same batches (one clip repeated): the same losses, step by step
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOL)
     for kind in ("ddp", "fsdp"):
@@ -75,6 +87,24 @@ def test_fsdp2_and_ddp_train_alike_and_validate_on_every_rank(runs):
         assert len(rows) == 2 and min(rows) > 0 and sum(rows) == 28
         assert {"caption", "qa", "mcqa", "cls"} <= set(last["val"])
         assert runs[kind]["summary"]["val"] == last["val"]
+
+
+def test_fsdp2_checkpoints_are_sharded_and_resume_on_two_and_on_one_worker(runs):
+    """Under FSDP2 every worker writes its own shard (no full state on any rank); the run continued from its
+    step-2 checkpoint on two workers, and on one, takes steps 3 and 4 with the losses of the DDP run that never
+    stopped (every batch is the same clip: one worker's batch of 2 is the two workers' global batch)."""
+    first = runs["fsdp_step2"]
+    assert first["summary"]["steps"] == 2
+    assert set(SHARDS) <= set(first["files"]) and "model.pt" in first["files"]
+    assert set(SHARDS) <= set(os.listdir(runs["fsdp"]["summary"]["checkpoint"]))
+    ddp = [r["loss"] for r in runs["ddp"]["records"]]
+    for kind in ("fsdp", "fsdp-on-one"):  # the copy's run folder began with the checkpoint alone (no metrics)
+        resumed = [r for r in runs[kind]["records"] if r["step"] > 2]
+        assert [r["step"] for r in resumed] == [3, 4]
+        assert [r["loss"] for r in resumed] == pytest.approx(ddp[2:], rel=LOSS_TOL)
+    # written by one worker: one shard, loadable on two again
+    assert {n for n in os.listdir(runs["fsdp-on-one"]["summary"]["checkpoint"]) if n.endswith(".distcp")} == {
+        "__0_0.distcp"}
 
 
 @pytest.mark.parametrize("kind", ["ddp", "fsdp"])

@@ -79,3 +79,21 @@ def test_cli_geometry_error_is_one_line(capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["mirasol: error: model.frames_per_snippet=8 cannot be set: it follows data.frames_per_snippet "
                    "(4 here); set data.frames_per_snippet instead"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.stage=finetune"], "train.stage=finetune trains on task rows, but data.task=caption"),
+    (["train.stage=finetune", "data.task=qa"], "train.stage=finetune needs weights to start from"),
+])
+def test_finetune_stage_means_task_rows_from_trained_weights(tmp_path, capsys, sets, message):
+    """``train.stage=finetune`` (what jobs/finetune.py sets) refuses to train captions, or from scratch, before any
+    work starts (no Ray, no data read); pretrain and a finetune with its starting point are accepted."""
+    from mirasol_ray.cli import main
+    from mirasol_ray.config import check_stage
+
+    args = ["train", "--config", "tiny", "--set", f"data.train={tmp_path}/absent"]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mirasol: error: {message}")
+    check_stage(load_config("tiny", ["train.stage=pretrain"]))
+    check_stage(load_config("tiny", ["train.stage=finetune", "data.task=all", "train.init_from=runs/pre"]))
