@@ -10,19 +10,19 @@ A checkpoint folder holds::
     tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
 
 so a checkpoint is self-contained: evaluation and prediction on another machine need its URI alone, whatever
-paths the run was trained with.
-
-Under FSDP2 (``train.fsdp``) a checkpoint is **sharded**: no rank gathers the model. Every rank writes its own part
-of the weights and the optimiser state through ``torch.distributed.checkpoint`` (:mod:`mirasol_ray.train.sharded`:
-``.metadata`` and one ``__<rank>_0.distcp`` per rank), and ``model.pt`` holds the config alone with
-``"sharded": True``; ``train_state.pt`` then holds ``"optimizer": None``. Everything that reads a checkpoint goes through
-:func:`load_model_state` (the weights, whichever kind) or, for a model being trained, :func:`load_weights_into`,
-so evaluation, prediction, ``train.init_from`` and ``mirasol export`` read both kinds alike. ``mirasol export`` writes the same in one file::
+paths the run was trained with. ``mirasol export`` writes the same in one file::
 
     {"config", "model", "meta": the meta.json dict, "tokenizer": {"name", "data": bytes} or None}
 
 ``resolve_checkpoint`` accepts a ``model.pt`` (or an exported file), a checkpoint folder, or a run folder (its
 latest checkpoint), on local disk or ``s3://``.
+
+Under FSDP2 (``train.fsdp``) a checkpoint is **sharded**: no rank gathers the model. Every rank writes its own part
+of the weights and the optimiser state through ``torch.distributed.checkpoint`` (:mod:`mirasol_ray.train.sharded`:
+``.metadata`` and one ``__<rank>_0.distcp`` per rank), ``model.pt`` holds the config alone with ``"sharded": True``
+and ``train_state.pt`` holds ``"optimizer": None``. Everything that reads a checkpoint goes through
+:func:`load_model_state` (the whole model's weights, whichever kind) or, for a model being trained,
+:func:`load_weights_into`, so evaluation, prediction, ``train.init_from`` and ``mirasol export`` read both kinds.
 """
 
 from __future__ import annotations
