@@ -33,8 +33,11 @@ def _reader(folder: str, endpoint_url: str = ""):
     import torch.distributed.checkpoint as dcp
 
     if storage.is_s3(folder):
+        # torch 2.13 no longer exports FsspecReader from the package (it reads through fsspec: s3fs, ranged GETs)
+        from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
+
         ep = storage.endpoint(endpoint_url)
-        return dcp.FsspecReader(folder, **({"client_kwargs": {"endpoint_url": ep}} if ep else {}))
+        return FsspecReader(folder, **({"client_kwargs": {"endpoint_url": ep}} if ep else {}))
     return dcp.FileSystemReader(storage.strip_scheme(folder))
 
 
