@@ -16,17 +16,21 @@ from mirasol_ray.config import Config, check_stage
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
     """Connect to ``RAY_ADDRESS`` or start a local Ray (dashboard on 127.0.0.1 when asked).
-    Returns True when this call started Ray."""
+    Returns True when this call started Ray.
+
+    Nothing of the driver's environment is handed to Ray: the workers of an embedded Ray inherit it (credentials
+    included) from the processes ``ray.init`` starts, and a cluster's workers have the cluster's own. A runtime
+    env would put the AWS keys into Ray's logs and dashboard. The workers' output stays in Ray's session logs
+    (``log_to_driver=False``); the console shows what :mod:`mirasol_ray.launch.console` draws."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=True)
+        ray.init(log_to_driver=False, configure_logging=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": env} if env else None, configure_logging=False)
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
+                 configure_logging=False)
     return True
 
 
@@ -45,10 +49,10 @@ def run_uri(cfg: Config, name: str) -> str:
 
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
-                pid_dir: str = "") -> dict[str, Any]:
+                pid_dir: str = "", lease: str = "", scratch: str = "") -> dict[str, Any]:
     """The one plain dict that crosses from the driver to the workers."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
-            "pid_dir": pid_dir}
+            "pid_dir": pid_dir, "lease": lease, "scratch": scratch}
 
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
@@ -103,9 +107,30 @@ def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in storage.read_text(path, endpoint_url).splitlines() if ln.strip()]
 
 
+def training_error(e: BaseException) -> Exception:
+    """A failed ``fit()`` as one line naming the worker and what it raised (Ray's own text runs to hundreds of
+    lines); the worker's traceback is in Ray's session logs."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if not failures:
+        first = next((ln for ln in str(e).splitlines() if ln.strip() and "Training failed" not in ln),
+                     type(e).__name__)
+        return RuntimeError(f"training failed: {first[:300]}")
+    rank, err = min(failures.items())
+    while isinstance(getattr(err, "cause", None), BaseException):  # Ray's task-error wrappers
+        err = err.cause
+    first = next((ln for ln in str(err).splitlines() if ln.strip()), "")
+    if type(err).__name__ == "NoBatchError":  # already says what happened and what was skipped
+        return RuntimeError(first)
+    return RuntimeError(f"training failed on worker rank {rank}: {type(err).__name__}: {first[:300]}")
+
+
 def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | None = None,
                  pid_dir: str = "") -> dict[str, Any]:
-    """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``)."""
+    """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``).
+
+    Before anything starts: the shards and ``train.init_from`` resolve, the run folder is writable and this run
+    holds its lease (a second live run on it is refused). Phase lines and a progress bar go to stderr; the
+    driver's library logs to ``logs/driver-*.log`` in the run folder (:mod:`mirasol_ray.launch.console`)."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -119,88 +144,118 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         reshuffle_blocks_each_epoch,
         train_data_config,
     )
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+    from mirasol_ray.launch import console
+    from mirasol_ray.launch.lease import RunLease
+    from mirasol_ray.launch.scratch import scratch_folder
+    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, prune_checkpoints, read_meta
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
     check_stage(cfg)
-    expand_shard_urls(cfg.data.train, cfg.storage.endpoint_url)  # fail early, naming the URL
+    ep = cfg.storage.endpoint_url
+    expand_shard_urls(cfg.data.train, ep)  # fail early, naming the URL
+    if cfg.data.val:
+        expand_shard_urls(cfg.data.val, ep)
     if cfg.train.init_from:
-        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, cfg.storage.endpoint_url)
+        from mirasol_ray.train.checkpoint import check_model_file, resolve_checkpoint
+
+        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, ep)
+        check_model_file(cfg.train.init_from, ep)
     name = run_name(cfg, config_name)
     uri = run_uri(cfg, name)
-    manifest = find_manifest(cfg.data.train, cfg.storage.endpoint_url) or {}
+    storage.check_output(uri, "dir", ep)
+    manifest = find_manifest(cfg.data.train, ep) or {}
     label_set = manifest.get("label_set")
-    started = ensure_ray(num_cpus)
-    # Progress is the workers' step lines; Ray Data's bars, drawn from a background actor, would garble them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        counter, counter_name = make_skip_counter(f"mirasol-skips-{name}")
-        datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                             label_set=label_set, endpoint_url=cfg.storage.endpoint_url)}
-        if cfg.data.val:
-            datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
-                                              label_set=label_set, endpoint_url=cfg.storage.endpoint_url)
-        last = latest_checkpoint_dir(uri, cfg.storage.endpoint_url)
-        done = read_meta(resolve_checkpoint(last, cfg.storage.endpoint_url), cfg.storage.endpoint_url).get(
-            "step", 0) if last else 0
-        if cfg.data.cache and done >= cfg.train.steps:
-            print(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode", flush=True)
-        elif cfg.data.cache:
-            t0 = time.perf_counter()
-            datasets = {k: ds.materialize() for k, ds in datasets.items()}
-            rows = {k: ds.count() for k, ds in datasets.items()}
-            # a new block order every epoch (docs/PERFORMANCE.md, "The demo": temporal 0.68 -> 0.95 in-memory)
-            datasets["train"] = reshuffle_blocks_each_epoch(datasets["train"], cfg.data.seed)
-            print(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s",
-                  flush=True)
-        fs, root_path = storage.pyarrow_fs(cfg.storage.root, cfg.storage.endpoint_url)
-        storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), cfg.storage.endpoint_url)
-        resources = {"CPU": cfg.scaling.cpus_per_worker}
-        trainer = TorchTrainer(
-            train_loop_per_worker=_entry,
-            train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir),
-            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
-                                                   resources_per_worker=resources),
-            datasets=datasets,
-            dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
-            run_config=ray.train.RunConfig(
-                name=name,
-                storage_path=root_path,
-                storage_filesystem=fs if storage.is_remote(cfg.storage.root) else None,
-                checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-            ),
-        )
-        t0 = time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with RunLease(uri, ep) as lease, scratch_folder() as scratch, console.quiet_libraries() as logs:
+        local_log = storage.join(uri, "logs", f"driver-{stamp}.log")
+        logs.attach(os.path.join(scratch, "driver.log") if storage.is_remote(uri) else storage.strip_scheme(local_log))
+        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)  # leftovers of a run stopped mid-upload
+        last = latest_checkpoint_dir(uri, ep)
+        done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
+        console.say(f"run {uri}: {cfg.train.stage}, {cfg.train.steps} steps on {cfg.scaling.num_workers} worker(s)"
+                    + (f", from its checkpoint at step {done}" if last else "") + f"; logs: {local_log}")
+        started = ensure_ray(num_cpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        counter = None
         try:
-            result = trainer.fit()
-        except SystemExit as e:
-            # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and waiting on the aborted controller raises
-            # SystemExit(1) with no message; say what happened and how to go on
-            raise KeyboardInterrupt(f"run {name} aborted; the same command with storage.name={name} resumes "
-                                    "from its last checkpoint") from e
-        elapsed = time.perf_counter() - t0
-        skips = read_skips(counter)
-    finally:
-        if started:
-            ray.shutdown()
-    records = read_metrics(uri, cfg.storage.endpoint_url)
-    plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
-    last = records[-1] if records else {}
-    summary = {
-        "run": uri,
-        "stage": cfg.train.stage,
-        "steps": last.get("step", 0),
-        "final_loss": last.get("loss"),
-        "val": (result.metrics or {}).get("val", {}),
-        "checkpoint": latest_checkpoint_dir(uri, cfg.storage.endpoint_url),
-        "decoded": skips["decoded"],
-        "skipped": skips["skipped"],
-        "seconds": round(elapsed, 1),
-        "learning_curve": plot,
-    }
-    storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2), cfg.storage.endpoint_url)
+            counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
+            datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
+                                                 label_set=label_set, endpoint_url=ep)}
+            if cfg.data.val:
+                datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
+                                                  label_set=label_set, endpoint_url=ep)
+            if cfg.data.cache and done >= cfg.train.steps:
+                console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
+            elif cfg.data.cache:
+                t0 = time.perf_counter()
+                console.say("decoding into Ray's object store (data.cache)")
+                datasets = {k: ds.materialize() for k, ds in datasets.items()}
+                rows = {k: ds.count() for k, ds in datasets.items()}
+                # a new block order every epoch (docs/PERFORMANCE.md, "The demo": temporal 0.68 -> 0.95 in-memory)
+                datasets["train"] = reshuffle_blocks_each_epoch(datasets["train"], cfg.data.seed)
+                console.say(f"decoded into the object store (data.cache): {rows} rows in "
+                            f"{time.perf_counter() - t0:.0f} s")
+            fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
+            storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
+            resources = {"CPU": cfg.scaling.cpus_per_worker}
+            trainer = TorchTrainer(
+                train_loop_per_worker=_entry,
+                train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir,
+                                              lease.token, scratch),
+                scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
+                                                       use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
+                datasets=datasets,
+                dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
+                run_config=ray.train.RunConfig(
+                    name=name,
+                    storage_path=root_path,
+                    storage_filesystem=fs if storage.is_remote(cfg.storage.root) else None,
+                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+                    failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                ),
+            )
+            t0 = time.perf_counter()
+            try:
+                with console.StepProgress(counter, cfg.train.steps, name):
+                    result = trainer.fit()
+            except SystemExit as e:
+                # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and waiting on the aborted controller
+                # raises SystemExit(1) with no message; say what happened and how to go on
+                raise KeyboardInterrupt(f"run {name} aborted; the same command with storage.name={name} resumes "
+                                        "from its last checkpoint") from e
+            except ray.train.TrainingFailedError as e:
+                raise training_error(e) from e
+            elapsed = time.perf_counter() - t0
+            skips = read_skips(counter)
+        finally:
+            if counter is not None and not started:
+                ray.kill(counter)
+            if started:
+                ray.shutdown()
+            if storage.is_remote(uri) and os.path.exists(os.path.join(scratch, "driver.log")):
+                try:
+                    storage.write_bytes(local_log, open(os.path.join(scratch, "driver.log"), "rb").read(), ep)
+                except Exception:  # the log is a convenience: never mask the run's own outcome
+                    pass
+        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)
+        records = read_metrics(uri, ep)
+        plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
+        last = records[-1] if records else {}
+        summary = {
+            "run": uri,
+            "stage": cfg.train.stage,
+            "steps": last.get("step", 0),
+            "final_loss": last.get("loss"),
+            "val": (result.metrics or {}).get("val", {}),
+            "checkpoint": latest_checkpoint_dir(uri, ep),
+            "decoded": skips["decoded"],
+            "skipped": skips["skipped"],
+            "seconds": round(elapsed, 1),
+            "learning_curve": plot,
+            "log": local_log,
+        }
+        storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2), ep)
     return summary
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -59,15 +60,21 @@ SHARDS = [".metadata", "__0_0.distcp", "__1_0.distcp"]
 
 
 @pytest.fixture(scope="module")
-def runs(ray_local, data):
+def runs(_ray_session, data):
     """DDP for 4 steps straight through. FSDP2 for 2 steps (a sharded checkpoint at step 2, written by two
     workers), then the same run continued to step 4 on two workers, and a copy of its step-2 checkpoint continued
     on one worker (resharding). Every run validates at its end and checkpoints every 2 steps."""
+    import ray
+
+    if not ray.is_initialized():  # as tests/conftest.py's ray_local, which is per test
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
     out = {}
     ddp = run_training(_cfg(data, "ddp", "train.steps=4", "train.fsdp=false"))
     out["ddp"] = {"summary": ddp, "records": read_metrics(ddp["run"])}
     first = run_training(_cfg(data, "fsdp", "train.steps=2", "train.fsdp=true"))
-    out["fsdp_step2"] = {"summary": first, "files": sorted(os.listdir(first["checkpoint"]))}
+    out["fsdp_step2"] = {"summary": first, "files": sorted(os.listdir(first["checkpoint"])),
+                         "complete": json.loads((Path(first["checkpoint"]) / "complete.json").read_text())}
     alone = data["root"] / "runs" / "fsdp-on-one"
     shutil.copytree(first["checkpoint"], alone / os.path.basename(first["checkpoint"]))
     for kind, extra in (("fsdp", []), ("fsdp-on-one", ["scaling.num_workers=1"])):
@@ -96,6 +103,8 @@ def test_fsdp2_checkpoints_are_sharded_and_resume_on_two_and_on_one_worker(runs)
     first = runs["fsdp_step2"]
     assert first["summary"]["steps"] == 2
     assert set(SHARDS) <= set(first["files"]) and "model.pt" in first["files"]
+    # complete.json, written last, lists every worker's shard: the checkpoint counts once all of them are stored
+    assert first["complete"]["step"] == 2 and set(SHARDS) | {"model.pt"} <= set(first["complete"]["files"])
     assert set(SHARDS) <= set(os.listdir(runs["fsdp"]["summary"]["checkpoint"]))
     ddp = [r["loss"] for r in runs["ddp"]["records"]]
     for kind in ("fsdp", "fsdp-on-one"):  # the copy's run folder began with the checkpoint alone (no metrics)
