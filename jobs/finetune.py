@@ -8,6 +8,9 @@ Running it again with the same storage.name resumes from the run's last checkpoi
         --set train.init_from=s3://bucket/runs/pre --set data.train=s3://bucket/shards/train \\
         --set storage.root=s3://bucket/runs --set storage.name=ft
     mirasol submit finetune --config base --set train.init_from=s3://bucket/runs/pre --set ...
+
+With ``data.task=caption``, or with no weights to start from, the run refuses to start and says so
+(:meth:`mirasol_ray.config.Config.check_start`).
 """
 
 import sys

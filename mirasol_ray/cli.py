@@ -111,6 +111,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mirasol_ray.train.checkpoint import export
+
+    res = export(args.checkpoint, args.out, os.environ.get("AWS_ENDPOINT_URL", ""))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"wrote {res['out']}: step {res['step']}, {res['parameters'] / 1e6:.1f}M parameters, "
+              f"{res['bytes'] / 2**20:.1f} MiB, from {res['checkpoint']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.demo import run_demo
 
@@ -308,6 +320,13 @@ def build_parser() -> argparse.ArgumentParser:
     cl.add_argument("--object-store-memory", type=int, default=None, help="bytes per node (up; default: Ray's)")
     cl.add_argument("--json", action="store_true", help="one JSON object on stdout")
     cl.set_defaults(func=_cmd_cluster)
+
+    x = sub.add_parser("export", help="one self-contained model file (weights, config, tokenizer, label set) "
+                                      "from a checkpoint, sharded or not")
+    x.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model file (local/s3)")
+    x.add_argument("--out", required=True, help="the file to write (local path or s3:// URI)")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=_cmd_export)
 
     # bench
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)

@@ -4,7 +4,8 @@ A config is one :class:`Config` holding five sections (data, model, train, scali
 ``mirasol_ray/configs/NAME.yaml``; a path to any YAML file works too. Unknown keys are errors that name the key.
 
 Geometry (snippets, frames, image size, mel bins, text lengths, vocabulary and special tokens) is set once, in ``data``; the model
-section follows it (see :meth:`Config.__post_init__`), so the two can never disagree.
+section follows it (see :meth:`Config.__post_init__`), so the two can never disagree: setting one of those model
+fields to another value is an error that names the ``data.`` key to set (:data:`DERIVED_MODEL_FIELDS`).
 """
 
 from __future__ import annotations
@@ -108,8 +109,9 @@ class TrainConfig:
     """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
 
     stage: str = "pretrain"
-    """pretrain (caption rows + latent prediction) or finetune (QA, multiple choice and label rows, from the
-    weights of ``init_from``). Sets ``data.task`` unless that is given."""
+    """pretrain (from scratch, or from pretrained encoders/decoder: ``model.*_init``) or finetune (from a trained
+    checkpoint, ``train.init_from``, on task rows: ``data.task`` qa, mcqa, cls, finetune or all). Checked when a
+    run starts (:meth:`Config.check_start`); the checkpoint's meta.json records it."""
     init_from: str = ""
     """Run folder, checkpoint folder or ``model.pt`` (local or ``s3://``) to initialise the model from: a
     finetune run's pretrained weights."""
@@ -141,13 +143,17 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
     fsdp: bool = False
-    """Shard with FSDP2 (``fully_shard``) instead of DDP: for large presets."""
+    """Shard with FSDP2 (``fully_shard`` per transformer block and at the root) instead of DDP: for large presets.
+    Checkpoints are then sharded too (each rank writes its own part). See :mod:`mirasol_ray.train.parallel`."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (the first steps are slower while it compiles)."""
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
     """Steps between validation passes; 0 = only at the end."""
     eval_batches: int = 0
-    """Validation batches per pass; 0 = the whole split."""
+    """Validation batches per pass and per worker (each worker evaluates its own share of the split); 0 = the whole
+    split."""
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     prefetch_batches: int = 2
@@ -233,9 +239,13 @@ class Config:
         dataclasses.replace(m, num_classes=max(m.num_classes, 1)).validate()
 
     def check_start(self) -> None:
-        """What a training run needs beyond a valid config: a fine-tuning run starts from pretrained weights.
+        """What a training run needs beyond a valid config: a fine-tuning run trains on task rows, from pretrained
+        weights.
         Checked when a run starts, not when a config loads (a finetune preset names no checkpoint of its own)."""
         t, m = self.train, self.model
+        if t.stage == "finetune" and self.data.task == "caption":
+            raise ConfigError("train.stage=finetune trains on task rows, but data.task=caption: set data.task="
+                              "qa|mcqa|cls|finetune|all (or train.stage=pretrain to train on captions)")
         if (t.stage == "finetune" and not t.init_from and not t.finetune_from_scratch
                 and not any(getattr(m, k, "") for k in ("video_init", "audio_init", "text_init"))):
             raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights) "
@@ -401,12 +411,41 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+DERIVED_MODEL_FIELDS = {
+    "frames_per_snippet": "data.frames_per_snippet",
+    "image_size": "data.height, data.width",
+    "n_mels": "data.n_mels",
+    "mel_frames": "data.mel_frames",
+    "max_text_len": "data.max_prompt_len + data.max_target_len",
+    "vocab_size": "data.tokenizer",
+    "pad_id": "data.tokenizer",
+    "bos_id": "data.tokenizer",
+    "eos_id": "data.tokenizer",
+}
+"""Model fields that :meth:`Config.__post_init__` sets from the data section, and what to set instead."""
+
+
+def _check_derived(raw_model: dict[str, Any], model: ModelConfig) -> None:
+    """A derived model field given with another value than the data implies is an error naming the ``data.`` key
+    (it would be overwritten without a word). The same value is fine: a run's saved config holds them all."""
+    for key, source in DERIVED_MODEL_FIELDS.items():
+        if key not in raw_model:
+            continue
+        given = _coerce(raw_model[key], typing.get_type_hints(ModelConfig)[key], f"model.{key}")
+        if given != getattr(model, key):
+            raise ConfigError(f"model.{key}={given!r} cannot be set: it follows {source} ({getattr(model, key)!r} "
+                              f"here); set {source} instead")
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
     data, train = raw.get("data"), raw.get("train")
     if isinstance(data, dict | None) and "task" not in (data or {}):  # the stage says which rows to train on
         stage = train.get("stage") if isinstance(train, dict) else None
         raw = {**raw, "data": {**(data or {}), "task": "finetune" if stage == "finetune" else "caption"}}
-    return _build(Config, raw, "")
+    cfg = _build(Config, raw, "")
+    if isinstance(raw.get("model"), dict):
+        _check_derived(raw["model"], cfg.model)
+    return cfg
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:

@@ -427,14 +427,44 @@ def reshuffle_blocks_each_epoch(ds, seed: int):
 
 
 def train_data_config(data_cpu_limit: float = 0.0):
-    """Ray Train's DataConfig: split ``train`` between workers (each sample once per epoch), leave others whole.
+    """Ray Train's DataConfig: split ``train`` between workers (each sample once per epoch, the same number of rows
+    on every worker, so all take the same steps) and ``val`` too (every row exactly once: workers may get a row
+    more or less, and each evaluates its own share); leave any other dataset whole.
 
     ``data_cpu_limit`` caps the CPUs Ray Data may take while training (0: Ray's default, all CPUs not held by the
     workers)."""
-    import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
 
     opts = ExecutionOptions()
     if data_cpu_limit:
         opts.resource_limits = ExecutionResources(cpu=data_cpu_limit)
-    return ray.train.DataConfig(datasets_to_split=["train"], execution_options=opts)
+    return _data_config_cls()(datasets_to_split=["train"], execution_options=opts)
+
+
+def _data_config_cls():
+    import ray.train
+
+    class SplitData(ray.train.DataConfig):
+        """``train`` split with ``equal=True`` (Ray's default, which may drop a few rows); ``val`` with
+        ``equal=False``, so validation scores every row once whatever the number of workers."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            whole = {k: v for k, v in datasets.items() if k not in EXACT_SPLIT}
+            out = super().configure(whole, world_size, worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if name not in EXACT_SPLIT:
+                    continue
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i][name] = split
+            return out
+
+    return SplitData
+
+
+EXACT_SPLIT = ("val",)
+"""Datasets split between the workers row by row with none dropped (see :func:`train_data_config`)."""

@@ -117,11 +117,14 @@ class Mirasol(nn.Module):
             "latent": latent_loss(self.av_model.predict_next(av["h"]), av["z"], snippet_mask, cfg.latent_loss),
         }
         loss = losses["text"] + cfg.latent_loss_weight * losses["latent"]
-        has_label = batch["label"] >= 0
-        if cfg.cls_mode == "head" and bool(has_label.any()):
+        if cfg.cls_mode == "head":
             cls_logits = self.cls_head(self._pooled(av["h"], snippet_mask)).float()
-            losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
-            loss = loss + cfg.cls_loss_weight * losses["cls"]
+            has_label = batch["label"] >= 0
+            if bool(has_label.any()):
+                losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
+                loss = loss + cfg.cls_loss_weight * losses["cls"]
+            else:  # the head stays in the graph: data-parallel ranks must all reduce the same gradients
+                loss = loss + 0.0 * cls_logits.sum()
         return {"loss": loss, "losses": losses}
 
     # ------------------------------------------------------------------------------------------------------------

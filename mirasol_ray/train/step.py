@@ -155,10 +155,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
-    """Text tokens plus audio-video tokens seen (snippets x frames as the unit of video)."""
-    text = int(batch["prompt_mask"].sum() + batch["target_mask"].sum())
-    snippets = int(batch["snippet_mask"].sum())
-    return text + snippets * int(batch["video"].shape[2])
+    """Text tokens in a batch (prompt and target, padding excluded): what tokens/s counts. Video is measured in
+    clips (samples/s), not tokens."""
+    return int(batch["prompt_mask"].sum() + batch["target_mask"].sum())
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: torch.optim.Optimizer,
