@@ -26,7 +26,14 @@ from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
-from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, predict_batch, train_step
+from mirasol_ray.train.step import (
+    count_tokens,
+    eval_loss,
+    make_optimizer,
+    make_scheduler,
+    predict_batch,
+    train_step,
+)
 
 
 def seed_everything(seed: int) -> None:
@@ -106,12 +113,21 @@ def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn
 
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0) -> dict[str, Any]:
-    records = []
+    """Task metrics over the validation batches (:func:`aggregate`), and their loss as ``loss``: the same weighted
+    loss as training's, teacher-forced. The loss moves with every step where accuracies move in jumps, which is
+    what a scheduler comparing young trials (ASHA in ``mirasol sweep``) needs."""
+    records, loss_sum, rows = [], 0.0, 0
     for i, batch in enumerate(batches):
         if max_batches and i >= max_batches:
             break
         records += predict_batch(model, batch, tok, device, cfg.train.precision, label_set=label_set)
-    return aggregate(records)
+        n = len(batch["key"])
+        loss_sum += eval_loss(model, batch, device, cfg.train.precision) * n
+        rows += n
+    out = aggregate(records)
+    if rows:
+        out["loss"] = {"metric": "loss", "value": loss_sum / rows, "count": rows}
+    return out
 
 
 def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
