@@ -69,6 +69,9 @@ def s3_server(tmp_path_factory):
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
         "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={cfg}",
         "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
+        # its Iceberg and Lance catalog servers listen on fixed ports (8181, 9101) by default: a second server on
+        # the machine died on "address already in use"
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
     ]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
