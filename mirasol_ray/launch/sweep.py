@@ -540,12 +540,11 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
         progress = SweepProgress(uri, endpoint_url, keys, spec["metric"], spec["mode"], spec["max_steps"],
                                         spec["scheduler"], table_every_s)
         resources = {"CPU": TRIAL_DRIVER_CPUS}
-        if resume:
-            tuner = tune.Tuner.restore(root_path.rstrip("/") + "/" + spec["name"] if remote
-                                       else os.path.join(root_path, spec["name"]),
-                                       trainable=trainable(spec, resources), resume_unfinished=True,
+        tune_path = root_path.rstrip("/") + "/" + spec["name"] if remote else os.path.join(root_path, spec["name"])
+        if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=fs if remote else None):
+            tuner = tune.Tuner.restore(tune_path, trainable=trainable(spec, resources), resume_unfinished=True,
                                        resume_errored=True, storage_filesystem=fs if remote else None)
-        else:
+        else:  # a new sweep, or one stopped before Tune first saved its state: start it (again)
             sched = None
             if spec["scheduler"] == "asha":
                 sched = tune.schedulers.ASHAScheduler(time_attr="step", max_t=spec["max_steps"],
@@ -580,7 +579,12 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
         if started:
             ray.shutdown()
     res = read_results(uri, endpoint_url=endpoint_url)
-    print(f"\nsweep done in {elapsed / 60:.1f} min")
+    unfinished = [t["trial_id"] for t in res["trials"] if t["status"] in ("running", "pending")]
+    unfinished += ["not started"] * max(0, getattr(progress, "total", 0) - len(res["trials"]))
+    print(f"\nsweep {'stopped' if unfinished else 'done'} after {elapsed / 60:.1f} min")
     print_results({**res, "plots": []})
     print(f"plots and JSON: mirasol results {uri}")
+    if unfinished:
+        raise KeyboardInterrupt(f"sweep {spec['name']} stopped with {len(unfinished)} trial(s) unfinished; the same "
+                                "command with --resume continues it")
     return res

@@ -128,6 +128,13 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     assert f"  {res['eval_command']}" in lines
     assert (tmp_path / "asha-results" / "learning_curves.png").exists()
 
+    # and the command it printed evaluates the best checkpoint, straight from S3
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", *res["eval_command"].split()[1:], "--json"],
+                          capture_output=True, text=True, timeout=400, env=_env(ray_tmp))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ev = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert ev["rows"] > 0 and "qa" in ev["metrics"]
+
 
 def _ledger(uri):
     path = os.path.join(uri, "sweep.json")
