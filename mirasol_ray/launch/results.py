@@ -79,19 +79,20 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 # Reading
 
 
-def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "") -> dict[str, Any]:
+def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: int | None = None) -> dict[str, Any]:
     """One run folder: its curve of ``metric`` over steps, steps done, best and last value, the checkpoint holding
-    the best value (the latest one when no checkpoint carries the metric)."""
+    the best value (the latest one when no checkpoint carries the metric). ``until``: read it up to that step only
+    (a trial ASHA stopped: its workers may train a few steps more before they are gone)."""
     from mirasol_ray.launch.train import read_metrics
     from mirasol_ray.train.checkpoint import META_FILE
 
-    records = read_metrics(uri, endpoint_url)
+    records = [r for r in read_metrics(uri, endpoint_url) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
     best_step, best = None, None
     for step, v in curve:
         if _better(v, best, mode):
             best_step, best = step, v
-    checkpoints = []
+    found = []
     for name in storage.listdir(uri, endpoint_url):
         if not name.startswith("checkpoint"):
             continue
@@ -99,8 +100,10 @@ def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "") -> dict[s
             meta = json.loads(storage.read_text(storage.join(uri, name, META_FILE), endpoint_url))
         except (FileNotFoundError, ValueError):  # a checkpoint still being written
             continue
-        checkpoints.append((meta.get("step", 0), _number(flatten(meta.get("metrics", {})).get(metric)),
-                            storage.join(uri, name)))
+        found.append((meta.get("step", 0), _number(flatten(meta.get("metrics", {})).get(metric)),
+                      storage.join(uri, name)))
+    # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
+    checkpoints = [c for c in found if until is None or c[0] <= until] or found
     scored = [c for c in checkpoints if c[1] is not None]
     pick = None
     for c in scored:
@@ -138,7 +141,8 @@ def read_results(url: str, metric: str = "", mode: str = "", endpoint_url: str =
         mode = mode or (sweep["mode"] if metric == sweep["metric"] else default_mode(metric))
         trials = []
         for tid, t in sweep.get("trials", {}).items():
-            run = read_run(storage.join(url, TRIALS_DIR, tid), metric, mode, endpoint_url)
+            until = t.get("steps") if t.get("status") == "stopped" else None
+            run = read_run(storage.join(url, TRIALS_DIR, tid), metric, mode, endpoint_url, until)
             trials.append({"trial_id": tid, "config": t.get("config", {}), "status": t.get("status", "unknown"),
                            **run})
         kind, name, space = "sweep", sweep.get("name", ""), sweep.get("space", {})

@@ -48,20 +48,13 @@ def _env(ray_tmp):
     return {**os.environ, "RAY_TMPDIR": ray_tmp}
 
 
-@pytest.fixture(autouse=True)
-def _no_ray_in_this_process():
-    """The sweeps run their own drivers (and local Ray) in subprocesses; free the CPUs of any Ray here."""
-    import ray
-
-    ray.shutdown()
-
-
 def _tune_rows(uri, trial_id):
     text = storage.read_text(storage.join(uri, f"tune_{trial_id}", "result.json"))
     return [json.loads(ln) for ln in text.splitlines() if ln.strip()]
 
 
-def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_tmp, tmp_path):
+def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_tmp, tmp_path, capsys,
+                                                    monkeypatch):
     # grid over both keys: 4 trials, 2 at once. A learning rate of 1e-6 leaves the model as it started, clearly worse
     # on the validation loss than 3e-3 after 2 steps; the last trial to start has it and meets recorded results of
     # better trials at the first rung, so ASHA stops it whatever the order the others arrived in.
@@ -105,7 +98,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
         assert set(t) >= {"trial_id", "config", "status", "steps", "best", "last", "checkpoint"}
         assert set(t["config"]) == {"train.lr", "train.weight_decay"}
         losses = [r["val"]["loss"] for r in _tune_rows(uri, t["trial_id"])]
-        assert t["best"] == pytest.approx(min(losses)) and t["last"] == pytest.approx(losses[-1])
+        # what Tune saw: a stopped trial is read up to its stop (its workers may train a step or two more)
+        assert t["best"] == pytest.approx(min(losses)) and t["last"] == pytest.approx(losses[-1]), t
         assert t["checkpoint"].startswith(storage.join(uri, "trials", t["trial_id"]) + "/checkpoint_")
         assert storage.exists(storage.join(t["checkpoint"], "model.pt"))  # its best checkpoint, in S3
     bests = [t["best"] for t in res["trials"]]
@@ -119,10 +113,11 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
         assert (res_dir / png).stat().st_size > 10_000
 
     # the table, and the default output folder: local, named after the sweep, not inside the storage read
-    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "results", uri], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path, env=_env(ray_tmp))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.splitlines()
+    from mirasol_ray.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["results", uri]) == 0
+    lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:2] == ["trial", "train.lr"]
     assert lines[2].split()[0] == best["trial_id"]
     assert f"  {res['eval_command']}" in lines
