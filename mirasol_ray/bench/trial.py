@@ -58,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         ledger = json.loads(storage.read_text(os.path.join(uri, "sweep.json")))
         first, later, loop = [], [], []
         for tid, t in ledger["trials"].items():
+            if t["status"] != "finished":  # e.g. killed for memory by other work on the machine
+                print(f"left out: trial {tid} {t['status']} ({t.get('error', '')})")
+                continue
             first += t.get("first_report_s", [])[:1]
             rows = [json.loads(ln) for ln in open(os.path.join(uri, f"tune_{tid}", "result.json")) if ln.strip()]
             later += [r["time_this_iter_s"] for r in rows[1:]]

@@ -234,6 +234,26 @@ def trainable(spec: dict[str, Any], resources: dict[str, float]):
     return tune.with_resources(tune.with_parameters(_trial, spec=need), resources)
 
 
+def error_reason(trace: str) -> str:
+    """One line out of a failed trial's trace: Ray's out-of-memory verdict when there is one, else the last
+    exception line (with the line after it when it ends in a colon, as Ray Train's "failed due to worker errors:")."""
+    import re
+
+    lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
+    for ln in lines:
+        if "running low on memory" in ln:
+            return ln[:300]
+    exc = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*")
+    for i in range(len(lines) - 1, -1, -1):
+        if exc.match(lines[i]):
+            out, j = lines[i], i
+            while out.endswith(":") and j + 1 < len(lines) and j < i + 3:  # the detail after "...errors:"
+                j += 1
+                out += f" {lines[j]}"
+            return out[:300]
+    return lines[-1][:300] if lines else ""
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Progress: one line per trial event, a table now and then; the trials' states kept in sweep.json
 
@@ -330,13 +350,13 @@ class SweepProgress(Callback):
     def on_trial_error(self, iteration, trials, trial, **info):
         t = self._entry(trial)
         t["status"] = "failed"
-        reason = ""
-        try:
-            err = trial.get_error()
-            lines = [ln for ln in str(err or "").splitlines() if ln.strip()]
-            reason = lines[-1][:300] if lines else ""
+        text = ""
+        try:  # Tune writes the trace locally first (trial.error_file), and to storage later
+            path = trial.error_file
+            text = open(path).read() if path and os.path.exists(path) else str(trial.get_error() or "")
         except Exception:
             pass
+        reason = error_reason(text)
         t["error"] = reason
         self.live.pop(trial.trial_id, None)
         self._say(f"trial {trial.trial_id} failed at step {t.get('steps', 0)}: {reason or 'see the logs'}")

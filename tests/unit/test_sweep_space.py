@@ -6,7 +6,7 @@ import pytest
 
 from mirasol_ray.config import ConfigError, load_config
 from mirasol_ray.launch.results import check_metric, default_mode, main_metric
-from mirasol_ray.launch.sweep import apply_params, parse_space, validate_space
+from mirasol_ray.launch.sweep import apply_params, error_reason, parse_space, validate_space
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +70,14 @@ def test_the_main_metric_follows_the_data():
         check_metric(ok)
     with pytest.raises(ValueError, match="unknown metric 'val/acc'"):
         check_metric("val/acc")
+
+
+def test_a_failed_trial_is_told_in_one_line():
+    trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
+             "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
+             "ValueError: data.train: no shards\n")
+    assert error_reason(trace) == "ValueError: data.train: no shards"
+    assert error_reason("x\nWorkerGroupError: Training failed due to worker errors:\n[Rank 0]:\nboom\n") == \
+        "WorkerGroupError: Training failed due to worker errors: [Rank 0]: boom"
+    oom = "a\n3 worker(s) were killed due to the node running low on memory. Memory on the node was 23GB\nb"
+    assert error_reason(oom).startswith("3 worker(s) were killed") and error_reason("") == ""
