@@ -553,8 +553,9 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
         print(f"sweep {spec['name']} -> {uri}\n  {'resuming' if resume else 'trials'}: {len(keys)} swept key(s) "
               f"({', '.join(keys)}), metric {spec['metric']} ({spec['mode']}), scheduler {spec['scheduler']}, up to "
               f"{k} at once (a trial: {cfg.scaling.num_workers} worker(s), ~{cpus:.2f} CPUs"
-              f"{f', {gpus:g} GPUs' if gpus else ''})\n  logs: this driver's {driver_log}; the trials' (Ray's "
-              f"workers) {logs}", flush=True)
+              f"{f', {gpus:g} GPUs' if gpus else ''}; {cfg.train.steps} steps, reporting and checkpointing every "
+              f"{cfg.train.checkpoint_every})\n  logs: this driver's {driver_log}; the trials' (Ray's workers) "
+              f"{logs}", flush=True)
         if not resume:
             _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)}, endpoint_url)
         progress = SweepProgress(uri, endpoint_url, keys, spec["metric"], spec["mode"], spec["max_steps"],

@@ -145,13 +145,14 @@ def _tune_status(uri):
     return {s["trial_id"]: s["status"] for s in (json.loads(t) for t, _ in data["trial_data"])}
 
 
-def _checkpoint_steps(run):
-    steps = []
-    for name in os.listdir(run) if os.path.isdir(run) else []:
-        meta = os.path.join(run, name, "meta.json")
-        if name.startswith("checkpoint_") and os.path.exists(meta):
-            steps.append(json.loads(open(meta).read())["step"])
-    return sorted(steps)
+def _registered_step(run):
+    """The step of the latest checkpoint Ray Train has registered for the run (it registers a checkpoint once its
+    upload is done: the one a restart continues from), or None."""
+    try:
+        snap = json.loads(open(os.path.join(run, "checkpoint_manager_snapshot.json")).read())
+        return snap["latest_checkpoint_result"]["metrics"]["step"]
+    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or being written
+        return None
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ray_tmp, tmp_path):
@@ -172,7 +173,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
             trials = _ledger(uri)["trials"]
             done = [tid for tid, t in trials.items() if t["status"] == "finished"]
             running = [tid for tid, t in trials.items() if t["status"] == "running"]
-            if done and running and _tune_status(uri).get(done[0]) == "TERMINATED" and _checkpoint_steps(
+            if done and running and _tune_status(uri).get(done[0]) == "TERMINATED" and _registered_step(
                     os.path.join(uri, "trials", running[0])):
                 first, second = done[0], running[0]
                 break
@@ -181,7 +182,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert first and second, "no finished trial and checkpointed second trial before the deadline"
-    stopped_at = _checkpoint_steps(os.path.join(uri, "trials", second))[-1]
+    stopped_at = _registered_step(os.path.join(uri, "trials", second))
     assert stopped_at < 4
     first_metrics = open(os.path.join(uri, "trials", first, "metrics.jsonl")).read()
 
@@ -191,7 +192,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
     assert len(starts) == 1 and f"trial {second} started" in starts[0] and "again" in starts[0]
     ledger = _ledger(uri)["trials"]
     assert ledger[first]["starts"] == 1 and ledger[second]["starts"] == 2
-    assert {ledger[first]["status"], ledger[second]["status"]} == {"finished"}
+    assert {ledger[first]["status"], ledger[second]["status"]} == {"finished"}, resumed.stdout[-3000:]
     # the second trial continued from its checkpoint: its worker said so, and no step was trained twice
     logs = os.path.join(ray_tmp, "ray", "session_latest", "logs")
     said = "".join(open(os.path.join(logs, f), errors="replace").read() for f in os.listdir(logs)
