@@ -11,6 +11,10 @@ import json
 import os
 import sys
 
+FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "nextqa-mc", "nextqa-oe", "kinetics-sounds", "vggsound",
+                "epic-sounds")
+"""``shards build`` formats (the help lists them without importing the converters)."""
+
 
 def _cmd_shards_synth(args: argparse.Namespace) -> int:
     from mirasol_ray.data.synthetic import synthesize
@@ -24,11 +28,21 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from mirasol_ray.data.shards import build_shards
 
+    labels = None
+    if args.labels:
+        with open(args.labels, encoding="utf-8") as f:
+            labels = [line.strip() for line in f if line.strip()]
     manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
-                            transcode=args.transcode, gop=args.gop, progress=not args.quiet)
+                            transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
+                            labels=labels, answer_vocab=args.answer_vocab)
     skipped = sum(manifest.get("skipped", {}).values())
-    print(f"wrote {manifest['num_samples']} samples in {len(manifest['shards'])} shards to {args.out}"
+    splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
+    print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
           f" ({skipped} skipped{': ' + json.dumps(manifest['skipped']) if skipped else ''})")
+    missing = [s for s in manifest.get("skipped_items", []) if s.endswith(": missing_video")]
+    if missing:
+        print(f"missing videos ({manifest['skipped'].get('missing_video', 0)}; all listed in the manifest): "
+              + ", ".join(m.rsplit(":", 1)[0] for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
     return 0
 
 
@@ -55,18 +69,19 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mirasol_ray.launch.evaluate import evaluate
+    from mirasol_ray.launch.evaluate import evaluate, format_table
 
     res = evaluate(args.checkpoint, args.data, overrides=args.set, batch_size=args.batch_size,
-                   num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records)
+                   num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records, out=args.out,
+                   normalize=args.normalize, source=args.source)
     if args.json:
         print(json.dumps(res))
     else:
-        print(f"{'metric key':<18}{'metric':<10}{'value':>8}{'n':>7}")
-        for k, m in res["metrics"].items():
-            print(f"{k:<18}{m['metric']:<10}{m['value']:>8.4f}{m['count']:>7}")
+        print(format_table(res))
         if res["skipped"]:
             print(f"skipped: {json.dumps(res['skipped'])}")
+        if args.out:
+            print(f"wrote {args.out}/results.json and results.csv")
     return 0
 
 
@@ -169,9 +184,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=_cmd_shards_synth)
 
     b = shards.add_parser("build", help="convert videos + annotations on disk into shards")
-    b.add_argument("--format", required=True, help="annotation format (jsonl, ...)")
-    b.add_argument("--annotations", required=True, help="annotation file")
-    b.add_argument("--videos", required=True, help="folder the annotation's video paths are relative to")
+    b.add_argument("--format", required=True, help=f"annotation format: {', '.join(FORMAT_NAMES)}")
+    b.add_argument("--annotations", required=True,
+                   help="annotation file, or the folder holding the benchmark's files as distributed")
+    b.add_argument("--videos", required=True, help="the dataset's video folder as distributed (clips are found "
+                                                   "by the names the dataset gives them, in any subfolder)")
+    b.add_argument("--split", default="", help="build only this split (default: every split the files hold, "
+                                               "each into its own folder under --out)")
+    b.add_argument("--labels", default="", metavar="FILE",
+                   help="keep only these classes, one a line (Kinetics-Sounds: its Kinetics classes)")
+    b.add_argument("--answer-vocab", type=int, default=0, metavar="K",
+                   help="open-ended QA: keep in train only questions whose answer is among the K most frequent "
+                        "training answers (other splits stay whole; the manifest lists the vocabulary)")
     b.add_argument("--out", required=True, help="output folder or s3:// URI")
     b.add_argument("--shard-size", type=int, default=100)
     b.add_argument("--transcode", type=int, default=None, metavar="HEIGHT",
@@ -216,6 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--num-actors", type=int, default=1, help="model replicas (one GPU each when available)")
     e.add_argument("--beam-size", type=int, default=1)
     e.add_argument("--records", default="", help="write per-row predictions (JSONL) here")
+    e.add_argument("--out", default="", help="folder (local or s3://) to write results.json and results.csv into")
+    e.add_argument("--normalize", default="vqa", choices=("vqa", "exact"),
+                   help="open-ended answers before exact match: VQA v2's normalisation, or the strings as they are")
+    e.add_argument("--source", default="",
+                   help="the benchmark (a shards build format) when the shards' manifest does not say")
     e.add_argument("--json", action="store_true")
     e.set_defaults(func=_cmd_eval)
 

@@ -117,6 +117,12 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     warmup_steps: int = 10
     weight_decay: float = 0.05
+    freeze: list[str] = field(default_factory=list)
+    """Parameter-name patterns (fnmatch, e.g. ``video_encoder.*``) whose parameters keep their initial (e.g.
+    pretrained) values: no gradient, not in the optimiser. A pattern that matches no parameter is an error."""
+    lr_mult: dict[str, float] = field(default_factory=dict)
+    """Learning-rate multipliers by parameter-name pattern, e.g. ``{"video_encoder.*": 0.1}``; the first
+    matching pattern counts; other parameters get 1. A pattern that matches no parameter is an error."""
     freeze_av_steps: int = 0
     """Steps at the start during which the audio-video path (encoders, combiner, time-aligned model) keeps its
     weights (and runs without autograd, except under FSDP2) while only the text decoder learns; it then warms up
@@ -144,6 +150,15 @@ class TrainConfig:
             raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
         if self.freeze_av_steps < 0:
             raise ConfigError(f"train.freeze_av_steps must be >= 0, got {self.freeze_av_steps}")
+        if not isinstance(self.lr_mult, dict):
+            raise ConfigError(f"train.lr_mult must be a mapping of pattern: multiplier, got {self.lr_mult!r}")
+        try:
+            self.lr_mult = {str(k): float(v) for k, v in self.lr_mult.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"train.lr_mult values must be numbers, got {self.lr_mult!r}") from None
+        for k, v in self.lr_mult.items():
+            if v < 0:
+                raise ConfigError(f"train.lr_mult[{k!r}] must be >= 0, got {v}")
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
@@ -350,4 +365,18 @@ def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) 
     """Load a preset name or YAML path, apply ``--set`` overrides, validate."""
     raw = _read_yaml(name_or_path)
     _deep_update(raw, parse_overrides(overrides))
-    return from_dict(raw)
+    pretrained = any((raw.get("model") or {}).get(k) for k in ("video_init", "audio_init", "text_init"))
+    if pretrained:
+        # the checkpoints' architectures and the LM's tokenizer, resolved once, here: workers, checkpoints and
+        # evaluation then take the config as it is and never need the pretrained files to build the model
+        from mirasol_ray.model.pretrained import rehearse_load, resolve_pretrained
+
+        raw = resolve_pretrained(raw)
+    cfg = from_dict(raw)
+    if pretrained:
+        rehearse_load(cfg)
+    if cfg.train.freeze or cfg.train.lr_mult:
+        from mirasol_ray.train.step import check_patterns
+
+        check_patterns(cfg)
+    return cfg

@@ -69,9 +69,7 @@ def s3_server(tmp_path_factory):
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
         "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={cfg}",
         "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
-        # its Iceberg and Lance catalog servers listen on fixed ports (8181, 9101) by default: a second server on
-        # the machine died on "address already in use"
-        "-s3.port.iceberg=0", "-s3.port.lance=0",
+        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports (8181, 9101): parallel servers collide
     ]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -130,3 +128,48 @@ def ray_local(s3_server):
     ctx.enable_progress_bars = False
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def torchvision_imports():
+    """torchvision made importable, for timm and transformers (test-only dependencies: the references of the
+    pretrained-weights tests), both of which import it.
+
+    PyPI's torchvision wheels are built against PyPI's CUDA torch: beside the CPU torch this project pins, their C++
+    ops do not load, and torchvision then fails at import on the two fake-kernel registrations it makes
+    unconditionally (torchvision::nms, torchvision::qnms). The tests use none of torchvision's ops: declaring those
+    two schemas lets its pure-Python parts import."""
+    import importlib
+    import sys
+
+    import torch
+
+    try:
+        import torchvision  # noqa: F401
+    except RuntimeError as e:
+        if "torchvision::" not in str(e):
+            raise
+        for name in [m for m in sys.modules if m == "torchvision" or m.startswith("torchvision.")]:
+            del sys.modules[name]
+        for op in ("nms", "qnms"):
+            try:
+                torch.library.define(f"torchvision::{op}", "(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
+            except RuntimeError:
+                pass  # already declared
+        importlib.import_module("torchvision")
+
+
+@pytest.fixture(scope="session")
+def timm(torchvision_imports):
+    """timm, the reference for the pretrained-ViT tests."""
+    import timm
+
+    return timm
+
+
+@pytest.fixture(scope="session")
+def transformers(torchvision_imports):
+    """Hugging Face transformers, the reference for the pretrained-LM tests."""
+    import transformers
+
+    return transformers

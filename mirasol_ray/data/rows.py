@@ -5,9 +5,12 @@ three decode identically. The text decides first which rows a sample gives under
 with at least one row is decoded, once, and its video/audio arrays are shared by its rows.
 
 Sample metadata (``json`` member) fields used: ``caption``; ``question`` + ``answer`` or ``qas`` (a list of
-``{"question", "answer", "type"}``); ``options`` + ``answer_idx`` (+ ``mc_question``, else ``question``);
-``label``; ``start``/``end`` (seconds of the video to use). The ``task`` field is informative only: which rows
-come out is decided by ``data.task`` and by which fields are present.
+questions, one row each: ``{"question", "answer", "type"}`` open-ended, optionally ``"answers"``: every accepted
+answer; ``{"question", "options", "answer_idx", "type"}`` multiple choice); ``options`` + ``answer_idx``
+(+ ``mc_question``, else ``question``) when there is no ``qas``; ``label``; ``start``/``end`` (seconds of the
+video to use). The ``task`` field is informative only: which rows come out is decided by ``data.task`` and by
+which fields are present. An open-ended row carries its accepted answers (the target first) in ``option_ids``,
+for scoring against several references; the model never reads them there.
 """
 
 from __future__ import annotations
@@ -100,23 +103,29 @@ def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None
     tok = get_tokenizer(cfg.tokenizer)
     label_text = _text(meta.get("label"))
     label = label_set.index(label_text) if label_set and label_text in label_set else -1
+    qas = [q for q in meta["qas"] if isinstance(q, dict)] if isinstance(meta.get("qas"), list) else None
     rows: list[dict[str, Any]] = []
     for task in _TASKS_FOR[cfg.task]:
         if task == "caption" and _text(meta.get("caption")):
             rows.append(_text_row(tok, cfg, "caption", cfg.caption_prompt, _text(meta["caption"]), "caption"))
         elif task == "qa":
-            qas = meta.get("qas") if isinstance(meta.get("qas"), list) else [meta]
-            for qa in qas:
-                if isinstance(qa, dict) and _text(qa.get("question")) and _text(qa.get("answer")):
-                    rows.append(_text_row(tok, cfg, "qa", _text(qa["question"]), _text(qa["answer"]),
-                                          _text(qa.get("type")) or "other"))
+            for qa in [q for q in qas if "options" not in q] if qas is not None else [meta]:
+                if _text(qa.get("question")) and _text(qa.get("answer")):
+                    answer = _text(qa["answer"])
+                    refs = [a for a in (_text(x) for x in qa.get("answers") or [] if isinstance(x, str))
+                            if a and a != answer]
+                    rows.append(_text_row(tok, cfg, "qa", _text(qa["question"]), answer,
+                                          _text(qa.get("type")) or "other", [answer, *refs] if refs else None))
         elif task == "mcqa":
-            options = [_text(o) for o in meta.get("options") or [] if isinstance(o, str)]
-            idx = meta.get("answer_idx")
-            if options and isinstance(idx, int) and not isinstance(idx, bool) and 0 <= idx < min(
-                    len(options), cfg.max_options):
-                question = _text(meta.get("mc_question")) or _text(meta.get("question"))
-                rows.append(_text_row(tok, cfg, "mcqa", question, options[idx], "mc", options, idx))
+            mc = [q for q in qas if "options" in q] if qas is not None else []
+            for qa in mc or [meta]:
+                options = [_text(o) for o in qa.get("options") or [] if isinstance(o, str)]
+                idx = qa.get("answer_idx")
+                if options and isinstance(idx, int) and not isinstance(idx, bool) and 0 <= idx < min(
+                        len(options), cfg.max_options):
+                    question = _text(qa.get("mc_question")) or _text(qa.get("question"))
+                    qtype = _text(qa.get("type")) if mc else "mc"
+                    rows.append(_text_row(tok, cfg, "mcqa", question, options[idx], qtype or "mc", options, idx))
         elif task == "cls" and label_text:
             rows.append(_text_row(tok, cfg, "cls", cfg.cls_prompt, label_text, "label"))
     for row in rows:

@@ -15,7 +15,7 @@ column             dtype      shape                  meaning
 ``prompt_mask``    bool       [Lp]
 ``target_ids``     int32      [Lt]                   BOS answer/caption/label EOS, right-padded
 ``target_mask``    bool       [Lt]
-``option_ids``     int32      [K, Lt]                multiple-choice options as targets (zeros if none)
+``option_ids``     int32      [K, Lt]                mcqa options; qa: its accepted answers if several
 ``option_mask``    bool       [K, Lt]                all False for absent options
 ``answer_idx``     int64      []                     correct option, -1 if not mcqa
 ``label``          int64      []                     class index in the manifest's label set, -1 if none
@@ -31,7 +31,15 @@ from typing import Any
 import numpy as np
 
 TASKS = ("caption", "qa", "mcqa", "cls")
-QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned", "mc")
+QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned", "mc",
+          # MSRVTT-QA's question words (category_id 0-4)
+          "what", "who", "how", "when", "where",
+          # ActivityNet-QA's types 0-8 (8, "other", is above)
+          "motion", "spatial_relation", "temporal_relation", "yes_no", "color", "object", "location", "number",
+          # NExT-QA: causal why/how, temporal next/previous/current, descriptive count/location/other/binary
+          "CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO", "DB")
+"""Question types a row can carry (per-type metrics). A type not listed here is scored as ``other``. New names
+go at the end: the index is what rows carry."""
 
 TENSOR_COLUMNS = ("video", "audio", "audio_present", "snippet_mask", "task", "prompt_ids", "prompt_mask",
                   "target_ids", "target_mask", "option_ids", "option_mask", "answer_idx", "label", "qtype")

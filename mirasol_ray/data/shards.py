@@ -15,6 +15,7 @@ manifest too, so ``data.train = out/train`` is self-describing.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
@@ -31,10 +32,11 @@ from fractions import Fraction
 from typing import IO, Any
 
 import av
+import numpy as np
 from tqdm import tqdm
 
 from mirasol_ray import storage
-from mirasol_ray.data.formats import FORMATS
+from mirasol_ray.data.formats import FORMATS, Record, Source, VideoRoot
 
 log = logging.getLogger(__name__)
 
@@ -229,58 +231,202 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
-def transcode_video(src: bytes | IO[bytes], height: int, gop: int = DEFAULT_GOP,
-                    sample_rate: int = 16000) -> bytes:
-    """Re-encode a clip to H.264 at ``height`` (width keeps the aspect ratio, even) + AAC mono ``sample_rate``.
+SEEK_MARGIN_S = 2.0
+"""A cut from a long video seeks to the keyframe before ``start - SEEK_MARGIN_S`` instead of decoding from 0 (the
+margin covers audio packets muxed ahead of their video)."""
 
-    Streams packet by packet from ``src`` (a file object is read incrementally, so a long video is never held
-    in memory whole); only the small re-encoded clip is built in memory. Frames keep their timestamps on the
-    output rate's grid (variable-rate inputs become constant rate). Keyframes every ``gop`` frames make sparse
-    frame sampling cheap to decode (FIELD_NOTES: one keyframe per clip means decoding every frame).
+
+def transcode_video(src: bytes | IO[bytes], height: int | None = None, gop: int = DEFAULT_GOP,
+                    sample_rate: int = 16000, window: tuple[float, float] | None = None) -> bytes:
+    """Re-encode a clip to H.264 at ``height`` (None: the source's; width keeps the aspect ratio, even) + AAC mono
+    ``sample_rate``; with ``window=(start, end)`` (seconds of the source) keep only that part.
+
+    A cut is exact to the frame: it keeps every frame shown during [start, end) (a frame shown from before
+    ``start`` until after it included: a window shorter than one frame keeps that one frame), and the clip's
+    t = 0 is the first kept frame's display time, at most one frame before ``start`` (0 when ``start`` lies on the
+    frame grid). The audio is cut on the same clock, from the source streams' timestamps (an audio stream that
+    starts late is padded with silence), so video and audio stay aligned; it ends at ``end`` (or the last frame).
+
+    Streams packet by packet from ``src`` (a file object is read incrementally and, for a cut, seeked close to
+    the window: an hour-long video is never decoded from its start); only the small re-encoded clip is built in
+    memory. Frames keep their timestamps on the output rate's grid (variable-rate inputs become constant rate).
+    Keyframes every ``gop`` frames make sparse frame sampling cheap to decode (FIELD_NOTES).
+    Raises ValueError when the window holds no frame (it starts after the video ends).
     """
+    start, end = window if window is not None else (None, None)
+    if window is not None and not (0 <= start < end):
+        raise ValueError(f"window must satisfy 0 <= start < end, got {window}")
     with av.open(io.BytesIO(src) if isinstance(src, bytes) else src) as inp:
         if not inp.streams.video:
             raise ValueError("no video stream")
         vin = inp.streams.video[0]
         ain = inp.streams.audio[0] if inp.streams.audio else None
         rate = Fraction(vin.average_rate or vin.guessed_rate or 25).limit_denominator(10_000)
-        width = _even(vin.codec_context.width * height / vin.codec_context.height)
+        src_h, src_w = vin.codec_context.height, vin.codec_context.width
+        out_h = _even(height or src_h)
+        width = _even(src_w * out_h / src_h)
+        if start is not None and start > SEEK_MARGIN_S and vin.time_base:
+            inp.seek(int((start - SEEK_MARGIN_S) / vin.time_base), stream=vin, backward=True)
         buf = io.BytesIO()
         with av.open(buf, mode="w", format="mp4") as out:
             vout = out.add_stream("h264", rate=rate, options={"crf": "23", "preset": "veryfast"})
-            vout.width, vout.height, vout.pix_fmt = width, _even(height), "yuv420p"
+            vout.width, vout.height, vout.pix_fmt = width, out_h, "yuv420p"
             vout.codec_context.time_base = 1 / rate
             vout.codec_context.gop_size = gop
-            aout = resampler = None
-            if ain is not None:
-                aout = out.add_stream("aac", rate=sample_rate, layout="mono")
-                resampler = av.AudioResampler(format="fltp", layout="mono", rate=sample_rate)
-            t0: float | None = None
-            last_pts, audio_pts = -1, 0
+            audio = _AudioCut(out, sample_rate) if ain is not None else None
+            video = _VideoCut(out, vout, rate, start, end)
             for packet in inp.demux(*([vin] + ([ain] if ain is not None else []))):
-                for frame in packet.decode():
-                    if packet.stream is vin:
-                        t0 = frame.time if t0 is None else t0
-                        pts = max(round((frame.time - t0) * rate) if frame.time is not None else 0, last_pts + 1)
-                        img = frame.reformat(width=width, height=vout.height, format="yuv420p",
-                                             interpolation="AREA")
-                        img.pts, img.time_base, last_pts = pts, 1 / rate, pts
-                        out.mux(vout.encode(img))
-                    else:
-                        for rf in resampler.resample(frame):
-                            rf.pts, rf.time_base = audio_pts, Fraction(1, sample_rate)
-                            audio_pts += rf.samples
-                            out.mux(aout.encode(rf))
-            if last_pts < 0:
-                raise ValueError("no decodable video frames")
+                if packet.stream is vin:
+                    if video.done:
+                        continue
+                    for frame in packet.decode():
+                        video.add(frame)
+                        if video.t0 is not None and audio is not None and not audio.started:
+                            audio.start(video.t0, end)
+                elif audio is not None:
+                    if video.done and packet.pts is not None and packet.time_base is not None and \
+                            float(packet.pts * packet.time_base) > end + SEEK_MARGIN_S:
+                        break  # past the window (this stream ends short of it)
+                    for frame in packet.decode():
+                        audio.add(frame)
+                if video.done and (audio is None or audio.done or video.t0 is None):
+                    break
+            if video.pending is not None and video.written == 0:  # flush: the window ends inside the last frame
+                video.finish()
+            if video.written == 0:
+                raise ValueError("the window starts after the video ends" if window else "no decodable video frames")
+            if audio is not None:
+                if not audio.started:
+                    audio.start(video.t0, end)
+                audio.finish(video.last_end if end is None else min(end, video.last_end))
             out.mux(vout.encode(None))
-            if aout is not None:
-                for rf in resampler.resample(None):
-                    rf.pts, rf.time_base = audio_pts, Fraction(1, sample_rate)
-                    audio_pts += rf.samples
-                    out.mux(aout.encode(rf))
-                out.mux(aout.encode(None))
     return buf.getvalue()
+
+
+class _VideoCut:
+    """Picks the frames shown during [start, end) and encodes them on the output grid (t = 0: the first one)."""
+
+    def __init__(self, out, vout, rate: Fraction, start: float | None, end: float | None):
+        self.out, self.vout, self.rate, self.start, self.end = out, vout, rate, start, end
+        self.t0: float | None = None
+        self.pending = None  # the last frame before start: shown at start unless the next frame starts there
+        self.pending_time = 0.0
+        self.last_pts, self.written, self.last_end, self.done = -1, 0, 0.0, False
+        self._index = 0
+
+    def _time(self, frame) -> float:
+        t = float(frame.time) if frame.time is not None else self._index / float(self.rate)
+        self._index += 1
+        return t
+
+    def add(self, frame) -> None:
+        if self.done:
+            return
+        t = self._time(frame)
+        if self.start is not None and t < self.start:
+            self.pending, self.pending_time = frame, t
+            return
+        if self.end is not None and t >= self.end:
+            self.finish()
+            self.done = True
+            return
+        if self.pending is not None and (self.start is None or t > self.start):
+            self._encode(self.pending, self.pending_time)
+        self.pending = None
+        self._encode(frame, t)
+
+    def finish(self) -> None:
+        """A window inside one frame's display time: that frame alone, if it is shown at ``start``."""
+        if self.written == 0 and self.pending is not None:
+            if self.start is not None and self.start >= self.pending_time + 1 / float(self.rate):
+                return  # the video ended before the window
+            self._encode(self.pending, self.pending_time)
+        self.pending = None
+
+    def _encode(self, frame, t: float) -> None:
+        if self.t0 is None:
+            self.t0 = t
+        pts = max(round((t - self.t0) * self.rate), self.last_pts + 1)
+        img = frame.reformat(width=self.vout.width, height=self.vout.height, format="yuv420p", interpolation="AREA")
+        img.pts, img.time_base, self.last_pts = pts, 1 / self.rate, pts
+        self.out.mux(self.vout.encode(img))
+        self.written += 1
+        self.last_end = t + 1 / float(self.rate)
+
+
+class _AudioCut:
+    """Resamples the source audio to mono ``sample_rate`` and keeps the samples of [t0, end) on the source clock.
+
+    Audio frames seen before the video's first kept frame (t0 unknown yet) wait in a small queue."""
+
+    def __init__(self, out, sample_rate: int):
+        self.stream = out.add_stream("aac", rate=sample_rate, layout="mono")
+        self.out, self.sr = out, sample_rate
+        self.resampler = av.AudioResampler(format="fltp", layout="mono", rate=sample_rate)
+        self.t0, self.end = 0.0, None
+        self.started, self.done = False, False
+        self.queue: list = []
+        self.first_time: float | None = None  # source time of resampled sample 0
+        self.consumed = 0  # resampled samples seen
+        self.written = 0  # output samples written
+
+    def start(self, t0: float, end: float | None) -> None:
+        self.t0, self.end, self.started = t0, end, True
+        for frame in self.queue:
+            self._take(frame)
+        self.queue = []
+
+    def add(self, frame) -> None:
+        if self.done:
+            return
+        if self.first_time is None:
+            self.first_time = float(frame.time) if frame.time is not None else 0.0
+        if not self.started:
+            self.queue.append(frame)
+            if len(self.queue) > 4096:  # no video frame for a long time: keep memory bounded
+                self.queue.pop(0)
+            return
+        self._take(frame)
+
+    def _take(self, frame) -> None:
+        for rf in self.resampler.resample(frame):
+            self._samples(rf.to_ndarray().reshape(-1))
+
+    def _samples(self, x) -> None:
+        """Place resampled samples x (source samples consumed .. consumed + len) into the output."""
+        offset = round((self.first_time - self.t0) * self.sr)  # output index of resampled sample 0
+        lo = offset + self.consumed  # output index of x[0]
+        self.consumed += len(x)
+        total = None if self.end is None else round((self.end - self.t0) * self.sr)
+        if total is not None and self.written >= total:
+            self.done = True
+            return
+        if lo > self.written:  # the audio starts late (or has a gap): silence up to it
+            self._write(np.zeros(lo - self.written, np.float32))
+        keep = x[max(0, self.written - lo):]
+        if total is not None:
+            keep = keep[: max(0, total - self.written)]
+        if len(keep):
+            self._write(np.ascontiguousarray(keep, dtype=np.float32))
+        if total is not None and self.written >= total:
+            self.done = True
+
+    def _write(self, pcm) -> None:
+        frame = av.AudioFrame.from_ndarray(pcm[None, :], format="fltp", layout="mono")
+        frame.sample_rate, frame.pts, frame.time_base = self.sr, self.written, Fraction(1, self.sr)
+        self.written += len(pcm)
+        self.out.mux(self.stream.encode(frame))
+
+    def finish(self, end: float) -> None:
+        """Flush the resampler and pad with silence to ``end`` (source seconds)."""
+        if not self.done:
+            for rf in self.resampler.resample(None):
+                if self.first_time is not None:
+                    self._samples(rf.to_ndarray().reshape(-1))
+        total = round((end - self.t0) * self.sr)
+        if total > self.written:
+            self._write(np.zeros(total - self.written, np.float32))
+        self.out.mux(self.stream.encode(None))
 
 
 def _sample_key(name: str, used: set[str]) -> str:
@@ -297,13 +443,24 @@ def _sample_key(name: str, used: set[str]) -> str:
 
 def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: int = 100,
                  transcode: int | None = None, gop: int | None = None, progress: bool = True,
-                 sample_rate: int = 16000, endpoint_url: str = "") -> dict:
-    """Convert a dataset on disk (or object storage) into shards under ``out``; returns the manifest.
+                 sample_rate: int = 16000, endpoint_url: str = "", split: str = "",
+                 labels: list[str] | None = None, answer_vocab: int = 0) -> dict:
+    """Convert a dataset on disk (or object storage) into shards under ``out``; returns the root manifest.
 
-    ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`. Records the converter rejects, and
-    videos that are missing or undecodable, are skipped, named in a warning line and counted in the manifest;
-    the build goes on. ``transcode=H`` re-encodes every clip at height H with a keyframe every ``gop`` frames
-    (default :data:`DEFAULT_GOP`); otherwise the original bytes are stored after a one-frame decode check.
+    ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`; ``videos`` is the dataset's video
+    folder as distributed. When the annotations hold several splits (and ``split`` picks none), each goes to its
+    own folder under ``out`` (``train/``, ``val/``, ...); one split goes to ``out`` itself.
+
+    Records the converter rejects, and videos that are missing or undecodable, are skipped, named in a warning
+    line and counted in the manifest; the build goes on. A record with a time window is cut from its (untrimmed)
+    video and re-encoded (:func:`transcode_video`, at ``transcode`` height or the source's); ``transcode=H``
+    re-encodes every clip at height H with a keyframe every ``gop`` frames (default :data:`DEFAULT_GOP`);
+    otherwise the original bytes are stored after a one-frame decode check.
+
+    ``answer_vocab=K`` (open-ended QA) keeps in the ``train`` split only the questions whose answer is one of the
+    K most frequent training answers (the answer vocabulary of the VideoQA literature); other splits stay whole,
+    and the manifest lists the vocabulary and how much of each split it covers. ``labels`` keeps only these
+    classes (Kinetics-Sounds).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(sorted(FORMATS))}")
@@ -316,10 +473,29 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
         raise ValueError("gop applies to re-encoded clips: pass transcode=HEIGHT too")
     if transcode is not None and transcode <= 0:
         raise ValueError(f"transcode height must be positive, got {transcode}")
+    if answer_vocab < 0:
+        raise ValueError(f"answer_vocab must be >= 0, got {answer_vocab}")
     gop = gop or DEFAULT_GOP
+    conv = FORMATS[fmt](Source(annotations, VideoRoot(videos, endpoint_url), split, labels, endpoint_url))
+    records = conv.records
+    names = sorted({r.split for r in records if r.split})  # a malformed line may not know its split
+    folders = len(names) > 1  # several splits: one folder each
+    extra: dict[str, Any] = {"source": fmt, **conv.info}
+    if conv.label_set is not None:
+        extra["label_set"] = conv.label_set
+    if not folders and names and names[0]:
+        extra["split"] = names[0]
+    vocab = None
+    if answer_vocab:
+        records, vocab, dropped = _apply_answer_vocab(records, answer_vocab)
+        extra["answer_vocab"] = vocab
+        extra["answer_vocab_size"] = answer_vocab
+        extra["questions_outside_vocab"] = dropped
+    stats: dict[str, _QAStats] = {}
     used: set[str] = set()
+    cut = 0
     with ShardWriter(out, shard_size, endpoint_url) as writer:
-        for rec in tqdm(FORMATS[fmt](annotations, videos), desc=f"build {fmt}", unit="clip", disable=not progress):
+        for rec in tqdm(records, desc=f"build {fmt}", unit="clip", disable=not progress):
             if rec.skip:
                 writer.skip(rec.name, rec.skip)
                 continue
@@ -327,17 +503,93 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
             if not vfs.isfile(path):
                 writer.skip(rec.name, "missing_video")
                 continue
+            meta = rec.meta
             try:
                 with vfs.open(path, "rb") as f:
-                    if transcode is not None:
-                        data, ext = transcode_video(f, transcode, gop, sample_rate), "mp4"
+                    if transcode is not None or rec.window is not None:
+                        data, ext = transcode_video(f, transcode, gop, sample_rate, window=rec.window), "mp4"
                     else:
                         data, ext = f.read(), rec.video.rsplit(".", 1)[-1].lower()
                         probe_video(data)
+            except ValueError as e:
+                writer.skip(rec.name, "window_outside_video" if "window" in str(e) else "unreadable_video")
+                continue
             except Exception:  # any decoder error means the clip is unusable; the builder never stops for one
                 writer.skip(rec.name, "unreadable_video")
                 continue
-            writer.write(_sample_key(rec.name, used),
-                         {ext if ext in VIDEO_EXTS else "mp4": data, "json": rec.meta})
+            if rec.window is not None:
+                meta = dict(meta, cut=[round(rec.window[0], 6), round(rec.window[1], 6)])
+                cut += 1
+            folder = rec.split if folders else ""
+            writer.write(_sample_key(rec.key or rec.name, used),
+                         {ext if ext in VIDEO_EXTS else "mp4": data, "json": meta}, split=folder)
+            stats.setdefault(folder, _QAStats()).add(meta)
         transcoded = {"height": transcode, "gop": gop, "sample_rate": sample_rate} if transcode else None
-        return writer.close({"source": fmt, "transcode": transcoded})
+        split_extra = {folder: st.summary(vocab) for folder, st in stats.items()}
+        return writer.close({**extra, "transcode": transcoded, "cut": cut}, split_extra)
+
+
+def _open_questions(meta: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The open-ended questions of a sample's json (``qas`` entries without options)."""
+    qas = meta.get("qas")
+    return [q for q in qas if isinstance(q, dict) and "options" not in q] if isinstance(qas, list) else []
+
+
+def _apply_answer_vocab(records: list[Record], k: int) -> tuple[list[Record], list[list[Any]], int]:
+    """Keep in the ``train`` records only questions answered inside the K most frequent training answers.
+
+    The vocabulary comes from the training annotations (a clip whose video is missing counts too: the same
+    files give the same vocabulary). Returns (records, vocabulary as [answer, count] pairs, questions dropped
+    from the clips kept). Ties at the K-th place are broken by the answer's text."""
+    train = [r for r in records if r.split == "train" and r.meta]  # clips whose video is missing count too
+    if not train:
+        raise ValueError("--answer-vocab needs the training split (train) in this build: its answers make the "
+                         "vocabulary")
+    counts = Counter(q["answer"] for r in train for q in _open_questions(r.meta))
+    if not counts:
+        raise ValueError("--answer-vocab applies to open-ended questions; this format has none")
+    top = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))[:k]
+    keep = {a for a, _ in top}
+    out, dropped = [], 0
+    for r in records:
+        if r.split != "train" or r.skip or not _open_questions(r.meta):
+            out.append(r)
+            continue
+        qas = [q for q in r.meta["qas"] if q.get("answer") in keep]
+        dropped += len(r.meta["qas"]) - len(qas)
+        if not qas:
+            out.append(dataclasses.replace(r, skip="no_question_in_vocab"))
+            continue
+        meta = dict(r.meta, qas=qas, question=qas[0]["question"], answer=qas[0]["answer"])
+        out.append(dataclasses.replace(r, meta=meta))
+    return out, [[a, c] for a, c in top], dropped
+
+
+@dataclass
+class _QAStats:
+    """Per split: questions, their types and answers (with counts) over the samples written."""
+
+    questions: int = 0
+    qtypes: Counter = field(default_factory=Counter)
+    answers: Counter = field(default_factory=Counter)
+
+    def add(self, meta: Mapping[str, Any]) -> None:
+        qas = meta.get("qas")
+        for q in qas if isinstance(qas, list) else []:
+            if isinstance(q, dict):
+                self.questions += 1
+                self.qtypes[str(q.get("type", "other"))] += 1
+                if "options" not in q and isinstance(q.get("answer"), str):
+                    self.answers[q["answer"]] += 1
+
+    def summary(self, vocab: list[list[Any]] | None) -> dict[str, Any]:
+        if not self.questions:
+            return {}
+        out: dict[str, Any] = {"num_questions": self.questions, "qtype_counts": dict(sorted(self.qtypes.items()))}
+        if self.answers:
+            out["answer_counts"] = dict(sorted(self.answers.items(), key=lambda kv: (-kv[1], kv[0])))
+            if vocab is not None:
+                inside = {a for a, _ in vocab}
+                covered = sum(c for a, c in self.answers.items() if a in inside)
+                out["answer_vocab_coverage"] = covered / sum(self.answers.values())
+        return out

@@ -2,23 +2,30 @@
 
 Evaluation is the decode pipeline feeding ``map_batches`` over an actor pool whose actors each hold the model
 (on a GPU each when the cluster has them), so scoring a large benchmark scales with the cluster like training.
-The decode geometry comes from the checkpoint's own run config, so a checkpoint is all it needs.
+The decode geometry comes from the checkpoint's own run config, so a checkpoint is all it needs. The shards'
+manifest says which benchmark they hold (``source``), and :func:`~mirasol_ray.train.metrics.benchmark_results`
+scores it by that benchmark's protocol; ``results.json`` and ``results.csv`` hold the paper's table layout.
 """
 
 from __future__ import annotations
 
+import csv
 import dataclasses
+import io
 import json
+import math
 import os
+import posixpath
 from typing import Any
 
 import numpy as np
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, DataConfig, from_dict, parse_overrides
-from mirasol_ray.train.metrics import aggregate
+from mirasol_ray.train.metrics import aggregate, benchmark_results, table_rows
 
-RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct")
+RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "refs")
+CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
 
 
 def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = ""
@@ -58,21 +65,52 @@ class Predictor:
             return {c: np.zeros((0,), dtype=object) for c in RECORD_COLUMNS}
         recs = predict_batch(self.model, to_torch(batch), self.tok, self.device, self.precision,
                              beam_size=self.beam_size, label_set=self.label_set)
-        return {c: np.array([r[c] for r in recs], dtype=bool if c == "correct" else object) for c in RECORD_COLUMNS}
+        return {c: _column([r[c] for r in recs], c) for c in RECORD_COLUMNS}
+
+
+def _column(values: list[Any], name: str) -> np.ndarray:
+    """One record field as a Ray Data column (lists travel as JSON text)."""
+    if name == "correct":
+        return np.array(values, dtype=bool)
+    if name == "rank":
+        return np.array(values, dtype=np.int64)
+    if name == "refs":
+        return np.array([json.dumps(v) for v in values], dtype=object)
+    return np.array(values, dtype=object)
+
+
+def _record(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+    rec = {c: str(batch[c][i]) for c in RECORD_COLUMNS if c not in ("correct", "rank", "refs")}
+    rec.update(correct=bool(batch["correct"][i]), rank=int(batch["rank"][i]), refs=json.loads(batch["refs"][i]))
+    return rec
 
 
 def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = None, batch_size: int = 16,
-             num_actors: int = 1, beam_size: int = 1, num_cpus: int | None = None, records_out: str = ""
-             ) -> dict[str, Any]:
-    """Task metrics of a checkpoint over the shards at ``data_url``; per-row records optionally to JSONL."""
+             num_actors: int = 1, beam_size: int = 1, num_cpus: int | None = None, records_out: str = "",
+             out: str = "", normalize: str = "vqa", source: str = "") -> dict[str, Any]:
+    """Task metrics of a checkpoint over the shards at ``data_url``, scored by the benchmark's protocol.
+
+    ``source`` (default: the shards' manifest) names the benchmark (a ``shards build`` format). With ``out``
+    (a folder, local or ``s3://``), writes ``results.json`` (everything returned) and ``results.csv`` (the table
+    rows). ``records_out`` writes the per-row predictions as JSONL.
+    """
     import ray
 
-    from mirasol_ray.data.pipeline import decoded_dataset, expand_shard_urls, make_skip_counter, read_skips
+    from mirasol_ray.data.pipeline import (
+        decoded_dataset,
+        expand_shard_urls,
+        find_manifest,
+        make_skip_counter,
+        read_skips,
+    )
     from mirasol_ray.launch.train import ensure_ray
+    from mirasol_ray.train.checkpoint import read_meta
 
     endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "")
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, endpoint_url)
-    expand_shard_urls(data_url)
+    expand_shard_urls(data_url, endpoint_url)
+    manifest = find_manifest(data_url, endpoint_url) or {}
+    source = source or str(manifest.get("source") or "")
     started = ensure_ray(num_cpus)
     try:
         counter, name = make_skip_counter()
@@ -88,17 +126,65 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
         )
         records = []
         for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
-            for i in range(len(b["key"])):
-                records.append({c: (bool(b[c][i]) if c == "correct" else str(b[c][i])) for c in RECORD_COLUMNS})
+            records += [_record(b, i) for i in range(len(b["key"]))]
         ray.get(counter.snapshot.remote())
         skips = read_skips(counter)
     finally:
         if started:
             ray.shutdown()
     if records_out:
-        storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records))
-    return {"checkpoint": model_uri, "data": data_url, "rows": len(records), "metrics": aggregate(records),
-            "skipped": skips["skipped"]}
+        storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records), endpoint_url)
+    meta = read_meta(model_uri, endpoint_url)
+    results = benchmark_results(records, source, normalize)
+    model = model_name(model_uri, meta)
+    res = {"checkpoint": model_uri, "model": model, "step": meta.get("step"), "data": data_url, "rows": len(records),
+           "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
+           "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"]}
+    if out:
+        write_results(res, out, endpoint_url)
+    return res
+
+
+def model_name(model_uri: str, meta: dict[str, Any]) -> str:
+    """How the results table names a checkpoint: its run's name (else its folder) and step."""
+    name = ((meta.get("run_config") or {}).get("storage") or {}).get("name") or ""
+    if not name:
+        parent = posixpath.dirname(posixpath.dirname(model_uri.rstrip("/")))
+        name = posixpath.basename(parent) or posixpath.basename(posixpath.dirname(model_uri))
+    step = meta.get("step")
+    return f"{name} (step {step})" if step is not None else name
+
+
+def write_results(res: dict[str, Any], out: str, endpoint_url: str = "") -> None:
+    """``results.json`` (all of ``res``) and ``results.csv`` (its table rows) in the folder ``out``."""
+    storage.write_text(storage.join(out, "results.json"), json.dumps(res, indent=1), endpoint_url)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    w.writeheader()
+    for row in res["table"]:
+        w.writerow({k: ("" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k])
+                    for k in CSV_COLUMNS})
+    storage.write_text(storage.join(out, "results.csv"), buf.getvalue(), endpoint_url)
+
+
+def format_table(res: dict[str, Any]) -> str:
+    """The results as the paper lays them out, our figure beside the paper's; the per-type breakdown under it."""
+    rows = res["table"]
+    head = ("Task", "Dataset", "Model", "Metric name", "Metric value", "Paper", "n")
+    cells = [head] + [(r["task"], r["dataset"], r["model"], r["metric"], _fmt(r["value"]),
+                       "" if r["paper"] is None else f"{r['paper']:.2f}", str(r["count"])) for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in cells]
+    n_main = len(res["benchmark"]["metrics"])
+    lines.insert(1, "-" * len(lines[0]))
+    if len(rows) > n_main:
+        lines.insert(2 + n_main, "  per type:")
+    return "\n".join(lines)
+
+
+def _fmt(value: float) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
 
 
 def predict(checkpoint: str, video: str, question: str = "", options: list[str] | None = None,

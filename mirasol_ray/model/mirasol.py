@@ -2,7 +2,8 @@
 
 A batch is a dict of tensors as in :mod:`mirasol_ray.data.schema`, already on the model's device. Tasks:
 open-ended QA and captioning by :meth:`Mirasol.generate`; multiple choice by :meth:`Mirasol.score_options`;
-classification by generating the label text, or by :meth:`Mirasol.classify` with ``cls_mode: head``.
+classification by generating the label text, by scoring every label's text (:meth:`Mirasol.score_candidates`,
+``cls_mode: score``) or by :meth:`Mirasol.classify` with ``cls_mode: head``.
 """
 
 from __future__ import annotations
@@ -141,21 +142,44 @@ class Mirasol(nn.Module):
         With ``score_length_norm`` the sum is divided by the option's token count (EOS included).
         """
         option_ids, option_mask = batch["option_ids"], batch["option_mask"]
-        B, K, _ = option_ids.shape
         h = self.encode_av(batch)["h"]
         context, context_mask = self._context(h, batch["snippet_mask"])
+        score = self._score_targets(context, context_mask, batch["prompt_ids"], batch["prompt_mask"], option_ids,
+                                    option_mask)
+        return score.masked_fill(~option_mask[..., 0], float("-inf"))
+
+    @torch.no_grad()
+    def score_candidates(self, batch: dict[str, Tensor], cand_ids: Tensor, cand_mask: Tensor, chunk: int = 64
+                         ) -> Tensor:
+        """Log-likelihood (B, N) of every candidate text (N, Lt), the same N for every row: classification by
+        scoring the whole label set (``cls_mode: score``). The clip is encoded once; candidates go through the
+        decoder ``chunk`` at a time (memory grows with B x chunk)."""
+        h = self.encode_av(batch)["h"]
+        context, context_mask = self._context(h, batch["snippet_mask"])
+        B = h.shape[0]
+        scores = []
+        for i in range(0, cand_ids.shape[0], chunk):
+            ids, mask = cand_ids[i:i + chunk], cand_mask[i:i + chunk]
+            scores.append(self._score_targets(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
+                                              repeat(ids, "n l -> b n l", b=B), repeat(mask, "n l -> b n l", b=B)))
+        return torch.cat(scores, dim=1) if scores else h.new_zeros(B, 0)
+
+    def _score_targets(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
+                       target_ids: Tensor, target_mask: Tensor) -> Tensor:
+        """Summed (or length-normalised) log-likelihood (B, K) of K targets (B, K, Lt) per row."""
+        K = target_ids.shape[1]
         k_times = "b ... -> (b k) ..."
+        flat_ids = rearrange(target_ids, "b k l -> (b k) l")
         logits = self._target_logits(
             repeat(context, k_times, k=K), repeat(context_mask, k_times, k=K),
-            repeat(batch["prompt_ids"], k_times, k=K), repeat(batch["prompt_mask"], k_times, k=K),
-            rearrange(option_ids, "b k l -> (b k) l"), rearrange(option_mask, "b k l -> (b k) l"))
-        logp = logits.log_softmax(-1).gather(-1, rearrange(option_ids, "b k l -> (b k) l")[:, 1:, None].long())
-        mask = rearrange(option_mask[..., 1:], "b k l -> (b k) l")
+            repeat(prompt_ids, k_times, k=K), repeat(prompt_mask, k_times, k=K),
+            flat_ids, rearrange(target_mask, "b k l -> (b k) l"))
+        logp = logits.log_softmax(-1).gather(-1, flat_ids[:, 1:, None].long())
+        mask = rearrange(target_mask[..., 1:], "b k l -> (b k) l")
         score = (logp[..., 0] * mask).sum(1)
         if self.config.score_length_norm:
             score = score / mask.sum(1).clamp(min=1)
-        score = rearrange(score, "(b k) -> b k", k=K)
-        return score.masked_fill(~option_mask[..., 0], float("-inf"))
+        return rearrange(score, "(b k) -> b k", k=K)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int = 32, beam_size: int = 1,

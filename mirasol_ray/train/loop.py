@@ -24,9 +24,11 @@ from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.model.pretrained import load_pretrained, startup_table
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train.metrics import Throughput, aggregate
 from mirasol_ray.train.step import (
+    apply_freeze,
     count_tokens,
     eval_loss,
     make_optimizer,
@@ -166,6 +168,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
             _say(f"initialised from {cfg.train.init_from}; new: {info['missing']}")
+    elif resume is None and latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):
+        reports = load_pretrained(model, cfg.model, endpoint_url)
+        if rank == 0:
+            _say(startup_table(reports, model))
+    if cfg.train.freeze:  # on resume too: the optimiser's groups must be the ones the checkpoint saved
+        frozen = set(apply_freeze(model, cfg.train.freeze))
+        if rank == 0:
+            values = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
+            _say(f"frozen ({', '.join(cfg.train.freeze)}): {len(frozen)} tensors, {values:,} parameters")
     model = _wrap(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)

@@ -7,9 +7,11 @@ Batches are dicts per :mod:`mirasol_ray.data.schema`; video arrives uint8 and is
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 from typing import Any, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,22 +40,68 @@ AV_MODULES = ("video_encoder", "audio_encoder", "combiner", "av_model")
 """The audio-video path: what ``train.freeze_av_steps`` holds still while the text decoder learns to read it."""
 
 
+def _param_name(name: str) -> str:
+    return name.removeprefix("module.")  # DDP's wrapper
+
+
+def _unmatched(names: list[str], patterns) -> list[str]:
+    return [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]
+
+
+def check_patterns(cfg) -> None:
+    """``train.freeze`` and ``train.lr_mult`` patterns that match no parameter of the model ``cfg`` builds are
+    errors (a typo would otherwise silently train everything). Checked on the meta device: nothing allocated."""
+    from mirasol_ray.config import ConfigError
+    from mirasol_ray.model.mirasol import build_model
+
+    with torch.device("meta"):
+        names = [n for n, _ in build_model(cfg.model).named_parameters()]
+    for setting, patterns in (("freeze", cfg.train.freeze), ("lr_mult", cfg.train.lr_mult)):
+        bad = _unmatched(names, patterns)
+        if bad:
+            raise ConfigError(f"train.{setting} pattern {bad[0]!r} matches no parameter (names look like "
+                              f"{names[0]}, text_decoder.transformer.blocks.0.attn.to_q.weight)")
+
+
+def apply_freeze(model: nn.Module, patterns) -> list[str]:
+    """Parameters matching ``train.freeze`` stop requiring gradients (so :func:`make_optimizer` leaves them out);
+    returns their names. Call before wrapping the model (DDP/FSDP2)."""
+    bad = _unmatched([n for n, _ in model.named_parameters()], patterns)
+    if bad:
+        raise ValueError(f"train.freeze pattern {bad[0]!r} matches no parameter")
+    frozen = []
+    for name, p in model.named_parameters():
+        if any(fnmatch.fnmatchcase(_param_name(name), pat) for pat in patterns):
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
+def lr_multiplier(name: str, lr_mult: dict[str, float]) -> float:
+    """The first ``train.lr_mult`` pattern matching the parameter ``name`` gives its multiplier; else 1."""
+    name = _param_name(name)
+    return next((m for pat, m in lr_mult.items() if fnmatch.fnmatchcase(name, pat)), 1.0)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, norms, embeddings, position tables and learned tokens (parameters with
-    < 2 dims, or named embed/pos/token/memory/time). The audio-video path's parameters get groups of their own
-    (``"av": True``) so that :func:`make_scheduler` can hold them still for ``freeze_av_steps``."""
-    groups: dict[tuple[bool, bool], list] = {}
+    """AdamW over the parameters that require gradients (``train.freeze`` removed some); no weight decay on biases,
+    norms, embeddings, position tables and learned tokens (parameters with < 2 dims, or named
+    embed/pos/token/memory/time/prefix). The audio-video path's parameters get groups of their own (``"av": True``)
+    so that :func:`make_scheduler` can hold them still for ``freeze_av_steps``; each ``train.lr_mult`` multiplier
+    its own group, at ``lr * multiplier``."""
+    groups: dict[tuple[bool, bool, float], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory", "time"))
-        av = name.removeprefix("module.").split(".")[0] in AV_MODULES  # "module.": DDP's wrapper
-        groups.setdefault((av, no_decay), []).append(p)
+        no_decay = p.ndim < 2 or any(k in name for k in ("embed", "pos", "token", "memory", "time", "prefix"))
+        av = _param_name(name).split(".")[0] in AV_MODULES
+        groups.setdefault((av, no_decay, lr_multiplier(name, cfg.lr_mult)), []).append(p)
     params = [p for ps in groups.values() for p in ps]
     fused = bool(params) and all(p.is_cuda for p in params)
     return torch.optim.AdamW(
-        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "av": av}
-         for (av, no_decay), ps in sorted(groups.items())],
+        [{"params": ps, "weight_decay": 0.0 if no_decay else cfg.weight_decay, "av": av, "lr": cfg.lr * mult,
+          "lr_mult": mult}
+         for (av, no_decay, mult), ps in sorted(groups.items())],
         lr=cfg.lr, betas=(0.9, 0.95), fused=fused or None)
 
 
@@ -186,42 +234,96 @@ def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, pre
 def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
                   precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
                   label_set: list[str] | None = None) -> list[dict[str, Any]]:
-    """Predictions for every row of a batch, as records for :func:`mirasol_ray.train.metrics.aggregate`.
+    """Predictions for every row of a batch, as records for :mod:`mirasol_ray.train.metrics`.
 
-    Open-ended QA, captions and (in ``generate`` mode) class labels are generated; multiple choice picks the
-    option with the highest log-likelihood; classification in ``head`` mode takes the head's arg-max."""
+    Open-ended QA, captions and (``cls_mode: generate``) class labels are generated; multiple choice picks the
+    option with the highest log-likelihood; classification with ``cls_mode: score`` picks the label of
+    ``label_set`` whose text is most likely, with ``head`` the head's arg-max. ``rank`` is the 0-based rank of the
+    right answer among the scored candidates (options or labels; -1 when nothing was ranked: generation);
+    ``refs`` are a question's accepted answers when it has several."""
     model.eval()
     core = getattr(model, "module", model)
     batch = move_batch(batch, device)
     task = batch["task"].cpu()
     n = len(task)
+    mode = getattr(core.config, "cls_mode", "generate")
+    is_cls = task == TASK_CLS
+    ranked_cls = bool(is_cls.any()) and (mode == "head" or (mode == "score" and bool(label_set)))
     max_new = max_new_tokens or int(batch["target_ids"].shape[1]) - 1
     records: list[dict[str, Any]] = [{} for _ in range(n)]
     with autocast(device, precision):
-        gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA]
+        gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA and not (ranked_cls and bool(is_cls[i]))]
         generated = None
         if gen_rows:
-            generated = core.generate(batch, max_new_tokens=max_new, beam_size=beam_size).cpu()
+            generated = core.generate(_rows(batch, gen_rows), max_new_tokens=max_new, beam_size=beam_size).cpu()
         scores = core.score_options(batch).float().cpu() if bool((task == TASK_MCQA).any()) else None
-        head = None
-        if bool((task == TASK_CLS).any()) and getattr(core.config, "cls_mode", "generate") == "head":
-            head = core.classify(batch).float().cpu()
+        cls_scores = None
+        if ranked_cls:
+            cls_rows = [i for i in range(n) if bool(is_cls[i])]
+            sub = _rows(batch, cls_rows)
+            if mode == "head":
+                logits = core.classify(sub).float().cpu()
+            else:
+                ids, mask = _label_targets(tok, label_set, int(batch["target_ids"].shape[1]), device)
+                logits = core.score_candidates(sub, ids, mask).float().cpu()
+            cls_scores = dict(zip(cls_rows, logits))
+    gen_at = {i: j for j, i in enumerate(gen_rows)}
     for i in range(n):
         t = int(task[i])
         target = tok.decode(batch["target_ids"][i, 1:].cpu().tolist())
         rec = {"key": batch["key"][i] if "key" in batch else str(i), "task": TASKS[t],
-               "qtype": QTYPES[int(batch["qtype"][i])], "target": target}
+               "qtype": QTYPES[int(batch["qtype"][i])], "target": target, "rank": -1, "refs": []}
         if t == TASK_MCQA:
             pick = int(scores[i].argmax())
             opts = batch["option_ids"][i].cpu()
             rec["pred"] = tok.decode(opts[pick, 1:].tolist())
             rec["correct"] = pick == int(batch["answer_idx"][i])
-        elif t == TASK_CLS and head is not None:
-            pick = int(head[i].argmax())
+            rec["rank"] = _rank(scores[i], int(batch["answer_idx"][i]))
+        elif cls_scores is not None and i in cls_scores:
+            row_scores = cls_scores[i]
+            pick = int(row_scores.argmax())
             rec["pred"] = label_set[pick] if label_set and pick < len(label_set) else str(pick)
-            rec["correct"] = pick == int(batch["label"][i])
+            label = int(batch["label"][i])
+            rec["correct"] = pick == label
+            rec["rank"] = _rank(row_scores, label) if 0 <= label < len(row_scores) else -1
         else:
-            rec["pred"] = tok.decode(generated[i].tolist())
-            rec["correct"] = exact_match(rec["pred"], target)
+            rec["pred"] = tok.decode(generated[gen_at[i]].tolist())
+            if t == TASK_QA and bool(batch["option_mask"][i, :, 0].any()):
+                opts = batch["option_ids"][i].cpu()
+                rec["refs"] = [tok.decode(opts[k, 1:].tolist()) for k in range(opts.shape[0])
+                               if bool(batch["option_mask"][i, k, 0])]
+            rec["correct"] = any(exact_match(rec["pred"], r) for r in rec["refs"] or [target])
         records[i] = rec
     return records
+
+
+def _rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
+    """The sub-batch of ``rows`` (all of it when that is every row)."""
+    n = len(batch["task"])
+    if rows == list(range(n)):
+        return batch
+    idx = torch.as_tensor(rows, device=batch["task"].device)
+    return {k: (v.index_select(0, idx) if torch.is_tensor(v) else [v[i] for i in rows]) for k, v in batch.items()}
+
+
+def _rank(scores: torch.Tensor, right: int) -> int:
+    """0-based rank of ``right`` among ``scores`` (ties counted against it)."""
+    return int((scores > scores[right]).sum())
+
+
+_LABEL_TARGETS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
+def _label_targets(tok: Tokenizer, labels: list[str], length: int, device: torch.device
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The label set as target token ids (N, Lt) and mask, formatted like a row's target (cached)."""
+    from mirasol_ray.data.text import encode_target
+
+    key = (id(tok), tuple(labels), length, str(device))
+    if key not in _LABEL_TARGETS:
+        pairs = [encode_target(tok, label, length) for label in labels]
+        ids = torch.as_tensor(np.stack([p[0] for p in pairs]), device=device)
+        mask = torch.as_tensor(np.stack([p[1] for p in pairs]), device=device)
+        _LABEL_TARGETS.clear()
+        _LABEL_TARGETS[key] = (ids, mask)
+    return _LABEL_TARGETS[key]

@@ -403,3 +403,14 @@ def test_decoder_learns_which_snippet_a_question_points_at():
         pred = model.eval().text_logits(test)[:, 0].argmax(-1)
     accuracy = (pred == test["target_ids"][:, 1]).float().mean().item()
     assert accuracy > 0.8  # chance: 0.25
+
+
+def test_scoring_a_label_set_equals_scoring_its_texts_as_options(trained):
+    model, batch = trained
+    labels, mask = batch["option_ids"][0], batch["option_mask"][0]  # (K, Lt): one label set for every row
+    B = batch["option_ids"].shape[0]
+    as_options = dict(batch, option_ids=labels.expand(B, -1, -1), option_mask=mask.expand(B, -1, -1))
+    want = model.score_options(as_options)
+    assert torch.allclose(model.score_candidates(batch, labels, mask), want, atol=1e-5)
+    assert torch.allclose(model.score_candidates(batch, labels, mask, chunk=1), want, atol=1e-5)
+    assert model.score_candidates(batch, labels, mask)[0].argmax().item() == 1  # row 0 was trained on option 1

@@ -138,22 +138,3 @@ def test_writer_splits_and_keys(tmp_path):
         again.write(f"s{i}", {"mp4": b"x" * i, "json": {"label": "ab"[i % 2]}}, split="train")
     again.close()
     assert (tmp_path / "again/train/shard-000001.tar").read_bytes() == (out / "train/shard-000001.tar").read_bytes()
-
-
-def test_msrvtt_qa_groups_questions_per_video(tmp_path):
-    videos = tmp_path / "videos"
-    videos.mkdir()
-    (videos / "video7.mp4").write_bytes(_clip(7, n=10))
-    qa = [{"question": "what is shown?", "answer": "bar", "category_id": 0, "video_id": 7, "id": 0},
-          {"question": "who moves?", "answer": "nobody", "category_id": 1, "video_id": 7, "id": 1},
-          {"question": "what is it?", "answer": "x", "category_id": 0, "video_id": 8, "id": 2},
-          {"answer": "no question", "video_id": 7, "id": 3}]
-    (tmp_path / "test_qa.json").write_text(json.dumps(qa))
-    manifest = build_shards("msrvtt-qa", str(tmp_path / "test_qa.json"), str(videos), str(tmp_path / "out"),
-                            progress=False)
-    assert manifest["num_samples"] == 1 and manifest["source"] == "msrvtt-qa"
-    assert manifest["skipped"] == {"bad_record": 1, "missing_video": 1}
-    blobs = dict(_members(tmp_path / "out/shard-000000.tar"))
-    meta = json.loads(blobs["video7.json"])
-    assert (meta["question"], meta["answer"]) == ("what is shown?", "bar")
-    assert [q["answer"] for q in meta["qas"]] == ["bar", "nobody"] and meta["video_id"] == 7

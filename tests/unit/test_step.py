@@ -149,3 +149,45 @@ def _saved(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_freeze_patterns_keep_parameters_and_lr_mult_scales_groups():
+    """train.freeze: matching parameters leave the optimiser and do not move; train.lr_mult: the first matching
+    pattern scales a parameter's learning rate, through warmup and decay alike."""
+    from mirasol_ray.bench.step import synthetic_batch
+    from mirasol_ray.train.step import apply_freeze, train_step
+
+    cfg = load_config("tiny", ["train.steps=10", "train.warmup_steps=2", "train.lr=1e-3",
+                               "train.freeze=[video_encoder.*, text_decoder.embed.weight]",
+                               'train.lr_mult={"text_decoder.transformer.blocks.0.*": 0.1, "text_decoder.*": 0.5}'])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    frozen = apply_freeze(model, cfg.train.freeze)
+    assert frozen and all(n.startswith("video_encoder.") or n == "text_decoder.embed.weight" for n in frozen)
+    opt = make_optimizer(model, cfg.train)
+    sched = make_scheduler(opt, cfg.train)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert not any(id(named[n]) in in_opt for n in frozen)
+    mult = {id(p): g["lr_mult"] for g in opt.param_groups for p in g["params"]}
+    assert mult[id(named["text_decoder.transformer.blocks.0.attn.to_q.weight"])] == 0.1
+    assert mult[id(named["text_decoder.transformer.blocks.1.attn.to_q.weight"])] == 0.5
+    assert mult[id(named["combiner.read.score.0.weight"])] == 1.0
+    before = {n: p.detach().clone() for n, p in named.items()}
+    batch = synthetic_batch(cfg, 2)
+    for _ in range(2):
+        lrs = {g["lr_mult"]: g["lr"] for g in opt.param_groups}
+        assert lrs[0.1] == pytest.approx(0.1 * lrs[1.0]) and lrs[0.5] == pytest.approx(0.5 * lrs[1.0])
+        train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
+    moved = {n for n, p in named.items() if not torch.equal(p, before[n])}
+    assert not moved & set(frozen)
+    assert "text_decoder.transformer.blocks.0.attn.to_q.weight" in moved
+
+
+def test_a_pattern_matching_nothing_is_an_error():
+    from mirasol_ray.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.freeze pattern 'video_encodr.*' matches no parameter"):
+        load_config("tiny", ["train.freeze=[video_encodr.*]"])
+    with pytest.raises(ConfigError, match="train.lr_mult pattern 'decoder.*' matches no parameter"):
+        load_config("tiny", ["train.lr_mult={decoder.*: 0.1}"])

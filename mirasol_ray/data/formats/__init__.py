@@ -1,15 +1,26 @@
-"""Annotation-format converters for ``mirasol shards build``: ``iter_records(annotations, videos)`` each."""
+"""Annotation-format converters for ``mirasol shards build``: ``convert(Source) -> Converted`` each.
+
+Each reads the benchmark's official annotation files exactly as distributed and finds the videos as the dataset
+names them under ``--videos`` (see each module's docstring for the files, fields and quirks).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
-from mirasol_ray.data.formats import jsonl, msrvtt_qa
-from mirasol_ray.data.formats.record import Record
+from mirasol_ray.data.formats import activitynet_qa, av_classes, epic_sounds, jsonl, msrvtt_qa, nextqa
+from mirasol_ray.data.formats.record import Converted, Record
+from mirasol_ray.data.formats.source import Source, VideoRoot
 
-FORMATS: dict[str, Callable[[str, str], Iterator[Record]]] = {
-    "jsonl": jsonl.iter_records,
-    "msrvtt-qa": msrvtt_qa.iter_records,
+FORMATS: dict[str, Callable[[Source], Converted]] = {
+    "jsonl": jsonl.convert,
+    "msrvtt-qa": msrvtt_qa.convert,
+    "activitynet-qa": activitynet_qa.convert,
+    "nextqa-mc": nextqa.convert_mc,
+    "nextqa-oe": nextqa.convert_oe,
+    "kinetics-sounds": av_classes.convert_kinetics_sounds,
+    "vggsound": av_classes.convert_vggsound,
+    "epic-sounds": epic_sounds.convert,
 }
 
-__all__ = ["FORMATS", "Record"]
+__all__ = ["FORMATS", "Converted", "Record", "Source", "VideoRoot"]
