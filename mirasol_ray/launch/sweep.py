@@ -559,7 +559,7 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
         if not resume:
             _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)}, endpoint_url)
         progress = SweepProgress(uri, endpoint_url, keys, spec["metric"], spec["mode"], spec["max_steps"],
-                                        spec["scheduler"], table_every_s)
+                                 spec["scheduler"], table_every_s)
         resources = {"CPU": TRIAL_DRIVER_CPUS}
         tune_path = root_path.rstrip("/") + "/" + spec["name"] if remote else os.path.join(root_path, spec["name"])
         if resume and tune.Tuner.can_restore(tune_path, storage_filesystem=fs if remote else None):

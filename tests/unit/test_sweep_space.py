@@ -81,3 +81,18 @@ def test_a_failed_trial_is_told_in_one_line():
         "WorkerGroupError: Training failed due to worker errors: [Rank 0]: boom"
     oom = "a\n3 worker(s) were killed due to the node running low on memory. Memory on the node was 23GB\nb"
     assert error_reason(oom).startswith("3 worker(s) were killed") and error_reason("") == ""
+
+
+def test_the_ray_job_entrypoint_takes_the_sweep_arguments():
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    # as `ray job submit --working-dir . -- python jobs/sweep.py` runs it: the working dir on PYTHONPATH
+    env = {**os.environ, "PYTHONPATH": root}
+    proc = subprocess.run([sys.executable, "jobs/sweep.py", "--help"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for flag in ("--space", "--num-samples", "--scheduler", "--max-concurrent", "--metric", "--storage", "--resume"):
+        assert flag in proc.stdout, flag
