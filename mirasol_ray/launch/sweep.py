@@ -26,6 +26,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 import typing
 from typing import Any
@@ -282,7 +283,7 @@ class SweepProgress(Callback):
     # -- helpers
     def _say(self, text: str) -> None:
         el = int(time.time() - self.t0)
-        print(f"[{el // 3600}:{el % 3600 // 60:02d}:{el % 60:02d}] {text}", flush=True)
+        print(f"[{el // 3600}:{el % 3600 // 60:02d}:{el % 60:02d}] {text}", file=sys.stderr, flush=True)
 
     def _entry(self, trial) -> dict[str, Any]:
         t = self.ledger["trials"].setdefault(trial.trial_id, {"status": "pending", "starts": 0})
@@ -365,7 +366,7 @@ class SweepProgress(Callback):
     def on_step_end(self, iteration, trials, **info):
         if time.time() - self.last_table >= self.table_every_s:
             self.last_table = time.time()
-            print(self.table(trials), flush=True)
+            print(self.table(trials), file=sys.stderr, flush=True)
 
     def on_experiment_end(self, trials, **info):
         self._save()
@@ -555,7 +556,7 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
               f"{k} at once (a trial: {cfg.scaling.num_workers} worker(s), ~{cpus:.2f} CPUs"
               f"{f', {gpus:g} GPUs' if gpus else ''}; {cfg.train.steps} steps, reporting and checkpointing every "
               f"{cfg.train.checkpoint_every})\n  logs: this driver's {driver_log}; the trials' (Ray's workers) "
-              f"{logs}", flush=True)
+              f"{logs}", file=sys.stderr, flush=True)
         if not resume:
             _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)}, endpoint_url)
         progress = SweepProgress(uri, endpoint_url, keys, spec["metric"], spec["mode"], spec["max_steps"],

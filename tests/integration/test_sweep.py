@@ -64,16 +64,17 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     uri = storage.join(root, "asha")
     proc = subprocess.run(_sweep_cmd(synth_shards, root, "asha", space, "--metric", "val/loss"),
                           capture_output=True, text=True, timeout=900, env=_env(ray_tmp))
-    out = proc.stdout
-    assert proc.returncode == 0, (out + proc.stderr)[-4000:]
-    assert "up to 2 at once" in out
+    out, err = proc.stdout, proc.stderr  # progress on stderr, the results on stdout
+    assert proc.returncode == 0, (out + err)[-4000:]
+    assert "up to 2 at once" in err
     # the console: our lines only; Ray's and Tune's own output went to the log files
     for noise in ("(RayTrainWorker", "(raylet)", "pid=", "Configuration for experiment", "Traceback"):
-        assert noise not in out + proc.stderr, noise
-    started = [ln for ln in out.splitlines() if " started " in ln]
+        assert noise not in out + err, noise
+    started = [ln for ln in err.splitlines() if " started " in ln]
     assert len(started) == 4
-    assert any("stopped early by ASHA" in ln for ln in out.splitlines())
-    assert "-- " in out and "trials;" in out  # the periodic table
+    assert any("stopped early by ASHA" in ln for ln in err.splitlines())
+    assert "-- " in err and "trials;" in err  # the periodic table
+    assert "sweep done after " in out and "best: " in out and " started " not in out
 
     sweep = json.loads(storage.read_text(storage.join(uri, "sweep.json")))
     statuses = {tid: t["status"] for tid, t in sweep["trials"].items()}
@@ -188,11 +189,11 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
 
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=_env(ray_tmp))
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
-    starts = [ln for ln in resumed.stdout.splitlines() if " started " in ln]
+    starts = [ln for ln in resumed.stderr.splitlines() if " started " in ln]
     assert len(starts) == 1 and f"trial {second} started" in starts[0] and "again" in starts[0]
     ledger = _ledger(uri)["trials"]
     assert ledger[first]["starts"] == 1 and ledger[second]["starts"] == 2
-    assert {ledger[first]["status"], ledger[second]["status"]} == {"finished"}, resumed.stdout[-3000:]
+    assert {ledger[first]["status"], ledger[second]["status"]} == {"finished"}, resumed.stderr[-3000:]
     # the second trial continued from its checkpoint: its worker said so, and no step was trained twice
     logs = os.path.join(ray_tmp, "ray", "session_latest", "logs")
     said = "".join(open(os.path.join(logs, f), errors="replace").read() for f in os.listdir(logs)
