@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 OUT ?= runs/demo
 
-.PHONY: venv run test lint clean
+.PHONY: venv sysdeps run test lint clean
 
 venv: $(STAMP)
 
@@ -18,10 +18,21 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q -e ".[dev,tokenizers]" "$(TORCH_PIN)"
 	touch $(STAMP)
 
+# System packages the tests read: WordNet 3.0 for NExT-OE's WUPS (NLTK reads /usr/share/wordnet; nothing is
+# downloaded at run time). Installed with apt-get when run as root (CI); otherwise the command to run is printed.
+sysdeps:
+	@if [ ! -f /usr/share/wordnet/data.noun ]; then \
+	    if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	        (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q wordnet-base) >/dev/null; \
+	    else \
+	        echo "WordNet missing: run 'sudo apt-get install wordnet-base' (the WUPS tests fail without it)" >&2; \
+	    fi; \
+	fi
+
 run: venv
 	$(BIN)/mirasol demo --out $(OUT)
 
-test: venv
+test: venv sysdeps
 	$(BIN)/python -m pytest -q -ra tests
 
 lint: venv

@@ -1,7 +1,9 @@
 """The ``mirasol`` command. Each subcommand parses its arguments here and calls one function elsewhere.
 
 Bad input (a missing file, an unknown config key, an unreadable URL) ends with a one-line reason on stderr and a
-non-zero exit; a traceback is shown only with ``MIRASOL_DEBUG=1``.
+non-zero exit; a traceback is shown only with ``MIRASOL_DEBUG=1``. Results go to stdout (with ``--json``, one JSON
+object and nothing else); phase lines and progress bars to stderr; library logs to files
+(:mod:`mirasol_ray.launch.console`).
 """
 
 from __future__ import annotations
@@ -55,6 +57,12 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
         print(json.dumps(report))
     else:
         print_report(report)
+    if not report["decoded"]:
+        from mirasol_ray.data.pipeline import describe_skips
+
+        snap = {"decoded": 0, "skipped": report["skipped"], "examples": report["skipped_examples"]}
+        print(f"mirasol: error: no clip of {args.url} decoded: {describe_skips(snap)}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -64,7 +72,17 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     summary = run_training(cfg, args.config)
-    print(json.dumps(summary, indent=2))
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+        print(f"run            {summary['run']}\n"
+              f"steps          {summary['steps']}  (final loss {summary['final_loss']}, {summary['seconds']} s)\n"
+              f"checkpoint     {summary['checkpoint']}\n"
+              f"decoded        {summary['decoded']} clips; skipped: {skipped}\n"
+              + "".join(f"val {k:<10} {v:.4f}\n" for k, v in summary["val"].items())
+              + f"learning curve {summary['learning_curve']}\n"
+              f"driver log     {summary['log']}")
     return 0
 
 
@@ -211,7 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--config", default="tiny", help="preset or YAML giving the decode geometry")
     i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     i.add_argument("--limit", type=int, default=0, help="decode at most N samples (0: all)")
-    i.add_argument("--png", default="", help="contact sheet path (default: contact_sheet.png here)")
+    i.add_argument("--png", default="", help="write a contact sheet (frames beside spectrograms) to this PNG "
+                   "(default: none is written)")
     i.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     i.add_argument("--json", action="store_true", help="one JSON object on stdout")
     i.set_defaults(func=_cmd_data_inspect)
@@ -229,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="pretrain or fine-tune on Ray Train (RAY_ADDRESS or a local Ray)")
     t.add_argument("--config", required=True, help="preset name or YAML path")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--json", action="store_true", help="the run's summary as one JSON object on stdout")
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="task metrics of a checkpoint over a dataset (Ray Data batch inference)")
@@ -284,12 +304,47 @@ def _lazy(module: str):
         raise
 
 
+def one_line(e: BaseException) -> str:
+    """The error a person can act on, in one line: the innermost cause of Ray's wrappers, its first line."""
+    from mirasol_ray.config import ConfigError
+
+    seen = set()
+    while id(e) not in seen:  # RayTaskError and friends carry the original as .cause
+        seen.add(id(e))
+        inner = getattr(e, "cause", None)
+        if isinstance(inner, BaseException):
+            e = inner
+        else:
+            break
+    if hasattr(e, "worker_failures"):
+        from mirasol_ray.launch.train import training_error
+
+        e = training_error(e)
+    plain = (ConfigError, FileNotFoundError, FileExistsError, IsADirectoryError, PermissionError, ValueError,
+             RuntimeError)
+    kind = "" if type(e) in plain or isinstance(e, ConfigError) or type(e).__name__ == "RunInUseError" \
+        else f"{type(e).__name__}: "
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return f"{kind}{lines[0] if lines else type(e).__name__}"[:500]
+
+
+def _terminate(signum, frame) -> None:
+    raise KeyboardInterrupt("terminated")  # so every cleanup (temporary folders, the run's lease) runs
+
+
 def main(argv: list[str] | None = None) -> int:
+    import signal
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()
         return 2
+    import threading
+
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt as e:
@@ -298,12 +353,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # one line for the user; the traceback on request
         if os.environ.get("MIRASOL_DEBUG"):
             raise
-        from mirasol_ray.config import ConfigError
-
-        kind = "" if isinstance(e, (ConfigError, FileNotFoundError, ValueError)) else f"{type(e).__name__}: "
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"mirasol: error: {kind}{msg[:500]}", file=sys.stderr)
+        print(f"mirasol: error: {one_line(e)}", file=sys.stderr)
         return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

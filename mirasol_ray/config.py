@@ -232,26 +232,45 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("mirasol_ray.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
-    path = Path(name_or_path)
-    if name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path:
+def _is_path(name_or_path: str) -> bool:
+    return name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path
+
+
+def _read_yaml(name_or_path: str, _chain: tuple[tuple[str, str], ...] = (), _folder: str = "") -> dict[str, Any]:
+    """The mapping of a preset name or YAML path, its ``base:`` chain merged underneath.
+
+    A relative ``base:`` path is looked up from the folder of the YAML that names it (``_folder``), not from the
+    current directory; a chain that comes back to a file or preset already in it is an error naming the chain."""
+    if _is_path(name_or_path):
+        path = Path(name_or_path).expanduser()
+        if _folder and not path.is_absolute():
+            path = Path(_folder) / path
         if not path.is_file():
-            raise ConfigError(f"config file not found: {name_or_path}")
+            raise ConfigError(f"config file not found: {path}" + (f" (base: of {_chain[-1][1]})" if _chain else ""))
+        ident, shown = f"file:{path.resolve()}", str(path)
         text = path.read_text()
+        folder = str(path.resolve().parent)
     else:
         res = resources.files("mirasol_ray.configs") / f"{name_or_path}.yaml"
         if not res.is_file():
             raise ConfigError(f"unknown preset {name_or_path!r}; presets: {', '.join(preset_names())}")
+        ident, shown = f"preset:{name_or_path}", name_or_path
         text = res.read_text()
+        folder = ""
+    if any(ident == seen for seen, _ in _chain):
+        raise ConfigError("config base: cycle: " + " -> ".join([s for _, s in _chain] + [shown]))
+    chain = _chain + ((ident, shown),)
     try:
         raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{name_or_path}: not valid YAML: {str(e).splitlines()[0]}") from None
+        raise ConfigError(f"{shown}: not valid YAML: {str(e).splitlines()[0]}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{name_or_path}: top level must be a mapping")
+        raise ConfigError(f"{shown}: top level must be a mapping")
     base = raw.pop("base", None)
-    if base:  # a preset may extend another: `base: tiny`
-        merged = _read_yaml(base)
+    if base:  # a preset may extend another (`base: tiny`), a YAML a preset or a YAML beside it
+        if not isinstance(base, str):
+            raise ConfigError(f"{shown}: base must be a preset name or a YAML path, got {base!r}")
+        merged = _read_yaml(base, chain, folder)
         _deep_update(merged, raw)
         return merged
     return raw

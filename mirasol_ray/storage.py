@@ -2,13 +2,17 @@
 
 Accepted: a local path, ``file:///abs/path``, ``s3://bucket/prefix``. S3 endpoint and credentials come from the
 standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_DEFAULT_REGION``) or an explicit ``endpoint_url`` from the config; never from code.
+``AWS_DEFAULT_REGION``) or an explicit ``endpoint_url`` from the config; never from code. No object made here
+holds a credential: each process resolves its own from its environment.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 import posixpath
+import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -51,7 +55,10 @@ def fsspec_fs(uri: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
     """An fsspec filesystem for ``uri`` (s3fs for s3://, local otherwise). Use with :func:`strip_scheme` paths."""
     if is_s3(uri):
         ep = endpoint(endpoint_url)
-        kwargs = {"client_kwargs": {"endpoint_url": ep}} if ep else {}
+        # no listing cache: other processes (Ray workers, another driver) write the same run folders
+        kwargs: dict = {"use_listings_cache": False}
+        if ep:
+            kwargs["client_kwargs"] = {"endpoint_url": ep}
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs.setdefault("client_kwargs", {})["region_name"] = region
@@ -62,7 +69,13 @@ def fsspec_fs(uri: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
 
 
 def pyarrow_fs(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it (no scheme), as Ray Train/Data want them."""
+    """A pyarrow filesystem and the path inside it (no scheme), as Ray Train/Data want them.
+
+    The filesystem carries the endpoint and region only, never credentials: Ray pickles it into its tasks and
+    its run state, and pyarrow resolves keys itself wherever the object is used (its default chain: the
+    ``AWS_*`` variables of that process, ``~/.aws``, instance roles). The workers of an embedded Ray inherit the
+    driver's environment; a cluster's workers use the cluster's own.
+    """
     path = strip_scheme(uri)
     if is_s3(uri):
         ep = endpoint(endpoint_url)
@@ -74,15 +87,62 @@ def pyarrow_fs(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
         region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
         if region:
             kwargs["region"] = region
-        # Credentials from the driver's environment travel with the (pickled) filesystem to Ray workers, whose
-        # environment may lack them; without them pyarrow's default chain applies (instance roles, ~/.aws).
-        if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-            kwargs["access_key"] = os.environ["AWS_ACCESS_KEY_ID"]
-            kwargs["secret_key"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-            if os.environ.get("AWS_SESSION_TOKEN"):
-                kwargs["session_token"] = os.environ["AWS_SESSION_TOKEN"]
         return pafs.S3FileSystem(**kwargs), path
     return pafs.LocalFileSystem(), path
+
+
+def bucket(uri: str) -> str:
+    """``s3://bucket/prefix`` -> ``bucket``."""
+    return strip_scheme(uri).split("/", 1)[0]
+
+
+def check_bucket(uri: str, endpoint_url: str = "") -> None:
+    """FileNotFoundError naming the bucket when an ``s3://`` URI's bucket does not exist (no-op otherwise)."""
+    if not is_s3(uri):
+        return
+    name = bucket(uri)
+    fs = fsspec_fs(uri, endpoint_url)
+    try:
+        fs.info(name)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"bucket {name!r} does not exist ({uri})") from None
+    except PermissionError:
+        pass  # no ListBucket/HeadBucket right: the operation itself will say what it cannot do
+
+
+def check_output(uri: str, kind: str = "file", endpoint_url: str = "") -> None:
+    """Fail before any work, naming the location, when ``uri`` cannot be written: ``kind`` is ``file`` (must not be
+    an existing folder) or ``dir`` (must not be an existing file). Local parents are created, and a probe file
+    shows the folder is writable; on S3 the bucket must exist and a probe object is written and removed."""
+    if kind not in ("file", "dir"):
+        raise ValueError(f"kind must be file or dir, got {kind!r}")
+    if is_remote(uri):
+        check_bucket(uri, endpoint_url)
+        fs = fsspec_fs(uri, endpoint_url)
+        path = strip_scheme(uri)
+        if kind == "dir" and fs.isfile(path):
+            raise FileExistsError(f"{uri} is an existing file, not a folder")
+        if kind == "file" and fs.isdir(path):
+            raise IsADirectoryError(f"{uri} is an existing folder, not a file")
+        probe = (path.rstrip("/") if kind == "dir" else posixpath.dirname(path)) + f"/.mirasol-probe-{os.getpid()}"
+        try:
+            fs.pipe_file(probe, b"")
+            fs.rm_file(probe)
+        except (OSError, PermissionError) as e:
+            raise PermissionError(f"cannot write to {uri}: {e}") from None
+        return
+    path = strip_scheme(uri)
+    if kind == "dir" and os.path.exists(path) and not os.path.isdir(path):
+        raise FileExistsError(f"{uri} is an existing file, not a folder")
+    if kind == "file" and os.path.isdir(path):
+        raise IsADirectoryError(f"{uri} is an existing folder, not a file")
+    folder = path if kind == "dir" else os.path.dirname(path) or "."
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder, prefix=".mirasol-probe-"):
+            pass
+    except OSError as e:
+        raise PermissionError(f"cannot write to {uri}: {e.strerror or e}") from None
 
 
 def exists(uri: str, endpoint_url: str = "") -> bool:
@@ -93,18 +153,42 @@ def read_bytes(uri: str, endpoint_url: str = "") -> bytes:
     fs = fsspec_fs(uri, endpoint_url)
     path = strip_scheme(uri)
     if not fs.exists(path):
+        check_bucket(uri, endpoint_url)
         raise FileNotFoundError(f"not found: {uri}")
+    if fs.isdir(path):
+        raise IsADirectoryError(f"{uri} is a folder, not a file")
     with fs.open(path, "rb") as f:
         return f.read()
 
 
+@functools.cache
+def _umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: once, and put back at once
+    os.umask(mask)
+    return mask
+
+
 def write_bytes(uri: str, data: bytes, endpoint_url: str = "") -> None:
-    fs = fsspec_fs(uri, endpoint_url)
+    """Write ``uri`` whole. A reader never sees it half-written: an object store's PUT replaces the object at once,
+    and a local file is written beside its place and renamed over it (a lease read mid-heartbeat, a crash
+    mid-write)."""
     path = strip_scheme(uri)
-    if not is_remote(uri):
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with fs.open(path, "wb") as f:
-        f.write(data)
+    if is_remote(uri):
+        with fsspec_fs(uri, endpoint_url).open(path, "wb") as f:
+            f.write(data)
+        return
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".partial")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())  # as open() would have made it, not mkstemp's 0600
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def read_text(uri: str, endpoint_url: str = "") -> str:
@@ -115,13 +199,14 @@ def write_text(uri: str, text: str, endpoint_url: str = "") -> None:
     write_bytes(uri, text.encode("utf-8"), endpoint_url)
 
 
-def listdir(uri: str, endpoint_url: str = "") -> list[str]:
-    """Names (not paths) directly under ``uri``; empty if it does not exist."""
+def listdir(uri: str, endpoint_url: str = "", dirs_only: bool = False) -> list[str]:
+    """Names (not paths) directly under ``uri`` (only folders with ``dirs_only``); empty if it does not exist."""
     fs = fsspec_fs(uri, endpoint_url)
     path = strip_scheme(uri)
     if not fs.exists(path):
         return []
-    return sorted(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+    return sorted(posixpath.basename(e["name"].rstrip("/")) for e in fs.ls(path, detail=True)
+                  if not dirs_only or e.get("type") == "directory")
 
 
 @dataclass(frozen=True)

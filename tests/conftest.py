@@ -16,6 +16,10 @@ import pytest
 
 ACCESS_KEY = "testing"
 SECRET_KEY = "testing"
+SENTINEL_ACCESS_KEY = "sentinel"
+SENTINEL_SECRET = "mirasol-sentinel-" + uuid.uuid4().hex
+"""A second identity of the test S3 server, whose secret is unique to this test session: a test that runs with
+it greps Ray's session folder, the run folder and all output for the secret."""
 
 
 def _free_port() -> int:
@@ -38,12 +42,14 @@ class S3Server:
     def __init__(self, endpoint: str, bucket: str):
         self.endpoint = endpoint
         self.bucket = bucket
+        self.sentinel_secret = SENTINEL_SECRET
 
-    def env(self) -> dict[str, str]:
+    def env(self, sentinel: bool = False) -> dict[str, str]:
+        """The AWS_* variables for this server (with ``sentinel``, the identity whose secret tests look for)."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
-            "AWS_ACCESS_KEY_ID": ACCESS_KEY,
-            "AWS_SECRET_ACCESS_KEY": SECRET_KEY,
+            "AWS_ACCESS_KEY_ID": SENTINEL_ACCESS_KEY if sentinel else ACCESS_KEY,
+            "AWS_SECRET_ACCESS_KEY": SENTINEL_SECRET if sentinel else SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
         }
@@ -57,9 +63,11 @@ def s3_server(tmp_path_factory):
     """SeaweedFS (`weed server -s3`) on free loopback ports, a fresh bucket, AWS_* variables set; stopped after."""
     d = tmp_path_factory.mktemp("seaweed")
     cfg = d / "s3.json"
-    cfg.write_text(json.dumps({"identities": [{"name": "admin", "credentials": [
-        {"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    actions = ["Admin", "Read", "Write", "List", "Tagging"]
+    cfg.write_text(json.dumps({"identities": [
+        {"name": "admin", "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}], "actions": actions},
+        {"name": "sentinel", "credentials": [{"accessKey": SENTINEL_ACCESS_KEY, "secretKey": SENTINEL_SECRET}],
+         "actions": actions}]}))
     ports = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
     grpc = {k: _free_port() for k in ("master", "volume", "filer", "s3")}
     cmd = [
@@ -68,8 +76,10 @@ def s3_server(tmp_path_factory):
         f"-volume.port={ports['volume']}", f"-volume.port.grpc={grpc['volume']}",
         "-filer", f"-filer.port={ports['filer']}", f"-filer.port.grpc={grpc['filer']}",
         "-s3", f"-s3.port={ports['s3']}", f"-s3.port.grpc={grpc['s3']}", f"-s3.config={cfg}",
+        # the Iceberg and Lance catalogs S3 starts by default listen on fixed ports (8181, 9101): off, so that
+        # parallel servers (other test runs on this machine) do not collide
+        "-s3.port.iceberg=0", "-s3.port.lance=0",
         "-master.telemetry=false", "-volume.max=0", "-master.volumeSizeLimitMB=64",
-        "-s3.port.iceberg=0", "-s3.port.lance=0",  # fixed default ports (8181, 9101): parallel servers collide
     ]
     log = open(d / "weed.log", "wb")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -114,19 +124,35 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_server):
-    """A local Ray with explicit CPUs (2), dashboard off; shut down at the end of the session.
+def _ray_session(s3_server):
+    """Shuts this process's Ray down at the end of the session (whichever test started it last)."""
+    import ray
 
-    Started after the S3 server, so its workers get the AWS_* variables as a cluster's would."""
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def ray_local(_ray_session):
+    """A local Ray with explicit CPUs (2), dashboard off: started on first use, kept for the session, and started
+    again after a test that needed this process without one (see ``no_local_ray``).
+
+    Started after the S3 server has set the AWS_* variables, so its workers inherit them from this process, as an
+    embedded Ray's do: no credential goes into a runtime env."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}},
-                 configure_logging=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    yield ray
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    return ray
+
+
+@pytest.fixture()
+def no_local_ray(_ray_session):
+    """No Ray in this process (the test runs `mirasol` in subprocesses, each starting its own on the 2 cores);
+    the S3 server's AWS_* variables are set, for the subprocesses to inherit."""
+    import ray
+
     ray.shutdown()
 
 

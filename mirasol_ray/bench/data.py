@@ -65,7 +65,7 @@ def bench_bare(urls: list[str], cfg, limit: int) -> dict[str, float]:
     n = frames = 0
     t0 = time.perf_counter()
     for sample in iter_samples(urls):
-        rows, reason = decode_sample_safe(sample, cfg.data, train=True, rng=rng)
+        rows, reason, _ = decode_sample_safe(sample, cfg.data, train=True, rng=rng)
         if reason is None:
             n += 1
             frames += _frames_of(rows)
@@ -90,7 +90,7 @@ class _DecodeIterable(torch.utils.data.IterableDataset):
         info = tud.get_worker_info()
         rng = np.random.default_rng(0 if info is None else info.id)
         for sample in iter_samples(self.urls):  # webdataset gives each DataLoader worker its own shards
-            rows, reason = decode_sample_safe(sample, self.data_cfg, train=True, rng=rng)
+            rows, reason, _ = decode_sample_safe(sample, self.data_cfg, train=True, rng=rng)
             if reason is None:
                 yield _frames_of(rows)
 

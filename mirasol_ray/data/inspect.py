@@ -1,12 +1,15 @@
 """``mirasol data inspect URL``: run the real decode pipeline over a dataset and report what came out.
 
-Counts samples seen, decoded and skipped (by reason), the shapes/dtypes/bytes of a decoded row, and writes a
-contact sheet PNG: for a few rows, each snippet's frames beside its log-mel spectrogram.
+Counts samples seen, decoded and skipped (by reason; whole shards that cannot be read by file name), the
+shapes/dtypes/bytes of a decoded row, and, when ``--png PATH`` is given, writes a contact sheet there: for a few
+rows, each snippet's frames beside its log-mel spectrogram. Without ``--png`` nothing is written (no file appears
+in the current folder or anywhere the user did not name).
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
 from typing import Any
 
@@ -53,64 +56,95 @@ def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "")
 
 def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None = None, limit: int = 0,
                     png: str = "", num_cpus: int | None = None, progress: bool = True) -> dict[str, Any]:
+    """Run the decode pipeline over ``url`` and report. Raises (one line) when no shard at all can be read;
+    a report with ``decoded == 0`` is the caller's to judge (``mirasol data inspect`` exits non-zero)."""
     import ray
+    from tqdm import tqdm
 
-    from mirasol_ray.data.pipeline import decoded_dataset, expand_shard_urls, make_skip_counter, read_skips
+    from mirasol_ray import storage
+    from mirasol_ray.data.pipeline import (
+        SHARD_REASONS,
+        decoded_dataset,
+        describe_skips,
+        expand_shard_urls,
+        find_manifest,
+        make_skip_counter,
+        read_skips,
+        samples_seen,
+        shards_failed,
+    )
+    from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
 
     cfg = load_config(config, overrides)
-    expand_shard_urls(url)  # a clear error before Ray starts if there is nothing there
-    started = ensure_ray(num_cpus)
-    try:
-        ray.data.DataContext.get_current().enable_progress_bars = progress
-        counter, name = make_skip_counter()
-        ds = decoded_dataset(url, cfg.data, train=False, counter_name=name, limit=limit)
-        t0 = time.perf_counter()
-        rows_out = 0
-        sheet: list[dict[str, np.ndarray]] = []
-        shapes: dict[str, Any] = {}
-        for batch in ds.iter_batches(batch_size=cfg.data.decode_batch_size, batch_format="numpy"):
-            n = len(batch["key"])
-            if not n:
-                continue
-            if not shapes:
-                shapes = {k: {"shape": list(batch[k].shape[1:]), "dtype": str(batch[k].dtype)}
-                          for k in TENSOR_COLUMNS}
-                shapes["_bytes_per_row"] = int(sum(batch[k][0].nbytes for k in TENSOR_COLUMNS))
-            for i in range(n):
-                if len(sheet) < SHEET_ROWS and not any(r["key"].split("#")[0] == str(batch["key"][i]).split("#")[0]
-                                                       for r in sheet):
-                    sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask")}
-                                 | {"key": str(batch["key"][i])})
-            rows_out += n
-        elapsed = time.perf_counter() - t0
-        ray.get(counter.snapshot.remote())  # flush: fire-and-forget adds queued before this call
-        snap = read_skips(counter)
-        ray.kill(counter)
-    finally:
-        if started:
-            ray.shutdown()
+    shards = expand_shard_urls(url)  # a clear error before Ray starts if there is nothing there
+    if png:
+        storage.check_output(png, "file")  # before the work, not after it
+    total = limit or (find_manifest(url) or {}).get("num_samples") or None
+    with console.quiet_libraries() as logs:
+        started = ensure_ray(num_cpus)
+        console.attach_session_log(logs)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            counter, name = make_skip_counter()
+            ds = decoded_dataset(url, cfg.data, train=False, counter_name=name, limit=limit)
+            t0 = time.perf_counter()
+            rows_out = 0
+            sheet: list[dict[str, np.ndarray]] = []
+            shapes: dict[str, Any] = {}
+            bar = tqdm(total=total, desc=f"decoding {len(shards)} shard(s)", unit="clip", file=sys.stderr,
+                       disable=not (progress and sys.stderr.isatty()))
+            for batch in ds.iter_batches(batch_size=cfg.data.decode_batch_size, batch_format="numpy"):
+                n = len(batch["key"])
+                if not n:
+                    continue
+                if not shapes:
+                    shapes = {k: {"shape": list(batch[k].shape[1:]), "dtype": str(batch[k].dtype)}
+                              for k in TENSOR_COLUMNS}
+                    shapes["_bytes_per_row"] = int(sum(batch[k][0].nbytes for k in TENSOR_COLUMNS))
+                for i in range(n):
+                    if len(sheet) < SHEET_ROWS and not any(
+                            r["key"].split("#")[0] == str(batch["key"][i]).split("#")[0] for r in sheet):
+                        sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask")}
+                                     | {"key": str(batch["key"][i])})
+                rows_out += n
+                if not bar.disable:
+                    bar.n = samples_seen(read_skips(counter))
+                    bar.refresh()
+            bar.close()
+            elapsed = time.perf_counter() - t0
+            ray.get(counter.snapshot.remote())  # flush: fire-and-forget adds queued before this call
+            snap = read_skips(counter)
+            ray.kill(counter)
+        finally:
+            if started:
+                ray.shutdown()
+    if shards_failed(snap) >= len(shards):
+        raise ValueError(f"no shard of {url} could be read: {describe_skips(snap)}")
     bytes_per_row = shapes.pop("_bytes_per_row", 0)
     skipped = snap["skipped"]
     report = {
         "url": url,
-        "samples": snap["decoded"] + sum(skipped.values()),
+        "shards": len(shards),
+        "samples": samples_seen(snap),
         "decoded": snap["decoded"],
         "rows": rows_out,
         "skipped": skipped,
         "skipped_examples": snap["examples"],
+        "shards_skipped": {r: n for r, n in skipped.items() if r in SHARD_REASONS},
         "shapes": shapes,
         "bytes_per_row": bytes_per_row,
         "seconds": round(elapsed, 2),
         "contact_sheet": None,
+        "log": logs.path or None,
     }
-    if sheet:
-        report["contact_sheet"] = contact_sheet(sheet, png or "contact_sheet.png", title=url)
+    if sheet and png:
+        report["contact_sheet"] = contact_sheet(sheet, png, title=url)
     return report
 
 
 def print_report(report: dict[str, Any]) -> None:
-    print(f"dataset        {report['url']}")
+    print(f"dataset        {report['url']}  ({report['shards']} shards)")
     print(f"samples        {report['samples']}  (decoded {report['decoded']}, rows {report['rows']}, "
           f"{report['seconds']} s)")
     if report["skipped"]:
@@ -124,3 +158,5 @@ def print_report(report: dict[str, Any]) -> None:
     print(f"bytes/row      {report['bytes_per_row']:,}")
     if report["contact_sheet"]:
         print(f"contact sheet  {report['contact_sheet']}")
+    elif report["decoded"]:
+        print("contact sheet  (none written: pass --png FILE)")

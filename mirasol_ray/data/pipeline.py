@@ -1,8 +1,9 @@
 """Ray Data: WebDataset shards -> decoded, fixed-shape snippet rows, streamed to Ray Train workers.
 
-``read_webdataset`` (raw member bytes, no unsafe deserialisation) -> ``map_batches(decode)`` on fractional CPUs
--> rows per :mod:`mirasol_ray.data.schema`. A bad sample is skipped and counted by reason in a small named actor
-(:class:`SkipCounter`), which the driver, ``mirasol data inspect`` and the training metrics read.
+A tolerant WebDataset reader (raw member bytes, no unsafe deserialisation) -> ``map_batches(decode)`` on fractional
+CPUs -> rows per :mod:`mirasol_ray.data.schema`. A bad sample is skipped and counted by reason in a small named
+actor (:class:`SkipCounter`), which the driver, ``mirasol data inspect`` and the training metrics read; so is a bad
+shard (not a tar, truncated, unreadable), by file name: one bad file never stops an epoch.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def expand_shard_urls(url: str, endpoint_url: str = "") -> list[str]:
     """A folder, a glob, a brace list (``shard-{000..009}.tar``) or a single tar, local or ``s3://``, to the
     sorted list of tar paths (no scheme, as the pyarrow filesystem wants them). Raises FileNotFoundError naming
     the URL when nothing matches."""
+    storage.check_bucket(url, endpoint_url)  # a missing bucket is named as such, not as "no shards"
     fs = storage.fsspec_fs(url, endpoint_url)
     found: list[str] = []
     for pattern in _expand_braces(url):
@@ -79,19 +81,42 @@ def find_manifest(url: str, endpoint_url: str = "") -> dict[str, Any] | None:
 # --------------------------------------------------------------------------------------------------------------
 # Skip counting
 
+SHARD_REASONS = {
+    "not_a_tar": "the shard file is not a tar archive (or is empty)",
+    "truncated_shard": "the tar ends inside a member or header: the samples before the cut are kept",
+    "unreadable_shard": "the shard cannot be opened or read (permissions, vanished file, storage error)",
+    "bad_shard": "the tar breaks the WebDataset layout (e.g. a sample's members not adjacent): the message says how",
+}
+"""Reasons a whole shard (counted once, by file name) is skipped; sample-level ones are ``rows.SKIP_REASONS``."""
+
+_MAX_EXAMPLES = 5
+
 
 def _counter_cls():
     import ray
 
     @ray.remote(num_cpus=0)
     class SkipCounter:
-        """Counts decoded samples and skipped ones by reason, across all decode tasks."""
+        """Counts decoded samples, and skipped samples and shards by reason, across all read and decode tasks; also
+        holds the training progress rank 0 reports, which the driver draws (workers' output stays in log files)."""
 
         def __init__(self):
             self.decoded = 0
             self.rows = 0
             self.skipped: dict[str, int] = {}
             self.examples: dict[str, list[str]] = {}
+            self.progress: dict[str, Any] = {}
+            self.events: list[str] = []
+
+        def report_step(self, progress: dict[str, Any] | None, event: str = "") -> None:
+            if progress is not None:  # None: an event alone
+                self.progress = progress
+            if event:
+                self.events.append(event)
+
+        def status(self, events_seen: int = 0) -> dict[str, Any]:
+            return {"progress": dict(self.progress), "events": self.events[events_seen:],
+                    "decoded": self.decoded, "skipped": dict(self.skipped)}
 
         def add(self, decoded: int, rows: int, skipped: dict[str, int], examples: dict[str, list[str]]) -> None:
             self.decoded += decoded
@@ -100,7 +125,7 @@ def _counter_cls():
                 self.skipped[k] = self.skipped.get(k, 0) + v
             for k, v in examples.items():
                 self.examples.setdefault(k, [])
-                self.examples[k] = (self.examples[k] + v)[:5]
+                self.examples[k] = (self.examples[k] + v)[:_MAX_EXAMPLES]
 
         def snapshot(self) -> dict[str, Any]:
             return {"decoded": self.decoded, "rows": self.rows, "skipped": dict(self.skipped),
@@ -119,6 +144,141 @@ def read_skips(counter) -> dict[str, Any]:
     import ray
 
     return ray.get(counter.snapshot.remote())
+
+
+def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
+           examples: dict[str, list[str]]) -> None:
+    """Add to the counter and wait until it holds the counts, so that whoever has seen this batch (or the end of
+    the data) reads them in a snapshot: a fire-and-forget call could still be in flight when a run that formed no
+    batch read the counter for its error line ("skipped: none")."""
+    import ray
+
+    try:
+        actor = ray.get_actor(counter_name)
+    except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
+        return
+    try:
+        ray.get(actor.add.remote(decoded, rows, skipped, examples), timeout=120)
+    except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
+        pass
+
+
+def describe_skips(snap: dict[str, Any]) -> str:
+    """``decoded 0 clips; skipped: corrupt 3 (a, b), not_a_tar 1 (x.tar: invalid header)``: one line from a
+    :class:`SkipCounter` snapshot."""
+    parts = []
+    for reason, n in sorted(snap.get("skipped", {}).items()):
+        ex = ", ".join(snap.get("examples", {}).get(reason, [])[:2])
+        parts.append(f"{reason} {n}" + (f" (e.g. {ex})" if ex else ""))
+    return f"decoded {snap.get('decoded', 0)} clips; skipped: " + ("; ".join(parts) or "none")
+
+
+def shards_failed(snap: dict[str, Any]) -> int:
+    """How many shards a snapshot counts as skipped whole."""
+    return sum(n for reason, n in snap.get("skipped", {}).items() if reason in SHARD_REASONS)
+
+
+def samples_seen(snap: dict[str, Any]) -> int:
+    """Samples read (decoded or skipped), not counting shards skipped whole."""
+    return snap["decoded"] + sum(n for r, n in snap["skipped"].items() if r not in SHARD_REASONS)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Reading shards
+
+
+def _webdataset_source(paths: list[str], *, filesystem, shuffle, counter_name: str):
+    """A WebDataset datasource (Ray's ``read_webdataset`` reader: raw member bytes, files shuffled and split into
+    read tasks the same way) that skips a shard it cannot read, counting it by name, instead of failing the task:
+    Ray's own raises inside the read task, and one bad file out of thousands then ends the whole dataset.
+
+    Why a datasource and not a pre-check of every shard: the read stays one streaming pass (a shard is opened
+    once, by the task that reads it), a truncated tar keeps the samples before the cut, and a shard that breaks
+    mid-read on object storage is caught where it breaks. Transient storage errors (Ray's ``retried_io_errors``)
+    are still raised, so Ray's read loop reopens the file and retries as it does for ``read_webdataset``.
+    """
+    import tarfile
+
+    import pandas as pd
+    from ray.data._internal.datasource.webdataset_datasource import (
+        WEBDATASET_READ_CHUNK_SIZE,
+        WebDatasetDatasource,
+        _group_by_keys,
+        _tar_file_iterator,
+    )
+    from ray.data._internal.util import matches_error
+    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
+
+    from mirasol_ray.data.decode import cut_message
+
+    class TolerantWebDataset(WebDatasetDatasource):
+        def __init__(self, *args, counter_name: str, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._counter_name = counter_name
+            self._unopened: dict[str, str] = {}
+
+        def _skip(self, path: str, reason: str, error: BaseException) -> None:
+            _count(self._counter_name, 0, 0, {reason: 1},
+                   {reason: [cut_message(f"{path}: {error}", 300)]})
+
+        def _open_input_source(self, filesystem, path: str, **open_args):
+            import pyarrow as pa
+
+            try:
+                return super()._open_input_source(filesystem, path, **open_args)
+            except Exception as e:  # counted once the read of this path begins (below)
+                self._unopened[path] = cut_message(f"{type(e).__name__}: {e}", 200)
+                return pa.BufferReader(b"")
+
+        def _read_stream(self, stream, path: str):
+            if path in self._unopened:
+                self._skip(path, "unreadable_shard", OSError(self._unopened.pop(path)))
+                return
+            members, failure = 0, None
+            rows: list[dict[str, Any]] = []
+
+            def until_failure(files):
+                # ends the member stream at a failure, so the sample before the cut is still grouped and kept
+                nonlocal members, failure
+                try:
+                    for f in files:
+                        members += 1
+                        yield f
+                except Exception as e:
+                    failure = e
+
+            try:
+                for sample in _group_by_keys(until_failure(_tar_file_iterator(stream)), meta={"__url__": path}):
+                    rows.append(sample)
+                    if len(rows) >= WEBDATASET_READ_CHUNK_SIZE:
+                        yield pd.DataFrame.from_records(rows)
+                        rows = []
+            except Exception as e:  # the layout itself is wrong (members of a sample not adjacent, duplicates)
+                failure = failure or e
+            if failure is not None:
+                message = str(failure)
+                if any(matches_error(p, message) for p in self._data_context.retried_io_errors or []):
+                    raise failure  # transient: Ray's read loop reopens the file and replays it
+                if isinstance(failure, tarfile.ReadError) and ("unexpected end" in message or "truncated" in message):
+                    reason = "truncated_shard"
+                elif isinstance(failure, tarfile.ReadError) and not members:
+                    reason = "not_a_tar"
+                elif isinstance(failure, OSError):
+                    reason = "unreadable_shard"
+                else:
+                    reason = "bad_shard"
+                self._skip(path, reason, failure)
+            if rows:
+                yield pd.DataFrame.from_records(rows)
+
+    source = TolerantWebDataset(paths, decoder=None, filesystem=filesystem, shuffle=shuffle,
+                                meta_provider=DefaultFileMetadataProvider(), file_extensions=["tar"],
+                                ignore_missing_paths=True, counter_name=counter_name)
+    gone = sorted(set(paths) - set(source._paths()))  # listed, then gone (or a dangling link) by the time of reading
+    if gone:
+        _count(counter_name, 0, 0, {"unreadable_shard": len(gone)},
+               {"unreadable_shard": [f"{p}: not found" for p in gone[:_MAX_EXAMPLES]]})
+    return source
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -145,12 +305,12 @@ def _column_value(batch: dict[str, Any], col: str, i: int) -> Any:
 
 
 def decode_batch(batch: dict[str, np.ndarray], *, data_cfg: dict[str, Any], train: bool,
-                 label_set: list[str] | None, counter_name: str) -> dict[str, np.ndarray]:
-    """``map_batches`` function: a batch of raw WebDataset samples -> fixed-shape rows.
+                 label_set: list[str] | None, counter_name: str):
+    """``map_batches`` function: a batch of raw WebDataset samples -> fixed-shape rows (yielded; nothing when every
+    sample of the batch is skipped: an empty batch has no shape Arrow can store its tensor columns in).
 
     Only plain values come in (a config dict, the label set, the counter's name): no closures, no objects.
     """
-    import ray
     import torch
 
     from mirasol_ray.data.rows import decode_sample_safe
@@ -172,23 +332,24 @@ def decode_batch(batch: dict[str, np.ndarray], *, data_cfg: dict[str, Any], trai
                 v = _column_value(batch, col, i)
                 if v is not None:
                     sample[col] = v
-        out, reason = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
+        out, reason, detail = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
-            examples.setdefault(reason, []).append(sample["__key__"])
+            # an unexpected error keeps its (cut) message: the reason alone would not say what to fix
+            examples.setdefault(reason, []).append(
+                f"{sample['__key__']}: {detail}" if reason == "error" and detail else sample["__key__"])
             continue
         decoded += 1
         rows.extend(out)
-    try:
-        ray.get_actor(counter_name).add.remote(decoded, len(rows), skipped, examples)
-    except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
-        pass
-    return stack_rows(rows, cfg)
+    _count(counter_name, decoded, len(rows), skipped, examples)
+    if rows:
+        yield stack_rows(rows, cfg)
 
 
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
                     endpoint_url: str = "", limit: int = 0, read_cpus: float = 0.25):
-    """The Ray Data pipeline: shards at ``url`` -> rows per :mod:`mirasol_ray.data.schema`.
+    """The Ray Data pipeline: shards at ``url`` -> rows per :mod:`mirasol_ray.data.schema`, bad shards and samples
+    skipped and counted in the counter named ``counter_name``.
 
     Training shuffles the file order (seeded by ``cfg.seed``); decode tasks reserve ``cfg.decode_cpus`` CPUs
     each, so Train workers are never starved on small machines (FIELD_NOTES: the silent-hang trap).
@@ -205,8 +366,8 @@ def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str
         from ray.data import FileShuffleConfig
 
         shuffle = FileShuffleConfig(seed=cfg.seed)
-    ds = ray.data.read_webdataset(paths, filesystem=fs, decoder=None, shuffle=shuffle, num_cpus=read_cpus,
-                                  file_extensions=["tar"])
+    ds = ray.data.read_datasource(_webdataset_source(paths, filesystem=fs, shuffle=shuffle, counter_name=counter_name),
+                                  num_cpus=read_cpus)
     if limit:
         ds = ds.limit(limit)
     return ds.map_batches(
@@ -223,11 +384,18 @@ def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str
 # Handing batches to Train workers
 
 
+def _writable(a: np.ndarray) -> np.ndarray:
+    a = np.ascontiguousarray(a)
+    return a if a.flags.writeable else a.copy()
+
+
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """A numpy batch of rows -> torch tensors with the schema's dtypes (``key`` stays a list of str)."""
     import torch
 
-    out: dict[str, Any] = {k: torch.as_tensor(np.ascontiguousarray(batch[k])) for k in TENSOR_COLUMNS}
+    # Ray hands out read-only views of its object store; torch wants memory it may write, so such arrays are copied
+    # (one memcpy of the batch) rather than wrapped
+    out: dict[str, Any] = {k: torch.from_numpy(_writable(batch[k])) for k in TENSOR_COLUMNS}
     out["key"] = [str(k) for k in batch["key"]]
     return out
 

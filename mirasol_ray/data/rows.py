@@ -22,7 +22,14 @@ from typing import Any
 import numpy as np
 
 from mirasol_ray.config import DataConfig
-from mirasol_ray.data.decode import DECODE_REASONS, DecodeError, Video, call_with_timeout, decode_audio
+from mirasol_ray.data.decode import (
+    DECODE_REASONS,
+    DecodeError,
+    Video,
+    call_with_timeout,
+    cut_message,
+    decode_audio,
+)
 from mirasol_ray.data.schema import TASKS, qtype_index
 from mirasol_ray.data.snippets import log_mel_snippets, plan_snippets
 from mirasol_ray.data.text import Tokenizer, encode_prompt, encode_target, get_tokenizer
@@ -192,16 +199,17 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
 
 
 def decode_sample_safe(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
-                       label_set: list[str] | None = None) -> tuple[list[dict[str, Any]], str | None]:
-    """:func:`decode_sample` that never raises: (rows, None) or ([], skip reason from :data:`SKIP_REASONS`).
+                       label_set: list[str] | None = None) -> tuple[list[dict[str, Any]], str | None, str]:
+    """:func:`decode_sample` that never raises: (rows, None, "") or ([], skip reason from :data:`SKIP_REASONS`,
+    what went wrong in one cut line).
 
     Catches every ``Exception``: decoders raise many types (RuntimeError, ValueError, av errors, decord's own),
-    and one bad clip must not stop an epoch. Unexpected ones are reported as ``error``.
+    and one bad clip must not stop an epoch. Unexpected ones are reported as ``error``, with their type and message.
     """
     try:
         rows = decode_sample(sample, cfg, train=train, rng=rng, label_set=label_set)
     except DecodeError as e:
-        return [], e.reason
-    except Exception:
-        return [], "error"
-    return rows, (None if rows else "no_text_for_task")
+        return [], e.reason, e.detail
+    except Exception as e:
+        return [], "error", cut_message(f"{type(e).__name__}: {e}")
+    return rows, (None if rows else "no_text_for_task"), ""

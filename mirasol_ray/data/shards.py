@@ -71,12 +71,13 @@ class ShardWriter:
 
     Local outputs are written in place (as ``.partial`` files renamed when complete); for ``s3://`` each tar is
     written to a local temporary file and uploaded when full, so memory holds one sample at a time. Nothing is
-    written under ``out``'s parent or siblings.
+    written under ``out``'s parent or siblings. ``out`` is checked (writable, not an existing file) on creation.
     """
 
     def __init__(self, out: str, shard_size: int, endpoint_url: str = "") -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
+        storage.check_output(out, "dir", endpoint_url)  # before any sample is made
         self.out = out
         self.shard_size = shard_size
         self.endpoint_url = endpoint_url
@@ -93,7 +94,7 @@ class ShardWriter:
 
     def __exit__(self, *exc: object) -> None:
         if exc[0] is not None:
-            self._abort()
+            self.abort()
 
     def write(self, key: str, members: Mapping[str, bytes | dict], split: str = "") -> None:
         """Add one sample: ``members`` maps extension -> bytes (a dict is stored as JSON), in tar order."""
@@ -200,7 +201,8 @@ class ShardWriter:
         s.shards.append({"name": name, "samples": s.count, "bytes": size})
         s.tar, s.local, s.count = None, "", 0
 
-    def _abort(self) -> None:
+    def abort(self) -> None:
+        """Drop the shard being written and the temporary folder (an error or an interrupt midway)."""
         for s in self._splits.values():
             if s.tar is not None:
                 s.tar.close()
@@ -451,8 +453,10 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     folder as distributed. When the annotations hold several splits (and ``split`` picks none), each goes to its
     own folder under ``out`` (``train/``, ``val/``, ...); one split goes to ``out`` itself.
 
-    Records the converter rejects, and videos that are missing or undecodable, are skipped, named in a warning
-    line and counted in the manifest; the build goes on. A record with a time window is cut from its (untrimmed)
+    ``out`` is checked (writable, not an existing file) before anything is read. Records the converter rejects,
+    videos outside ``videos`` (``outside_videos``: refused by name, never opened, judged by
+    :meth:`VideoRoot.contains`), and videos that are missing or undecodable, are skipped, named in a warning line
+    and counted in the manifest; the build goes on. A record with a time window is cut from its (untrimmed)
     video and re-encoded (:func:`transcode_video`, at ``transcode`` height or the source's); ``transcode=H``
     re-encodes every clip at height H with a keyframe every ``gop`` frames (default :data:`DEFAULT_GOP`);
     otherwise the original bytes are stored after a one-frame decode check.
@@ -476,7 +480,9 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     if answer_vocab < 0:
         raise ValueError(f"answer_vocab must be >= 0, got {answer_vocab}")
     gop = gop or DEFAULT_GOP
-    conv = FORMATS[fmt](Source(annotations, VideoRoot(videos, endpoint_url), split, labels, endpoint_url))
+    storage.check_output(out, "dir", endpoint_url)  # before any annotation or video is read
+    root = VideoRoot(videos, endpoint_url)
+    conv = FORMATS[fmt](Source(annotations, root, split, labels, endpoint_url))
     records = conv.records
     names = sorted({r.split for r in records if r.split})  # a malformed line may not know its split
     folders = len(names) > 1  # several splits: one folder each
@@ -498,6 +504,9 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
         for rec in tqdm(records, desc=f"build {fmt}", unit="clip", disable=not progress):
             if rec.skip:
                 writer.skip(rec.name, rec.skip)
+                continue
+            if not root.contains(rec.video):  # refused by name, never opened
+                writer.skip(rec.name, "outside_videos")
                 continue
             path = storage.strip_scheme(rec.video)
             if not vfs.isfile(path):

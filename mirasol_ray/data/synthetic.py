@@ -264,6 +264,9 @@ def synthesize(out: str, num_clips: int, seed: int = 0, shard_size: int = 64, va
             split = "" if n_val == 0 else ("val" if index >= num_clips - n_val else "train")
             writer.write(f"clip{index:06d}", {"mp4": mp4, "json": meta}, split=split)
             metas.setdefault(split, []).append(meta)
+    except BaseException:  # Ctrl-C included: no half-written shard or temporary folder stays behind
+        writer.abort()
+        raise
     finally:
         if pool:
             pool.terminate()

@@ -30,13 +30,16 @@ CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
 
 def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = ""
                       ) -> tuple[str, Config, list[str] | None]:
-    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI."""
+    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI. A checkpoint
+    whose model file is empty or cut short, or that has no meta.json, is an error naming it: checked here, in
+    the driver, before any worker would load it."""
     from mirasol_ray.config import _deep_update
-    from mirasol_ray.train.checkpoint import read_meta, resolve_checkpoint
+    from mirasol_ray.train.checkpoint import check_model_file, require_meta, resolve_checkpoint
 
     model_uri = resolve_checkpoint(checkpoint, endpoint_url)
-    meta = read_meta(model_uri, endpoint_url)
-    raw = meta.get("run_config") or {}
+    check_model_file(model_uri, endpoint_url)
+    meta = require_meta(model_uri, endpoint_url)
+    raw = meta["run_config"]
     raw = json.loads(json.dumps(raw))  # a deep copy
     _deep_update(raw, parse_overrides(overrides))
     return model_uri, from_dict(raw), meta.get("label_set")
@@ -92,9 +95,13 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
 
     ``source`` (default: the shards' manifest) names the benchmark (a ``shards build`` format). With ``out``
     (a folder, local or ``s3://``), writes ``results.json`` (everything returned) and ``results.csv`` (the table
-    rows). ``records_out`` writes the per-row predictions as JSONL.
+    rows). ``records_out`` writes the per-row predictions as JSONL. Both are checked (writable, not the wrong
+    kind of thing) before any work, so the metrics are never lost to a bad path.
     """
+    import sys
+
     import ray
+    from tqdm import tqdm
 
     from mirasol_ray.data.pipeline import (
         decoded_dataset,
@@ -102,36 +109,51 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
         find_manifest,
         make_skip_counter,
         read_skips,
+        samples_seen,
     )
+    from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
     from mirasol_ray.train.checkpoint import read_meta
 
     endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "")
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, endpoint_url)
     expand_shard_urls(data_url, endpoint_url)
+    if records_out:
+        storage.check_output(records_out, "file", endpoint_url)
+    if out:
+        storage.check_output(out, "dir", endpoint_url)
     manifest = find_manifest(data_url, endpoint_url) or {}
     source = source or str(manifest.get("source") or "")
-    started = ensure_ray(num_cpus)
-    try:
-        counter, name = make_skip_counter()
-        ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set)
-        use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
-        preds = ds.map_batches(
-            Predictor,
-            fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
-                                   "data_cfg": dataclasses.asdict(cfg.data), "precision": cfg.train.precision,
-                                   "label_set": label_set, "beam_size": beam_size},
-            batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-            num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
-        )
-        records = []
-        for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
-            records += [_record(b, i) for i in range(len(b["key"]))]
-        ray.get(counter.snapshot.remote())
-        skips = read_skips(counter)
-    finally:
-        if started:
-            ray.shutdown()
+    total = manifest.get("num_samples")
+    with console.quiet_libraries() as logs:
+        started = ensure_ray(num_cpus)
+        console.attach_session_log(logs)
+        try:
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            counter, name = make_skip_counter()
+            ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set)
+            use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
+            preds = ds.map_batches(
+                Predictor,
+                fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
+                                       "data_cfg": dataclasses.asdict(cfg.data), "precision": cfg.train.precision,
+                                       "label_set": label_set, "beam_size": beam_size},
+                batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+                num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+            )
+            records = []
+            bar = tqdm(total=total, desc="evaluating", unit="clip", file=sys.stderr, disable=not sys.stderr.isatty())
+            for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
+                records += [_record(b, i) for i in range(len(b["key"]))]
+                if not bar.disable:
+                    bar.n = samples_seen(read_skips(counter))
+                    bar.refresh()
+            bar.close()
+            ray.get(counter.snapshot.remote())
+            skips = read_skips(counter)
+        finally:
+            if started:
+                ray.shutdown()
     if records_out:
         storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records), endpoint_url)
     meta = read_meta(model_uri, endpoint_url)
@@ -192,12 +214,15 @@ def predict(checkpoint: str, video: str, question: str = "", options: list[str] 
     """Answer (or caption, or pick an option) for one video file; no Ray."""
     import torch
 
+    from mirasol_ray.data.decode import DecodeError
     from mirasol_ray.data.pipeline import stack_rows, to_torch
     from mirasol_ray.data.rows import decode_sample
     from mirasol_ray.data.text import get_tokenizer
     from mirasol_ray.train.checkpoint import load_model_from
     from mirasol_ray.train.step import predict_batch
 
+    if os.path.isdir(video):
+        raise IsADirectoryError(f"{video} is a folder, not a video file")
     if not os.path.isfile(video):
         raise FileNotFoundError(f"video not found: {video}")
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides)
@@ -215,7 +240,10 @@ def predict(checkpoint: str, video: str, question: str = "", options: list[str] 
     data_cfg: DataConfig = dataclasses.replace(cfg.data, task=task)
     with open(video, "rb") as f:
         sample = {"__key__": os.path.basename(video).split(".")[0], ext: f.read(), "json": json.dumps(meta).encode()}
-    rows = decode_sample(sample, data_cfg, train=False, rng=np.random.default_rng(0))
+    try:
+        rows = decode_sample(sample, data_cfg, train=False, rng=np.random.default_rng(0))
+    except DecodeError as e:
+        raise ValueError(f"cannot decode {video}: {e}") from None
     batch = to_torch(stack_rows(rows[:1], data_cfg))
     model = load_model_from(model_uri)
     rec = predict_batch(model, batch, get_tokenizer(data_cfg.tokenizer), torch.device("cpu"), "fp32",

@@ -1,7 +1,8 @@
 """``mirasol results URL``: a run or a sweep read back from storage (local or ``s3://``), with no Ray.
 
 Reads only small files: a sweep's ``sweep.json`` (written by :mod:`mirasol_ray.launch.sweep`), and per run its
-``config.yaml``, ``metrics.jsonl`` and each checkpoint's ``meta.json``; checkpoints stay where they are, as URIs.
+``config.yaml``, ``metrics.jsonl`` and each complete checkpoint's ``complete.json`` and ``meta.json``; checkpoints
+stay where they are, as URIs.
 Never unpickles anything (Tune's own experiment state is pickle-bearing: it is not read here).
 
 A metric is named as Tune names a reported value: nested dicts joined with ``/`` (``val/qa``, ``val/loss``,
@@ -80,11 +81,11 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 
 
 def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: int | None = None) -> dict[str, Any]:
-    """One run folder: its curve of ``metric`` over steps, steps done, best and last value, the checkpoint holding
-    the best value (the latest one when no checkpoint carries the metric). ``until``: read it up to that step only
+    """One run folder: its curve of ``metric`` over steps, steps done, best and last value, the complete checkpoint
+    holding the best value (the latest one when no checkpoint carries the metric). ``until``: read it up to that step only
     (a trial ASHA stopped: its workers may train a few steps more before they are gone)."""
     from mirasol_ray.launch.train import read_metrics
-    from mirasol_ray.train.checkpoint import META_FILE
+    from mirasol_ray.train.checkpoint import META_FILE, checkpoint_dirs, complete_step
 
     records = [r for r in read_metrics(uri, endpoint_url) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
@@ -93,12 +94,12 @@ def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: in
         if _better(v, best, mode):
             best_step, best = step, v
     found = []
-    for name in storage.listdir(uri, endpoint_url):
-        if not name.startswith("checkpoint"):
+    for name in checkpoint_dirs(uri, endpoint_url):
+        if complete_step(storage.join(uri, name), endpoint_url) is None:  # being written, or cut short
             continue
         try:
             meta = json.loads(storage.read_text(storage.join(uri, name, META_FILE), endpoint_url))
-        except (FileNotFoundError, ValueError):  # a checkpoint still being written
+        except (FileNotFoundError, ValueError):
             continue
         found.append((meta.get("step", 0), _number(flatten(meta.get("metrics", {})).get(metric)),
                       storage.join(uri, name)))

@@ -15,8 +15,9 @@ A sweep folder (``--storage`` / ``--name``, local or ``s3://``)::
 
 A trial evaluates at every ``train.eval_every`` steps and checkpoints at each evaluation, so every value ASHA sees
 has its checkpoint. ``--resume`` restores the sweep with ``Tuner.restore``: finished and stopped trials stay as they
-are; unfinished ones start again, and their Train run continues from its last checkpoint (same run folder). Tune
-does not keep ASHA's rungs across a restore: resumed trials are compared only with results reported after it.
+are; unfinished ones start again, and their Train run continues from its newest complete checkpoint (same run
+folder). Tune does not keep ASHA's rungs across a restore: resumed trials are compared only with results reported
+after it. The driver holds the sweep folder's lease (``lease.json``): a second live driver on it is refused.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import json
 import logging
 import os
 import sys
+import tempfile
 import time
 import typing
 from typing import Any
@@ -208,7 +210,7 @@ def _trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from mirasol_ray.launch.train import build_trainer, run_uri
+    from mirasol_ray.launch.train import build_trainer, run_uri, training_error
 
     trial_id = tune.get_context().get_trial_id()
     raw = copy.deepcopy(spec["config"])
@@ -218,9 +220,29 @@ def _trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     checkpoints = ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                              checkpoint_score_attribute=spec["metric"],
                                              checkpoint_score_order=spec["mode"])
-    trainer, _ = build_trainer(cfg, trial_id, run_uri(cfg, trial_id), callbacks=[TuneReportCallback()],
-                               checkpoint_config=checkpoints)
-    trainer.fit()
+    # no lease on a trial's run folder: Tune runs one instance of a trial at a time, and the sweep's driver holds
+    # the sweep folder's lease
+    trainer, counter = build_trainer(cfg, trial_id, run_uri(cfg, trial_id), callbacks=[TuneReportCallback()],
+                                     checkpoint_config=checkpoints)
+    try:
+        trainer.fit()
+    except ray.train.TrainingFailedError as e:
+        raise training_error(e) from e  # one line for the sweep's "failed" line, the trace in the trial's log
+    finally:
+        _log_events(trial_id, counter)
+
+
+def _log_events(trial_id: str, counter) -> None:
+    """The run's events (a resume from a checkpoint, ...) into the trial's log (its Ray worker's output), and the
+    counter actor gone."""
+    import ray
+
+    try:
+        for event in ray.get(counter.status.remote(0), timeout=10)["events"]:
+            print(f"trial {trial_id}: {event}", flush=True)
+        ray.kill(counter)
+    except Exception:  # informative only
+        pass
 
 
 def _trial_dirname(trial) -> str:
@@ -405,37 +427,19 @@ class SweepProgress(Callback):
 # The driver
 
 
-def _quiet_ray_logs(name: str) -> str:
-    """Ray's and Tune's own log records, Python warnings and the raylet's messages to the driver go to a log file,
-    not the console: the sweep prints its own lines. Returns the file's path."""
-    import tempfile
-
+def _raylet_messages_to_log() -> None:
+    """The raylet's warnings to the driver ("N worker processes have been started", ...) into the driver's log
+    (:func:`mirasol_ray.launch.console.quiet_libraries` takes the library loggers): Ray prints them from a
+    background thread straight to stdout (``ray._private.worker.listen_error_messages``)."""
     import ray._private.worker
 
-    folder = os.path.join(tempfile.gettempdir(), "mirasol")
-    os.makedirs(folder, exist_ok=True)
-    path = os.path.join(folder, f"{name}-driver.log")
-    handler = logging.FileHandler(path)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    # ray.init(configure_logging=False) clears the "ray" logger's handlers, leaving it to propagate: its records
-    # (and the warnings') reach this process's root logger, which writes them to the file
-    ray_logger = logging.getLogger("ray")
-    for h in list(ray_logger.handlers):
-        ray_logger.removeHandler(h)
-    ray_logger.propagate = True
-    root = logging.getLogger()
-    root.addHandler(handler)
-    root.setLevel(min(root.level, logging.INFO) if root.level else logging.INFO)
-    logging.captureWarnings(True)
     raylet = logging.getLogger("ray.raylet_messages")
 
-    def to_log(data, ignore_prefix=False):  # the raylet's warnings ("N worker processes have been started", ...)
+    def to_log(data, ignore_prefix=False):
         for line in data.get("lines", []):
             raylet.warning("(%s) %s", data.get("pid"), line)
 
-    # Ray prints these from a background thread straight to stdout (ray._private.worker.listen_error_messages)
     ray._private.worker.print_to_stdstream = to_log
-    return path
 
 
 def _per_trial(cfg: Config) -> tuple[float, float]:
@@ -502,47 +506,21 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     }
 
 
-def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = None, *, num_samples: int = 1,
-              scheduler: str = "asha", max_concurrent: int = 0, metric: str = "", mode: str = "",
-              storage_url: str = "", name: str = "", resume: bool = False, num_cpus: int | None = None,
-              grace_period: int = 0, reduction_factor: float = 2.0, table_every_s: float = 60.0
-              ) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) a sweep; returns what ``mirasol results`` reads back from its folder."""
+def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concurrent: int, table_every_s: float,
+         driver_log: str) -> tuple[float, SweepProgress]:
+    """Start (or restore) the Tune experiment of the sweep and run it to its end; (seconds, the progress callback)."""
     import ray
     from ray import tune
 
-    from mirasol_ray.launch.results import print_results, read_results
     from mirasol_ray.launch.train import ensure_ray
 
-    if resume:
-        if not name:
-            raise ValueError("--resume needs the sweep's --name (and its --storage)")
-        root = storage_url or (load_config(config, overrides).storage.root if config else "runs")
-        if not storage.is_remote(root) and not root.startswith("file://"):
-            root = os.path.abspath(root)
-        uri = storage.join(root, name)
-        if not storage.exists(storage.join(uri, SWEEP_FILE)):
-            raise FileNotFoundError(f"no sweep to resume at {uri} ({SWEEP_FILE} not found)")
-        spec = json.loads(storage.read_text(storage.join(uri, SWEEP_FILE)))
-        spec["root"], spec["uri"] = root, uri
-    else:
-        spec = prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url, name=name,
-                       scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
-                       reduction_factor=reduction_factor)
-        uri = spec["uri"]
-        if storage.exists(storage.join(uri, SWEEP_FILE), spec["endpoint_url"]):
-            raise ValueError(f"a sweep named {spec['name']} already exists at {uri}: --resume it, or pick "
-                             "another --name")
-    endpoint_url = spec["endpoint_url"]
-    spec["trials_uri"] = storage.join(uri, TRIALS_DIR)
+    uri, endpoint_url = spec["uri"], spec["endpoint_url"]
     cfg = from_dict(spec["config"])
     fs, root_path = storage.pyarrow_fs(spec["root"], endpoint_url)
     remote = storage.is_remote(spec["root"])
-
     # The dashboard stays on (127.0.0.1): Ray Train's cleaner of a stopped trial's placement group asks the State
     # API whether the trial's controller is still alive (ray#54305); without it, freed workers never come back.
-    driver_log = _quiet_ray_logs(spec["name"])
-    started = ensure_ray(num_cpus, dashboard=True, log_to_driver=False)
+    started = ensure_ray(num_cpus, dashboard=True)
     try:
         try:
             logs = ray._private.worker._global_node.get_logs_dir_path()
@@ -600,6 +578,47 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
     finally:
         if started:
             ray.shutdown()
+    return elapsed, progress
+
+
+def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = None, *, num_samples: int = 1,
+              scheduler: str = "asha", max_concurrent: int = 0, metric: str = "", mode: str = "",
+              storage_url: str = "", name: str = "", resume: bool = False, num_cpus: int | None = None,
+              grace_period: int = 0, reduction_factor: float = 2.0, table_every_s: float = 60.0
+              ) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) a sweep; returns what ``mirasol results`` reads back from its folder."""
+    from mirasol_ray.launch import console
+    from mirasol_ray.launch.lease import RunLease
+    from mirasol_ray.launch.results import print_results, read_results
+
+    if resume:
+        if not name:
+            raise ValueError("--resume needs the sweep's --name (and its --storage)")
+        root = storage_url or (load_config(config, overrides).storage.root if config else "runs")
+        if not storage.is_remote(root) and not root.startswith("file://"):
+            root = os.path.abspath(root)
+        uri = storage.join(root, name)
+        if not storage.exists(storage.join(uri, SWEEP_FILE)):
+            raise FileNotFoundError(f"no sweep to resume at {uri} ({SWEEP_FILE} not found)")
+        spec = json.loads(storage.read_text(storage.join(uri, SWEEP_FILE)))
+        spec["root"], spec["uri"] = root, uri
+    else:
+        spec = prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url, name=name,
+                       scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
+                       reduction_factor=reduction_factor)
+        uri = spec["uri"]
+        if storage.exists(storage.join(uri, SWEEP_FILE), spec["endpoint_url"]):
+            raise ValueError(f"a sweep named {spec['name']} already exists at {uri}: --resume it, or pick "
+                             "another --name")
+    endpoint_url = spec["endpoint_url"]
+    spec["trials_uri"] = storage.join(uri, TRIALS_DIR)
+
+    with RunLease(uri, endpoint_url), console.quiet_libraries() as logs:  # one live driver per sweep folder
+        driver_log = os.path.join(tempfile.gettempdir(), "mirasol", f"{spec['name']}-driver.log")
+        logs.attach(driver_log)
+        _raylet_messages_to_log()
+        elapsed, progress = _fit(spec, resume, num_cpus=num_cpus, max_concurrent=max_concurrent,
+                                 table_every_s=table_every_s, driver_log=driver_log)
     res = read_results(uri, endpoint_url=endpoint_url)
     unfinished = [t["trial_id"] for t in res["trials"] if t["status"] in ("running", "pending")]
     unfinished += ["not started"] * max(0, getattr(progress, "total", 0) - len(res["trials"]))

@@ -14,26 +14,30 @@ from mirasol_ray import storage
 from mirasol_ray.config import Config
 
 
-def ensure_ray(num_cpus: int | None = None, dashboard: bool = False, log_to_driver: bool = True) -> bool:
-    """Connect to ``RAY_ADDRESS`` or start a local Ray (dashboard on 127.0.0.1 when asked). ``log_to_driver=False``
-    leaves the workers' output in Ray's log files. Returns True when this call started Ray."""
+def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
+    """Connect to ``RAY_ADDRESS`` or start a local Ray (dashboard on 127.0.0.1 when asked).
+    Returns True when this call started Ray.
+
+    Nothing of the driver's environment is handed to Ray: the workers of an embedded Ray inherit it (credentials
+    included) from the processes ``ray.init`` starts, and a cluster's workers have the cluster's own. A runtime
+    env would put the AWS keys into Ray's logs and dashboard. The workers' output stays in Ray's session logs
+    (``log_to_driver=False``); the console shows what :mod:`mirasol_ray.launch.console` draws."""
     import ray
 
     if ray.is_initialized():
         return False
-    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(runtime_env={"env_vars": env} if env else None, log_to_driver=log_to_driver)
+        ray.init(log_to_driver=False, configure_logging=False)
     else:
-        port = None
+        port, env = None, None
         if dashboard:
             # Ray's workers find the State API by auto-detection, which fails when several Ray instances run on one
-            # machine; tell them where ours is. Ray Train's cleaner of the placement groups of stopped runs (Tune
-            # trials) asks it (ray#54305).
+            # machine; tell them where ours is (no secret). Ray Train's cleaner of the placement groups of stopped
+            # runs (Tune trials) asks it (ray#54305).
             port = _free_port()
-            env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
         ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
-                 runtime_env={"env_vars": env} if env else None, configure_logging=False, log_to_driver=log_to_driver)
+                 runtime_env=env, log_to_driver=False, configure_logging=False)
     return True
 
 
@@ -60,10 +64,10 @@ def run_uri(cfg: Config, name: str) -> str:
 
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
-                pid_dir: str = "") -> dict[str, Any]:
+                pid_dir: str = "", lease: str = "", scratch: str = "") -> dict[str, Any]:
     """The one plain dict that crosses from the driver to the workers."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
-            "pid_dir": pid_dir}
+            "pid_dir": pid_dir, "lease": lease, "scratch": scratch}
 
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
@@ -122,22 +126,45 @@ def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
 
 
 def check_inputs(cfg: Config) -> None:
-    """Fail early, naming the URL: the training shards exist, and ``train.init_from`` resolves (to its model.pt)."""
+    """Fail early, naming the URL: the training (and validation) shards exist, and ``train.init_from`` resolves to
+    a loadable model file."""
     from mirasol_ray.data.pipeline import expand_shard_urls
-    from mirasol_ray.train.checkpoint import resolve_checkpoint
+    from mirasol_ray.train.checkpoint import check_model_file, resolve_checkpoint
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
-    expand_shard_urls(cfg.data.train, cfg.storage.endpoint_url)
+    ep = cfg.storage.endpoint_url
+    expand_shard_urls(cfg.data.train, ep)
+    if cfg.data.val:
+        expand_shard_urls(cfg.data.val, ep)
     if cfg.train.init_from:
-        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, cfg.storage.endpoint_url)
+        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, ep)
+        check_model_file(cfg.train.init_from, ep)
 
 
-def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", callbacks: list | None = None,
-                  checkpoint_config=None):
+def training_error(e: BaseException) -> Exception:
+    """A failed ``fit()`` as one line naming the worker and what it raised (Ray's own text runs to hundreds of
+    lines); the worker's traceback is in Ray's session logs."""
+    failures = getattr(e, "worker_failures", None) or {}
+    if not failures:
+        first = next((ln for ln in str(e).splitlines() if ln.strip() and "Training failed" not in ln),
+                     type(e).__name__)
+        return RuntimeError(f"training failed: {first[:300]}")
+    rank, err = min(failures.items())
+    while isinstance(getattr(err, "cause", None), BaseException):  # Ray's task-error wrappers
+        err = err.cause
+    first = next((ln for ln in str(err).splitlines() if ln.strip()), "")
+    if type(err).__name__ == "NoBatchError":  # already says what happened and what was skipped
+        return RuntimeError(first)
+    return RuntimeError(f"training failed on worker rank {rank}: {type(err).__name__}: {first[:300]}")
+
+
+def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease: str = "", scratch: str = "",
+                  callbacks: list | None = None, checkpoint_config=None):
     """The run's datasets and its ``TorchTrainer`` (scaling, storage, checkpoints), ready to ``fit()``; and the
-    skip counter of its decode tasks. One Ray Train run: ``mirasol train`` and each trial of a sweep build theirs
-    here. Needs a connected Ray."""
+    counter actor of its decode tasks and progress. One Ray Train run: ``mirasol train`` and each trial of a sweep
+    build theirs here. ``lease``: the token of the run folder's lease (workers stop marking checkpoints complete
+    once another run holds it), "" when nothing leases the folder. Needs a connected Ray."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -149,35 +176,35 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", callba
         reshuffle_blocks_each_epoch,
         train_data_config,
     )
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+    from mirasol_ray.launch import console
+    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta
 
-    manifest = find_manifest(cfg.data.train, cfg.storage.endpoint_url) or {}
-    label_set = manifest.get("label_set")
-    counter, counter_name = make_skip_counter(f"mirasol-skips-{name}")
+    ep = cfg.storage.endpoint_url
+    label_set = (find_manifest(cfg.data.train, ep) or {}).get("label_set")
+    counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
     datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                         label_set=label_set, endpoint_url=cfg.storage.endpoint_url)}
+                                         label_set=label_set, endpoint_url=ep)}
     if cfg.data.val:
         datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
-                                          label_set=label_set, endpoint_url=cfg.storage.endpoint_url)
-    last = latest_checkpoint_dir(uri, cfg.storage.endpoint_url)
-    done = read_meta(resolve_checkpoint(last, cfg.storage.endpoint_url), cfg.storage.endpoint_url).get(
-        "step", 0) if last else 0
+                                          label_set=label_set, endpoint_url=ep)
+    last = latest_checkpoint_dir(uri, ep)
+    done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
     if cfg.data.cache and done >= cfg.train.steps:
-        print(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode", flush=True)
+        console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
     elif cfg.data.cache:
         t0 = time.perf_counter()
+        console.say("decoding into Ray's object store (data.cache)")
         datasets = {k: ds.materialize() for k, ds in datasets.items()}
         rows = {k: ds.count() for k, ds in datasets.items()}
         # a new block order every epoch (docs/PERFORMANCE.md, "The demo": temporal 0.68 -> 0.95 in-memory)
         datasets["train"] = reshuffle_blocks_each_epoch(datasets["train"], cfg.data.seed)
-        print(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s",
-              flush=True)
-    fs, root_path = storage.pyarrow_fs(cfg.storage.root, cfg.storage.endpoint_url)
-    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), cfg.storage.endpoint_url)
+        console.say(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s")
+    fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
+    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
-        train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir),
+        train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir, lease, scratch),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources),
         datasets=datasets,
@@ -196,49 +223,80 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", callba
 
 def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | None = None,
                  pid_dir: str = "") -> dict[str, Any]:
-    """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``)."""
+    """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``).
+
+    Before anything starts: the shards and ``train.init_from`` resolve, the run folder is writable and this run
+    holds its lease (a second live run on it is refused). Phase lines and a progress bar go to stderr; the
+    driver's library logs to ``logs/driver-*.log`` in the run folder (:mod:`mirasol_ray.launch.console`)."""
     import ray
+    import ray.train
 
     from mirasol_ray.data.pipeline import read_skips
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir
+    from mirasol_ray.launch import console
+    from mirasol_ray.launch.lease import RunLease
+    from mirasol_ray.launch.scratch import scratch_folder
+    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, prune_checkpoints, read_meta
 
     check_inputs(cfg)
+    ep = cfg.storage.endpoint_url
     name = run_name(cfg, config_name)
     uri = run_uri(cfg, name)
-    started = ensure_ray(num_cpus)
-    # Progress is the workers' step lines; Ray Data's bars, drawn from a background actor, would garble them.
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    try:
-        trainer, counter = build_trainer(cfg, name, uri, pid_dir=pid_dir)
-        t0 = time.perf_counter()
+    storage.check_output(uri, "dir", ep)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    with RunLease(uri, ep) as lease, scratch_folder() as scratch, console.quiet_libraries() as logs:
+        local_log = storage.join(uri, "logs", f"driver-{stamp}.log")
+        logs.attach(os.path.join(scratch, "driver.log") if storage.is_remote(uri) else storage.strip_scheme(local_log))
+        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)  # leftovers of a run stopped mid-upload
+        last = latest_checkpoint_dir(uri, ep)
+        done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
+        console.say(f"run {uri}: {cfg.train.stage}, {cfg.train.steps} steps on {cfg.scaling.num_workers} worker(s)"
+                    + (f", from its checkpoint at step {done}" if last else "") + f"; logs: {local_log}")
+        started = ensure_ray(num_cpus)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        counter = None
         try:
-            result = trainer.fit()
-        except SystemExit as e:
-            # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and waiting on the aborted controller raises
-            # SystemExit(1) with no message; say what happened and how to go on
-            raise KeyboardInterrupt(f"run {name} aborted; the same command with storage.name={name} resumes "
-                                    "from its last checkpoint") from e
-        elapsed = time.perf_counter() - t0
-        skips = read_skips(counter)
-    finally:
-        if started:
-            ray.shutdown()
-    records = read_metrics(uri, cfg.storage.endpoint_url)
-    plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
-    last = records[-1] if records else {}
-    summary = {
-        "run": uri,
-        "stage": cfg.train.stage,
-        "steps": last.get("step", 0),
-        "final_loss": last.get("loss"),
-        "val": (result.metrics or {}).get("val", {}),
-        "checkpoint": latest_checkpoint_dir(uri, cfg.storage.endpoint_url),
-        "decoded": skips["decoded"],
-        "skipped": skips["skipped"],
-        "seconds": round(elapsed, 1),
-        "learning_curve": plot,
-    }
-    storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2), cfg.storage.endpoint_url)
+            trainer, counter = build_trainer(cfg, name, uri, pid_dir=pid_dir, lease=lease.token, scratch=scratch)
+            t0 = time.perf_counter()
+            try:
+                with console.StepProgress(counter, cfg.train.steps, name):
+                    result = trainer.fit()
+            except SystemExit as e:
+                # Ctrl-C: Ray Train's own SIGINT handler aborts the run, and waiting on the aborted controller
+                # raises SystemExit(1) with no message; say what happened and how to go on
+                raise KeyboardInterrupt(f"run {name} aborted; the same command with storage.name={name} resumes "
+                                        "from its last checkpoint") from e
+            except ray.train.TrainingFailedError as e:
+                raise training_error(e) from e
+            elapsed = time.perf_counter() - t0
+            skips = read_skips(counter)
+        finally:
+            if counter is not None and not started:
+                ray.kill(counter)
+            if started:
+                ray.shutdown()
+            if storage.is_remote(uri) and os.path.exists(os.path.join(scratch, "driver.log")):
+                try:
+                    storage.write_bytes(local_log, open(os.path.join(scratch, "driver.log"), "rb").read(), ep)
+                except Exception:  # the log is a convenience: never mask the run's own outcome
+                    pass
+        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)
+        records = read_metrics(uri, ep)
+        plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
+        last = records[-1] if records else {}
+        summary = {
+            "run": uri,
+            "stage": cfg.train.stage,
+            "steps": last.get("step", 0),
+            "final_loss": last.get("loss"),
+            "val": (result.metrics or {}).get("val", {}),
+            "checkpoint": latest_checkpoint_dir(uri, ep),
+            "decoded": skips["decoded"],
+            "skipped": skips["skipped"],
+            "seconds": round(elapsed, 1),
+            "learning_curve": plot,
+            "log": local_log,
+        }
+        storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2), ep)
     return summary
 
 

@@ -7,9 +7,14 @@ A checkpoint folder holds::
     train_state.pt  {"optimizer", "scheduler", "step", "epoch", "batch_in_epoch"}
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
                     too), "label_set"}
+    complete.json   {"step", "files": {name: bytes}}: written last, once every file is in the run folder
 
-``resolve_checkpoint`` accepts a ``model.pt``, a checkpoint folder, or a run folder (its latest checkpoint), on
-local disk or ``s3://``.
+A checkpoint is **complete** when its ``complete.json`` is there and every file it lists has the size it lists:
+Ray Train uploads a checkpoint's files in no particular order (``pyarrow.fs.copy_files``, threads), and a run
+stopped mid-upload leaves a folder that holds some of them. :func:`latest_checkpoint_dir` (the newest complete
+checkpoint of a run folder, judged from the folder alone) is the one notion of "latest": resume, ``eval``,
+``predict``, ``train.init_from`` and the tests all use it. ``resolve_checkpoint`` accepts a ``model.pt``, a
+checkpoint folder, or a run folder (its latest complete checkpoint), on local disk or ``s3://``.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import time
 from typing import Any
 
 import torch
@@ -27,6 +33,10 @@ from mirasol_ray.model.mirasol import load_model, model_state
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
 META_FILE = "meta.json"
+COMPLETE_FILE = "complete.json"
+PREFIX = "checkpoint_"
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Ray Train's record of the checkpoints it registered (and will delete past ``num_to_keep``)."""
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -88,31 +98,169 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_
     return folder
 
 
-def load_torch(uri: str, endpoint_url: str = "") -> Any:
-    data = storage.read_bytes(uri, endpoint_url)
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+def checkpoint_dir_name(step: int) -> str:
+    """``checkpoint_00000015_20260101-120000``: sorts by step, and unique, so a step checkpointed again after a
+    resume never lands in (or is deleted as) the folder of an earlier attempt."""
+    return f"{PREFIX}{step:08d}_{time.strftime('%Y%m%d-%H%M%S')}_{os.getpid() % 10000:04d}"
+
+
+def local_files(folder: str) -> dict[str, int]:
+    """{relative path: bytes} of the files under a local checkpoint folder."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            out[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    return out
+
+
+def _stored_files(ckpt_uri: str, endpoint_url: str = "") -> dict[str, int]:
+    fs = storage.fsspec_fs(ckpt_uri, endpoint_url)
+    root = storage.strip_scheme(ckpt_uri).rstrip("/")
+    try:
+        found = fs.find(root, detail=True)
+    except FileNotFoundError:
+        return {}
+    return {p.lstrip("/")[len(root.lstrip("/")) + 1:]: int(info.get("size") or 0) for p, info in found.items()}
+
+
+def mark_complete(ckpt_uri: str, files: dict[str, int], step: int, endpoint_url: str = "") -> bool:
+    """Write ``complete.json`` into a stored checkpoint once every one of ``files`` is there at its size; False
+    (nothing written) when one is missing or short."""
+    stored = _stored_files(ckpt_uri, endpoint_url)
+    if any(stored.get(name) != size for name, size in files.items()):
+        return False
+    storage.write_text(storage.join(ckpt_uri, COMPLETE_FILE), json.dumps({"step": step, "files": files}),
+                       endpoint_url)
+    return True
+
+
+def complete_step(ckpt_uri: str, endpoint_url: str = "") -> int | None:
+    """The step of a complete checkpoint folder, None if it is not complete (see the module docstring)."""
+    try:
+        marker = json.loads(storage.read_text(storage.join(ckpt_uri, COMPLETE_FILE), endpoint_url))
+        files, step = dict(marker["files"]), int(marker["step"])
+    except (OSError, KeyError, TypeError, ValueError):
+        return None
+    stored = _stored_files(ckpt_uri, endpoint_url)
+    if any(stored.get(name) != size for name, size in files.items()):
+        return None
+    return step
+
+
+def checkpoint_dirs(run_uri: str, endpoint_url: str = "") -> list[str]:
+    """Names of the ``checkpoint_*`` folders of a run folder, newest name first."""
+    return sorted((n for n in storage.listdir(run_uri, endpoint_url, dirs_only=True) if n.startswith(PREFIX)),
+                  reverse=True)
 
 
 def latest_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> str | None:
-    """The checkpoint folder with the highest step under a run folder, or None."""
+    """The newest **complete** checkpoint folder of a run folder (highest step; the newest folder among equal
+    steps), or None. Judged from the folder alone, not from Ray Train's record: a checkpoint a run wrote just
+    before it was stopped is complete on disk though Ray Train never registered it."""
     best, best_step = None, -1
-    for name in storage.listdir(run_uri, endpoint_url):
-        if not name.startswith("checkpoint"):
-            continue
-        meta_uri = storage.join(run_uri, name, META_FILE)
-        try:
-            step = json.loads(storage.read_text(meta_uri, endpoint_url))["step"]
-        except (FileNotFoundError, KeyError, ValueError):
-            continue
-        if step > best_step:
-            best, best_step = storage.join(run_uri, name), step
+    for name in checkpoint_dirs(run_uri, endpoint_url):
+        uri = storage.join(run_uri, name)
+        step = complete_step(uri, endpoint_url)
+        if step is not None and step > best_step:
+            best, best_step = uri, step
     return best
 
 
+def _ray_registered(run_uri: str, endpoint_url: str = "") -> set[str] | None:
+    """Checkpoint folder names Ray Train's snapshot refers to; None when it cannot be read (then nothing may go)."""
+    uri = storage.join(run_uri, RAY_SNAPSHOT)
+    try:
+        if not storage.exists(uri, endpoint_url):
+            return set()
+        snapshot = json.loads(storage.read_text(uri, endpoint_url))
+    except (OSError, ValueError):
+        return None
+    names: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if k == "checkpoint_dir_name" and isinstance(v, str):
+                    names.add(v)
+                else:
+                    walk(v)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+
+    walk(snapshot)
+    return names
+
+
+def prune_checkpoints(run_uri: str, keep: int, endpoint_url: str = "") -> list[str]:
+    """Delete the checkpoint folders Ray Train's retention can never reach: ones it never registered (written just
+    before a run was stopped, or left half-uploaded), except the newest ``keep`` complete ones. Folders Ray Train
+    registered stay for its own ``num_to_keep`` (it refuses to restore a run whose snapshot names a missing one).
+    Only the run's lease holder may call this. Returns the deleted URIs."""
+    registered = _ray_registered(run_uri, endpoint_url)
+    if registered is None:
+        return []
+    complete = [n for n in checkpoint_dirs(run_uri, endpoint_url)
+                if complete_step(storage.join(run_uri, n), endpoint_url) is not None]
+    complete.sort(key=lambda n: complete_step(storage.join(run_uri, n), endpoint_url) or 0, reverse=True)
+    kept = set(complete[:keep]) | registered
+    fs = storage.fsspec_fs(run_uri, endpoint_url)
+    deleted = []
+    for name in checkpoint_dirs(run_uri, endpoint_url):
+        if name not in kept:
+            uri = storage.join(run_uri, name)
+            fs.rm(storage.strip_scheme(uri), recursive=True)
+            deleted.append(uri)
+    return deleted
+
+
+def check_model_file(uri: str, endpoint_url: str = "") -> None:
+    """Raise naming ``uri`` when it is not a loadable torch checkpoint file: empty, truncated, or not torch's zip
+    format. Reads only the zip's directory at the end of the file (a few KiB, also on S3), so a driver can check
+    a checkpoint before it starts workers that would load it."""
+    import zipfile
+
+    fs = storage.fsspec_fs(uri, endpoint_url)
+    path = storage.strip_scheme(uri)
+    if not fs.exists(path):
+        storage.check_bucket(uri, endpoint_url)
+        raise FileNotFoundError(f"checkpoint not found: {uri}")
+    if fs.isdir(path):
+        raise IsADirectoryError(f"checkpoint {uri} is a folder, not a model file")
+    size = fs.size(path)
+    if not size:
+        raise ValueError(f"checkpoint file {uri} is empty (0 bytes)")
+    with fs.open(path, "rb") as f:
+        try:
+            with zipfile.ZipFile(f) as z:
+                end = max((i.header_offset + i.compress_size for i in z.infolist()), default=0)
+        except (zipfile.BadZipFile, OSError, ValueError) as e:
+            raise ValueError(f"checkpoint file {uri} is truncated or not a torch checkpoint ({e})") from None
+    if end > size:
+        raise ValueError(f"checkpoint file {uri} is truncated ({size} bytes, its index needs {end})")
+
+
+def load_torch(uri: str, endpoint_url: str = "") -> Any:
+    """``torch.load(weights_only=True)`` of a stored file; a file that is empty, cut short or not a checkpoint is
+    a ValueError naming it."""
+    data = storage.read_bytes(uri, endpoint_url)
+    if not data:
+        raise ValueError(f"checkpoint file {uri} is empty (0 bytes)")
+    try:
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"checkpoint file {uri} cannot be loaded (truncated or not a torch checkpoint): "
+                         f"{first[:200]}") from None
+
+
 def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
-    """The ``model.pt`` URI behind a file, checkpoint folder or run folder; FileNotFoundError names the URI."""
+    """The ``model.pt`` URI behind a file, checkpoint folder or run folder (its latest complete checkpoint);
+    FileNotFoundError names the URI."""
     if uri.endswith(".pt"):
         if not storage.exists(uri, endpoint_url):
+            storage.check_bucket(uri, endpoint_url)
             raise FileNotFoundError(f"checkpoint not found: {uri}")
         return uri
     direct = storage.join(uri, MODEL_FILE)
@@ -120,6 +268,11 @@ def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
         return direct
     latest = latest_checkpoint_dir(uri, endpoint_url)
     if latest is None:
+        storage.check_bucket(uri, endpoint_url)
+        partial = checkpoint_dirs(uri, endpoint_url)
+        if partial:
+            raise FileNotFoundError(f"no complete checkpoint at {uri} ({len(partial)} incomplete folder(s), "
+                                    f"e.g. {partial[0]}: no {COMPLETE_FILE}, or files missing)")
         raise FileNotFoundError(f"no checkpoint at {uri}")
     return storage.join(latest, MODEL_FILE)
 
@@ -139,14 +292,29 @@ def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") 
     return {"missing": list(result.missing_keys), "unexpected": sorted(set(state) - set(keep))}
 
 
-
-
-
-
 def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
-    """meta.json beside a resolved ``model.pt`` ({} if absent)."""
+    """meta.json beside a resolved ``model.pt`` ({} if absent; see :func:`require_meta`)."""
     import posixpath
 
     folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
     uri = storage.join(folder, META_FILE)
     return json.loads(storage.read_text(uri, endpoint_url)) if storage.exists(uri, endpoint_url) else {}
+
+
+def require_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """:func:`read_meta`, but a checkpoint without a readable meta.json (its run config, label set) is an error
+    naming it: without them a model would run with a default config and answer nonsense."""
+    import posixpath
+
+    folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
+    uri = storage.join(folder, META_FILE)
+    if not storage.exists(uri, endpoint_url):
+        raise FileNotFoundError(f"checkpoint {folder} has no {META_FILE} (not a mirasol checkpoint, or an "
+                                "incomplete one)")
+    try:
+        meta = json.loads(storage.read_text(uri, endpoint_url))
+    except ValueError as e:
+        raise ValueError(f"{uri} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("run_config"), dict):
+        raise ValueError(f"{uri} holds no run_config (not a mirasol checkpoint's meta.json)")
+    return meta

@@ -1,10 +1,13 @@
 """``train_loop_per_worker``: what each Ray Train worker runs.
 
 Only a plain dict comes in (see :func:`mirasol_ray.launch.train.loop_config`): the config as a dict, the run's
-URI, the skip counter's name and the label set. The loop streams its shard of the training dataset, steps the
-model (DDP, or FSDP2 for large presets), logs metrics on rank 0, and reports checkpoints through
-``ray.train.report``; on restart (a dead worker, or the same run name again) it continues from the latest one,
-at the same step, optimiser and scheduler state, and data position.
+URI, the skip counter's name, the label set, the run's lease token and the driver's scratch folder. The loop
+streams its shard of the training dataset, steps the model (DDP, or FSDP2 for large presets), logs metrics on
+rank 0, and reports checkpoints through ``ray.train.report``, marking each complete once all its files are
+stored; on restart (a dead worker, or the same run name again) it continues from the run folder's newest complete
+checkpoint (:func:`~mirasol_ray.train.checkpoint.latest_checkpoint_dir`), at the same step, optimiser and
+scheduler state, and data position. Progress goes to the run's counter actor, which the driver draws; the
+worker's own output stays in Ray's log files.
 """
 
 from __future__ import annotations
@@ -46,13 +49,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NoBatchError(RuntimeError):
+    """An epoch gave this worker no full batch: training could never take a step (every clip skipped, a
+    ``data.task`` that matches no text, or fewer rows than workers x batch size)."""
+
+
+def scratch_dir(config: dict[str, Any]) -> str | None:
+    """Where this worker keeps its temporary folders: the driver's scratch folder when this worker shares the
+    driver's machine (the driver removes it on every exit, even after killing the workers), else the system's."""
+    scratch = config.get("scratch") or ""
+    return scratch if scratch and os.path.isdir(scratch) else None
+
+
+def die_with_raylet() -> None:
+    """Ask the kernel to kill this process the moment its parent, the node's raylet, dies.
+
+    Ray (2.60) starts each worker in a process group of its own, so a signal to the driver's group (a killed
+    ``mirasol train``, with the embedded Ray it started) does not reach it; the worker only notices the lost raylet
+    at its next periodic check, and meanwhile kept training and wrote a checkpoint into a run folder a new run was
+    already using. ``PR_SET_PDEATHSIG`` closes that window. Linux only; elsewhere Ray's check applies."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        ulong = ctypes.c_ulong  # prctl is variadic: pass full-width arguments
+        libc.prctl(ctypes.c_int(1), ulong(signal.SIGKILL), ulong(0), ulong(0), ulong(0))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the raylet died before the call
+        os._exit(1)
+
+
 class RunLog:
     """Rank 0's metrics.jsonl and TensorBoard events: written locally, copied into the run folder (local or
     S3) at every checkpoint and at the end, so an object store never sees partial appends."""
 
-    def __init__(self, run_uri: str, endpoint_url: str, resume_step: int):
+    def __init__(self, run_uri: str, endpoint_url: str, resume_step: int, scratch: str | None = None):
         self.run_uri, self.endpoint_url = run_uri, endpoint_url
-        self.local = tempfile.mkdtemp(prefix="mirasol-log-")
+        self.local = tempfile.mkdtemp(prefix="mirasol-log-", dir=scratch)
         self.metrics_path = os.path.join(self.local, "metrics.jsonl")
         previous = storage.join(run_uri, "metrics.jsonl")
         if storage.exists(previous, endpoint_url):  # resume: keep history up to the checkpoint's step
@@ -83,19 +121,60 @@ class RunLog:
         fs.put(self.metrics_path, dest + "/metrics.jsonl")
         fs.put(os.path.join(self.local, "tensorboard") + "/", dest + "/tensorboard/", recursive=True)
 
-    def close(self) -> None:
-        self.sync()
-        self.tb.close()
-        shutil.rmtree(self.local, ignore_errors=True)
+    def close(self, sync: bool = True) -> None:
+        try:
+            if sync:
+                self.sync()
+            self.tb.close()
+        finally:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
-def _skips(counter_name: str) -> dict[str, int]:
+def _snapshot(counter_name: str) -> dict[str, Any]:
     import ray
 
     try:
-        return ray.get(ray.get_actor(counter_name).snapshot.remote(), timeout=10)["skipped"]
+        return ray.get(ray.get_actor(counter_name).snapshot.remote(), timeout=10)
     except Exception:  # the counter is informative: never fail training for it
         return {}
+
+
+def _say(counter_name: str, message: str) -> None:
+    """A line for the person at the driver (workers run with ``log_to_driver=False``: their own output stays in
+    the Ray session's logs): an event on the counter actor, which the driver's progress thread prints."""
+    _progress(counter_name, None, message)
+
+
+def _skips(counter_name: str) -> dict[str, int]:
+    return _snapshot(counter_name).get("skipped", {})
+
+
+def _progress(counter_name: str, progress: dict[str, Any] | None, event: str = "") -> None:
+    """Rank 0's step (and an event line such as a resume) to the counter actor, which the driver draws."""
+    import ray
+
+    try:
+        ray.get_actor(counter_name).report_step.remote(progress, event)
+    except Exception:  # informative only
+        pass
+
+
+def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
+    """The one line that says why no batch could be formed, with the skip counts by reason."""
+    from mirasol_ray.data.pipeline import describe_skips, shards_failed
+
+    skipped = snap.get("skipped", {})
+    if snap.get("decoded", 0) == 0 and skipped and set(skipped) <= {"no_text_for_task"}:
+        cause = f"data.task={cfg.data.task} matches no text in {cfg.data.train}"
+    elif snap.get("decoded", 0) == 0 and shards_failed(snap) and snap.get("skipped") and all(
+            r in ("not_a_tar", "truncated_shard", "unreadable_shard", "bad_shard") for r in skipped):
+        cause = f"no shard of {cfg.data.train} could be read"
+    elif snap.get("decoded", 0) == 0:
+        cause = f"no clip of {cfg.data.train} decoded"
+    else:
+        cause = (f"an epoch gave a worker fewer than train.batch_size={cfg.train.batch_size} rows "
+                 f"({snap.get('rows', 0)} rows in all for {world} worker(s))")
+    return f"no training batch can be formed: {cause}; {describe_skips(snap)}"
 
 
 def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
@@ -142,11 +221,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    from mirasol_ray.data.pipeline import iter_worker_batches
-
     cfg: Config = from_dict(config["cfg"])
     run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
     label_set = config.get("label_set")
+    die_with_raylet()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     seed_everything(cfg.train.seed + rank)
@@ -161,41 +239,57 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = build_model(cfg.model)
     start_step, epoch, skip_batches = 0, 0, 0
-    resume = ray.train.get_checkpoint()  # set when Ray Train restarted the worker group
-    # the same run name again (e.g. after the driver died): continue from the run folder's latest checkpoint
-    latest = None if resume is not None else ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
-    if resume is None and latest is None and cfg.train.init_from:
+    # After a dead worker (Ray Train restarts the group) or with the same run name again, continue from the run
+    # folder's newest complete checkpoint. Not ray.train.get_checkpoint(): that is Ray Train's record, which lacks
+    # a checkpoint written just before a run was stopped (Ctrl-C at step 15 resumed at 10, losing 5 steps).
+    latest = ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
+    if latest is None and cfg.train.init_from:
         info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
         if rank == 0:
-            _say(f"initialised from {cfg.train.init_from}; new: {info['missing']}")
-    elif resume is None and latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):
+            _say(config["counter"], f"initialised from {cfg.train.init_from}; new: {info['missing']}")
+    elif latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):
         reports = load_pretrained(model, cfg.model, endpoint_url)
         if rank == 0:
-            _say(startup_table(reports, model))
+            _say(config["counter"], startup_table(reports, model))
     if cfg.train.freeze:  # on resume too: the optimiser's groups must be the ones the checkpoint saved
         frozen = set(apply_freeze(model, cfg.train.freeze))
         if rank == 0:
             values = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
-            _say(f"frozen ({', '.join(cfg.train.freeze)}): {len(frozen)} tensors, {values:,} parameters")
+            _say(config["counter"], f"frozen ({', '.join(cfg.train.freeze)}): {len(frozen)} tensors, "
+                                    f"{values:,} parameters")
     model = _wrap(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    state = None
-    if resume is not None:
-        with resume.as_directory() as d:
-            state = _load_state(d, "")
-    elif latest is not None:
-        state = _load_state(latest, endpoint_url)
+    state = _load_state(latest, endpoint_url) if latest is not None else None
     if state is not None:
         model_sd, st = state
         ckpt.restore_state(model, opt, model_sd, st["optimizer"])
         sched.load_state_dict(st["scheduler"])
         start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
         if rank == 0:
-            _say(f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches})")
+            _progress(config["counter"], {"step": start_step, "steps": cfg.train.steps},
+                      f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches}) from {latest}")
 
     tok = get_tokenizer(cfg.data.tokenizer)
-    log = RunLog(run_uri, endpoint_url, start_step) if rank == 0 else None
+    scratch = scratch_dir(config)
+    log = RunLog(run_uri, endpoint_url, start_step, scratch) if rank == 0 else None
+    finished = False
+    try:
+        _train(model, opt, sched, cfg, config, rank, world, device, tok, log, scratch, start_step, epoch,
+               skip_batches)
+        finished = True
+    finally:
+        if log is not None:  # on an error the run folder keeps the log of its last checkpoint
+            log.close(sync=finished)
+
+
+def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, world: int, device, tok,
+           log: RunLog | None, scratch: str | None, start_step: int, epoch: int, skip_batches: int) -> None:
+    import ray.train
+
+    from mirasol_ray.data.pipeline import iter_worker_batches
+
+    label_set = config.get("label_set")
     shard = ray.train.get_dataset_shard("train")
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
     no_sync = getattr(model, "no_sync", None)
@@ -216,6 +310,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 if n <= skip_batches:  # resume: the data position inside the epoch
                     continue
                 yield batch, n
+            if n == 0:  # an empty epoch stays empty: end now, saying why, instead of looping forever
+                raise NoBatchError(no_batch_message(cfg, world, _snapshot(config["counter"])))
             skip_batches = 0
             epoch += 1
 
@@ -244,39 +340,46 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
             log.write(record)
-            extras = "".join(f" {k}={v:.3f}" for k, v in record.get("val", {}).items())
-            _say(f"step {step}/{cfg.train.steps} loss {parts['loss']:.4f} lr {parts['lr']:.2e} "
-                 f"{record.get('samples_per_s', 0):.1f} samples/s wait {record.get('data_wait_fraction', 0):.2f}"
-                 + extras)
+        if rank == 0:
+            _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
+                                          **({"val": record["val"]} if record and "val" in record else {})})
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _report(model, opt, sched, cfg, step, epoch, pos, rank, log, record, final_eval, label_set)
-    if log is not None:
-        log.close()
+            _report(model, opt, sched, cfg, config, step, epoch, pos, rank, world, log, record, final_eval,
+                    scratch)
 
 
-def _say(message: str) -> None:
-    """One progress line on the driver. Ray Train patches ``print`` in its workers to log *and*, when the worker's
-    stdout is wrapped (it is), also print: every line reached the driver twice. Writing to the process's own
-    stdout takes the plain path once."""
-    print(message, file=sys.__stdout__, flush=True)
-
-
-def _report(model, opt, sched, cfg: Config, step: int, epoch: int, pos: int, rank: int, log: RunLog | None,
-            record: dict | None, final_eval: dict, label_set: list[str] | None) -> None:
+def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, pos: int, rank: int,
+            world: int, log: RunLog | None, record: dict | None, final_eval: dict, scratch: str | None) -> None:
+    """Report a checkpoint through Ray Train (each rank uploads its files), then, once every rank is done, mark it
+    complete: ``complete.json``, written by rank 0 after checking the stored files, is the last file of a checkpoint
+    (Ray Train uploads a folder's files in no fixed order, so a marker inside the upload could land first)."""
     import ray.train
 
+    from mirasol_ray.launch.lease import lease_token
+
+    run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
     model_sd, optim_sd = ckpt.gather_state(model, opt)  # a collective under FSDP2
     metrics = {"step": step, "epoch": epoch}
     if record:
         metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
     if final_eval:
         metrics["val"] = {k: v["value"] for k, v in final_eval.items()}
+    name = ckpt.checkpoint_dir_name(step)
     if rank == 0:
         log.sync()
-        with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-") as d:
+        with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-", dir=scratch) as d:
             ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
                                   batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
-                                  run_config=cfg.to_dict(), label_set=label_set)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                                  run_config=cfg.to_dict(), label_set=config.get("label_set"))
+            files = ckpt.local_files(d)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     else:
         ray.train.report(metrics, checkpoint=None)
+    if world > 1 and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank's upload has returned
+    if rank == 0:
+        token = config.get("lease") or ""
+        if token and lease_token(run_uri, endpoint_url) != token:
+            raise RuntimeError(f"run folder {run_uri} was taken over by another run (its lease.json): stopping "
+                               "without marking this checkpoint complete")
+        ckpt.mark_complete(storage.join(run_uri, name), files, step, endpoint_url)

@@ -1,11 +1,15 @@
-"""Datasets made once per test session: synthetic shards (real MP4s) and a shard of broken samples."""
+"""Datasets made once per test session (synthetic shards of real MP4s, broken samples and shards), and helpers for
+tests that run `mirasol` in subprocesses."""
 
 from __future__ import annotations
 
 import io
 import json
 import os
+import shutil
 import tarfile
+import tempfile
+import time
 
 import pytest
 
@@ -43,3 +47,89 @@ def synth_shards(tmp_path_factory):
         _add(t, "okclip.json", meta)
     return {"dir": str(out), "manifest": manifest, "bad_dir": str(bad), "num_clips": 12,
             "meta": json.loads(meta)}
+
+
+@pytest.fixture(scope="session")
+def fault_shards(synth_shards, tmp_path_factory):
+    """Folders of shards a run cannot learn from, made from the synthetic clips:
+
+    - ``nodecode``: no clip decodes (a tar of corrupt/empty clips, and a file that is not a tar);
+    - ``captions``: two good clips whose json holds only a caption (``data.task=qa`` matches nothing);
+    - ``one_clip``: a single good clip (one row: fewer than a batch of 2);
+    - ``mixed``: a good shard, a file that is not a tar, a truncated tar (its first sample intact), a link to a
+      shard that is gone, and a tar holding a sample whose json makes the decoder raise (``options: 5``).
+    """
+    root = tmp_path_factory.mktemp("faults")
+    src = sorted(p for p in os.listdir(synth_shards["dir"]) if p.endswith(".tar"))
+    with tarfile.open(os.path.join(synth_shards["dir"], src[0])) as t:
+        members = [(m.name, t.extractfile(m).read()) for m in t.getmembers()]
+    clips = [(n, d) for n, d in members if n.endswith(".mp4")]
+    meta = json.loads(dict(members)[clips[0][0].replace(".mp4", ".json")])
+
+    def tar(path, entries):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(path, "w") as t:
+            for name, data in entries:
+                _add(t, name, data)
+
+    tar(root / "nodecode" / "a.tar", [("corrupt.mp4", os.urandom(4000)), ("corrupt.json", json.dumps(meta).encode()),
+                                      ("empty.mp4", b""), ("empty.json", json.dumps(meta).encode())])
+    (root / "nodecode" / "b.tar").write_bytes(b"<html>not a tar</html>" * 40)
+    caption_only = json.dumps({"task": "caption", "caption": "a clip"}).encode()
+    tar(root / "captions" / "c.tar", [("c1.mp4", clips[0][1]), ("c1.json", caption_only),
+                                      ("c2.mp4", clips[1][1]), ("c2.json", caption_only)])
+    tar(root / "one_clip" / "o.tar", [("only.mp4", clips[0][1]), ("only.json", json.dumps(meta).encode())])
+    mixed = root / "mixed"
+    mixed.mkdir()
+    with open(os.path.join(synth_shards["dir"], src[0]), "rb") as f:
+        good = f.read()
+    (mixed / "good.tar").write_bytes(good)
+    (mixed / "notatar.tar").write_bytes(b"GIF89a" + os.urandom(3000))
+    first = sum(512 + -(-len(d) // 512) * 512 for _, d in members[:2])  # the first sample's two members
+    (mixed / "truncated.tar").write_bytes(good[: first + 512 + 700])  # cut inside the second sample's video
+    (mixed / "gone.tar").symlink_to(root / "no-such-file.tar")
+    tar(mixed / "odd.tar", [("odd.mp4", clips[0][1]), ("odd.json", json.dumps({**meta, "options": 5}).encode())])
+    return {name: str(root / name) for name in ("nodecode", "captions", "one_clip", "mixed")} | {
+        "truncated_kept": members[0][0].split(".")[0]}
+
+
+@pytest.fixture()
+def short_tmp():
+    """A fresh temporary folder with a short path, for a subprocess's TMPDIR: the Ray it starts puts its session
+    there (sockets included, whose paths must stay under ~100 characters) and mirasol its temporary folders, so a
+    test can look at exactly what one run left behind. Removed afterwards."""
+    path = tempfile.mkdtemp(prefix="mr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _session_processes(sid: int) -> list:
+    """Live (not zombie) processes of the session ``sid`` (a subprocess started with ``start_new_session``)."""
+    import psutil
+
+    out = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except (psutil.Error, OSError):
+            continue
+    return out
+
+
+def _wait_for(condition, timeout_s: float, what: str) -> None:
+    """Wait until ``condition()`` holds, polling; fail naming ``what`` after ``timeout_s`` (a guard, not a delay)."""
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.1)
+
+
+@pytest.fixture()
+def session_processes():
+    return _session_processes
+
+
+@pytest.fixture()
+def wait_for():
+    return _wait_for

@@ -43,3 +43,17 @@ def test_tokenizer_from_s3_equals_the_local_file(s3_server, tmp_path):
     assert remote.decode(remote.encode(sample)) == sample
     with pytest.raises(FileNotFoundError, match="tokenizer file not found: s3://.*/missing.json"):
         get_tokenizer(s3_server.url("tok", "missing.json"))
+
+
+def test_run_lease_on_s3(s3_server):
+    """The run folder's lease works on object storage too: held, refused to a second run, released."""
+    import pytest
+
+    from mirasol_ray.launch.lease import LEASE_FILE, RunInUseError, RunLease, lease_token
+
+    run = s3_server.url("lease-test", "run")
+    with RunLease(run) as held:
+        assert lease_token(run) == held.token
+        with pytest.raises(RunInUseError, match=f"run folder {run} is in use"):
+            RunLease(run).acquire()
+    assert not storage.exists(storage.join(run, LEASE_FILE))

@@ -146,14 +146,12 @@ def _tune_status(uri):
     return {s["trial_id"]: s["status"] for s in (json.loads(t) for t, _ in data["trial_data"])}
 
 
-def _registered_step(run):
-    """The step of the latest checkpoint Ray Train has registered for the run (it registers a checkpoint once its
-    upload is done: the one a restart continues from), or None."""
-    try:
-        snap = json.loads(open(os.path.join(run, "checkpoint_manager_snapshot.json")).read())
-        return snap["latest_checkpoint_result"]["metrics"]["step"]
-    except (FileNotFoundError, ValueError, KeyError, TypeError):  # none yet, or being written
-        return None
+def _resumable_step(run):
+    """The step of the run folder's newest complete checkpoint (the one a restart continues from), or None."""
+    from mirasol_ray.train.checkpoint import complete_step, latest_checkpoint_dir
+
+    last = latest_checkpoint_dir(run) if os.path.isdir(run) else None
+    return complete_step(last) if last else None
 
 
 def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ray_tmp, tmp_path):
@@ -174,7 +172,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
             trials = _ledger(uri)["trials"]
             done = [tid for tid, t in trials.items() if t["status"] == "finished"]
             running = [tid for tid, t in trials.items() if t["status"] == "running"]
-            if done and running and _tune_status(uri).get(done[0]) == "TERMINATED" and _registered_step(
+            if done and running and _tune_status(uri).get(done[0]) == "TERMINATED" and _resumable_step(
                     os.path.join(uri, "trials", running[0])):
                 first, second = done[0], running[0]
                 break
@@ -183,7 +181,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     assert first and second, "no finished trial and checkpointed second trial before the deadline"
-    stopped_at = _registered_step(os.path.join(uri, "trials", second))
+    stopped_at = _resumable_step(os.path.join(uri, "trials", second))
     assert stopped_at < 4
     first_metrics = open(os.path.join(uri, "trials", first, "metrics.jsonl")).read()
 
@@ -194,7 +192,7 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
     ledger = _ledger(uri)["trials"]
     assert ledger[first]["starts"] == 1 and ledger[second]["starts"] == 2
     assert {ledger[first]["status"], ledger[second]["status"]} == {"finished"}, resumed.stderr[-3000:]
-    # the second trial continued from its checkpoint: its worker said so, and no step was trained twice
+    # the second trial continued from its checkpoint: its run said so (in the trial's log), no step trained twice
     logs = os.path.join(ray_tmp, "ray", "session_latest", "logs")
     said = "".join(open(os.path.join(logs, f), errors="replace").read() for f in os.listdir(logs)
                    if f.startswith("worker-") and f.endswith(".out"))

@@ -8,14 +8,13 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 
 import pytest
 
 from mirasol_ray import storage
 from mirasol_ray.config import load_config
 from mirasol_ray.launch.train import read_metrics, run_training
-from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta, resolve_checkpoint
+from mirasol_ray.train.checkpoint import complete_step, latest_checkpoint_dir, read_meta, resolve_checkpoint
 
 TINY_TRAIN = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "data.decode_cpus=0.25",
               "data.decode_batch_size=2", "scaling.num_workers=2", "scaling.cpus_per_worker=0.5",
@@ -64,7 +63,7 @@ def test_cache_decodes_each_clip_once_over_several_epochs(ray_local, synth_shard
     assert summary["steps"] == 14 and records[-1]["epoch"] >= 2
     assert summary["decoded"] == 12  # decoded once, before training, not once per epoch
     again = run_training(cfg)  # the same run name, already finished: resumes at its last step, decodes nothing
-    assert again["steps"] == 14 and again["decoded"] == 12  # the run's counter: 24 had it decoded again
+    assert again["steps"] == 14 and again["decoded"] == 0  # this run's own counts
 
 
 def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
@@ -75,23 +74,18 @@ def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
     _check_run(storage.join(root, "ddp-s3"), 4)
 
 
-def test_worker_killed_mid_run_restarts_from_checkpoint(ray_local, synth_shards, tmp_path):
+def test_worker_killed_mid_run_restarts_from_checkpoint(ray_local, synth_shards, tmp_path, wait_for):
     pid_dir = tmp_path / "pids"
     cfg = _cfg(synth_shards, tmp_path / "runs", "killed", steps=6, extra=["scaling.max_failures=1"])
     uri = str(tmp_path / "runs" / "killed")
     out: dict = {}
     th = threading.Thread(target=lambda: out.update(run_training(cfg, pid_dir=str(pid_dir))), daemon=True)
     th.start()
-    deadline = time.time() + 300
-    killed = None
-    while time.time() < deadline and th.is_alive():
-        last = latest_checkpoint_dir(uri)
-        if last and read_meta(resolve_checkpoint(last))["step"] >= 2 and (pid_dir / "rank1.pid").exists():
-            killed = int((pid_dir / "rank1.pid").read_text())
-            os.kill(killed, signal.SIGKILL)
-            break
-        time.sleep(0.2)
-    assert killed, "no checkpoint appeared to kill after"
+    wait_for(lambda: (_step_of_latest(uri) >= 2 and (pid_dir / "rank1.pid").exists()) or not th.is_alive(), 300,
+             "a first checkpoint to kill a worker after")
+    assert th.is_alive(), "the run ended before its first checkpoint"
+    killed = int((pid_dir / "rank1.pid").read_text())
+    os.kill(killed, signal.SIGKILL)
     th.join(timeout=400)
     assert not th.is_alive()
     assert out["steps"] == 6
@@ -109,55 +103,88 @@ def _train_cmd(synth_shards, root, steps, name="resume"):
             "--set", "scaling.cpus_per_worker=1"]
 
 
-def test_driver_stopped_then_rerun_resumes(synth_shards, tmp_path, ray_local):
-    import ray
+def _step_of_latest(uri):
+    last = latest_checkpoint_dir(uri)
+    return complete_step(last) if last else 0
 
-    ray.shutdown()  # this test runs its own drivers in subprocesses
+
+def test_driver_stopped_then_rerun_resumes(synth_shards, tmp_path, no_local_ray, short_tmp, session_processes,
+                                           wait_for):
+    """The driver dies hard, with the process group of the local Ray it started. Its Train worker, which Ray puts in
+    a process group of its own, must die with it at once (it used to train on and write a step-4 checkpoint into
+    the folder the re-run was resuming from); the re-run takes over the dead driver's lease and resumes at the
+    newest complete checkpoint; no temporary folder is left.
+
+    The first run asks for far more steps than it can take before it is stopped, so where it stops depends on no
+    timing; the re-run asks for two steps past that."""
+    from mirasol_ray.launch.scratch import process_gone
+
     root = tmp_path / "runs"
     uri = str(root / "resume")
-    proc = subprocess.Popen(_train_cmd(synth_shards, root, 8), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 300
+    env = dict(os.environ, TMPDIR=short_tmp)
+    proc = subprocess.Popen(_train_cmd(synth_shards, root, 400), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, env=env)
+    worker = None
     try:
-        while time.time() < deadline:
-            last = latest_checkpoint_dir(uri)
-            if last and read_meta(resolve_checkpoint(last))["step"] >= 2:
-                break
-            assert proc.poll() is None, "the first run ended before its first checkpoint"
-            time.sleep(0.2)
-    finally:  # the driver dies hard, with the local Ray it started (its process group)
+        wait_for(lambda: _step_of_latest(uri) >= 2 or proc.poll() is not None, 300, "a first checkpoint")
+        assert proc.poll() is None, "the first run ended before its first checkpoint"
+        worker = next(p for p in session_processes(proc.pid) if "RayTrainWorker" in " ".join(p.cmdline()))
+        worker.suspend()  # stopped, it can take no step and notice nothing: only the kernel can end it now
+    finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
-    stopped_at = read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"]
-    assert 2 <= stopped_at < 8
-    rerun = subprocess.run(_train_cmd(synth_shards, root, 8), capture_output=True, text=True, timeout=400)
-    assert rerun.returncode == 0, rerun.stderr[-3000:]
-    assert f"resumed at step {stopped_at}" in rerun.stdout + rerun.stderr
-    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] == 8
-    steps = [r["step"] for r in read_metrics(uri)]
-    assert steps == list(range(1, 9))
-
-
-def test_ctrl_c_stops_the_driver_and_says_how_to_resume(synth_shards, tmp_path, ray_local):
-    import ray
-
-    ray.shutdown()
-    uri = str(tmp_path / "runs" / "ctrl-c")
-    proc = subprocess.Popen(_train_cmd(synth_shards, tmp_path / "runs", 400, name="ctrl-c"),
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     try:
-        deadline = time.time() + 300
-        while not (latest_checkpoint_dir(uri) and read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"]):
-            assert time.time() < deadline and proc.poll() is None, "no checkpoint before the interrupt"
-            time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=60)  # Ray Train aborts the run; the driver ends within seconds
+        wait_for(lambda: process_gone(worker.pid), 60, "the Train worker to die with its raylet")
+    finally:
+        if not process_gone(worker.pid):
+            worker.kill()
+    wait_for(lambda: not session_processes(proc.pid), 120, "every process of the killed run to end")
+    stopped_at = _step_of_latest(uri)  # nothing of the first run is left to write another
+    assert 2 <= stopped_at < 400
+    assert (root / "resume" / "lease.json").exists()  # the dead driver's, taken over below
+    target = stopped_at + 2
+    rerun = subprocess.run(_train_cmd(synth_shards, root, target), capture_output=True, text=True, timeout=400,
+                           env=env)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert f"resumed at step {stopped_at} " in rerun.stderr
+    assert _step_of_latest(uri) == target
+    steps = [r["step"] for r in read_metrics(uri)]
+    assert steps == list(range(1, target + 1)), "the first run's steps after its checkpoint are dropped, none repeated"
+    assert not (root / "resume" / "lease.json").exists()
+    assert [n for n in os.listdir(short_tmp) if n.startswith("mirasol-")] == []  # the dead driver's: swept
+
+
+def test_ctrl_c_stops_the_driver_and_says_how_to_resume(synth_shards, tmp_path, no_local_ray, short_tmp, wait_for,
+                                                        session_processes):
+    """While a run is live, a second one on its run folder is refused by name; Ctrl-C (SIGINT to the whole
+    foreground process group, as a terminal sends it) ends the run within seconds, says how to resume, releases
+    the folder and leaves no process and no temporary folder behind."""
+    uri = str(tmp_path / "runs" / "ctrl-c")
+    env = dict(os.environ, TMPDIR=short_tmp)
+    proc = subprocess.Popen(_train_cmd(synth_shards, tmp_path / "runs", 400, name="ctrl-c"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env=env)
+    try:
+        wait_for(lambda: _step_of_latest(uri) >= 2 or proc.poll() is not None, 300, "a first checkpoint")
+        assert proc.poll() is None, "no checkpoint before the interrupt"
+        second = subprocess.run(_train_cmd(synth_shards, tmp_path / "runs", 400, name="ctrl-c"),
+                                capture_output=True, text=True, timeout=120, env=env)
+        assert second.returncode == 2
+        assert second.stderr.strip().splitlines()[-1].startswith(f"mirasol: error: run folder {uri} is in use by "
+                                                                 f"another run (pid {proc.pid}")
+        assert proc.poll() is None, "the first run ended before the interrupt"
+        os.killpg(proc.pid, signal.SIGINT)
+        _, err = proc.communicate(timeout=120)  # Ray Train aborts the run; the driver ends within seconds
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130
+            proc.wait(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
     assert "mirasol: interrupted: run ctrl-c aborted; the same command with storage.name=ctrl-c resumes" in err
-    assert read_meta(resolve_checkpoint(latest_checkpoint_dir(uri)))["step"] < 400
+    wait_for(lambda: not session_processes(proc.pid), 120, "every process of the interrupted run to end")
+    assert _step_of_latest(uri) < 400
+    assert not os.path.exists(os.path.join(uri, "lease.json"))
+    assert [n for n in os.listdir(short_tmp) if n.startswith("mirasol-")] == []  # -run-*, -ckpt-*, -log-*
 
 
 @pytest.fixture(scope="module")
@@ -165,8 +192,7 @@ def trained_run(synth_shards, tmp_path_factory):
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False,
-                 runtime_env={"env_vars": {k: v for k, v in os.environ.items() if k.startswith("AWS_")}})
+        ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("trained")
     cfg = _cfg(synth_shards, root, "for-eval", steps=2, extra=["scaling.num_workers=1",
                                                                "scaling.cpus_per_worker=1"])

@@ -25,8 +25,10 @@ def trained(tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     for step in (1, 2):
         model_sd, optim_sd = ckpt.gather_state(model, opt)
-        ckpt.write_checkpoint(str(run / f"checkpoint_{step}"), model, model_sd, optim_sd, sched, step=step,
-                              run_config=cfg.to_dict(), label_set=["a", "b"])
+        folder = str(run / f"checkpoint_{step}")
+        ckpt.write_checkpoint(folder, model, model_sd, optim_sd, sched, step=step, run_config=cfg.to_dict(),
+                              label_set=["a", "b"])
+        assert ckpt.mark_complete(folder, ckpt.local_files(folder), step)
     return cfg, model, opt, sched, batch, run
 
 
@@ -102,3 +104,69 @@ def test_checkpoints_load_with_weights_only(trained):
     state = torch.load(run / "checkpoint_1" / ckpt.MODEL_FILE, weights_only=True)
     assert set(state) == {"config", "model"}
     json.dumps(state["config"])
+
+
+def _copy_checkpoint(src, dst, step=None, complete=True):
+    import shutil
+
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(ckpt.COMPLETE_FILE))
+    if complete:
+        assert ckpt.mark_complete(str(dst), ckpt.local_files(str(dst)), step)
+    return dst
+
+
+def test_latest_is_the_newest_complete_checkpoint(trained, tmp_path):
+    """A checkpoint counts once its complete.json is written (last) and every file it lists is there at its size:
+    a folder cut short by a stopped upload is never "the latest", for resume, eval and tests alike."""
+    *_, run = trained
+    src = run / "checkpoint_2"
+    runs = tmp_path / "run"
+    _copy_checkpoint(src, runs / "checkpoint_00000002_a", 2)
+    _copy_checkpoint(src, runs / "checkpoint_00000004_a", 4)
+    _copy_checkpoint(src, runs / "checkpoint_00000006_a", complete=False)  # upload stopped before the marker
+    cut = _copy_checkpoint(src, runs / "checkpoint_00000008_a", 8)
+    data = (cut / ckpt.MODEL_FILE).read_bytes()
+    (cut / ckpt.MODEL_FILE).write_bytes(data[: len(data) // 2])  # marked, then its model file was cut short
+    (runs / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's file, not a checkpoint
+    assert ckpt.latest_checkpoint_dir(str(runs)) == str(runs / "checkpoint_00000004_a")
+    assert ckpt.resolve_checkpoint(str(runs)) == str(runs / "checkpoint_00000004_a" / ckpt.MODEL_FILE)
+    assert ckpt.complete_step(str(runs / "checkpoint_00000006_a")) is None
+    assert not ckpt.mark_complete(str(cut), ckpt.local_files(str(src)), 8)  # a short file is never marked
+    empty = tmp_path / "only-partial"
+    _copy_checkpoint(src, empty / "checkpoint_00000002_b", complete=False)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint at .*only-partial"):
+        ckpt.resolve_checkpoint(str(empty))
+
+
+def test_prune_keeps_what_ray_train_registered_and_the_newest_complete(trained, tmp_path):
+    *_, run = trained
+    src, runs = run / "checkpoint_2", tmp_path / "run"
+    for step, complete in ((2, True), (4, True), (6, True), (8, False)):
+        _copy_checkpoint(src, runs / f"checkpoint_{step:08d}_a", step if complete else None, complete)
+    # Ray Train registered 2 only: it refuses to restore a run whose snapshot names a missing folder
+    (runs / ckpt.RAY_SNAPSHOT).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000002_a"}]}))
+    deleted = ckpt.prune_checkpoints(str(runs), keep=1)
+    assert sorted(p.rsplit("/", 1)[1] for p in deleted) == ["checkpoint_00000004_a", "checkpoint_00000008_a"]
+    assert sorted(p.name for p in runs.iterdir()) == [
+        "checkpoint_00000002_a", "checkpoint_00000006_a", ckpt.RAY_SNAPSHOT]
+
+
+def test_broken_checkpoint_files_are_named(trained, tmp_path):
+    *_, run = trained
+    good = (run / "checkpoint_2" / ckpt.MODEL_FILE).read_bytes()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(good[: len(good) - 100])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for name, needle in (("empty.pt", "empty"), ("cut.pt", "truncated"), ("text.pt", "not a torch")):
+        with pytest.raises(ValueError, match=f"{name}.*{needle}"):
+            ckpt.check_model_file(str(tmp_path / name))
+        with pytest.raises(ValueError, match=name):
+            ckpt.load_torch(str(tmp_path / name))
+    ckpt.check_model_file(str(run / "checkpoint_2" / ckpt.MODEL_FILE))
+    with pytest.raises(IsADirectoryError, match="checkpoint_2"):
+        ckpt.check_model_file(str(run / "checkpoint_2"))
+    bare = _copy_checkpoint(run / "checkpoint_2", tmp_path / "bare", 2)
+    (bare / ckpt.META_FILE).unlink()
+    with pytest.raises(FileNotFoundError, match="bare has no meta.json"):
+        ckpt.require_meta(ckpt.resolve_checkpoint(str(bare)))

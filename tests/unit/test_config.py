@@ -48,3 +48,38 @@ def test_cli_bad_key_is_one_line_and_nonzero(capsys):
     assert main(["train", "--config", "tiny", "--set", "train.bogus=1"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "train.bogus" in err[0]
+
+
+def test_cli_traceback_only_with_mirasol_debug(monkeypatch, capsys):
+    from mirasol_ray.cli import main
+
+    monkeypatch.setenv("MIRASOL_DEBUG", "1")
+    with pytest.raises(ConfigError, match="train.bogus"):  # raised as is: Python prints its traceback
+        main(["train", "--config", "tiny", "--set", "train.bogus=1"])
+    assert capsys.readouterr().err == ""
+
+
+def test_base_cycles_are_named(tmp_path):
+    (tmp_path / "self.yaml").write_text("base: self.yaml\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*self\.yaml -> .*self\.yaml"):
+        load_config(str(tmp_path / "self.yaml"))
+    (tmp_path / "a.yaml").write_text("base: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  steps: 3\n")
+    with pytest.raises(ConfigError, match=r"cycle: .*a\.yaml -> .*b\.yaml -> .*a\.yaml"):
+        load_config(str(tmp_path / "a.yaml"))
+
+
+def test_relative_base_is_found_beside_the_yaml_not_in_the_current_folder(tmp_path, monkeypatch):
+    conf = tmp_path / "conf"
+    (conf / "sub").mkdir(parents=True)
+    (conf / "common.yaml").write_text("base: tiny\ntrain:\n  steps: 7\n  lr: 0.002\n")
+    (conf / "sub" / "run.yaml").write_text("base: ../common.yaml\ntrain:\n  steps: 9\n")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "common.yaml").write_text("train:\n  steps: 1\n  lr: 0.5\n")  # must not be the one read
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(str(conf / "sub" / "run.yaml"))
+    assert (cfg.train.steps, cfg.train.lr) == (9, 0.002)
+    (conf / "broken.yaml").write_text("base: missing.yaml\n")
+    with pytest.raises(ConfigError, match=r"conf/missing\.yaml.*broken\.yaml"):
+        load_config(str(conf / "broken.yaml"))

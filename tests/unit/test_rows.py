@@ -136,12 +136,12 @@ def test_start_end_select_part_of_the_video(step_clip):
     (lambda clip: sample(b"never decoded", {"question": "q?"}), "no_text_for_task"),  # text is checked first
 ])
 def test_skip_reasons(make_clip, make, reason):
-    rows, got = decode_sample_safe(make(make_clip(1.0)), cfg(task="caption"), train=True,
-                                   rng=np.random.default_rng(0))
+    rows, got, _ = decode_sample_safe(make(make_clip(1.0)), cfg(task="caption"), train=True,
+                                      rng=np.random.default_rng(0))
     assert (rows, got) == ([], reason) and got in SKIP_REASONS
 
 
 def test_timeout_is_a_skip_reason(make_clip):
     s = sample(make_clip(2.0))
-    assert decode_sample_safe(s, cfg(decode_timeout_s=1e-4), train=False, rng=np.random.default_rng(0)) \
+    assert decode_sample_safe(s, cfg(decode_timeout_s=1e-4), train=False, rng=np.random.default_rng(0))[:2] \
         == ([], "timeout")

@@ -138,3 +138,41 @@ def test_writer_splits_and_keys(tmp_path):
         again.write(f"s{i}", {"mp4": b"x" * i, "json": {"label": "ab"[i % 2]}}, split="train")
     again.close()
     assert (tmp_path / "again/train/shard-000001.tar").read_bytes() == (out / "train/shard-000001.tar").read_bytes()
+
+
+def test_annotation_paths_outside_videos_are_refused_by_name(dataset, tmp_path):
+    """``..``, absolute paths and symlinks that leave --videos are skipped as ``outside_videos``, judged by the
+    resolved path before anything is opened: an outside file is neither packed nor reported as unreadable."""
+    import os
+
+    ann, videos = dataset
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "x.mp4").write_bytes((videos / "a.mp4").read_bytes())
+    (outside / "secret.txt").write_text("not for the shards")
+    os.mkfifo(outside / "pipe.mp4")  # opening it would block the build: it is judged by its name alone
+    (videos / "link.mp4").symlink_to(outside / "x.mp4")
+    (videos / "inner.mp4").symlink_to(videos / "a.mp4")  # a link that stays inside is fine
+    lines = [{"video": "../outside/x.mp4"}, {"video": str(outside / "x.mp4")}, {"video": str(outside / "secret.txt")},
+             {"video": "link.mp4"}, {"video": "sub/../../outside/pipe.mp4"}, {"video": "inner.mp4"},
+             {"video": "sub/../a.mp4"}]
+    ann2 = tmp_path / "escape.jsonl"
+    ann2.write_text("".join(json.dumps({**d, "task": "caption", "caption": "c"}) + "\n" for d in lines))
+    manifest = build_shards("jsonl", str(ann2), str(videos), str(tmp_path / "out"), progress=False)
+    assert manifest["skipped"] == {"outside_videos": 5}
+    refused = {s.split(": ")[0] for s in manifest["skipped_items"]}
+    assert refused == {"../outside/x.mp4", str(outside / "x.mp4"), str(outside / "secret.txt"), "link.mp4",
+                       "sub/../../outside/pipe.mp4"}
+    assert manifest["num_samples"] == 2
+    names = [n for shard in manifest["shards"] for n, _ in _members(tmp_path / "out" / shard["name"])]
+    assert names == ["inner.mp4", "inner.json", "sub____a.mp4", "sub____a.json"]
+
+
+def test_output_that_cannot_be_written_is_refused_before_any_input_is_read(dataset, tmp_path):
+    ann, videos = dataset
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="file is an existing file, not a folder"):
+        build_shards("jsonl", str(ann), str(videos), str(tmp_path / "file"), progress=False)
+    with pytest.raises(PermissionError, match="cannot write to .*file/below"):
+        build_shards("jsonl", str(ann), str(videos), str(tmp_path / "file" / "below"), progress=False)
+    assert (tmp_path / "file").read_text() == "x"

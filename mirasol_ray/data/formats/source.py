@@ -4,7 +4,7 @@
 ``<split>/<label>/`` folders, ``NExTVideo/<group>/``, ``P01/videos/``, ...), with any video extension in any case
 (EPIC-KITCHENS ends in ``.MP4``; ActivityNet copies hold ``.mp4``, ``.mkv`` and ``.webm``). It lists the root once,
 the first time a name is looked up. :meth:`VideoRoot.join` is the one place where a path written in an annotation
-file becomes a path under the root.
+file becomes a path under the root, and :meth:`VideoRoot.contains` the one judge of whether a path stays inside it.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import posixpath
 import re
 from collections.abc import Iterator
@@ -33,8 +34,28 @@ class VideoRoot:
         self._by_stem: dict[str, list[str]] | None = None
 
     def join(self, rel: str) -> str:
-        """The full path of ``rel``, a path relative to the root as an annotation file writes it."""
+        """The full path of ``rel``, a path relative to the root as an annotation file writes it.
+
+        The result may lie outside the root (``../x``, an absolute path, a link out): :meth:`contains` judges it
+        before anything opens it."""
         return storage.join(self.root, rel)
+
+    def contains(self, uri: str) -> bool:
+        """Whether ``uri`` names something inside the root, judged before anything is opened.
+
+        Local paths are compared after resolving every symlink (``os.path.realpath``), so ``../x``, an absolute
+        path elsewhere, or a link inside the root that points out of it are all outside. On object storage, where
+        nothing resolves ``..``, a key must start with the root's prefix and hold no ``.`` or ``..`` part."""
+        if storage.is_remote(self.root):
+            if not storage.is_remote(uri) or uri.split("://", 1)[0] != self.root.split("://", 1)[0]:
+                return False
+            root, path = storage.strip_scheme(self.root).rstrip("/"), storage.strip_scheme(uri)
+            return path.startswith(root + "/") and not {".", "..", ""} & set(path[len(root) + 1:].split("/"))
+        if storage.is_remote(uri):
+            return False
+        root = os.path.realpath(storage.strip_scheme(self.root))
+        path = os.path.realpath(storage.strip_scheme(uri))
+        return path != root and os.path.commonpath([root, path]) == root
 
     def find(self, *names: str) -> str | None:
         """The full path of the first of ``names`` present under the root, or None.
