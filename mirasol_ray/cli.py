@@ -131,6 +131,69 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep, results ---------------------------------------------------------------------------------------------
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.sweep import run_sweep
+
+    if not args.resume and not (args.config and args.space):
+        raise ValueError("mirasol sweep needs --config and --space (or --resume --name NAME)")
+    res = run_sweep(args.config, args.space, args.set, num_samples=args.num_samples, scheduler=args.scheduler,
+                    max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode, storage_url=args.storage,
+                    name=args.name, resume=args.resume, num_cpus=args.num_cpus, grace_period=args.grace_period,
+                    reduction_factor=args.reduction_factor, table_every_s=args.table_every)
+    return 0 if any(t["status"] == "finished" for t in res["trials"]) else 1
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.results import print_results, results, to_json
+
+    res = results(args.url, out=args.out, metric=args.metric, mode=args.mode)
+    if args.json:
+        print(json.dumps(to_json(res)))
+    else:
+        print_results(res)
+    return 0
+
+
+def _add_sweep_commands(sub) -> None:
+    w = sub.add_parser("sweep", help="Ray Tune sweep over fine-tuning runs (each trial a Ray Train run)",
+                       description="Each trial is a whole Ray Train run of --config with values drawn from "
+                                   "--space; ASHA stops weak trials early. Results: mirasol results STORAGE/NAME.")
+    w.add_argument("--config", default="", help="preset name or YAML path (the base of every trial)")
+    w.add_argument("--space", default="", help="YAML: config key -> {loguniform|uniform|randint|choice|grid: [...]}")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config")
+    w.add_argument("--num-samples", type=int, default=1,
+                   help="samples of the random keys (each grid point is run this many times)")
+    w.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    w.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    w.add_argument("--metric", default="",
+                   help="reported metric to optimise: val/qa, val/loss, loss, ... (default: the data's main "
+                        "validation metric)")
+    w.add_argument("--mode", choices=("max", "min"), default="", help="default: min for losses, else max")
+    w.add_argument("--grace-period", type=int, default=0,
+                   help="ASHA: steps before a trial can be stopped (default: its first evaluation)")
+    w.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung")
+    w.add_argument("--storage", default="", help="where the sweep folder goes (default: the config's storage.root)")
+    w.add_argument("--name", default="", help="the sweep's folder name (default: sweep-CONFIG-TIME)")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep --name: finished trials stay, unfinished ones continue")
+    w.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    w.add_argument("--table-every", type=float, default=60.0, help="seconds between progress tables")
+    w.set_defaults(func=_cmd_sweep)
+
+    r = sub.add_parser("results", help="table, JSON and plots of a run or sweep folder (local or s3://), no Ray",
+                       description="Reads only the small result files (never downloads checkpoints).")
+    r.add_argument("url", help="a sweep folder or a run folder, local or s3://")
+    r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    r.add_argument("--out", default="", help="folder for the PNGs (default: ./NAME-results)")
+    r.add_argument("--metric", default="", help="rank by this metric (default: the sweep's, or the run's main one)")
+    r.add_argument("--mode", choices=("max", "min"), default="")
+    r.set_defaults(func=_cmd_results)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
 
@@ -328,11 +391,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--json", action="store_true")
     x.set_defaults(func=_cmd_export)
 
+    _add_sweep_commands(sub)
+
     # bench
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
                                 ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
-                                ("step", "mirasol_ray.bench.step", "train-step speed in plain torch")):
+                                ("step", "mirasol_ray.bench.step", "train-step speed in plain torch"),
+                                ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:

@@ -39,6 +39,7 @@ from mirasol_ray.train.parallel import (
 from mirasol_ray.train.step import (
     apply_freeze,
     count_tokens,
+    eval_loss,
     make_optimizer,
     make_scheduler,
     predict_batch,
@@ -179,18 +180,27 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
              ) -> tuple[dict[str, Any], list[int]]:
-    """Task metrics over the validation split, and the rows each rank scored: each rank predicts its own share
-    (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that decoding needs no collective;
-    every rank's records are then gathered and scored together, so the metrics are those of the whole split. A
-    collective: every rank calls it."""
-    records = []
+    """Task metrics over the validation split, their loss as ``loss``, and the rows each rank scored: each rank
+    predicts its own share (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that
+    decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
+    metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
+    step where accuracies move in jumps, which is what a scheduler comparing young trials (ASHA in ``mirasol
+    sweep``) needs. A collective: every rank calls it."""
+    records, loss_sum, rows = [], 0.0, 0
     with evaluating(model) as m:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
             records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set)
-    parts = gather_objects(records)
-    return aggregate(r for part in parts for r in part), [len(p) for p in parts]
+            n = len(batch["key"])
+            loss_sum += eval_loss(m, batch, device, cfg.train.precision) * n
+            rows += n
+    parts = gather_objects((records, loss_sum, rows))
+    out = aggregate(r for part in parts for r in part[0])
+    total = sum(p[2] for p in parts)
+    if total:
+        out["loss"] = {"metric": "loss", "value": sum(p[1] for p in parts) / total, "count": total}
+    return out, [len(p[0]) for p in parts]
 
 
 def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any]:

@@ -220,6 +220,16 @@ def _forward_backward(model: nn.Module, micro: list[dict[str, Any]], cfg: TrainC
 
 
 @torch.no_grad()
+def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, precision: str = "auto") -> float:
+    """The training loss of a batch (teacher-forced, the same weighted parts), without gradients: the validation
+    loss. Runs the unwrapped model, as :func:`predict_batch` does, so one rank can call it alone under DDP."""
+    model.eval()
+    core = getattr(model, "module", model)
+    with autocast(device, precision):
+        return float(core(move_batch(batch, device))["loss"])
+
+
+@torch.no_grad()
 def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
                   precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
                   label_set: list[str] | None = None) -> list[dict[str, Any]]:
