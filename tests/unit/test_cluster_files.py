@@ -235,21 +235,20 @@ def test_finetune_rayjob_runs_a_valid_finetune_config():
 
 
 def test_sweep_rayjob_calls_jobs_sweep_with_mirasol_sweeps_arguments():
-    """`python jobs/sweep.py --config NAME --space SPACE.yaml --storage s3://... --name NAME [--set ...]` (the sweep
-    entrypoint may land on another branch: its file is not required here, its arguments are checked)."""
+    """`python jobs/sweep.py --config NAME --space SPACE.yaml --storage s3://... --name NAME [--set ...]`: the
+    entrypoint parses with `mirasol sweep`'s own parser, its space file passes the sweep's own check (every key and
+    every range end builds a config), and each trial fine-tunes, validates and has weights to start from."""
+    from mirasol_ray.cli import build_parser
     from mirasol_ray.config import load_config
+    from mirasol_ray.launch.sweep import read_space
 
     argv = _entrypoint("rayjob-sweep.yaml")
-    assert argv[:2] == ["python", "jobs/sweep.py"]
-    opts = dict(zip(argv[2::2], argv[3::2]))
-    assert {"--config", "--space", "--storage", "--name"} <= set(opts)
-    assert opts["--storage"].startswith("s3://") and opts["--name"]
-    space_file = REPO / opts["--space"]
-    space = _load(space_file)
-    assert space
-    # every searched key exists in the config: its first candidate value loads
-    first = [f"{k}={next(iter(d.values()))[0]}" for k, d in space.items()]
-    cfg = load_config(opts["--config"], _sets(argv) + first)
+    assert argv[:2] == ["python", "jobs/sweep.py"] and (REPO / argv[1]).is_file()
+    args = build_parser().parse_args(["sweep", *argv[2:]])
+    assert args.storage.startswith("s3://") and args.name and args.config
+    cfg = load_config(args.config, args.set)
+    params = read_space(str(REPO / args.space), cfg.to_dict())
+    assert params, "the sweep searches something"
     assert cfg.train.stage == "finetune" and cfg.data.task == "finetune", "each trial fine-tunes"
     # trials are ranked on a validation metric: they must validate, more than once
     assert cfg.data.val and 0 < cfg.train.eval_every < cfg.train.steps
