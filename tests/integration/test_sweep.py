@@ -16,10 +16,12 @@ import pytest
 
 from mirasol_ray import storage
 
-# 1 worker of half a CPU and fractional data tasks: two trials fit on 2 CPUs at once
+# 1 worker of half a CPU and fractional data tasks: two trials fit on 2 CPUs at once; the trials fine-tune random
+# weights on purpose (a pretraining run first would double the test's cost)
 TINY_SWEEP = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.eval_batches=1",
               "train.eval_every=2", "data.decode_cpus=0.25", "data.decode_batch_size=2", "scaling.num_workers=1",
-              "scaling.cpus_per_worker=0.5", "data.task=qa", "train.stage=finetune"]
+              "scaling.cpus_per_worker=0.5", "data.task=qa", "train.stage=finetune",
+              "train.finetune_from_scratch=true"]
 
 
 def _sweep_cmd(synth_shards, storage_url, name, space, *extra, steps=6):
