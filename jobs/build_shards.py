@@ -1,12 +1,14 @@
-"""Ray job entrypoint: convert videos + annotations into WebDataset shards (local or s3://).
+"""Ray job: convert videos + annotations (jsonl, msrvtt-qa, ...) into WebDataset shards and manifest.json,
+local or s3://, optionally re-encoded at training resolution with short keyframe intervals (--transcode).
 
-    ray job submit --working-dir . -- python jobs/build_shards.py --format jsonl --annotations ann.jsonl \
+    ray job submit --working-dir . -- python jobs/build_shards.py --format jsonl --annotations ann.jsonl \\
         --videos /data/videos --out s3://bucket/shards --transcode 256
+    mirasol submit build_shards --format msrvtt-qa --annotations /data/msrvtt/train_qa.json ...
 """
 
 import sys
 
-from mirasol_ray.cli import main
+from mirasol_ray.cli import run_job
 
 if __name__ == "__main__":
-    sys.exit(main(["shards", "build", *sys.argv[1:]]))
+    sys.exit(run_job(__doc__, ["shards", "build"], sys.argv[1:]))

@@ -113,6 +113,18 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mirasol_ray.train.checkpoint import export
+
+    res = export(args.checkpoint, args.out, os.environ.get("AWS_ENDPOINT_URL", ""))
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"wrote {res['out']}: step {res['step']}, {res['parameters'] / 1e6:.1f}M parameters, "
+              f"{res['bytes'] / 2**20:.1f} MiB, from {res['checkpoint']}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.demo import run_demo
 
@@ -121,8 +133,130 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- sweep, results ---------------------------------------------------------------------------------------------
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.sweep import run_sweep
+
+    if not args.resume and not (args.config and args.space):
+        raise ValueError("mirasol sweep needs --config and --space (or --resume --name NAME)")
+    res = run_sweep(args.config, args.space, args.set, num_samples=args.num_samples, scheduler=args.scheduler,
+                    max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode, storage_url=args.storage,
+                    name=args.name, resume=args.resume, num_cpus=args.num_cpus, grace_period=args.grace_period,
+                    reduction_factor=args.reduction_factor, table_every_s=args.table_every)
+    return 0 if any(t["status"] == "finished" for t in res["trials"]) else 1
+
+
+def _cmd_results(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.results import print_results, results, to_json
+
+    res = results(args.url, out=args.out, metric=args.metric, mode=args.mode)
+    if args.json:
+        print(json.dumps(to_json(res)))
+    else:
+        print_results(res)
+    return 0
+
+
+def _add_sweep_commands(sub) -> None:
+    w = sub.add_parser("sweep", help="Ray Tune sweep over fine-tuning runs (each trial a Ray Train run)",
+                       description="Each trial is a whole Ray Train run of --config with values drawn from "
+                                   "--space; ASHA stops weak trials early. Results: mirasol results STORAGE/NAME.")
+    w.add_argument("--config", default="", help="preset name or YAML path (the base of every trial)")
+    w.add_argument("--space", default="", help="YAML: config key -> {loguniform|uniform|randint|choice|grid: [...]}")
+    w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config")
+    w.add_argument("--num-samples", type=int, default=1,
+                   help="samples of the random keys (each grid point is run this many times)")
+    w.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    w.add_argument("--max-concurrent", type=int, default=0,
+                   help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    w.add_argument("--metric", default="",
+                   help="reported metric to optimise: val/qa, val/loss, loss, ... (default: the data's main "
+                        "validation metric)")
+    w.add_argument("--mode", choices=("max", "min"), default="", help="default: min for losses, else max")
+    w.add_argument("--grace-period", type=int, default=0,
+                   help="ASHA: steps before a trial can be stopped (default: its first evaluation)")
+    w.add_argument("--reduction-factor", type=float, default=2.0, help="ASHA: keep the best 1/N at each rung")
+    w.add_argument("--storage", default="", help="where the sweep folder goes (default: the config's storage.root)")
+    w.add_argument("--name", default="", help="the sweep's folder name (default: sweep-CONFIG-TIME)")
+    w.add_argument("--resume", action="store_true",
+                   help="continue the interrupted sweep --name: finished trials stay, unfinished ones continue")
+    w.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
+    w.add_argument("--table-every", type=float, default=60.0, help="seconds between progress tables")
+    w.set_defaults(func=_cmd_sweep)
+
+    r = sub.add_parser("results", help="table, JSON and plots of a run or sweep folder (local or s3://), no Ray",
+                       description="Reads only the small result files (never downloads checkpoints).")
+    r.add_argument("url", help="a sweep folder or a run folder, local or s3://")
+    r.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    r.add_argument("--out", default="", help="folder for the PNGs (default: ./NAME-results)")
+    r.add_argument("--metric", default="", help="rank by this metric (default: the sweep's, or the run's main one)")
+    r.add_argument("--mode", choices=("max", "min"), default="")
+    r.set_defaults(func=_cmd_results)
+
+
 def _cmd_bench(args: argparse.Namespace) -> int:
     return args.bench_run(args)
+
+
+# --- submit, cluster: jobs on a Ray cluster ---------------------------------------------------------------------
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import submit
+
+    given = [n for n in ("status", "stop", "logs") if getattr(args, n)]
+    if len(given) > 1 or (given and args.job):
+        raise ValueError("give a job to submit, or one of --status/--stop/--logs ID")
+    if args.status:
+        return submit.job_status(args.status, args.address)
+    if args.stop:
+        return submit.stop(args.stop, args.address)
+    if args.logs:
+        return submit.logs(args.logs, args.address, follow=bool(args.follow))
+    if not args.job:
+        raise ValueError("give a job (" + ", ".join(submit.JOBS) + ") or a script, e.g. "
+                         "mirasol submit finetune --config base --set ...")
+    return submit.submit(args.job, args.args, address=args.address, working_dir=args.working_dir,
+                         follow=args.follow is not False)
+
+
+def run_job(doc: str, command: list[str], argv: list[str], owned: tuple[str, ...] = ()) -> int:
+    """A ``jobs/`` entrypoint: ``mirasol COMMAND ARGV`` plus the ``--set`` overrides the job owns (``owned``, e.g.
+    ``train.stage=finetune``); ``--help`` shows the job's docstring, then the command's options."""
+    if any(a in ("-h", "--help") for a in argv):
+        print(doc.strip() + "\n", flush=True)
+        try:
+            return main([*command, "--help"])
+        except SystemExit as e:
+            return int(e.code or 0)
+    for item in owned:
+        key = item.split("=", 1)[0]
+        if any(a.split("=", 1)[0].removeprefix("--set").strip() == key for a in argv if "=" in a):
+            print(f"mirasol: error: this job sets {item} itself; leave {key} out", file=sys.stderr)
+            return 2
+    return main([*command, *argv, *(x for item in owned for x in ("--set", item))])
+
+
+def _cmd_cluster(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import cluster
+
+    if args.action == "up":
+        state = cluster.up(args.dir, workers=args.workers, head_cpus=args.head_cpus, worker_cpus=args.worker_cpus,
+                           worker_gpus=args.worker_gpus, object_store_memory=args.object_store_memory)
+        st = cluster.status(state["dir"])
+    elif args.action == "down":
+        stopped = cluster.down(args.dir)
+        print("stopped the local cluster" if stopped else f"no local cluster in {cluster.cluster_dir(args.dir)}")
+        return 0
+    else:
+        st = cluster.status(args.dir)
+    if args.json:
+        print(json.dumps(st))
+    else:
+        cluster.print_status(st)
+    return 0 if st["running"] else 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -218,6 +352,51 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--json", action="store_true")
     pr.set_defaults(func=_cmd_predict)
 
+    # submit, cluster
+    sb = sub.add_parser("submit", help="run a jobs/ entrypoint as a Ray job on a cluster (token auth); its exit "
+                        "code follows the job's final status",
+                        description="Submit JOB (pretrain, finetune, evaluate, build_shards, benchmark, sweep, or a .py "
+                        "script in the working directory) with its ARGS to the Ray cluster at --address (else "
+                        "RAY_API_SERVER_ADDRESS or RAY_ADDRESS), follow its logs, and exit 0 SUCCEEDED, "
+                        "1 FAILED, 3 STOPPED. The job gets the working directory and this shell's S3 endpoint "
+                        "and region, never credentials: workers take those from the cluster's own environment.")
+    sb.add_argument("--address", default=None, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
+    sb.add_argument("--working-dir", default=".", help="uploaded with the job (default: here)")
+    fw = sb.add_mutually_exclusive_group()
+    fw.add_argument("--follow", dest="follow", action="store_true", default=None,
+                    help="stream the job's logs until it ends (the default when submitting)")
+    fw.add_argument("--no-follow", dest="follow", action="store_false", help="print the job id and return")
+    sb.add_argument("--status", metavar="ID", help="print a job's status")
+    sb.add_argument("--stop", metavar="ID", help="stop a job")
+    sb.add_argument("--logs", metavar="ID", help="print a job's logs (with --follow: until it ends)")
+    sb.add_argument("job", nargs="?",
+                    help="pretrain | finetune | evaluate | build_shards | benchmark | sweep | path/to/script.py")
+    sb.add_argument("args", nargs=argparse.REMAINDER, help="the job's own arguments")
+    sb.set_defaults(func=_cmd_submit)
+
+    cl = sub.add_parser("cluster", help="a multi-node Ray cluster on this machine: up | down | status",
+                        description="A head and N worker nodes as separate Ray nodes on this machine (ray start, "
+                        "free ports, dashboard on 127.0.0.1, token auth on). The nodes inherit this shell's "
+                        "environment (S3 endpoint and credentials), as a cluster's machines have theirs.")
+    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("--dir", default=None, help="state folder (default: $MIRASOL_CLUSTER_DIR or ~/.mirasol/cluster)")
+    cl.add_argument("--workers", type=int, default=1, help="worker nodes (up)")
+    cl.add_argument("--head-cpus", type=float, default=2, help="logical CPUs of the head node (up)")
+    cl.add_argument("--worker-cpus", type=float, default=2, help="logical CPUs of each worker node (up)")
+    cl.add_argument("--worker-gpus", type=int, default=0, help="GPUs of each worker node (up)")
+    cl.add_argument("--object-store-memory", type=int, default=None, help="bytes per node (up; default: Ray's)")
+    cl.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    cl.set_defaults(func=_cmd_cluster)
+
+    x = sub.add_parser("export", help="one self-contained model file (weights, config, tokenizer, label set) "
+                                      "from a checkpoint, sharded or not")
+    x.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model file (local/s3)")
+    x.add_argument("--out", required=True, help="the file to write (local path or s3:// URI)")
+    x.add_argument("--json", action="store_true")
+    x.set_defaults(func=_cmd_export)
+
+    _add_sweep_commands(sub)
+
     # bench
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
@@ -226,7 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("rows", "mirasol_ray.bench.rows",
                                  "clip rows against one row per text: bytes, FLOPs, samples/s"),
                                 ("train", "mirasol_ray.bench.train",
-                                 "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop")):
+                                 "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
+                                ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:

@@ -4,7 +4,8 @@ A config is one :class:`Config` holding five sections (data, model, train, scali
 ``mirasol_ray/configs/NAME.yaml``; a path to any YAML file works too. Unknown keys are errors that name the key.
 
 Geometry (snippets, frames, image size, mel bins, text lengths, vocabulary and special tokens) is set once, in ``data``; the model
-section follows it (see :meth:`Config.__post_init__`), so the two can never disagree.
+section follows it (see :meth:`Config.__post_init__`), so the two can never disagree: setting one of those model
+fields to another value is an error that names the ``data.`` key to set (:data:`DERIVED_MODEL_FIELDS`).
 """
 
 from __future__ import annotations
@@ -68,7 +69,9 @@ class DataConfig:
     and encoded once for all of them; a clip with more texts gives several rows of K (each a copy of the clip:
     raise K above the most texts a clip has to avoid that). Only the texts present cost compute."""
     task: str = "caption"
-    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all."""
+    """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all. Left out of a
+    config (YAML and ``--set``), it follows ``train.stage``: caption rows to pretrain (with the latent prediction
+    loss), finetune rows (open-ended QA, multiple choice, labels) to fine-tune."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
@@ -112,9 +115,17 @@ class TrainConfig:
     """Optimisation and the run's rhythm (per Ray Train worker unless stated)."""
 
     stage: str = "pretrain"
-    """pretrain (caption + latent prediction) or finetune (qa, mcqa, cls)."""
+    """pretrain (from scratch, or from pretrained encoders/decoder: ``model.*_init``) or finetune (from a trained
+    checkpoint, ``train.init_from``, on task rows: ``data.task`` qa, mcqa, cls, finetune or all). Checked when a
+    run starts (:meth:`Config.check_start`); the checkpoint's meta.json records it."""
     init_from: str = ""
-    """Checkpoint URI to initialise the model from (finetune from a pretrain run)."""
+    """Run folder, checkpoint folder or ``model.pt`` (local or ``s3://``) to initialise the model from: a
+    finetune run's pretrained weights."""
+    finetune_from_scratch: bool = False
+    """Let a ``stage: finetune`` run start with neither ``init_from`` nor pretrained parts (``model.video_init``,
+    ``audio_init``, ``text_init``): random weights, for ablations and smoke tests. Off, starting such a run is an
+    error (see :meth:`Config.check_start`): a fine-tuning job that quietly trains from scratch wastes a cluster's
+    hours."""
     steps: int = 100
     batch_size: int = 8
     """Per worker, per micro-step."""
@@ -138,13 +149,17 @@ class TrainConfig:
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
     fsdp: bool = False
-    """Shard with FSDP2 (``fully_shard``) instead of DDP: for large presets."""
+    """Shard with FSDP2 (``fully_shard`` per transformer block and at the root) instead of DDP: for large presets.
+    Checkpoints are then sharded too (each rank writes its own part). See :mod:`mirasol_ray.train.parallel`."""
+    compile: bool = False
+    """``torch.compile`` each transformer block (the first steps are slower while it compiles)."""
     seed: int = 0
     log_every: int = 10
     eval_every: int = 0
     """Steps between validation passes; 0 = only at the end."""
     eval_batches: int = 0
-    """Validation batches per pass; 0 = the whole split."""
+    """Validation batches per pass and per worker (each worker evaluates its own share of the split); 0 = the whole
+    split."""
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     prefetch_batches: int = 2
@@ -183,12 +198,18 @@ class ScalingConfig:
     cpus_per_worker: float = 1.0
     max_failures: int = 0
     """Restarts after a worker dies (Ray Train ``FailureConfig``)."""
+    placement_strategy: str = "PACK"
+    """How the workers spread over nodes (a Ray placement group strategy): PACK | SPREAD | STRICT_PACK |
+    STRICT_SPREAD (one worker per node)."""
     data_cpu_limit: float = 0.0
     """Cap on CPUs Ray Data may use while training; 0 = what is left after the workers."""
 
     def __post_init__(self) -> None:
         if self.num_workers <= 0:
             raise ConfigError(f"scaling.num_workers must be positive, got {self.num_workers}")
+        if self.placement_strategy not in ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"):
+            raise ConfigError("scaling.placement_strategy must be PACK|SPREAD|STRICT_PACK|STRICT_SPREAD, "
+                              f"got {self.placement_strategy!r}")
 
 
 @dataclass
@@ -226,6 +247,20 @@ class Config:
         m.vocab_size, m.pad_id, m.bos_id, m.eos_id = tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id
         # num_classes 0 means "the label set of the training shards' manifest", filled in by the train loop
         dataclasses.replace(m, num_classes=max(m.num_classes, 1)).validate()
+
+    def check_start(self) -> None:
+        """What a training run needs beyond a valid config: a fine-tuning run trains on task rows, from pretrained
+        weights.
+        Checked when a run starts, not when a config loads (a finetune preset names no checkpoint of its own)."""
+        t, m = self.train, self.model
+        if t.stage == "finetune" and self.data.task == "caption":
+            raise ConfigError("train.stage=finetune trains on task rows, but data.task=caption: set data.task="
+                              "qa|mcqa|cls|finetune|all (or train.stage=pretrain to train on captions)")
+        if (t.stage == "finetune" and not t.init_from and not t.finetune_from_scratch
+                and not any(getattr(m, k, "") for k in ("video_init", "audio_init", "text_init"))):
+            raise ConfigError("train.stage=finetune needs train.init_from=RUN_OR_CHECKPOINT (the pretrained weights) "
+                              "or pretrained parts (model.video_init/audio_init/text_init); set "
+                              "train.finetune_from_scratch=true to fine-tune random weights on purpose")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -386,8 +421,41 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
     return nested
 
 
+DERIVED_MODEL_FIELDS = {
+    "frames_per_snippet": "data.frames_per_snippet",
+    "image_size": "data.height, data.width",
+    "n_mels": "data.n_mels",
+    "mel_frames": "data.mel_frames",
+    "max_text_len": "data.max_prompt_len + data.max_target_len",
+    "vocab_size": "data.tokenizer",
+    "pad_id": "data.tokenizer",
+    "bos_id": "data.tokenizer",
+    "eos_id": "data.tokenizer",
+}
+"""Model fields that :meth:`Config.__post_init__` sets from the data section, and what to set instead."""
+
+
+def _check_derived(raw_model: dict[str, Any], model: ModelConfig) -> None:
+    """A derived model field given with another value than the data implies is an error naming the ``data.`` key
+    (it would be overwritten without a word). The same value is fine: a run's saved config holds them all."""
+    for key, source in DERIVED_MODEL_FIELDS.items():
+        if key not in raw_model:
+            continue
+        given = _coerce(raw_model[key], typing.get_type_hints(ModelConfig)[key], f"model.{key}")
+        if given != getattr(model, key):
+            raise ConfigError(f"model.{key}={given!r} cannot be set: it follows {source} ({getattr(model, key)!r} "
+                              f"here); set {source} instead")
+
+
 def from_dict(raw: dict[str, Any]) -> Config:
-    return _build(Config, raw, "")
+    data, train = raw.get("data"), raw.get("train")
+    if isinstance(data, dict | None) and "task" not in (data or {}):  # the stage says which rows to train on
+        stage = train.get("stage") if isinstance(train, dict) else None
+        raw = {**raw, "data": {**(data or {}), "task": "finetune" if stage == "finetune" else "caption"}}
+    cfg = _build(Config, raw, "")
+    if isinstance(raw.get("model"), dict):
+        _check_derived(raw["model"], cfg.model)
+    return cfg
 
 
 def load_config(name_or_path: str = "tiny", overrides: list[str] | None = None) -> Config:

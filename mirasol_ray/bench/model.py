@@ -11,6 +11,9 @@ stays alive at the forward/backward boundary, parameters excluded), counted by s
 
 ``--compare-lucidrains`` times lucidrains' mirasol-pytorch 0.0.16 (a separate venv, see lucidrains_venv.sh) and
 ours at matched dimensions in the same run. ``--params --preset NAME`` prints the per-component parameter count.
+``--memory --preset NAME --gpus N [--fsdp] [--batch-size B]`` prints the memory a training step needs per GPU
+(parameters, gradients, AdamW state, activations with and without checkpointing) and whether it fits an H100 or
+an H200, all counted on the meta device (:mod:`mirasol_ray.bench.plan`).
 """
 
 from __future__ import annotations
@@ -49,11 +52,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also time lucidrains' mirasol-pytorch (needs .venv-lucidrains: lucidrains_venv.sh)")
     parser.add_argument("--repeats", type=int, default=3, help="timed repetitions for the lucidrains comparison")
     parser.add_argument("--out", default="", help="folder for model_bench.json and model_scaling.png")
+    parser.add_argument("--memory", action="store_true",
+                        help="print the preset's memory per GPU for a training step (meta device), exit")
+    parser.add_argument("--gpus", type=int, default=1, help="with --memory: data-parallel GPUs")
+    parser.add_argument("--fsdp", action="store_true", help="with --memory: FSDP2 (default: DDP)")
+    parser.add_argument("--batch-size", type=int, default=0,
+                        help="with --memory: clips per GPU (default: the preset's train.batch_size)")
+    parser.add_argument("--json", action="store_true", help="with --memory: the plan as JSON only")
 
 
 def run(args: argparse.Namespace) -> int:
     from mirasol_ray.config import load_config
 
+    if args.memory:
+        return _memory(args)
     cfg = load_config(args.preset).model
     if args.params:
         counts = param_breakdown(cfg)
@@ -77,6 +89,22 @@ def run(args: argparse.Namespace) -> int:
         (out / "model_bench.json").write_text(json.dumps(report, indent=2))
         plot(rows, out / "model_scaling.png")
         print(f"wrote {out / 'model_bench.json'} and {out / 'model_scaling.png'}")
+    return 0
+
+
+def _memory(args: argparse.Namespace) -> int:
+    from mirasol_ray.bench.plan import memory_plan, print_plan
+    from mirasol_ray.config import load_config
+
+    if args.gpus <= 0 or args.batch_size < 0:
+        raise ValueError("--gpus must be positive and --batch-size >= 0")
+    cfg = load_config(args.preset)
+    plan = memory_plan(cfg, args.gpus, args.fsdp, args.batch_size or cfg.train.batch_size)
+    plan["preset"] = args.preset
+    if args.json:
+        print(json.dumps(plan))
+    else:
+        print_plan(plan, args.preset)
     return 0
 
 

@@ -124,8 +124,13 @@ def _counter_cls():
 
 def make_skip_counter(name: str | None = None):
     """A named skip-counter actor (lives as long as this driver); pass its name to :func:`decoded_dataset`."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
     name = name or f"mirasol-skips-{uuid.uuid4().hex[:8]}"
-    return _counter_cls().options(name=name, get_if_exists=True).remote(), name
+    # on the driver's node: losing another node of a cluster must not lose the count (nor fail the run)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    return _counter_cls().options(name=name, get_if_exists=True, scheduling_strategy=here).remote(), name
 
 
 def read_skips(counter) -> dict[str, Any]:
@@ -445,15 +450,45 @@ def iter_worker_batches(shard, batch_size: int, *, prefetch_batches: int = 2, dr
 
 
 def train_data_config(data_cpu_limit: float = 0.0):
-    """Ray Train's DataConfig for the datasets it hands out (validation): whole to every worker. The training
-    set is not among them: each worker reads its own share (:func:`train_batches`).
+    """Ray Train's DataConfig for the datasets it hands out: ``val`` split between the workers row by row (every row
+    exactly once: workers may get a row more or less, and each evaluates its own share); any other dataset whole.
+    The training set is not among them: each worker reads its own share of the sample index
+    (:func:`train_batches`).
 
     ``data_cpu_limit`` caps the CPUs Ray Data may take while training (0: Ray's default, all CPUs not held by the
     workers)."""
-    import ray.train
     from ray.data import ExecutionOptions, ExecutionResources
 
     opts = ExecutionOptions()
     if data_cpu_limit:
         opts.resource_limits = ExecutionResources(cpu=data_cpu_limit)
-    return ray.train.DataConfig(datasets_to_split=[], execution_options=opts)
+    return _data_config_cls()(datasets_to_split=[], execution_options=opts)
+
+
+def _data_config_cls():
+    import ray.train
+
+    class SplitData(ray.train.DataConfig):
+        """``val`` split with ``equal=False``, so validation scores every row once whatever the number of
+        workers."""
+
+        def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+            whole = {k: v for k, v in datasets.items() if k not in EXACT_SPLIT}
+            out = super().configure(whole, world_size, worker_handles, worker_node_ids, **kwargs)
+            hints = worker_node_ids if self._enable_shard_locality else None
+            for name, ds in datasets.items():
+                if name not in EXACT_SPLIT:
+                    continue
+                ds = ds.copy(ds)
+                if ds.name is None:
+                    ds.set_name(name)
+                ds.context.execution_options = self._resolve_execution_options(name)
+                for i, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    out[i][name] = split
+            return out
+
+    return SplitData
+
+
+EXACT_SPLIT = ("val",)
+"""Datasets split between the workers row by row with none dropped (see :func:`train_data_config`)."""

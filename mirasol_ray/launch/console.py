@@ -105,8 +105,10 @@ def quiet_libraries() -> Iterator[DeferredFileHandler]:
     saved_ray = (ray_logger.propagate, list(ray_logger.handlers))
     for h in saved_ray[1]:
         ray_logger.removeHandler(h)
-    ray_logger.addHandler(handler)
-    ray_logger.propagate = False
+    # to the root's handler below, not a handler of its own: ray.init(configure_logging=False) clears the "ray"
+    # logger's handlers, and a logger with none that does not propagate falls to Python's last-resort handler
+    # (stderr: the raylet's "N worker processes have been started" reached the console of a sweep)
+    ray_logger.propagate = True
     root.addHandler(handler)  # with a handler here, Python no longer prints unhandled warnings to stderr
     root.setLevel(min(root.level or logging.WARNING, logging.INFO))
     console = logging.StreamHandler(sys.stderr)
@@ -124,7 +126,6 @@ def quiet_libraries() -> Iterator[DeferredFileHandler]:
         for h in saved_data:
             if h not in ray_data.handlers:
                 ray_data.addHandler(h)
-        ray_logger.removeHandler(handler)
         for h in saved_ray[1]:
             ray_logger.addHandler(h)
         ray_logger.propagate = saved_ray[0]

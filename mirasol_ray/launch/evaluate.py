@@ -32,15 +32,25 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpo
                       ) -> tuple[str, Config, list[str] | None]:
     """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI. A checkpoint
     whose model file is empty or cut short, or that has no meta.json, is an error naming it: checked here, in
-    the driver, before any worker would load it."""
+    the driver, before any worker would load it.
+
+    The tokenizer is the checkpoint's own copy (see :mod:`mirasol_ray.train.checkpoint`), not the path the run was
+    trained with, which need not exist here."""
     from mirasol_ray.config import _deep_update
-    from mirasol_ray.train.checkpoint import check_model_file, require_meta, resolve_checkpoint
+    from mirasol_ray.train.checkpoint import (
+        check_model_file,
+        require_meta,
+        resolve_checkpoint,
+        tokenizer_spec,
+    )
 
     model_uri = resolve_checkpoint(checkpoint, endpoint_url)
     check_model_file(model_uri, endpoint_url)
     meta = require_meta(model_uri, endpoint_url)
     raw = meta["run_config"]
     raw = json.loads(json.dumps(raw))  # a deep copy
+    if "tokenizer" in meta:  # checkpoints from before tokenizers travelled with them keep the run's path
+        raw.setdefault("data", {})["tokenizer"] = tokenizer_spec(model_uri, meta, endpoint_url)
     _deep_update(raw, parse_overrides(overrides))
     return model_uri, from_dict(raw), meta.get("label_set")
 

@@ -29,9 +29,24 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=False, configure_logging=False)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", log_to_driver=False,
-                 configure_logging=False)
+        port, env = None, None
+        if dashboard:
+            # Ray's workers find the State API by auto-detection, which fails when several Ray instances run on one
+            # machine; tell them where ours is (no secret). Ray Train's cleaner of the placement groups of stopped
+            # runs (Tune trials) asks it (ray#54305).
+            port = _free_port()
+            env = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}}
+        ray.init(num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", dashboard_port=port,
+                 runtime_env=env, log_to_driver=False, configure_logging=False)
     return True
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def run_name(cfg: Config, config_name: str) -> str:
@@ -77,12 +92,15 @@ def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str
     if not records:
         return None
     loss_keys = [k for k in records[0] if k in ("loss", "text", "latent", "cls")]
-    val_keys = sorted({k for r in records for k in r.get("val", {})})
+    val_keys = sorted({k for r in records for k in r.get("val", {})} - {"loss"})  # the loss goes beside training's
     fig, axes = plt.subplots(1, 2 if val_keys else 1, figsize=(11 if val_keys else 6, 4), squeeze=False)
     ax = axes[0, 0]
     for k in loss_keys:
         pts = [(r["step"], r[k]) for r in records if k in r]
         ax.plot(*zip(*pts), label=k)
+    pts = [(r["step"], r["val"]["loss"]) for r in records if "loss" in r.get("val", {})]
+    if pts:
+        ax.plot(*zip(*pts), marker="o", label="validation loss")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
@@ -119,6 +137,25 @@ def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
     return [json.loads(ln) for ln in storage.read_text(path, endpoint_url).splitlines() if ln.strip()]
 
 
+def check_inputs(cfg: Config) -> None:
+    """Fail early, naming the URL: the run can start (:meth:`Config.check_start`: a fine-tuning run has task rows
+    and weights to start from), the training (and validation) shards exist, and ``train.init_from`` resolves to a
+    loadable model file."""
+    from mirasol_ray.data.pipeline import expand_shard_urls
+    from mirasol_ray.train.checkpoint import check_model_file, resolve_checkpoint
+
+    if not cfg.data.train:
+        raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    cfg.check_start()
+    ep = cfg.storage.endpoint_url
+    expand_shard_urls(cfg.data.train, ep)
+    if cfg.data.val:
+        expand_shard_urls(cfg.data.val, ep)
+    if cfg.train.init_from:
+        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, ep)
+        check_model_file(cfg.train.init_from, ep)
+
+
 def training_error(e: BaseException) -> Exception:
     """A failed ``fit()`` as one line naming the worker and what it raised (Ray's own text runs to hundreds of
     lines); the worker's traceback is in Ray's session logs."""
@@ -136,6 +173,82 @@ def training_error(e: BaseException) -> Exception:
     return RuntimeError(f"training failed on worker rank {rank}: {type(err).__name__}: {first[:300]}")
 
 
+def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease: str = "", scratch: str = "",
+                  callbacks: list | None = None, checkpoint_config=None):
+    """The run's datasets and its ``TorchTrainer`` (scaling, storage, checkpoints), ready to ``fit()``; and the
+    counter actor of its decode tasks and progress. One Ray Train run: ``mirasol train`` and each trial of a sweep
+    build theirs here. ``lease``: the token of the run folder's lease (workers stop marking checkpoints complete
+    once another run holds it), "" when nothing leases the folder. Needs a connected Ray."""
+    import ray
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from mirasol_ray.data.pipeline import (
+        count_bad_shards,
+        decoded_dataset,
+        describe_skips,
+        find_manifest,
+        make_skip_counter,
+        read_skips,
+        sample_index,
+        train_data_config,
+    )
+    from mirasol_ray.launch import console
+    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta
+
+    ep = cfg.storage.endpoint_url
+    label_set = (find_manifest(cfg.data.train, ep) or {}).get("label_set")
+    counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
+    index = sample_index(cfg.data.train, ep)
+    count_bad_shards(index, counter_name)
+    if not len(index):
+        raise ValueError(f"no shard of {cfg.data.train} could be read: {describe_skips(read_skips(counter))}")
+    # the training set is not a Ray Train dataset: each worker reads its own share of the index (train_batches)
+    train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
+    datasets = {}
+    if cfg.data.val:
+        datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
+                                          label_set=label_set, endpoint_url=ep)
+    last = latest_checkpoint_dir(uri, ep)
+    done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
+    if cfg.data.cache and done >= cfg.train.steps:
+        console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
+        train_data = {"cache": [], "num_samples": len(index)}
+    elif cfg.data.cache:
+        t0 = time.perf_counter()
+        console.say("decoding into Ray's object store (data.cache)")
+        # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by sample
+        # index in each epoch's order
+        cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
+                                 label_set=label_set, endpoint_url=ep, index=index)
+        train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
+        datasets = {k: ds.materialize() for k, ds in datasets.items()}
+        rows = read_skips(counter)["rows"]
+        console.say(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s")
+    fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
+    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
+    resources = {"CPU": cfg.scaling.cpus_per_worker}
+    trainer = TorchTrainer(
+        train_loop_per_worker=_entry,
+        train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir, lease,
+                                      scratch),
+        scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
+                                               resources_per_worker=resources,
+                                               placement_strategy=cfg.scaling.placement_strategy),
+        datasets=datasets,
+        dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
+        run_config=ray.train.RunConfig(
+            name=name,
+            storage_path=root_path,
+            storage_filesystem=fs if storage.is_remote(cfg.storage.root) else None,
+            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+            callbacks=callbacks,
+        ),
+    )
+    return trainer, counter
+
+
 def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | None = None,
                  pid_dir: str = "") -> dict[str, Any]:
     """Train per ``cfg`` on Ray Train; returns the run's summary (also written to ``summary.json``).
@@ -145,40 +258,18 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     driver's library logs to ``logs/driver-*.log`` in the run folder (:mod:`mirasol_ray.launch.console`)."""
     import ray
     import ray.train
-    from ray.train.torch import TorchTrainer
 
-    from mirasol_ray.data.pipeline import (
-        count_bad_shards,
-        decoded_dataset,
-        describe_skips,
-        expand_shard_urls,
-        find_manifest,
-        make_skip_counter,
-        read_skips,
-        sample_index,
-        train_data_config,
-    )
+    from mirasol_ray.data.pipeline import read_skips
     from mirasol_ray.launch import console
     from mirasol_ray.launch.lease import RunLease
     from mirasol_ray.launch.scratch import scratch_folder
     from mirasol_ray.train.checkpoint import latest_checkpoint_dir, prune_checkpoints, read_meta
 
-    if not cfg.data.train:
-        raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    check_inputs(cfg)
     ep = cfg.storage.endpoint_url
-    expand_shard_urls(cfg.data.train, ep)  # fail early, naming the URL
-    if cfg.data.val:
-        expand_shard_urls(cfg.data.val, ep)
-    if cfg.train.init_from:
-        from mirasol_ray.train.checkpoint import check_model_file, resolve_checkpoint
-
-        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, ep)
-        check_model_file(cfg.train.init_from, ep)
     name = run_name(cfg, config_name)
     uri = run_uri(cfg, name)
     storage.check_output(uri, "dir", ep)
-    manifest = find_manifest(cfg.data.train, ep) or {}
-    label_set = manifest.get("label_set")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     with RunLease(uri, ep) as lease, scratch_folder() as scratch, console.quiet_libraries() as logs:
         local_log = storage.join(uri, "logs", f"driver-{stamp}.log")
@@ -192,50 +283,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         ray.data.DataContext.get_current().enable_progress_bars = False
         counter = None
         try:
-            counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
-            index = sample_index(cfg.data.train, ep)
-            count_bad_shards(index, counter_name)
-            if not len(index):
-                raise ValueError(f"no shard of {cfg.data.train} could be read: {describe_skips(read_skips(counter))}")
-            train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
-            datasets = {}
-            if cfg.data.val:
-                datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
-                                                  label_set=label_set, endpoint_url=ep)
-            if cfg.data.cache and done >= cfg.train.steps:
-                console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
-                train_data = {"cache": [], "num_samples": len(index)}
-            elif cfg.data.cache:
-                t0 = time.perf_counter()
-                console.say("decoding into Ray's object store (data.cache)")
-                # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by
-                # sample index in each epoch's order
-                cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                         label_set=label_set, endpoint_url=ep, index=index)
-                train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
-                datasets = {k: ds.materialize() for k, ds in datasets.items()}
-                rows = read_skips(counter)["rows"]
-                console.say(f"decoded into the object store (data.cache): {rows} rows in "
-                            f"{time.perf_counter() - t0:.0f} s")
-            fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
-            storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
-            resources = {"CPU": cfg.scaling.cpus_per_worker}
-            trainer = TorchTrainer(
-                train_loop_per_worker=_entry,
-                train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data,
-                                              pid_dir, lease.token, scratch),
-                scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers,
-                                                       use_gpu=cfg.scaling.use_gpu, resources_per_worker=resources),
-                datasets=datasets,
-                dataset_config=train_data_config(cfg.scaling.data_cpu_limit),
-                run_config=ray.train.RunConfig(
-                    name=name,
-                    storage_path=root_path,
-                    storage_filesystem=fs if storage.is_remote(cfg.storage.root) else None,
-                    checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-                    failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                ),
-            )
+            trainer, counter = build_trainer(cfg, name, uri, pid_dir=pid_dir, lease=lease.token, scratch=scratch)
             t0 = time.perf_counter()
             try:
                 with console.StepProgress(counter, cfg.train.steps, name):

@@ -34,11 +34,12 @@ TEXT_KEYS = ("task", "prompt_ids", "prompt_mask", "target_ids", "target_mask", "
 def texts_of(batch: dict[str, Any]) -> dict[str, Tensor]:
     """The texts present in a batch, flattened: each K-axis column as (n, ...) over the n entries whose
     ``text_mask`` is set (clip by clip, in order), and ``clip`` (n,): the clip (row) each text belongs to. A batch
-    without the K axis has one text per clip."""
-    if "text_mask" not in batch:
-        B = batch["prompt_ids"].shape[0]
+    without the K axis holds its texts flat, clip by clip, the same number for every clip."""
+    if "text_mask" not in batch:  # flat texts, the same number for every clip, clip by clip
+        n = batch["prompt_ids"].shape[0]
+        clips = batch["video"].shape[0] if "video" in batch else n
         out = {k: batch[k] for k in TEXT_KEYS if k in batch}
-        out["clip"] = torch.arange(B, device=batch["prompt_ids"].device)
+        out["clip"] = torch.arange(clips, device=batch["prompt_ids"].device).repeat_interleave(n // clips)
         return out
     clip, slot = batch["text_mask"].nonzero(as_tuple=True)  # (n,), (n,)
     out = {k: batch[k][clip, slot] for k in TEXT_KEYS if k in batch}
@@ -152,11 +153,14 @@ class Mirasol(nn.Module):
             "latent": latent_loss(self.av_model.predict_next(enc["h"]), enc["z"], snippet_mask, cfg.latent_loss),
         }
         loss = losses["text"] + cfg.latent_loss_weight * losses["latent"]
-        has_label = batch["label"] >= 0
-        if cfg.cls_mode == "head" and bool(has_label.any()):
+        if cfg.cls_mode == "head":
             cls_logits = self.cls_head(self._pooled(enc["h"], snippet_mask)).float()
-            losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
-            loss = loss + cfg.cls_loss_weight * losses["cls"]
+            has_label = batch["label"] >= 0
+            if bool(has_label.any()):
+                losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
+                loss = loss + cfg.cls_loss_weight * losses["cls"]
+            else:  # the head stays in the graph: data-parallel ranks must all reduce the same gradients
+                loss = loss + 0.0 * cls_logits.sum()
         return {"loss": loss, "losses": losses}
 
     # ------------------------------------------------------------------------------------------------------------

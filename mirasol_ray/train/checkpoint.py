@@ -7,15 +7,29 @@ A checkpoint folder holds::
     train_state.pt  {"optimizer", "scheduler", "step", "epoch", "data_position"} (data_position: what the
                     training data stream consumed, ``ReadPosition.to_dict()``: data/index.py)
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
-                    too), "label_set"}
+                    too), "label_set", "tokenizer" (the file name below, or null for the byte tokenizer)}
+    tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
     complete.json   {"step", "files": {name: bytes}}: written last, once every file is in the run folder
+
+so a checkpoint is self-contained: evaluation and prediction on another machine need its URI alone, whatever
+paths the run was trained with. ``mirasol export`` writes the same in one file::
+
+    {"config", "model", "meta": the meta.json dict, "tokenizer": {"name", "data": bytes} or None}
 
 A checkpoint is **complete** when its ``complete.json`` is there and every file it lists has the size it lists:
 Ray Train uploads a checkpoint's files in no particular order (``pyarrow.fs.copy_files``, threads), and a run
 stopped mid-upload leaves a folder that holds some of them. :func:`latest_checkpoint_dir` (the newest complete
 checkpoint of a run folder, judged from the folder alone) is the one notion of "latest": resume, ``eval``,
-``predict``, ``train.init_from`` and the tests all use it. ``resolve_checkpoint`` accepts a ``model.pt``, a
-checkpoint folder, or a run folder (its latest complete checkpoint), on local disk or ``s3://``.
+``predict``, ``train.init_from`` and the tests all use it. ``resolve_checkpoint`` accepts a ``model.pt`` (or an
+exported file), a checkpoint folder, or a run folder (its latest complete checkpoint), on local disk or ``s3://``.
+
+Under FSDP2 (``train.fsdp``) a checkpoint is **sharded**: no rank gathers the model. Every rank writes its own part
+of the weights and the optimiser state through ``torch.distributed.checkpoint`` (:mod:`mirasol_ray.train.sharded`:
+``.metadata`` and one ``__<rank>_0.distcp`` per rank), ``model.pt`` holds the config alone with ``"sharded": True``
+and ``train_state.pt`` holds ``"optimizer": None``; ``complete.json`` lists every rank's files. Everything that
+reads a checkpoint goes through :func:`load_model_state` (the whole model's weights, whichever kind) or, for a model
+being trained, :func:`load_weights_into`, so evaluation, prediction, ``train.init_from`` and ``mirasol export``
+read both kinds.
 """
 
 from __future__ import annotations
@@ -29,7 +43,7 @@ from typing import Any
 import torch
 
 from mirasol_ray import storage
-from mirasol_ray.model.mirasol import load_model, model_state
+from mirasol_ray.model.mirasol import load_model
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -38,6 +52,19 @@ COMPLETE_FILE = "complete.json"
 PREFIX = "checkpoint_"
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
 """Ray Train's record of the checkpoints it registered (and will delete past ``num_to_keep``)."""
+SHARDED = "sharded"
+"""``model.pt``'s flag of a sharded checkpoint (its weights are the folder's DCP shards)."""
+TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
+"""A tokenizer's name inside a checkpoint, by the suffix of the file it came from."""
+
+
+def tokenizer_payload(spec: str, endpoint_url: str = "") -> dict[str, Any] | None:
+    """``{"name", "data"}``: the bytes of the tokenizer file ``data.tokenizer`` names, to store in checkpoints;
+    None for the built-in byte tokenizer."""
+    if spec in ("", "byte"):
+        return None
+    suffix = os.path.splitext(spec)[1]
+    return {"name": TOKENIZER_FILES[suffix], "data": storage.read_bytes(spec, endpoint_url)}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -80,22 +107,30 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
             optimizer.state.pop(p, None)
 
 
-def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict, optim_sd: dict | None = None,
+def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None, optim_sd: dict | None = None,
                      scheduler=None, *, step: int, epoch: int = 0, data_position: dict | None = None, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
-                     label_set: list[str] | None = None) -> str:
-    """Write a checkpoint into a local ``folder`` (Ray Train then uploads it)."""
+                     label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None,
+                     sharded: bool = False) -> str:
+    """Write a checkpoint into a local ``folder`` (Ray Train then uploads it). ``tokenizer``: see
+    :func:`tokenizer_payload`. ``sharded``: the weights and optimiser state are in the folder's DCP shards
+    (written by every rank, :func:`mirasol_ray.train.sharded.save`), not in ``model_sd``/``optim_sd``; the
+    training state holds the scheduler and the data position."""
     os.makedirs(folder, exist_ok=True)
-    state = model_state(unwrap(model))
-    state["model"] = model_sd
+    state = {"config": unwrap(model).config.to_dict(), "model": {}, SHARDED: True} if sharded else {
+        "config": unwrap(model).config.to_dict(), "model": model_sd}
     torch.save(state, os.path.join(folder, MODEL_FILE))
-    if optim_sd is not None:
+    if optim_sd is not None or sharded:
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
                     "step": step, "epoch": epoch, "data_position": data_position or {}},
                    os.path.join(folder, STATE_FILE))
+    if tokenizer is not None:
+        with open(os.path.join(folder, tokenizer["name"]), "wb") as f:
+            f.write(tokenizer["data"])
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({"step": step, "epoch": epoch, "stage": stage, "metrics": metrics or {},
-                   "run_config": run_config or {}, "label_set": label_set}, f)
+                   "run_config": run_config or {}, "label_set": label_set,
+                   "tokenizer": tokenizer["name"] if tokenizer else None}, f)
     return folder
 
 
@@ -243,12 +278,23 @@ def check_model_file(uri: str, endpoint_url: str = "") -> None:
 
 
 def load_torch(uri: str, endpoint_url: str = "") -> Any:
-    """``torch.load(weights_only=True)`` of a stored file; a file that is empty, cut short or not a checkpoint is
-    a ValueError naming it."""
-    data = storage.read_bytes(uri, endpoint_url)
-    if not data:
+    """``torch.load(weights_only=True)`` of a local file (memory-mapped: loading it again, or reading only its
+    small entries, costs little) or of an object in storage; a file that is empty, cut short or not a checkpoint
+    is a ValueError naming it."""
+    local = not storage.is_remote(uri)
+    if local:
+        path = storage.strip_scheme(uri)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"not found: {uri}")
+        empty = os.path.getsize(path) == 0
+    else:
+        data = storage.read_bytes(uri, endpoint_url)
+        empty = not data
+    if empty:
         raise ValueError(f"checkpoint file {uri} is empty (0 bytes)")
     try:
+        if local:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, ... for a bad file
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
@@ -278,44 +324,119 @@ def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
     return storage.join(latest, MODEL_FILE)
 
 
+def is_sharded_state(state: dict[str, Any]) -> bool:
+    """Whether a loaded ``model.pt`` is a sharded checkpoint's (config only; weights in the DCP shards)."""
+    return bool(state.get(SHARDED))
+
+
+def load_model_state(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """``{"config", "model", ...}`` of a resolved ``model.pt`` with the whole model's weights, also for a sharded
+    checkpoint (read from its shards in this process: the model's, not the optimiser's)."""
+    state = load_torch(model_uri, endpoint_url)
+    if is_sharded_state(state):
+        from mirasol_ray.train import sharded
+
+        state = {**state, "model": sharded.model_weights(_folder(model_uri), endpoint_url)}
+        state.pop(SHARDED)
+    return state
+
+
 def load_model_from(uri: str, endpoint_url: str = ""):
-    """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder)."""
-    return load_model(load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url))
+    """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder; sharded or not)."""
+    return load_model(load_model_state(resolve_checkpoint(uri, endpoint_url), endpoint_url))
 
 
 def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") -> dict[str, list[str]]:
     """Initialise ``model`` from a checkpoint's weights (finetune from pretrain). Parameters whose shapes differ
-    (e.g. a classification head sized for another label set) are left as initialised and reported."""
-    state = load_torch(resolve_checkpoint(uri, endpoint_url), endpoint_url)["model"]
+    (e.g. a classification head sized for another label set) are left as initialised and reported. From a
+    sharded checkpoint every rank reads only what it holds (a collective under a process group)."""
+    model_uri = resolve_checkpoint(uri, endpoint_url)
+    state = load_torch(model_uri, endpoint_url)
+    if is_sharded_state(state):
+        from mirasol_ray.train import sharded
+
+        return sharded.load_weights_into(model, _folder(model_uri), endpoint_url)
+    state = state["model"]
     own = unwrap(model).state_dict()
     keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     result = unwrap(model).load_state_dict(keep, strict=False)
     return {"missing": list(result.missing_keys), "unexpected": sorted(set(state) - set(keep))}
 
 
-def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
-    """meta.json beside a resolved ``model.pt`` ({} if absent; see :func:`require_meta`)."""
+
+def _folder(uri: str) -> str:
     import posixpath
 
-    folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
-    uri = storage.join(folder, META_FILE)
-    return json.loads(storage.read_text(uri, endpoint_url)) if storage.exists(uri, endpoint_url) else {}
+    return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
+
+
+def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+    """meta.json beside a resolved ``model.pt``; an exported file's own ``meta``; {} if neither."""
+    uri = storage.join(_folder(model_uri), META_FILE)
+    if storage.exists(uri, endpoint_url):
+        return json.loads(storage.read_text(uri, endpoint_url))
+    if model_uri.endswith(".pt"):
+        return load_torch(model_uri, endpoint_url).get("meta") or {}
+    return {}
+
+
+def tokenizer_spec(model_uri: str, meta: dict[str, Any], endpoint_url: str = "") -> str:
+    """A ``data.tokenizer`` value for the tokenizer a checkpoint carries: the file in its folder, or (an exported
+    file) its bytes written to a temporary file that lives as long as this process; "byte" when it has none."""
+    name = meta.get("tokenizer")
+    if not name:
+        return "byte"
+    beside = storage.join(_folder(model_uri), name)
+    if storage.exists(beside, endpoint_url):
+        return beside
+    embedded = load_torch(model_uri, endpoint_url).get("tokenizer")
+    if not embedded:
+        raise FileNotFoundError(f"checkpoint {model_uri} names tokenizer {name} but does not hold it")
+    return _temporary_file(embedded["name"], embedded["data"])
+
+
+def _temporary_file(name: str, data: bytes) -> str:
+    import atexit
+    import shutil
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="mirasol-tokenizer-")
+    atexit.register(shutil.rmtree, d, True)
+    path = os.path.join(d, name)
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def export(checkpoint: str, out: str, endpoint_url: str = "") -> dict[str, Any]:
+    """One self-contained file (weights, model config, run config, label set, tokenizer bytes) from a checkpoint
+    (file, checkpoint folder or run folder; local or ``s3://``), written to ``out`` (local or ``s3://``)."""
+    model_uri = resolve_checkpoint(checkpoint, endpoint_url)
+    state = load_model_state(model_uri, endpoint_url)
+    meta = read_meta(model_uri, endpoint_url)
+    tok = tokenizer_spec(model_uri, meta, endpoint_url)
+    state = {"config": state["config"], "model": state["model"], "meta": meta,
+             "tokenizer": None if tok == "byte" else {"name": meta["tokenizer"],
+                                                      "data": storage.read_bytes(tok, endpoint_url)}}
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    storage.write_bytes(out, buf.getvalue(), endpoint_url)
+    return {"checkpoint": model_uri, "out": out, "step": meta.get("step"), "bytes": buf.tell(),
+            "parameters": sum(v.numel() for v in state["model"].values())}
 
 
 def require_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
     """:func:`read_meta`, but a checkpoint without a readable meta.json (its run config, label set) is an error
     naming it: without them a model would run with a default config and answer nonsense."""
-    import posixpath
-
-    folder = posixpath.dirname(model_uri) if storage.is_remote(model_uri) else os.path.dirname(model_uri)
+    folder = _folder(model_uri)
     uri = storage.join(folder, META_FILE)
-    if not storage.exists(uri, endpoint_url):
-        raise FileNotFoundError(f"checkpoint {folder} has no {META_FILE} (not a mirasol checkpoint, or an "
-                                "incomplete one)")
     try:
-        meta = json.loads(storage.read_text(uri, endpoint_url))
+        meta = read_meta(model_uri, endpoint_url)
     except ValueError as e:
         raise ValueError(f"{uri} is not valid JSON: {e}") from None
+    if not meta:
+        raise FileNotFoundError(f"checkpoint {folder} has no {META_FILE} (not a mirasol checkpoint, or an "
+                                "incomplete one)")
     if not isinstance(meta, dict) or not isinstance(meta.get("run_config"), dict):
         raise ValueError(f"{uri} holds no run_config (not a mirasol checkpoint's meta.json)")
     return meta

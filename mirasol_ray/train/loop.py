@@ -22,32 +22,34 @@ import tempfile
 import time
 from typing import Any
 
-import numpy as np
-import torch
-
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.text import get_tokenizer
-from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.model.pretrained import load_pretrained, startup_table
 from mirasol_ray.train import checkpoint as ckpt
+from mirasol_ray.train import sharded
 from mirasol_ray.train.metrics import Throughput, aggregate
+from mirasol_ray.train.parallel import (
+    build_on_rank,
+    evaluating,
+    gather_objects,
+    gradient_sync,
+    is_fsdp,
+    mean_over_ranks,
+    parallelize,
+)
 from mirasol_ray.train.step import (
     apply_freeze,
     count_tokens,
+    eval_loss,
     make_optimizer,
     make_scheduler,
     predict_batch,
     train_step,
 )
 
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
+LOSS_PARTS = ("loss", "text", "latent", "cls")
+"""Loss parts logged as their mean over the ranks."""
 
 
 class NoBatchError(RuntimeError):
@@ -178,39 +180,34 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
     return f"no training batch can be formed: {cause}; {describe_skips(snap)}"
 
 
-def _wrap(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
-    import ray.train.torch
+def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
+             ) -> tuple[dict[str, Any], list[int]]:
+    """Task metrics over the validation split, their loss as ``loss``, and the rows (clips) each rank scored: each rank
+    predicts its own share (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that
+    decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
+    metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
+    step where accuracies move in jumps, which is what a scheduler comparing young trials (ASHA in ``mirasol
+    sweep``) needs. A collective: every rank calls it."""
+    records, loss_sum, rows = [], 0.0, 0
+    with evaluating(model) as m:
+        for i, batch in enumerate(batches):
+            if max_batches and i >= max_batches:
+                break
+            records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set)
+            n = len(batch["key"])
+            loss_sum += eval_loss(m, batch, device, cfg.train.precision) * n
+            rows += n
+    parts = gather_objects((records, loss_sum, rows))
+    out = aggregate(r for part in parts for r in part[0])
+    total = sum(p[2] for p in parts)
+    if total:
+        out["loss"] = {"metric": "loss", "value": sum(p[1] for p in parts) / total, "count": total}
+    return out, [p[2] for p in parts]
 
-    if cfg.train.fsdp and torch.distributed.is_initialized():
-        from torch.distributed.fsdp import fully_shard
 
-        from mirasol_ray.model.layers import Block
-
-        model = model.to(device)
-        for block in [m for m in model.modules() if isinstance(m, Block)]:  # one FSDP unit per block
-            fully_shard(block)
-        fully_shard(model)
-        return model
-    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"find_unused_parameters": True})
-
-
-def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0) -> dict[str, Any]:
-    records = []
-    for i, batch in enumerate(batches):
-        if max_batches and i >= max_batches:
-            break
-        records += predict_batch(model, batch, tok, device, cfg.train.precision, label_set=label_set)
-    return aggregate(records)
-
-
-def _all_ranks(value: int, world: int, device: torch.device) -> list[int]:
-    """``value`` of every rank (a collective: every rank calls it)."""
-    if world == 1 or not torch.distributed.is_initialized():
-        return [value]
-    mine = torch.tensor([value], dtype=torch.int64, device=device)
-    out = [torch.zeros_like(mine) for _ in range(world)]
-    torch.distributed.all_gather(out, mine)
-    return [int(t.item()) for t in out]
+def _all_ranks(value: int) -> list[int]:
+    """``value`` of every rank, in rank order (a collective: every rank calls it)."""
+    return [int(v) for v in gather_objects(value)]
 
 
 def _train_source(config: dict[str, Any], cfg: Config):
@@ -253,10 +250,19 @@ class SampleLog:
             os.remove(self.local)
 
 
-def _load_state(folder: str, endpoint_url: str) -> tuple[dict, dict]:
-    """(model state dict, training state) from a checkpoint folder (local, or a URI in the run folder)."""
-    model = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)["model"]
-    return model, ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any]:
+    """Load a checkpoint folder (local, or a URI in the run folder) into the parallelised model, its optimiser and
+    scheduler, and return its training state (``step``, ``epoch``, ``data_position``). A sharded checkpoint is
+    read shard by shard onto however many ranks there are now (resharding); a full one is loaded on every rank. A
+    collective under FSDP2."""
+    model_file = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)
+    state = ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+    if ckpt.is_sharded_state(model_file):
+        sharded.load(folder, model, opt, endpoint_url)
+    else:
+        ckpt.restore_state(model, opt, model_file["model"], state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    return state
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -271,7 +277,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     die_with_raylet()
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    seed_everything(cfg.train.seed + rank)
     device = ray.train.torch.get_device()
     pid_dir = config.get("pid_dir")
     if pid_dir:
@@ -280,8 +285,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             f.write(str(os.getpid()))
 
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
-    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-    model = build_model(cfg.model)
+    model = build_on_rank(cfg.model, cfg.train.seed, rank)
     start_step, position = 0, ReadPosition()
     # After a dead worker (Ray Train restarts the group) or with the same run name again, continue from the run
     # folder's newest complete checkpoint. Not ray.train.get_checkpoint(): that is Ray Train's record, which lacks
@@ -301,14 +305,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             values = sum(p.numel() for n, p in model.named_parameters() if n in frozen)
             _say(config["counter"], f"frozen ({', '.join(cfg.train.freeze)}): {len(frozen)} tensors, "
                                     f"{values:,} parameters")
-    model = _wrap(model, cfg, device)
+    model = parallelize(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    state = _load_state(latest, endpoint_url) if latest is not None else None
-    if state is not None:
-        model_sd, st = state
-        ckpt.restore_state(model, opt, model_sd, st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
+    st = _restore(latest, endpoint_url, model, opt, sched) if latest is not None else None
+    if st is not None:
         start_step, position = st["step"], ReadPosition.from_dict(st.get("data_position"))
         if rank == 0:
             consumed = position.consumed()
@@ -317,6 +318,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                       + (f" and {len(consumed.extra)} past it" if consumed.extra else "") + f") from {latest}")
     position = position.for_world(world)
 
+    nodes = _worker_nodes(world)
+    if rank == 0:
+        _say(config["counter"], f"{world} worker(s) on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}")
     tok = get_tokenizer(cfg.data.tokenizer)
     scratch = scratch_dir(config)
     log = RunLog(run_uri, endpoint_url, start_step, scratch) if rank == 0 else None
@@ -324,7 +328,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     finished = False
     try:
         _train(model, opt, sched, cfg, config, rank, world, device, tok, log, samples_log, scratch, start_step,
-               position)
+               position, nodes)
         finished = True
     finally:
         if samples_log is not None:
@@ -334,13 +338,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
 
 def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, world: int, device, tok,
-           log: RunLog | None, samples_log: SampleLog | None, scratch: str | None, start_step: int,
-           position) -> None:
+           log: RunLog | None, samples_log: SampleLog | None, scratch: str | None, start_step: int, position,
+           nodes: list[str]) -> None:
+    """Steps from ``start_step`` to ``train.steps``, reading from ``position`` (a
+    :class:`~mirasol_ray.data.index.ReadPosition`); ``nodes`` (every rank's Ray node id) goes into the first record
+    this worker group writes."""
     import ray.train
 
     from mirasol_ray.data.pipeline import NoRowsError, iter_worker_batches, train_batches
 
     label_set = config.get("label_set")
+    # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
+    tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer, cfg.storage.endpoint_url) if rank == 0 else None
     source = _train_source(config, cfg)
     batches = train_batches(source, position, rank=rank, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches)
@@ -353,7 +362,10 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
 
     stream = batches_or_why()
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
-    no_sync = getattr(model, "no_sync", None)
+
+    def no_sync():
+        return gradient_sync(model, sync=False)
+
     meter = Throughput()
     step = start_step
     last_pos, epoch = position.last[rank], position.epoch(len(source))
@@ -375,41 +387,65 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
             samples_log.write(step, micro)
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            parts = mean_over_ranks(parts, LOSS_PARTS)  # every rank logs on the same steps
             record = {"step": step, "epoch": epoch, **parts, **meter.read(),
                       "elapsed_s": time.perf_counter() - t_start}
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
-        if do_eval and rank == 0:
-            ev = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
-                          cfg.train.eval_batches)
-            record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}}
+        if do_eval:
+            ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
+                                cfg.train.eval_batches)
+            record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}, "val_rows": rows}
             final_eval = ev
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
+            if nodes:  # the first record of each worker group says where its ranks ran
+                record["nodes"], nodes = nodes, []
             log.write(record)
         if rank == 0:
             _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
                                           **({"val": record["val"]} if record and "val" in record else {})})
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            reached = position.advance(_all_ranks(last_pos, world, device))  # a collective
+            reached = position.advance(_all_ranks(last_pos))  # a collective
             if samples_log is not None:
                 samples_log.sync()
             _report(model, opt, sched, cfg, config, step, reached.epoch(len(source)), reached, rank, world, log,
-                    record, final_eval, scratch)
+                    record, final_eval, scratch, tok_payload)
+
+
+def _worker_nodes(world: int) -> list[str]:
+    """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
+    import ray
+    import torch.distributed as dist
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1 or not dist.is_initialized():
+        return [node]
+    nodes: list[Any] = [None] * world
+    dist.all_gather_object(nodes, node)
+    return nodes
 
 
 def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, position, rank: int,
-            world: int, log: RunLog | None, record: dict | None, final_eval: dict, scratch: str | None) -> None:
+            world: int, log: RunLog | None, record: dict | None, final_eval: dict, scratch: str | None,
+            tokenizer: dict | None) -> None:
     """Report a checkpoint through Ray Train (each rank uploads its files), then, once every rank is done, mark it
     complete: ``complete.json``, written by rank 0 after checking the stored files, is the last file of a checkpoint
     (Ray Train uploads a folder's files in no fixed order, so a marker inside the upload could land first).
-    ``position``: the :class:`~mirasol_ray.data.index.ReadPosition` every rank has consumed up to."""
+    ``position``: the :class:`~mirasol_ray.data.index.ReadPosition` every rank has consumed up to.
+
+    Under FSDP2 the checkpoint is sharded: every rank writes its own shard into a folder of its own and reports it,
+    Ray Train uploads them all into the one checkpoint folder (nothing is gathered on any rank), and
+    ``complete.json`` lists every rank's files. Otherwise rank 0 writes the whole model."""
     import ray.train
 
     from mirasol_ray.launch.lease import lease_token
 
     run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
-    model_sd, optim_sd = ckpt.gather_state(model, opt)  # a collective under FSDP2
+    by_shards = is_fsdp(model)
+    model_sd = optim_sd = None
+    if rank == 0 and not by_shards:
+        model_sd, optim_sd = ckpt.gather_state(model, opt)
     metrics = {"step": step, "epoch": epoch}
     if record:
         metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
@@ -418,16 +454,22 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     name = ckpt.checkpoint_dir_name(step)
     if rank == 0:
         log.sync()
+    files: dict[str, int] = {}
+    if rank == 0 or by_shards:
         with tempfile.TemporaryDirectory(prefix="mirasol-ckpt-", dir=scratch) as d:
-            ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
-                                  data_position=position.to_dict(), stage=cfg.train.stage, metrics=metrics,
-                                  run_config=cfg.to_dict(), label_set=config.get("label_set"))
+            if by_shards:
+                sharded.save(d, model, opt)  # a collective: this rank's shard (and on rank 0 the .metadata)
+            if rank == 0:
+                ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
+                                      data_position=position.to_dict(), stage=cfg.train.stage, metrics=metrics,
+                                      run_config=cfg.to_dict(), label_set=config.get("label_set"),
+                                      tokenizer=tokenizer, sharded=by_shards)
             files = ckpt.local_files(d)
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     else:
         ray.train.report(metrics, checkpoint=None)
-    if world > 1 and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # every rank's upload has returned
+    # a collective: every rank's upload has returned; rank 0 learns every rank's files (a sharded checkpoint's)
+    files = {k: v for part in gather_objects(files) for k, v in part.items()}
     if rank == 0:
         token = config.get("lease") or ""
         if token and lease_token(run_uri, endpoint_url) != token:

@@ -412,7 +412,7 @@ def table_rows(results: dict[str, Any], model: str) -> list[dict[str, Any]]:
 
 
 class Throughput:
-    """Samples/s, tokens/s and the data-wait fraction over a logging window.
+    """Samples/s, text tokens/s and the data-wait fraction over a logging window.
 
     data-wait fraction = time blocked on the next batch / wall time of the window (0: the input pipeline keeps
     up; near 1: training starves for data)."""

@@ -155,11 +155,9 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
-    """Text tokens (of the texts present) plus audio-video tokens seen (snippets x frames as the unit of video,
-    once per clip)."""
-    text = int(batch["prompt_mask"].sum() + batch["target_mask"].sum())  # padded texts have all-False masks
-    snippets = int(batch["snippet_mask"].sum())
-    return text + snippets * int(batch["video"].shape[2])
+    """Text tokens in a batch (prompt and target of the texts present; padding and absent texts excluded): what
+    tokens/s counts. Video is measured in clips (samples/s), not tokens."""
+    return int(batch["prompt_mask"].sum() + batch["target_mask"].sum())
 
 
 def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: torch.optim.Optimizer,
@@ -219,6 +217,16 @@ def _forward_backward(model: nn.Module, micro: list[dict[str, Any]], cfg: TrainC
         parts["loss"] = parts.get("loss", 0.0) + float(out["loss"].detach()) / len(micro)
         for k, v in out["losses"].items():
             parts[k] = parts.get(k, 0.0) + float(v.detach()) / len(micro)
+
+
+@torch.no_grad()
+def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, precision: str = "auto") -> float:
+    """The training loss of a batch (teacher-forced, the same weighted parts), without gradients: the validation
+    loss. Runs the unwrapped model, as :func:`predict_batch` does, so one rank can call it alone under DDP."""
+    model.eval()
+    core = getattr(model, "module", model)
+    with autocast(device, precision):
+        return float(core(move_batch(batch, device))["loss"])
 
 
 @torch.no_grad()

@@ -21,11 +21,13 @@ ONE_WORKER = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
 
 
 def _one_line_error(capsys) -> str:
-    """The failure's one line (the last on stderr; before it at most the run's phase line); stdout empty."""
+    """The failure's one line (the last on stderr; before it at most the run's phase line and where its workers
+    run); stdout empty."""
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert lines and lines[-1].startswith("mirasol: error: "), err[-3000:]
-    assert len(lines) <= 2 and all(ln.startswith("run ") for ln in lines[:-1]), err[-3000:]
+    phase = re.compile(r"run |\d+ worker\(s\) on \d+ node\(s\): ")
+    assert len(lines) <= 3 and all(phase.match(ln) for ln in lines[:-1]), err[-3000:]
     assert out == ""
     return lines[-1]
 

@@ -170,3 +170,41 @@ def test_broken_checkpoint_files_are_named(trained, tmp_path):
     (bare / ckpt.META_FILE).unlink()
     with pytest.raises(FileNotFoundError, match="bare has no meta.json"):
         ckpt.require_meta(ckpt.resolve_checkpoint(str(bare)))
+
+
+def test_a_sharded_checkpoint_reads_like_a_full_one(trained, tmp_path):
+    """A sharded checkpoint folder (the DCP shards, and model.pt holding the config alone) serves everything that
+    reads checkpoints: the whole model for evaluation and prediction, export into one file, and train.init_from.
+    Written here by one process (no process group); tests/unit/test_parallel.py writes one from two ranks."""
+    from mirasol_ray.train import sharded
+
+    cfg, model, opt, sched, batch, run = trained
+    folder = tmp_path / "run" / "checkpoint_9"
+    sharded.save(str(folder), model, opt)
+    ckpt.write_checkpoint(str(folder), model, None, None, sched, step=9, run_config=cfg.to_dict(), sharded=True)
+    assert ckpt.mark_complete(str(folder), ckpt.local_files(str(folder)), 9)
+    small = torch.load(folder / ckpt.MODEL_FILE, weights_only=True)
+    assert small["model"] == {} and ckpt.is_sharded_state(small)
+    assert torch.load(folder / ckpt.STATE_FILE, weights_only=True)["optimizer"] is None  # it is in the shards
+    assert ckpt.resolve_checkpoint(str(tmp_path / "run")) == str(folder / ckpt.MODEL_FILE)
+
+    rebuilt = ckpt.load_model_from(str(tmp_path / "run"))
+    for name, value in model.state_dict().items():
+        assert torch.equal(rebuilt.state_dict()[name], value), name
+    info = ckpt.export(str(folder), str(tmp_path / "model.pt"))
+    assert info["step"] == 9 and info["parameters"] == sum(v.numel() for v in model.state_dict().values())
+    exported = ckpt.load_model_from(str(tmp_path / "model.pt"))
+    assert all(torch.equal(exported.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    head_cfg = load_config("tiny", ["model.cls_mode=head"]).model
+    head_cfg.num_classes = 3
+    fresh = build_model(head_cfg)
+    info = ckpt.load_weights_into(fresh, str(folder))
+    assert info["missing"] and all(k.startswith("cls_head") for k in info["missing"])
+    assert torch.equal(fresh.state_dict()["text_decoder.embed.weight"], model.state_dict()["text_decoder.embed.weight"])
+
+    # a shard missing (an upload cut short): the checkpoint is not complete, so it is nobody's "latest"
+    (folder / "__0_0.distcp").unlink()
+    assert ckpt.complete_step(str(folder)) is None
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.resolve_checkpoint(str(tmp_path / "run"))

@@ -83,3 +83,51 @@ def test_relative_base_is_found_beside_the_yaml_not_in_the_current_folder(tmp_pa
     (conf / "broken.yaml").write_text("base: missing.yaml\n")
     with pytest.raises(ConfigError, match=r"conf/missing\.yaml.*broken\.yaml"):
         load_config(str(conf / "broken.yaml"))
+
+
+@pytest.mark.parametrize("override, data_key", [
+    ("model.frames_per_snippet=8", "data.frames_per_snippet"),
+    ("model.image_size=[32,32]", "data.height, data.width"),
+    ("model.mel_frames=16", "data.mel_frames"),
+    ("model.max_text_len=200", "data.max_prompt_len + data.max_target_len"),
+    ("model.vocab_size=500", "data.tokenizer"),
+])
+def test_model_geometry_set_by_hand_is_an_error_naming_the_data_key(override, data_key):
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override])
+    assert str(err.value).startswith(f"{key}=") and "cannot be set" in str(err.value)
+    assert str(err.value).endswith(f"set {data_key} instead")
+
+
+def test_a_saved_run_config_with_its_derived_values_loads():
+    from mirasol_ray.config import from_dict
+
+    cfg = load_config("tiny", ["data.frames_per_snippet=8", "model.frames_per_snippet=8"])  # the same value: fine
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_cli_geometry_error_is_one_line(capsys):
+    from mirasol_ray.cli import main
+
+    assert main(["train", "--config", "tiny", "--set", "model.frames_per_snippet=8"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["mirasol: error: model.frames_per_snippet=8 cannot be set: it follows data.frames_per_snippet "
+                   "(4 here); set data.frames_per_snippet instead"]
+
+
+@pytest.mark.parametrize("sets, message", [
+    (["train.stage=finetune", "data.task=caption"], "train.stage=finetune trains on task rows, but data.task=caption"),
+    (["train.stage=finetune", "data.task=qa"], "train.stage=finetune needs train.init_from"),
+])
+def test_finetune_stage_means_task_rows_from_trained_weights(tmp_path, capsys, sets, message):
+    """``train.stage=finetune`` (what jobs/finetune.py sets) refuses to train captions, or from scratch, before any
+    work starts (no Ray, no data read); pretrain and a finetune with its starting point are accepted."""
+    from mirasol_ray.cli import main
+
+    args = ["train", "--config", "tiny", "--set", f"data.train={tmp_path}/absent"]
+    assert main([*args, *(x for s in sets for x in ("--set", s))]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mirasol: error: {message}")
+    load_config("tiny", ["train.stage=pretrain"]).check_start()
+    load_config("tiny", ["train.stage=finetune", "data.task=all", "train.init_from=runs/pre"]).check_start()

@@ -1,0 +1,312 @@
+"""``mirasol results URL``: a run or a sweep read back from storage (local or ``s3://``), with no Ray.
+
+Reads only small files: a sweep's ``sweep.json`` (written by :mod:`mirasol_ray.launch.sweep`), and per run its
+``config.yaml``, ``metrics.jsonl`` and each complete checkpoint's ``complete.json`` and ``meta.json``; checkpoints
+stay where they are, as URIs.
+Never unpickles anything (Tune's own experiment state is pickle-bearing: it is not read here).
+
+A metric is named as Tune names a reported value: nested dicts joined with ``/`` (``val/qa``, ``val/loss``,
+``loss``). The default is the run's main validation metric, :func:`main_metric`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+from mirasol_ray import storage
+from mirasol_ray.config import Config, from_dict
+
+SWEEP_FILE = "sweep.json"
+TRIALS_DIR = "trials"
+"""A sweep folder holds ``sweep.json``, Tune's experiment state and trial folders, and ``trials/<trial_id>/``: each
+trial's Ray Train run (the same layout as a ``mirasol train`` run folder)."""
+
+TASK_METRIC = {"caption": "val/caption", "qa": "val/qa", "mcqa": "val/mcqa", "cls": "val/cls",
+               "finetune": "val/qa", "all": "val/qa"}
+"""The main validation metric of a run by the text its data carries (``data.task``): captioning (pretraining) is
+scored by token F1, the fine-tuning tasks by accuracy; mixed fine-tuning data (``finetune``, ``all``) by its
+open-ended QA accuracy."""
+
+TRAIN_METRICS = ("loss", "text", "latent", "cls", "grad_norm", "lr", "samples_per_s", "tokens_per_s",
+                 "data_wait_fraction", "step_time_s")
+VAL_METRICS = ("loss", "caption", "qa", "mcqa", "cls")
+
+
+def main_metric(cfg: Config) -> str:
+    """The metric a sweep optimises and ``mirasol results`` ranks by unless told otherwise: the validation metric
+    of the data's task (:data:`TASK_METRIC`), or the training loss when the run has no validation data."""
+    return TASK_METRIC[cfg.data.task] if cfg.data.val else "loss"
+
+
+def default_mode(metric: str) -> str:
+    return "min" if metric.split("/")[-1].endswith("loss") else "max"
+
+
+def check_metric(metric: str) -> None:
+    """A name the training loop reports, or a ValueError listing them (before anything starts)."""
+    if metric in TRAIN_METRICS:
+        return
+    if metric.startswith("val/"):
+        key = metric[4:]
+        if key in VAL_METRICS or key.startswith("qa/"):
+            return
+    raise ValueError(f"unknown metric {metric!r}: use {', '.join('val/' + k for k in VAL_METRICS)}, val/qa/<type>, "
+                     f"or a training metric ({', '.join(TRAIN_METRICS)})")
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"val": {"qa": 1}}`` -> ``{"val/qa": 1}``, as Tune and Ray Train name nested metrics."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _number(v: Any) -> float | None:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
+
+
+def _better(a: float, b: float | None, mode: str) -> bool:
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: int | None = None) -> dict[str, Any]:
+    """One run folder: its curve of ``metric`` over steps, steps done, best and last value, the complete checkpoint
+    holding the best value (the latest one when no checkpoint carries the metric). ``until``: read it up to that step only
+    (a trial ASHA stopped: its workers may train a few steps more before they are gone)."""
+    from mirasol_ray.launch.train import read_metrics
+    from mirasol_ray.train.checkpoint import META_FILE, checkpoint_dirs, complete_step
+
+    records = [r for r in read_metrics(uri, endpoint_url) if until is None or r.get("step", 0) <= until]
+    curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
+    best_step, best = None, None
+    for step, v in curve:
+        if _better(v, best, mode):
+            best_step, best = step, v
+    found = []
+    for name in checkpoint_dirs(uri, endpoint_url):
+        if complete_step(storage.join(uri, name), endpoint_url) is None:  # being written, or cut short
+            continue
+        try:
+            meta = json.loads(storage.read_text(storage.join(uri, name, META_FILE), endpoint_url))
+        except (FileNotFoundError, ValueError):
+            continue
+        found.append((meta.get("step", 0), _number(flatten(meta.get("metrics", {})).get(metric)),
+                      storage.join(uri, name)))
+    # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
+    checkpoints = [c for c in found if until is None or c[0] <= until] or found
+    scored = [c for c in checkpoints if c[1] is not None]
+    pick = None
+    for c in scored:
+        if pick is None or _better(c[1], pick[1], mode):
+            pick = c
+    if pick is None and checkpoints:
+        pick = max(checkpoints)
+    return {
+        "steps": max([r.get("step", 0) for r in records], default=0),
+        "best": best, "best_step": best_step, "last": curve[-1][1] if curve else None,
+        "checkpoint": pick[2] if pick else None, "checkpoint_step": pick[0] if pick else None,
+        "curve": curve, "run": uri,
+    }
+
+
+def _run_config(uri: str, endpoint_url: str) -> Config | None:
+    import yaml
+
+    path = storage.join(uri, "config.yaml")
+    if not storage.exists(path, endpoint_url):
+        return None
+    return from_dict(yaml.safe_load(storage.read_text(path, endpoint_url)))
+
+
+def read_results(url: str, metric: str = "", mode: str = "", endpoint_url: str = "") -> dict[str, Any]:
+    """A sweep folder (it has ``sweep.json``) or a single run folder (``metrics.jsonl``/``config.yaml``), local or
+    ``s3://``, as one dict: trials best first, the best trial, the command that evaluates its checkpoint."""
+    if not storage.is_remote(url) and not url.startswith("file://"):
+        url = os.path.abspath(url)
+    storage.fsspec_fs(url, endpoint_url).invalidate_cache()  # a long-lived process sees files written since
+    sweep_path = storage.join(url, SWEEP_FILE)
+    if storage.exists(sweep_path, endpoint_url):
+        sweep = json.loads(storage.read_text(sweep_path, endpoint_url))
+        metric = metric or sweep["metric"]
+        mode = mode or (sweep["mode"] if metric == sweep["metric"] else default_mode(metric))
+        trials = []
+        for tid, t in sweep.get("trials", {}).items():
+            until = t.get("steps") if t.get("status") == "stopped" else None
+            run = read_run(storage.join(url, TRIALS_DIR, tid), metric, mode, endpoint_url, until)
+            trials.append({"trial_id": tid, "config": t.get("config", {}), "status": t.get("status", "unknown"),
+                           **run})
+        kind, name, space = "sweep", sweep.get("name", ""), sweep.get("space", {})
+        max_steps = sweep.get("max_steps")
+    elif storage.exists(storage.join(url, "config.yaml"), endpoint_url) or storage.exists(
+            storage.join(url, "metrics.jsonl"), endpoint_url):
+        cfg = _run_config(url, endpoint_url)
+        metric = metric or (main_metric(cfg) if cfg else "loss")
+        mode = mode or default_mode(metric)
+        run = read_run(url, metric, mode, endpoint_url)
+        max_steps = cfg.train.steps if cfg else None
+        finished = run["steps"] >= max_steps if max_steps else storage.exists(
+            storage.join(url, "summary.json"), endpoint_url)
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        trials = [{"trial_id": name, "config": {}, "status": "finished" if finished else "incomplete", **run}]
+        kind, space = "run", {}
+    else:
+        raise FileNotFoundError(f"no sweep ({SWEEP_FILE}) or run (config.yaml, metrics.jsonl) at {url}")
+
+    sign = -1.0 if mode == "max" else 1.0
+    trials.sort(key=lambda t: (t["best"] is None, sign * (t["best"] or 0.0), t["trial_id"]))
+    best = trials[0] if trials and trials[0]["best"] is not None else None
+    command = None
+    if best and best["checkpoint"]:
+        cfg = _run_config(best["run"], endpoint_url)
+        data = (cfg.data.val or cfg.data.train) if cfg else "SHARDS"
+        command = f"mirasol eval --checkpoint {best['checkpoint']} --data {data}"
+    return {
+        "kind": kind, "url": url, "name": name, "metric": metric, "mode": mode, "space": space,
+        "max_steps": max_steps,
+        "trials": trials,
+        "best": {"trial_id": best["trial_id"], "metric": metric, "value": best["best"], "step": best["best_step"],
+                 "checkpoint": best["checkpoint"]} if best else None,
+        "eval_command": command,
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Showing
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.4f}".rstrip("0").rstrip(".")
+    return str(v)
+
+
+def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
+    """The trials in the given order: id, swept values, status, steps, best and last metric, checkpoint URI."""
+    keys = list(res["space"]) or sorted({k for t in res["trials"] for k in t["config"]})
+    m = res["metric"]
+    head = ["trial", *keys, "status", "steps", f"best {m}", f"last {m}"] + (["checkpoint"] if checkpoints else [])
+    rows = []
+    for t in res["trials"]:
+        steps = f"{t['steps']}/{res['max_steps']}" if res.get("max_steps") else str(t["steps"])
+        rows.append([t["trial_id"], *[_fmt(t["config"].get(k, "")) for k in keys], t["status"], steps,
+                     "-" if t["best"] is None else _fmt(t["best"]), "-" if t["last"] is None else _fmt(t["last"])]
+                    + ([t["checkpoint"] or "-"] if checkpoints else []))
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
+    return "\n".join(lines)
+
+
+def write_plots(res: dict[str, Any], out: str, endpoint_url: str = "") -> list[str]:
+    """``learning_curves.png`` (the metric against step, every trial on one plot) and, for a sweep,
+    ``hyperparameters.png`` (each trial's best value against each swept hyperparameter, one panel each, a log axis
+    for log-uniform ones)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mirasol_ray.launch.train import _png_bytes
+
+    written = []
+    m, best_id = res["metric"], (res["best"] or {}).get("trial_id")
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for t in res["trials"]:
+        if not t["curve"]:
+            continue
+        steps, values = zip(*t["curve"])
+        label = " ".join([t["trial_id"]] + [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in t["config"].items()])
+        ax.plot(steps, values, marker="o", markersize=3, lw=2.5 if t["trial_id"] == best_id else 1,
+                ls="--" if t["status"] == "stopped" else "-", label=f"{label} ({t['status']})")
+    ax.set_xlabel("step")
+    ax.set_ylabel(m)
+    ax.set_title(f"{res['name']}: {m} ({'higher' if res['mode'] == 'max' else 'lower'} is better)")
+    if ax.lines:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = storage.join(out, "learning_curves.png")
+    storage.write_bytes(path, _png_bytes(fig), endpoint_url)
+    plt.close(fig)
+    written.append(path)
+
+    keys = list(res["space"])
+    if keys:
+        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6), squeeze=False)
+        for ax, key in zip(axes[0], keys):
+            pts = [(t["config"].get(key), t["best"], t["status"]) for t in res["trials"] if t["best"] is not None]
+            numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in pts)
+            cats = sorted({json.dumps(x) for x, _, _ in pts})  # choices that are not numbers: one column each
+            for status in sorted({s for _, _, s in pts}):
+                xs = [x if numeric else cats.index(json.dumps(x)) for x, _, s in pts if s == status]
+                ax.scatter(xs, [y for _, y, s in pts if s == status], label=status,
+                           marker="x" if status == "stopped" else "o")
+            if pts and numeric:
+                xs = [x for x, _, _ in pts]
+                if res["space"][key].get("kind") == "loguniform" or (min(xs) > 0 and max(xs) / min(xs) >= 100):
+                    ax.set_xscale("log")  # log-uniform, or a grid/choice over decades
+            elif pts:
+                ax.set_xticks(range(len(cats)), cats, fontsize=7)
+            if pts:
+                ax.legend(fontsize=7)
+            ax.set_xlabel(key)
+            ax.set_ylabel(f"best {m}")
+        fig.tight_layout()
+        path = storage.join(out, "hyperparameters.png")
+        storage.write_bytes(path, _png_bytes(fig), endpoint_url)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def default_out(res: dict[str, Any]) -> str:
+    """``./<name>-results``: a local folder named after the run, refused if it would fall inside a local run or
+    sweep being read (give ``--out`` to write there on purpose)."""
+    out = os.path.abspath(f"{res['name'] or 'mirasol'}-results")
+    src = res["url"]
+    if not storage.is_remote(src):
+        src = storage.strip_scheme(src)
+        if os.path.commonpath([out, src]) == src:
+            raise ValueError(f"the default output folder {out} is inside {src}: give --out DIR")
+    return out
+
+
+def results(url: str, *, out: str = "", metric: str = "", mode: str = "", endpoint_url: str = "") -> dict[str, Any]:
+    """Everything ``mirasol results`` shows, with the PNGs written to ``out`` (default :func:`default_out`)."""
+    if metric:
+        check_metric(metric)
+    res = read_results(url, metric, mode, endpoint_url)
+    res["plots"] = write_plots(res, out or default_out(res), endpoint_url)
+    return res
+
+
+def to_json(res: dict[str, Any]) -> dict[str, Any]:
+    """The ``--json`` object: curves left out (they are in the runs' metrics.jsonl and the PNG)."""
+    return {**res, "trials": [{k: v for k, v in t.items() if k != "curve"} for t in res["trials"]]}
+
+
+def print_results(res: dict[str, Any]) -> None:
+    done = {}
+    for t in res["trials"]:
+        done[t["status"]] = done.get(t["status"], 0) + 1
+    what = "sweep" if res["kind"] == "sweep" else "run"
+    print(f"{what} {res['name']} ({res['url']}): {len(res['trials'])} trial(s), "
+          + ", ".join(f"{n} {s}" for s, n in sorted(done.items())) + f"; ranked by {res['metric']} ({res['mode']})")
+    print(format_table(res))
+    if res["best"]:
+        b = res["best"]
+        print(f"\nbest: {b['trial_id']} {b['metric']}={_fmt(b['value'])} at step {b['step']}")
+        if res["eval_command"]:
+            print(f"evaluate its checkpoint:\n  {res['eval_command']}")
+    else:
+        print(f"\nno trial has reported {res['metric']} yet")
+    print("plots: " + ", ".join(res.get("plots", [])))
