@@ -16,13 +16,15 @@ import sys
 FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "nextqa-mc", "nextqa-oe", "kinetics-sounds", "vggsound",
                 "epic-sounds")
 """``shards build`` formats (the help lists them without importing the converters)."""
+OVERWRITE_HELP = ("replace the shards already in --out (by default a folder holding shards is refused); the old "
+                  "build's files the new one does not rewrite are deleted")
 
 
 def _cmd_shards_synth(args: argparse.Namespace) -> int:
     from mirasol_ray.data.synthetic import synthesize
 
     manifest = synthesize(args.out, args.num_clips, seed=args.seed, shard_size=args.shard_size,
-                          val_fraction=args.val_fraction, progress=not args.quiet)
+                          val_fraction=args.val_fraction, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote {manifest['num_samples']} clips in {len(manifest['shards'])} shards to {args.out}")
     return 0
 
@@ -36,7 +38,7 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
             labels = [line.strip() for line in f if line.strip()]
     manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
                             transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
-                            labels=labels, answer_vocab=args.answer_vocab)
+                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite)
     skipped = sum(manifest.get("skipped", {}).values())
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
@@ -269,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--shard-size", type=int, default=64)
     s.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction as a val/ split")
+    s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(func=_cmd_shards_synth)
 
@@ -290,6 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transcode", type=int, default=None, metavar="HEIGHT",
                    help="re-encode at this height with a short keyframe interval (fast decode)")
     b.add_argument("--gop", type=int, default=None, help="keyframe interval for --transcode (frames)")
+    b.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_shards_build)
 
@@ -398,6 +402,10 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
                                 ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
                                 ("step", "mirasol_ray.bench.step", "train-step speed in plain torch"),
+                                ("rows", "mirasol_ray.bench.rows",
+                                 "clip rows against one row per text: bytes, FLOPs, samples/s"),
+                                ("train", "mirasol_ray.bench.train",
+                                 "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
                                 ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)

@@ -63,7 +63,11 @@ class DataConfig:
     max_target_len: int = 48
     """Answer/caption/label tokens including BOS/EOS (right-padded)."""
     max_options: int = 5
-    """Multiple-choice options kept per sample (padded)."""
+    """Multiple-choice options kept per question (padded)."""
+    max_texts: int = 16
+    """K: texts (caption, questions, label) a row carries with its clip, padded and masked. The clip is decoded
+    and encoded once for all of them; a clip with more texts gives several rows of K (each a copy of the clip:
+    raise K above the most texts a clip has to avoid that). Only the texts present cost compute."""
     task: str = "caption"
     """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all. Left out of a
     config (YAML and ``--set``), it follows ``train.stage``: caption rows to pretrain (with the latent prediction
@@ -79,27 +83,29 @@ class DataConfig:
     decode_batch_size: int = 4
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
+    decode_actors: int = 0
+    """Decode in a pool of this many long-lived actors (each holding ``decode_cpus``) instead of tasks; 0: tasks
+    (Ray reuses their worker processes, so imports are paid once either way: docs/PERFORMANCE.md)."""
     cache: bool = False
-    """Decode the training and validation sets once, before training, and keep the rows in Ray's object store
-    (``Dataset.materialize``): for a small dataset trained over many epochs, where decoding every epoch would
-    bound the step rate. Rows then keep the frame positions of that one decode (no per-epoch sampling)."""
-    shuffle_files: bool = True
-    shuffle_buffer: int = 0
-    """Rows in each training worker's local shuffle buffer; 0 means 4 batches. With ``cache`` the cached blocks
-    also come in a new random order every epoch, and a buffer of several hundred rows mixes them well (the rows
-    of one clip arrive together: a small buffer gives batches of a few clips, in the same order every epoch)."""
+    """Decode the training and validation sets once, before training, and keep the rows in Ray's object store:
+    for a small dataset trained over many epochs, where decoding every epoch would bound the step rate. Rows then
+    keep the frame positions of that one decode (no per-epoch sampling); the order is still new every epoch."""
+    shuffle: bool = True
+    """Training reads the samples in a new order every epoch: a permutation of the whole dataset from
+    (``seed``, epoch); False: the dataset's own order every epoch. Either way the order, like each clip's frame
+    positions, is a function of (``seed``, epoch, key), so a stopped run resumes exactly (data/index.py)."""
     seed: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_snippets", "frames_per_snippet", "height", "width", "sample_rate", "n_mels",
-                     "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options",
+                     "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options", "max_texts",
                      "decode_batch_size", "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
         if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
             raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
-        if self.shuffle_buffer < 0:
-            raise ConfigError(f"data.shuffle_buffer must be >= 0, got {self.shuffle_buffer}")
+        if self.decode_actors < 0:
+            raise ConfigError(f"data.decode_actors must be >= 0, got {self.decode_actors}")
         if not 0 < self.decode_cpus <= 64:
             raise ConfigError(f"data.decode_cpus must be in (0, 64], got {self.decode_cpus}")
 
@@ -157,6 +163,10 @@ class TrainConfig:
     checkpoint_every: int = 50
     keep_checkpoints: int = 2
     prefetch_batches: int = 2
+    sample_log: bool = False
+    """Each worker writes the keys and stream positions of every step's samples to
+    ``samples/<start step>-rank<r>.jsonl`` in the run folder (one file per worker and per start or resume), to
+    trace what a step saw (a loss spike, a bad clip)."""
 
     def __post_init__(self) -> None:
         if self.stage not in ("pretrain", "finetune"):

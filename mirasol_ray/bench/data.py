@@ -1,11 +1,19 @@
 """``mirasol bench data URL``: decode throughput of the data path, every variant measured in one run.
 
-(a) bare: one process, webdataset tar iteration + :func:`decode_sample_safe`, no framework;
-(b) ray: the real Ray Data pipeline (:func:`decoded_dataset`) with 1 and 2 CPUs;
+(a) bare: one process, webdataset tar iteration + the decode function, no framework;
+(b) ray: the real Ray Data pipeline (:func:`~mirasol_ray.data.pipeline.decoded_dataset`) on 1 and 2 CPUs;
 (c) dataloader: webdataset + torch DataLoader, the same decode function, the same number of workers;
 (d) ceiling: PyAV decodes every frame of every clip, no conversion (the decoder's floor cost);
 (e) with ``--transcoded URL2``: the bare loop over shards built with ``--transcode`` from the same videos.
-Ratios are taken between figures of this one run.
+
+The comparison is fair by construction: every variant decodes the same samples (whole shards: ``--limit`` rounds
+up to a shard) with the same function (:func:`decode_one`: the training decode, frame positions from
+(``data.seed``, epoch 0, key)), one decode thread and one torch thread per process, after the same untimed
+warm-up (``--warmup`` clips per decoding process, in the same processes the timed pass then uses), and counts the
+same unit: clips decoded. Each round measures every variant once; ``--repeats`` rounds interleave them, so a
+change in the machine's load hits all alike, and the ratios are taken within each round (median and range).
+Beside wall-clock clips/s, each variant's CPU seconds (its whole process tree: Ray's GCS, raylet and workers, the
+DataLoader's workers) give CPU ms per clip, which a busy machine disturbs far less than wall time.
 """
 
 from __future__ import annotations
@@ -14,13 +22,14 @@ import argparse
 import io
 import json
 import os
+import statistics
 import time
 from typing import Any, Iterator
 
 import numpy as np
 import torch.utils.data
 
-from mirasol_ray.config import load_config
+from mirasol_ray.config import DataConfig, load_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -34,15 +43,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--transcoded", default="", help="the same clips built with --transcode (for the ratio)")
     p.add_argument("--cpus", type=int, nargs="+", default=[1, 2], help="CPU counts for ray and dataloader")
-    p.add_argument("--limit", type=int, default=0, help="at most N clips per variant")
+    p.add_argument("--limit", type=int, default=0, help="at least N clips (whole shards) per variant; 0: all")
+    p.add_argument("--warmup", type=int, default=2, help="untimed clips each decoding process decodes first")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of every variant, interleaved")
+    p.add_argument("--ray-actors", action="store_true",
+                   help="also measure Ray Data with an actor pool of decoders (one actor per CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["bare", "ray", "dataloader", "ceiling"])
     p.add_argument("--json-out", default="", help="write the figures as JSON here")
 
 
-def _tar_urls(url: str) -> list[str]:
-    from mirasol_ray.data.pipeline import expand_shard_urls
+def bench_shards(url: str, limit: int) -> list[str]:
+    """The shard paths of ``url``, the first ones holding at least ``limit`` samples (all: 0)."""
+    from mirasol_ray.data.index import build_index, resolve_shards
 
-    return expand_shard_urls(url)
+    shards = resolve_shards(url)
+    if not limit:
+        return shards.paths
+    sizes = shards.sizes if shards.num_samples is not None else \
+        np.bincount(build_index(shards).shard, minlength=len(shards.paths)).tolist()
+    total, keep = 0, []
+    for path, size in zip(shards.paths, sizes):
+        keep.append(path)
+        total += size
+        if total >= limit:
+            break
+    return keep
 
 
 def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
@@ -54,119 +79,170 @@ def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
         yield {k: v for k, v in s.items() if k != "__url__"}
 
 
-def _frames_of(rows: list[dict]) -> int:
-    return sum(int(r["snippet_mask"].sum()) * r["video"].shape[1] for r in rows[:1])
-
-
-def bench_bare(urls: list[str], cfg, limit: int) -> dict[str, float]:
+def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
+    """The decode every variant runs: the training decode of the Ray pipeline, epoch 0. True when it decoded."""
+    from mirasol_ray.data.index import sample_rng
     from mirasol_ray.data.rows import decode_sample_safe
 
-    rng = np.random.default_rng(0)
-    n = frames = 0
-    t0 = time.perf_counter()
-    for sample in iter_samples(urls):
-        rows, reason, _ = decode_sample_safe(sample, cfg.data, train=True, rng=rng)
-        if reason is None:
-            n += 1
-            frames += _frames_of(rows)
-        if limit and n >= limit:
+    _, reason, _ = decode_sample_safe(sample, cfg, train=True, rng=sample_rng(cfg.seed, 0, str(sample["__key__"])))
+    return reason is None
+
+
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (default: this one) and all its descendants,
+    live ones and those already reaped, from /proc (Linux). Ray's processes (GCS, raylet, its workers) and a
+    DataLoader's workers all descend from the process that started them, so this counts everything a variant
+    runs, whatever else the machine is doing: the load-robust figure beside wall-clock throughput."""
+    pid = pid or os.getpid()
+    tick = os.sysconf("SC_CLK_TCK")
+    stats: dict[int, tuple[int, float]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: cutime, cstime (waited-for children)
+        stats[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(p)
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += stats.get(p, (0, 0.0))[1]
+        todo += children.get(p, [])
+    return total
+
+
+class _Timer:
+    """Wall and process-tree CPU time of a timed phase."""
+
+    def __enter__(self) -> _Timer:
+        self.cpu0, self.t0 = tree_cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds = time.perf_counter() - self.t0
+        self.cpu = tree_cpu_seconds() - self.cpu0
+
+
+def _result(n: int, timer: _Timer, cfg: DataConfig) -> dict[str, float]:
+    frames = n * cfg.num_snippets * cfg.frames_per_snippet
+    return {"clips": n, "seconds": timer.seconds, "clips_per_s": n / timer.seconds,
+            "frames_per_s": frames / timer.seconds, "cpu_s": timer.cpu, "cpu_ms_per_clip": 1000 * timer.cpu / max(n, 1)}
+
+
+def bench_bare(urls: list[str], cfg: DataConfig, warmup: int) -> dict[str, float]:
+    torch.set_num_threads(1)
+    for i, sample in enumerate(iter_samples(urls)):
+        if i >= warmup:
             break
-    dt = time.perf_counter() - t0
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+        decode_one(sample, cfg)
+    n = 0
+    with _Timer() as timer:
+        for sample in iter_samples(urls):
+            n += decode_one(sample, cfg)
+    return _result(n, timer, cfg)
 
 
 class _DecodeIterable(torch.utils.data.IterableDataset):
-    """An IterableDataset over tar shards; webdataset splits the shards between DataLoader workers."""
+    """The first pass over it in each DataLoader worker is the warm-up (``warmup`` clips of the first shard);
+    later passes decode the worker's shards (webdataset splits them between workers) and yield 1 per clip."""
 
-    def __init__(self, urls: list[str], data_cfg):
+    def __init__(self, urls: list[str], data_cfg: DataConfig, warmup: int):
         super().__init__()
-        self.urls, self.data_cfg = urls, data_cfg
+        self.urls, self.data_cfg, self.warmup = urls, data_cfg, warmup
+        self.passes = 0
 
     def __iter__(self):
-        import torch.utils.data as tud
+        torch.set_num_threads(1)
+        self.passes += 1  # the worker's own copy: persistent workers keep it between passes
+        if self.passes == 1:
+            for i, sample in enumerate(iter_samples(self.urls[:1])):
+                if i >= self.warmup:
+                    break
+                decode_one(sample, self.data_cfg)
+            yield 0
+            return
+        import webdataset as wds
 
-        from mirasol_ray.data.rows import decode_sample_safe
-
-        info = tud.get_worker_info()
-        rng = np.random.default_rng(0 if info is None else info.id)
-        for sample in iter_samples(self.urls):  # webdataset gives each DataLoader worker its own shards
-            rows, reason, _ = decode_sample_safe(sample, self.data_cfg, train=True, rng=rng)
-            if reason is None:
-                yield _frames_of(rows)
+        ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, workersplitter=wds.split_by_worker)
+        for sample in ds:
+            yield int(decode_one({k: v for k, v in sample.items() if k != "__url__"}, self.data_cfg))
 
 
-def bench_dataloader(urls: list[str], cfg, workers: int, limit: int) -> dict[str, float]:
+def bench_dataloader(urls: list[str], cfg: DataConfig, workers: int, warmup: int) -> dict[str, float]:
     import torch.utils.data as tud
 
-    dl = tud.DataLoader(_DecodeIterable(urls, cfg.data), batch_size=None, num_workers=workers,
-                        prefetch_factor=4 if workers else None)
-    n = frames = 0
-    t0 = time.perf_counter()
-    for f in dl:
-        n += 1
-        frames += int(f)
-        if limit and n >= limit:
-            break
-    dt = time.perf_counter() - t0
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+    dl = tud.DataLoader(_DecodeIterable(urls, cfg, warmup), batch_size=None, num_workers=workers,
+                        prefetch_factor=2, persistent_workers=True)
+    for _ in dl:  # warm-up pass: starts the workers, imports the decoders
+        pass
+    n = 0
+    with _Timer() as timer:
+        for ok in dl:
+            n += int(ok)
+    del dl
+    return _result(n, timer, cfg)
 
 
-def bench_ray(url: str, cfg, cpus: int, limit: int) -> dict[str, float]:
+def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int, actors: bool = False
+              ) -> dict[str, float]:
     import ray
 
+    from mirasol_ray.data.index import SampleIndex, build_index, resolve_shards
     from mirasol_ray.data.pipeline import decoded_dataset, make_skip_counter, read_skips
 
+    shards = resolve_shards(url)
+    keep = [shards.paths.index(u) for u in urls]
+    index: SampleIndex = build_index(type(shards)(shards.url, urls, [shards.sizes[i] for i in keep],
+                                                  [shards.offsets[i] for i in keep], shards.manifest))
+    cfg = DataConfig(**{**cfg.__dict__, "decode_cpus": 1.0, "decode_actors": cpus if actors else 0})
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
-        data_cfg = cfg.data
-        data_cfg.decode_cpus = 1.0  # one decode task per CPU, as the bare loop and each DataLoader worker
         counter, name = make_skip_counter()
-        # warm-up: start workers and import decoders before timing
-        for _ in decoded_dataset(url, data_cfg, train=True, counter_name=name, limit=cpus).iter_batches(
-                batch_size=1, batch_format="numpy"):
+        # warm-up: the same pipeline over warmup clips per CPU starts the decode processes and imports decoders
+        for _ in decoded_dataset(url, cfg, train=True, counter_name=name, index=index,
+                                 limit=warmup * cpus).iter_batches(batch_size=None, batch_format="numpy"):
             pass
-        ray.get(counter.snapshot.remote())
         before = read_skips(counter)["decoded"]
-        frames = 0
-        t0 = time.perf_counter()
-        ds = decoded_dataset(url, data_cfg, train=True, counter_name=name, limit=limit)
-        for batch in ds.iter_batches(batch_size=data_cfg.decode_batch_size, batch_format="numpy",
-                                     prefetch_batches=4):
-            frames += int(batch["snippet_mask"].sum()) * data_cfg.frames_per_snippet if len(batch["key"]) else 0
-        dt = time.perf_counter() - t0
-        ray.get(counter.snapshot.remote())
+        rows = 0
+        with _Timer() as timer:
+            ds = decoded_dataset(url, cfg, train=True, counter_name=name, index=index)
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=4):
+                rows += len(batch["key"])
         n = read_skips(counter)["decoded"] - before
     finally:
         ray.shutdown()
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+    return _result(n, timer, cfg) | {"rows": rows}
 
 
-def bench_ceiling(urls: list[str], limit: int) -> dict[str, float]:
+def bench_ceiling(urls: list[str], cfg: DataConfig) -> dict[str, float]:
     """PyAV decodes every video frame of every clip; no colour conversion, no resize."""
     import av
 
     from mirasol_ray.data.rows import VIDEO_EXTENSIONS
 
     n = frames = 0
-    t0 = time.perf_counter()
-    for sample in iter_samples(urls):
-        data = next((sample[e] for e in VIDEO_EXTENSIONS if isinstance(sample.get(e), bytes)), None)
-        if not data:
-            continue
-        try:
-            with av.open(io.BytesIO(data)) as c:
-                stream = c.streams.video[0]
-                stream.thread_type = "NONE"
-                for _ in c.decode(stream):
-                    frames += 1
-        except av.FFmpegError:
-            continue
-        n += 1
-        if limit and n >= limit:
-            break
-    dt = time.perf_counter() - t0
-    return {"clips": n, "seconds": dt, "clips_per_s": n / dt, "frames_per_s": frames / dt}
+    with _Timer() as timer:
+        for sample in iter_samples(urls):
+            data = next((sample[e] for e in VIDEO_EXTENSIONS if isinstance(sample.get(e), bytes)), None)
+            if not data:
+                continue
+            try:
+                with av.open(io.BytesIO(data)) as c:
+                    stream = c.streams.video[0]
+                    stream.thread_type = "NONE"
+                    for _ in c.decode(stream):
+                        frames += 1
+            except av.FFmpegError:
+                continue
+            n += 1
+    return _result(n, timer, cfg) | {"frames_per_s": frames / timer.seconds}
 
 
 def make_videos(folder: str, n: int, transcode_height: int) -> tuple[str, str]:
@@ -202,8 +278,13 @@ def make_videos(folder: str, n: int, transcode_height: int) -> tuple[str, str]:
     original, transcoded = os.path.join(folder, "original"), os.path.join(folder, "transcoded")
     for out, th in ((original, None), (transcoded, transcode_height)):
         if not os.path.exists(os.path.join(out, "manifest.json")):
-            build_shards("jsonl", ann, videos, out, shard_size=max(1, n // 4), transcode=th, progress=False)
+            build_shards("jsonl", ann, videos, out, shard_size=max(1, n // 4), transcode=th, progress=False,
+                         overwrite=True)
     return original, transcoded
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -213,45 +294,64 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("give a shard URL, or --make DIR")
     cfg = load_config(args.config, args.set)
     cfg.data.decode_threads = 1
-    urls = _tar_urls(args.url)
-    res: dict[str, Any] = {"url": args.url, "config": args.config, "overrides": args.set,
-                           "machine": f"{os.cpu_count()} CPUs", "results": {}}
-    r = res["results"]
-    if "bare" not in args.skip:
-        r["bare"] = bench_bare(urls, cfg, args.limit)
-    if "ceiling" not in args.skip:
-        r["ceiling_all_frames"] = bench_ceiling(urls, args.limit)
-    if "dataloader" not in args.skip:
+    urls = bench_shards(args.url, args.limit)
+    turls = bench_shards(args.transcoded, args.limit) if args.transcoded else []
+    rounds: list[dict[str, dict[str, float]]] = []
+    for _ in range(max(1, args.repeats)):
+        r: dict[str, dict[str, float]] = {}
+        if "bare" not in args.skip:
+            r["bare"] = bench_bare(urls, cfg.data, args.warmup)
+        if "ceiling" not in args.skip:
+            r["ceiling_all_frames"] = bench_ceiling(urls, cfg.data)
         for k in args.cpus:
-            r[f"dataloader_{k}w"] = bench_dataloader(urls, cfg, k, args.limit)
-    if "ray" not in args.skip:
-        for k in args.cpus:
-            r[f"ray_{k}cpu"] = bench_ray(args.url, load_config(args.config, args.set), k, args.limit)
-    if args.transcoded:
-        r["bare_transcoded"] = bench_bare(_tar_urls(args.transcoded), cfg, args.limit)
+            if "dataloader" not in args.skip:
+                r[f"dataloader_{k}w"] = bench_dataloader(urls, cfg.data, k, args.warmup)
+            if "ray" not in args.skip:
+                r[f"ray_{k}cpu"] = bench_ray(args.url, urls, cfg.data, k, args.warmup)
+                if args.ray_actors:
+                    r[f"ray_actors_{k}cpu"] = bench_ray(args.url, urls, cfg.data, k, args.warmup, actors=True)
+        if turls:
+            r["bare_transcoded"] = bench_bare(turls, cfg.data, args.warmup)
+        rounds.append(r)
+        print(" ".join(f"{k}={v['clips_per_s']:.2f}" for k, v in r.items()), flush=True)
 
-    ratios: dict[str, float] = {}
-    if "bare" in r:
+    def ratios(r: dict[str, dict[str, float]]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        cps = {k: v["clips_per_s"] for k, v in r.items()}
+        if "bare" in r:  # clips per CPU-second against the bare loop's (load-robust)
+            for k, v in r.items():
+                if k != "bare" and v["cpu_s"] > 0:
+                    out[f"{k} clips per CPU-s / bare"] = r["bare"]["cpu_ms_per_clip"] / v["cpu_ms_per_clip"]
         for k in args.cpus:
-            if f"ray_{k}cpu" in r:
-                ratios[f"ray_{k}cpu_per_cpu / bare"] = r[f"ray_{k}cpu"]["clips_per_s"] / k / r["bare"]["clips_per_s"]
-        if "ceiling_all_frames" in r:
-            ratios["bare / ceiling (clips/s)"] = r["bare"]["clips_per_s"] / r["ceiling_all_frames"]["clips_per_s"]
-        if "bare_transcoded" in r:
-            ratios["transcoded / original (bare clips/s)"] = (r["bare_transcoded"]["clips_per_s"]
-                                                             / r["bare"]["clips_per_s"])
-    for k in args.cpus:
-        if f"ray_{k}cpu" in r and f"dataloader_{k}w" in r:
-            ratios[f"ray_{k}cpu / dataloader_{k}w"] = r[f"ray_{k}cpu"]["clips_per_s"] / r[f"dataloader_{k}w"][
-                "clips_per_s"]
-    res["ratios"] = ratios
+            for ray_name in (f"ray_{k}cpu", f"ray_actors_{k}cpu"):
+                if ray_name in cps and "bare" in cps:
+                    out[f"{ray_name}_per_cpu / bare"] = cps[ray_name] / k / cps["bare"]
+                if ray_name in cps and f"dataloader_{k}w" in cps:
+                    out[f"{ray_name} / dataloader_{k}w"] = cps[ray_name] / cps[f"dataloader_{k}w"]
+            if f"dataloader_{k}w" in cps and "bare" in cps:
+                out[f"dataloader_{k}w_per_cpu / bare"] = cps[f"dataloader_{k}w"] / k / cps["bare"]
+        if "bare" in cps and "ceiling_all_frames" in cps:
+            out["bare / ceiling (clips/s)"] = cps["bare"] / cps["ceiling_all_frames"]
+        if "bare" in cps and "bare_transcoded" in cps:
+            out["transcoded / original (bare clips/s)"] = cps["bare_transcoded"] / cps["bare"]
+        return out
 
-    print(f"{'variant':<22}{'clips':>7}{'s':>8}{'clips/s':>10}{'frames/s':>10}")
-    for k, v in r.items():
-        print(f"{k:<22}{v['clips']:>7}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}")
+    per_round = [ratios(r) for r in rounds]
+    res: dict[str, Any] = {
+        "url": args.url, "config": args.config, "overrides": args.set, "machine": f"{os.cpu_count()} CPUs",
+        "load_average": os.getloadavg(), "shards": len(urls), "warmup": args.warmup, "rounds": rounds,
+        "results": {k: {m: statistics.median(r[k][m] for r in rounds) for m in rounds[0][k]} for k in rounds[0]},
+        "ratios": {k: _summary([r[k] for r in per_round]) for k in per_round[0]},
+    }
+    print(f"\n{'variant':<22}{'clips':>7}{'s':>8}{'clips/s':>10}{'frames/s':>10}{'CPU ms/clip':>13}"
+          f"   (median of {len(rounds)})")
+    for k, v in res["results"].items():
+        print(f"{k:<22}{v['clips']:>7.0f}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}"
+              f"{v['cpu_ms_per_clip']:>13.1f}")
     print()
-    for k, v in ratios.items():
-        print(f"{k:<42}{v:>8.2f}")
+    for k, v in res["ratios"].items():
+        print(f"{k:<48}{v['median']:>8.2f}   ({v['min']:.2f}-{v['max']:.2f})")
+    print(f"load average at the end: {' '.join(f'{x:.1f}' for x in res['load_average'])}")
     if args.json_out:
         with open(args.json_out, "w") as f:
             json.dump(res, f, indent=2)

@@ -38,14 +38,22 @@ USABLE = 0.9
 fragmentation and workspaces, which this plan does not model."""
 
 
-def meta_batch(data_cfg, batch_size: int) -> dict[str, Any]:
-    """A batch of the schema's shapes and dtypes on the meta device; every row a QA row of full-length text."""
-    from mirasol_ray.data.schema import row_spec
+def meta_batch(data_cfg, batch_size: int, texts: int = 1) -> dict[str, Any]:
+    """A batch of the schema's shapes and dtypes on the meta device, ``texts`` full-length QA texts per clip.
+
+    The texts come flattened, clip by clip, without the K axis and its ``text_mask`` (which texts are present is
+    data the meta device does not hold; :func:`mirasol_ray.model.mirasol.texts_of` reads such a batch as the same
+    number of texts for every clip)."""
+    from mirasol_ray.data.schema import row_spec, text_spec
 
     batch: dict[str, Any] = {}
+    per_text = text_spec(data_cfg)
     for name, (shape, dtype) in row_spec(data_cfg).items():
+        if name in ("text_mask", "text_index", "num_texts"):
+            continue
+        rows, shape = (batch_size * texts, per_text[name][0]) if name in per_text else (batch_size, shape)
         torch_dtype = torch.from_numpy(np.empty(0, dtype)).dtype
-        batch[name] = torch.empty((batch_size, *shape), dtype=torch_dtype, device="meta")
+        batch[name] = torch.empty((rows, *shape), dtype=torch_dtype, device="meta")
     batch["key"] = [str(i) for i in range(batch_size)]
     return batch
 
@@ -60,10 +68,11 @@ def meta_model(model_cfg, checkpointing: bool) -> Mirasol:
 # FLOPs
 
 
-def step_flops(cfg, batch_size: int) -> dict[str, float]:
-    """``{"model", "hardware"}`` FLOPs of one forward + backward at ``batch_size``, for ``cfg`` (a Config);
-    hardware = model unless ``model.activation_checkpointing`` recomputes the blocks."""
-    batch = meta_batch(cfg.data, batch_size)
+def step_flops(cfg, batch_size: int, texts: int = 1) -> dict[str, float]:
+    """``{"model", "hardware"}`` FLOPs of one forward + backward at ``batch_size`` clips of ``texts`` full-length
+    texts each, for ``cfg`` (a Config); hardware = model unless ``model.activation_checkpointing`` recomputes the
+    blocks."""
+    batch = meta_batch(cfg.data, batch_size, texts)
     out = {}
     for kind, recompute in (("model", False), ("hardware", cfg.model.activation_checkpointing)):
         model = meta_model(cfg.model, recompute)

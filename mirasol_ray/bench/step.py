@@ -31,7 +31,9 @@ PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 98
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--batch-size", type=int, default=0, help="default: the preset's train.batch_size")
+    p.add_argument("--batch-size", type=int, default=0, help="clips; default: the preset's train.batch_size")
+    p.add_argument("--texts-per-clip", type=int, default=1,
+                   help="texts each clip carries (at most data.max_texts); the clip is encoded once for all")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -39,8 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json-out", default="")
 
 
-def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = None) -> dict:
-    """A batch with the schema's shapes and dtypes: random pixels/mel, random text of full length."""
+def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = None, texts: int = 1) -> dict:
+    """A batch with the schema's shapes and dtypes: random pixels/mel; ``texts`` open-ended questions of full
+    length per clip (the other text entries padding)."""
     from mirasol_ray.data.schema import row_spec
 
     g = generator or torch.Generator().manual_seed(0)
@@ -58,9 +61,15 @@ def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = No
             out[name] = torch.randint(3, cfg.model.vocab_size, full, dtype=torch.int32, generator=g)
         else:
             out[name] = torch.zeros(full, dtype=torch.int64)
+    texts = min(max(1, texts), cfg.data.max_texts)
     out["task"][:] = 1  # open-ended QA: prompt + target
     out["label"][:] = 0 if cfg.model.num_classes else -1
     out["answer_idx"][:] = -1
+    out["num_texts"][:] = texts
+    out["text_index"][:] = torch.arange(cfg.data.max_texts)
+    for name in ("text_mask", "prompt_mask", "target_mask", "option_mask"):
+        out[name][:, texts:] = False
+    out["text_index"][:, texts:] = -1
     out["key"] = [str(i) for i in range(batch_size)]
     return out
 
@@ -79,14 +88,15 @@ def run(args: argparse.Namespace) -> int:
     bs = args.batch_size or cfg.train.batch_size
     cfg.train.steps = args.steps + args.warmup + 1
     cfg.train.warmup_steps = 1
-    flops = step_flops(cfg, bs)  # counted once, on the meta device, before anything is allocated
+    texts = min(max(1, args.texts_per_clip), cfg.data.max_texts)
+    flops = step_flops(cfg, bs, texts)  # counted once, on the meta device, before anything is allocated
     torch.manual_seed(0)
     with torch.device(device):
         model = build_model(cfg.model)
     model = parallelize(model, cfg, device)  # activation checkpointing and compile as the config says
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    batch = synthetic_batch(cfg, bs)
+    batch = synthetic_batch(cfg, bs, texts=texts)
     tokens = count_tokens(batch)
 
     def sync():
@@ -108,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
     res = {"preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else
            f"cpu ({torch.get_num_threads()} threads)", "precision": "bf16" if bf16_compute(device, cfg.train.precision)
            else "fp32", "compile": cfg.train.compile, "activation_checkpointing": cfg.model.activation_checkpointing,
-           "batch_size": bs, "step_s": dt, "warmup_s": warmup_s, "samples_per_s": bs / dt,
+           "batch_size": bs, "texts_per_clip": texts, "step_s": dt, "warmup_s": warmup_s, "samples_per_s": bs / dt,
            "text_tokens_per_s": tokens / dt, "model_flops_per_step": flops["model"],
            "hardware_flops_per_step": flops["hardware"], "model_tflops_per_s": flops["model"] / dt / 1e12,
            "params": sum(p.numel() for p in model.parameters())}

@@ -94,8 +94,9 @@ def call_with_timeout(fn: Callable[[], T], timeout_s: float) -> T:
     return box["value"]  # type: ignore[return-value]
 
 
-def _probe(data: bytes) -> float | None:
-    """Check with PyAV that ``data`` is a media file with a video stream; return its duration in s if known.
+def _probe(data: bytes) -> tuple[float | None, float | None]:
+    """Check with PyAV that ``data`` is a media file with a video stream; return its duration and the stream time
+    of its first frame (s) where known.
 
     Probing first keeps garbage away from decord, whose open error echoes the whole buffer to stderr.
     """
@@ -106,9 +107,11 @@ def _probe(data: bytes) -> float | None:
             if not container.streams.video:
                 raise DecodeError("no_video")
             stream = container.streams.video[0]
+            start = float(stream.start_time * stream.time_base) if stream.start_time is not None and \
+                stream.time_base is not None else None
             if stream.duration is not None and stream.time_base is not None:
-                return float(stream.duration * stream.time_base)
-            return container.duration / av.time_base if container.duration else None
+                return float(stream.duration * stream.time_base), start
+            return (container.duration / av.time_base if container.duration else None), start
     except DecodeError:
         raise
     except Exception as e:  # PyAV raises FFmpegError subclasses, and ValueError/OSError variants
@@ -123,7 +126,7 @@ class Video:
     """
 
     def __init__(self, data: bytes, height: int, width: int, num_threads: int = 1):
-        probed_duration = _probe(data)
+        probed_duration, stream_start = _probe(data)
         self.height, self.width = height, width
         self._data, self._num_threads = data, num_threads
         try:
@@ -136,9 +139,12 @@ class Video:
         if n == 0:
             raise DecodeError("undecodable", "no frames")
         self.num_frames = n
-        self.start_time = float(times[0, 0])
-        """Stream time (s) of the first frame: the origin of every time this class takes or returns."""
-        self.frame_starts = np.maximum.accumulate(times[:, 0] - self.start_time)  # [N] s, non-decreasing
+        # decord counts frame times from the video stream's own start; the audio is cut on the container's clock,
+        # where a video stream muxed to start after its audio (an edit list) starts later: PyAV's start time
+        self.start_time = stream_start if stream_start is not None else float(times[0, 0])
+        """Stream time (s) of the first frame on the container's clock: the origin of every time this class takes
+        or returns (and where the clip's audio is cut from, so both stay aligned)."""
+        self.frame_starts = np.maximum.accumulate(times[:, 0] - times[0, 0])  # [N] s from the first frame
         duration = float(times[-1, 1] - times[0, 0])
         if not np.isfinite(duration) or duration <= 0:  # broken timestamps: fall back to rate, then to PyAV
             duration = n / fps if fps > 0 else (probed_duration or 0.0)

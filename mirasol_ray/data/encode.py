@@ -59,6 +59,7 @@ def encode_av(
     acodec: str | None = None,
     gop: int | None = None,
     crf: int | None = None,
+    audio_offset: float = 0.0,
 ) -> bytes:
     """Encode RGB frames (and optional mono audio) into one container file, returned as bytes.
 
@@ -70,6 +71,8 @@ def encode_av(
         vcodec, acodec: default per container: H.264 + AAC (mp4/mov/mkv), VP9 + Opus (webm), MPEG-4 + PCM (avi).
         gop: keyframe interval in frames (None: the encoder's default). Short GOPs make sparse seeking cheap.
         crf: quality (lower is better); None uses a per-codec default.
+        audio_offset: seconds by which the audio stream starts after the video stream (negative: the video
+            starts later, by a whole number of frames), as in files cut or muxed from separate recordings.
     """
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [N, H, W, 3], got {frames.dtype} {frames.shape}")
@@ -92,16 +95,18 @@ def encode_av(
         if audio is not None:
             a_s = out.add_stream(acodec, rate=sample_rate, layout="mono")
 
+        video_start = round(-audio_offset * rate) if audio_offset < 0 else 0  # in frames
         for i, rgb in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
-            frame.pts, frame.time_base = i, 1 / rate
+            frame.pts, frame.time_base = video_start + i, 1 / rate
             out.mux(vs.encode(frame))
         out.mux(vs.encode(None))
 
         if a_s is not None:
             pcm = np.clip(np.asarray(audio, dtype=np.float32), -1.0, 1.0)[None, :]  # [1, n] planar mono
             aframe = av.AudioFrame.from_ndarray(np.ascontiguousarray(pcm), format="fltp", layout="mono")
-            aframe.sample_rate, aframe.pts, aframe.time_base = sample_rate, 0, Fraction(1, sample_rate)
+            audio_start = round(audio_offset * sample_rate) if audio_offset > 0 else 0
+            aframe.sample_rate, aframe.pts, aframe.time_base = sample_rate, audio_start, Fraction(1, sample_rate)
             out.mux(a_s.encode(aframe))
             out.mux(a_s.encode(None))
     return buf.getvalue()

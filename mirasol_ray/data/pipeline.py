@@ -1,93 +1,81 @@
-"""Ray Data: WebDataset shards -> decoded, fixed-shape snippet rows, streamed to Ray Train workers.
+"""Ray Data: shards -> decoded, fixed-shape clip rows, streamed to Ray Train workers.
 
-A tolerant WebDataset reader (raw member bytes, no unsafe deserialisation) -> ``map_batches(decode)`` on fractional
-CPUs -> rows per :mod:`mirasol_ray.data.schema`. A bad sample is skipped and counted by reason in a small named
-actor (:class:`SkipCounter`), which the driver, ``mirasol data inspect`` and the training metrics read; so is a bad
-shard (not a tar, truncated, unreadable), by file name: one bad file never stops an epoch.
+The reader goes by the sample index (:mod:`mirasol_ray.data.index`): each sample is a byte range of its tar, so
+the pipeline is ``ray.data.range`` over the samples wanted, in blocks of ``data.decode_batch_size`` samples, and a
+``map_batches`` that fetches each block's samples (one ranged read each) and decodes them
+(:func:`~mirasol_ray.data.rows.decode_sample_safe`) on fractional CPUs. Blocks are a few clips, not a whole tar
+(``read_webdataset`` makes one block per tar and a DataFrame per sample: ray#65350), so every CPU has work from
+the first second and the tail of an epoch is short.
+
+Two orders:
+
+- :func:`decoded_dataset`: the dataset's canonical order (shards in order, samples in tar order). Evaluation,
+  ``mirasol data inspect``, the benchmarks and ``data.cache`` read this way.
+- :func:`train_batches`: training. Each Train worker builds its own pipeline for its share of each epoch's
+  stream of positions (:class:`~mirasol_ray.data.index.ReadPosition`), with the order preserved, so what a worker
+  sees is a pure function of (seed, epoch, number of workers, position) and a stopped run resumes exactly. With
+  ``data.cache`` the rows come from the object store instead of the decoder, by the same positions.
+
+A bad sample is skipped and counted by reason in a small named actor (:class:`SkipCounter`), which the driver,
+``mirasol data inspect`` and the training metrics read; so is a bad shard (not a tar, truncated, unreadable), by
+file name, when the index is built: one bad file never stops an epoch, and a truncated tar keeps the samples
+before the cut.
 """
 
 from __future__ import annotations
 
-import json
-import posixpath
+import math
 import uuid
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from mirasol_ray import storage
 from mirasol_ray.config import DataConfig
+from mirasol_ray.data.index import (
+    SHARD_REASONS,
+    ReadPosition,
+    SampleIndex,
+    build_index,
+    epoch_permutation,
+    find_manifest,
+    read_samples,
+    resolve_shards,
+    sample_rng,
+)
 from mirasol_ray.data.schema import TENSOR_COLUMNS, row_spec
 
-# --------------------------------------------------------------------------------------------------------------
-# Finding shards
-
-
-def _expand_braces(pattern: str) -> list[str]:
-    from braceexpand import braceexpand  # a webdataset dependency
-
-    return list(braceexpand(pattern))
+__all__ = ["expand_shard_urls", "find_manifest", "sample_index", "decoded_dataset", "train_batches",
+           "make_skip_counter", "read_skips", "describe_skips", "shards_failed", "samples_seen", "SHARD_REASONS",
+           "to_torch", "stack_rows"]
 
 
 def expand_shard_urls(url: str, endpoint_url: str = "") -> list[str]:
-    """A folder, a glob, a brace list (``shard-{000..009}.tar``) or a single tar, local or ``s3://``, to the
-    sorted list of tar paths (no scheme, as the pyarrow filesystem wants them). Raises FileNotFoundError naming
-    the URL when nothing matches."""
-    storage.check_bucket(url, endpoint_url)  # a missing bucket is named as such, not as "no shards"
-    fs = storage.fsspec_fs(url, endpoint_url)
-    found: list[str] = []
-    for pattern in _expand_braces(url):
-        path = storage.strip_scheme(pattern)
-        if any(c in path for c in "*?["):
-            found += [p for p in fs.glob(path) if p.endswith(".tar")]
-        elif path.endswith(".tar"):
-            if not fs.exists(path):
-                raise FileNotFoundError(f"shard not found: {pattern}")
-            found.append(path)
-        elif fs.isdir(path):
-            tars = [p for p in fs.find(path) if p.endswith(".tar")]
-            top = [p for p in tars if posixpath.dirname(p.rstrip("/")) == path.rstrip("/")]
-            found += top or tars
-        else:
-            raise FileNotFoundError(f"no shards at {pattern}")
-    if not found:
-        raise FileNotFoundError(f"no .tar shards found at {url}")
-    # fsspec's s3 paths come back without a leading slash, as pyarrow wants them.
-    return sorted(dict.fromkeys(p if not storage.is_s3(url) else p.lstrip("/") for p in found))
+    """The shard paths of ``url`` (see :func:`~mirasol_ray.data.index.resolve_shards`)."""
+    return resolve_shards(url, endpoint_url).paths
 
 
-def find_manifest(url: str, endpoint_url: str = "") -> dict[str, Any] | None:
-    """The ``manifest.json`` of the shard folder at ``url`` (or of its parent, for split subfolders)."""
-    base = url
-    for ch in "*?[{":
-        if ch in base:
-            base = base[: base.index(ch)]
-    base = base.rstrip("/")
-    if base.endswith(".tar"):
-        base = posixpath.dirname(base)
-    for cand in (base, posixpath.dirname(base)):
-        if not cand:
-            continue
-        uri = storage.join(cand, "manifest.json")
-        try:
-            if storage.exists(uri, endpoint_url):
-                return json.loads(storage.read_text(uri, endpoint_url))
-        except (OSError, ValueError):
-            continue
-    return None
+def _apply(fn, x):
+    return fn(x)
+
+
+def _ray_map(fn, items: list) -> list:
+    """``map`` on Ray tasks (a quarter CPU each) when Ray is up, else in this process."""
+    import ray
+
+    if not ray.is_initialized() or len(items) < 2:
+        return list(map(fn, items))
+    task = ray.remote(num_cpus=0.25)(_apply)
+    return ray.get([task.remote(fn, x) for x in items])
+
+
+def sample_index(url: str, endpoint_url: str = "") -> SampleIndex:
+    """The sample index of the dataset at ``url``: from the manifest, or by scanning shards (in Ray tasks)."""
+    return build_index(resolve_shards(url, endpoint_url), endpoint_url, map_fn=_ray_map)
 
 
 # --------------------------------------------------------------------------------------------------------------
 # Skip counting
-
-SHARD_REASONS = {
-    "not_a_tar": "the shard file is not a tar archive (or is empty)",
-    "truncated_shard": "the tar ends inside a member or header: the samples before the cut are kept",
-    "unreadable_shard": "the shard cannot be opened or read (permissions, vanished file, storage error)",
-    "bad_shard": "the tar breaks the WebDataset layout (e.g. a sample's members not adjacent): the message says how",
-}
-"""Reasons a whole shard (counted once, by file name) is skipped; sample-level ones are ``rows.SKIP_REASONS``."""
 
 _MAX_EXAMPLES = 5
 
@@ -188,102 +176,16 @@ def samples_seen(snap: dict[str, Any]) -> int:
     return snap["decoded"] + sum(n for r, n in snap["skipped"].items() if r not in SHARD_REASONS)
 
 
-# --------------------------------------------------------------------------------------------------------------
-# Reading shards
-
-
-def _webdataset_source(paths: list[str], *, filesystem, shuffle, counter_name: str):
-    """A WebDataset datasource (Ray's ``read_webdataset`` reader: raw member bytes, files shuffled and split into
-    read tasks the same way) that skips a shard it cannot read, counting it by name, instead of failing the task:
-    Ray's own raises inside the read task, and one bad file out of thousands then ends the whole dataset.
-
-    Why a datasource and not a pre-check of every shard: the read stays one streaming pass (a shard is opened
-    once, by the task that reads it), a truncated tar keeps the samples before the cut, and a shard that breaks
-    mid-read on object storage is caught where it breaks. Transient storage errors (Ray's ``retried_io_errors``)
-    are still raised, so Ray's read loop reopens the file and retries as it does for ``read_webdataset``.
-    """
-    import tarfile
-
-    import pandas as pd
-    from ray.data._internal.datasource.webdataset_datasource import (
-        WEBDATASET_READ_CHUNK_SIZE,
-        WebDatasetDatasource,
-        _group_by_keys,
-        _tar_file_iterator,
-    )
-    from ray.data._internal.util import matches_error
-    from ray.data.datasource.file_meta_provider import DefaultFileMetadataProvider
-
-    from mirasol_ray.data.decode import cut_message
-
-    class TolerantWebDataset(WebDatasetDatasource):
-        def __init__(self, *args, counter_name: str, **kwargs):
-            super().__init__(*args, **kwargs)
-            self._counter_name = counter_name
-            self._unopened: dict[str, str] = {}
-
-        def _skip(self, path: str, reason: str, error: BaseException) -> None:
-            _count(self._counter_name, 0, 0, {reason: 1},
-                   {reason: [cut_message(f"{path}: {error}", 300)]})
-
-        def _open_input_source(self, filesystem, path: str, **open_args):
-            import pyarrow as pa
-
-            try:
-                return super()._open_input_source(filesystem, path, **open_args)
-            except Exception as e:  # counted once the read of this path begins (below)
-                self._unopened[path] = cut_message(f"{type(e).__name__}: {e}", 200)
-                return pa.BufferReader(b"")
-
-        def _read_stream(self, stream, path: str):
-            if path in self._unopened:
-                self._skip(path, "unreadable_shard", OSError(self._unopened.pop(path)))
-                return
-            members, failure = 0, None
-            rows: list[dict[str, Any]] = []
-
-            def until_failure(files):
-                # ends the member stream at a failure, so the sample before the cut is still grouped and kept
-                nonlocal members, failure
-                try:
-                    for f in files:
-                        members += 1
-                        yield f
-                except Exception as e:
-                    failure = e
-
-            try:
-                for sample in _group_by_keys(until_failure(_tar_file_iterator(stream)), meta={"__url__": path}):
-                    rows.append(sample)
-                    if len(rows) >= WEBDATASET_READ_CHUNK_SIZE:
-                        yield pd.DataFrame.from_records(rows)
-                        rows = []
-            except Exception as e:  # the layout itself is wrong (members of a sample not adjacent, duplicates)
-                failure = failure or e
-            if failure is not None:
-                message = str(failure)
-                if any(matches_error(p, message) for p in self._data_context.retried_io_errors or []):
-                    raise failure  # transient: Ray's read loop reopens the file and replays it
-                if isinstance(failure, tarfile.ReadError) and ("unexpected end" in message or "truncated" in message):
-                    reason = "truncated_shard"
-                elif isinstance(failure, tarfile.ReadError) and not members:
-                    reason = "not_a_tar"
-                elif isinstance(failure, OSError):
-                    reason = "unreadable_shard"
-                else:
-                    reason = "bad_shard"
-                self._skip(path, reason, failure)
-            if rows:
-                yield pd.DataFrame.from_records(rows)
-
-    source = TolerantWebDataset(paths, decoder=None, filesystem=filesystem, shuffle=shuffle,
-                                meta_provider=DefaultFileMetadataProvider(), file_extensions=["tar"],
-                                ignore_missing_paths=True, counter_name=counter_name)
-    gone = sorted(set(paths) - set(source._paths()))  # listed, then gone (or a dangling link) by the time of reading
-    if gone:
-        _count(counter_name, 0, 0, {"unreadable_shard": len(gone)},
-               {"unreadable_shard": [f"{p}: not found" for p in gone[:_MAX_EXAMPLES]]})
-    return source
+def count_bad_shards(index: SampleIndex, counter_name: str) -> None:
+    """Shards the index could not read whole go to the skip counter, once each, by reason
+    (:data:`~mirasol_ray.data.index.SHARD_REASONS`), with their file names and what went wrong as examples."""
+    skipped: dict[str, int] = {}
+    examples: dict[str, list[str]] = {}
+    for path, (reason, message) in sorted(index.bad_shards.items()):
+        skipped[reason] = skipped.get(reason, 0) + 1
+        examples.setdefault(reason, []).append(f"{path}: {message}")
+    if skipped:
+        _count(counter_name, 0, 0, skipped, {k: v[:_MAX_EXAMPLES] for k, v in examples.items()})
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -293,100 +195,277 @@ def _webdataset_source(paths: list[str], *, filesystem, shuffle, counter_name: s
 def empty_batch(cfg: DataConfig) -> dict[str, np.ndarray]:
     out = {k: np.zeros((0, *shape), dtype=dt) for k, (shape, dt) in row_spec(cfg).items()}
     out["key"] = np.zeros((0,), dtype=object)
+    out["pos"] = np.zeros((0,), dtype=np.int64)
     return out
 
 
 def stack_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> dict[str, np.ndarray]:
+    """Rows -> one numpy batch (``pos``: the stream position a row came from, -1 if none)."""
     if not rows:
         return empty_batch(cfg)
     out = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in TENSOR_COLUMNS}
     out["key"] = np.array([r["key"] for r in rows], dtype=object)
+    out["pos"] = np.array([int(r.get("pos", -1)) for r in rows], dtype=np.int64)
     return out
 
 
-def _column_value(batch: dict[str, Any], col: str, i: int) -> Any:
-    v = batch[col][i]
-    return v if isinstance(v, (bytes, dict, str)) else None  # NaN/None: member absent (FIELD_NOTES)
+def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], shards: list[str], url: str,
+                 endpoint_url: str, data_cfg: dict[str, Any], train: bool, label_set: list[str] | None,
+                 counter_name: str) -> Iterator[dict[str, np.ndarray]]:
+    """``map_batches`` function: the item ids of a block (``batch["id"]``) -> decoded rows.
 
-
-def decode_batch(batch: dict[str, np.ndarray], *, data_cfg: dict[str, Any], train: bool,
-                 label_set: list[str] | None, counter_name: str):
-    """``map_batches`` function: a batch of raw WebDataset samples -> fixed-shape rows (yielded; nothing when every
-    sample of the batch is skipped: an empty batch has no shape Arrow can store its tensor columns in).
-
-    Only plain values come in (a config dict, the label set, the counter's name): no closures, no objects.
+    ``items`` holds, per item: ``sample``, ``shard``, ``start``, ``end`` (where to read it), ``pos`` (its
+    stream position, carried to the rows) and ``epoch`` (for the sample's random choices). Only plain values
+    come in (arrays, a config dict, the counter's name): no closures, no objects. The rows are yielded, nothing
+    when every sample of the block is skipped (an empty batch has no shape Arrow can store its tensor columns in).
     """
     import torch
 
+    from mirasol_ray.data.decode import cut_message
     from mirasol_ray.data.rows import decode_sample_safe
 
     cfg = DataConfig(**data_cfg)
     # One intra-op thread per decode task: the task holds a fraction of a CPU, and torch's default pool (one
     # thread per core) makes the log-mel step crawl when several tasks share the cores.
     torch.set_num_threads(max(1, int(cfg.decode_cpus)))
-    rng = np.random.default_rng() if train else np.random.default_rng(cfg.seed)
-    keys = batch["__key__"]
+    ids = np.asarray(batch["id"], dtype=np.int64)
+    refs = {k: items[k][ids] for k in ("shard", "start", "end")}
+    samples = read_samples(url, shards, refs, endpoint_url)
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
     decoded = 0
-    for i in range(len(keys)):
-        sample = {"__key__": str(keys[i])}
-        for col in batch:
-            if col not in ("__key__", "__url__"):
-                v = _column_value(batch, col, i)
-                if v is not None:
-                    sample[col] = v
-        out, reason, detail = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
+    for j, sample in enumerate(samples):
+        i = int(ids[j])
+        if isinstance(sample, Exception):
+            reason, key = "unreadable", f"{shards[int(items['shard'][i])]}@{int(items['start'][i])}"
+            detail = cut_message(f"{type(sample).__name__}: {sample}")
+        else:
+            key = str(sample.get("__key__", ""))
+            rng = sample_rng(cfg.seed, int(items["epoch"][i]), key)
+            out, reason, detail = decode_sample_safe(sample, cfg, train=train, rng=rng, label_set=label_set)
         if reason is not None:
             skipped[reason] = skipped.get(reason, 0) + 1
             # an unexpected error keeps its (cut) message: the reason alone would not say what to fix
             examples.setdefault(reason, []).append(
-                f"{sample['__key__']}: {detail}" if reason == "error" and detail else sample["__key__"])
+                f"{key}: {detail}" if reason in ("error", "unreadable") and detail else key)
             continue
         decoded += 1
+        for row in out:
+            row["pos"] = int(items["pos"][i])
         rows.extend(out)
     _count(counter_name, decoded, len(rows), skipped, examples)
     if rows:
         yield stack_rows(rows, cfg)
 
 
-def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
-                    endpoint_url: str = "", limit: int = 0, read_cpus: float = 0.25):
-    """The Ray Data pipeline: shards at ``url`` -> rows per :mod:`mirasol_ray.data.schema`, bad shards and samples
-    skipped and counted in the counter named ``counter_name``.
+class DecodeItems:
+    """:func:`decode_items` as an actor-pool callable (``data.decode_actors``): the same function, in a process
+    that stays up for the whole pass."""
 
-    Training shuffles the file order (seeded by ``cfg.seed``); decode tasks reserve ``cfg.decode_cpus`` CPUs
-    each, so Train workers are never starved on small machines (FIELD_NOTES: the silent-hang trap).
-    """
+    def __call__(self, batch: dict[str, np.ndarray], **kwargs) -> Iterator[dict[str, np.ndarray]]:
+        return decode_items(batch, **kwargs)
+
+
+def _id_block(lo: int, hi: int) -> list:
+    import pyarrow as pa
+
+    return [pa.table({"id": np.arange(lo, hi, dtype=np.int64)})]
+
+
+def _datasource_cls():
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ItemIds(Datasource):
+        """The ids ``0..n-1`` in blocks of ``block`` rows, each made by its own read task (nothing is put in the
+        object store up front, whatever ``n``)."""
+
+        def __init__(self, n: int, block: int):
+            self.n, self.block = n, max(1, block)
+
+        def estimate_inmemory_data_size(self) -> int:
+            return 8 * self.n
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+                           ) -> list:
+            import functools
+
+            import pyarrow as pa
+
+            schema = pa.schema([("id", pa.int64())])
+            return [ReadTask(functools.partial(_id_block, lo, min(self.n, lo + self.block)),
+                             BlockMetadata(num_rows=min(self.n, lo + self.block) - lo,
+                                           size_bytes=8 * (min(self.n, lo + self.block) - lo), input_files=None,
+                                           exec_stats=None),
+                             schema=schema, per_task_row_limit=per_task_row_limit)
+                    for lo in range(0, self.n, self.block)]
+
+    return ItemIds
+
+
+def _item_ids(n: int, block: int):
+    return _datasource_cls()(n, block)
+
+
+def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
+                   counter_name: str, label_set: list[str] | None, endpoint_url: str):
+    """Ray Data: the items (rows of ``items``) in blocks of ``decode_batch_size``, decoded."""
     import ray
 
-    paths = expand_shard_urls(url, endpoint_url)
-    fs, _ = storage.pyarrow_fs(url, endpoint_url)
-    if label_set is None:
-        manifest = find_manifest(url, endpoint_url) or {}
-        label_set = manifest.get("label_set")
-    shuffle = None
-    if train and cfg.shuffle_files:
-        from ray.data import FileShuffleConfig
+    n = len(items["sample"])
+    # The item ids come from a read of our own that reserves what a decode task reserves, so Ray Data fuses it with
+    # the decode: one task per block. ``ray.data.range``'s read tasks reserve a whole CPU each and do not fuse with a
+    # fractional-CPU map: every block cost two tasks, and where a Train worker or another trial held the rest of the
+    # CPUs the read could never start (a sweep of 2 trials on 2 CPUs hung).
+    ds = ray.data.read_datasource(_item_ids(n, cfg.decode_batch_size), num_cpus=cfg.decode_cpus,
+                                  override_num_blocks=max(1, math.ceil(n / cfg.decode_batch_size)))
+    kwargs = {"items": items, "shards": index.shards, "url": index.url, "endpoint_url": endpoint_url,
+              "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
+    if cfg.decode_actors:
+        return ds.map_batches(DecodeItems, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
+                              num_cpus=cfg.decode_cpus, zero_copy_batch=True,
+                              compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
+    return ds.map_batches(decode_items, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
+                          num_cpus=cfg.decode_cpus, zero_copy_batch=True)
 
-        shuffle = FileShuffleConfig(seed=cfg.seed)
-    ds = ray.data.read_datasource(_webdataset_source(paths, filesystem=fs, shuffle=shuffle, counter_name=counter_name),
-                                  num_cpus=read_cpus)
-    if limit:
-        ds = ds.limit(limit)
-    return ds.map_batches(
-        decode_batch,
-        fn_kwargs={"data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name},
-        batch_size=cfg.decode_batch_size,
-        batch_format="numpy",
-        num_cpus=cfg.decode_cpus,
-        zero_copy_batch=True,
-    )
+
+def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
+                    endpoint_url: str = "", limit: int = 0, index: SampleIndex | None = None):
+    """The Ray Data pipeline in the dataset's canonical order: shards at ``url`` (or ``index``) -> rows per
+    :mod:`mirasol_ray.data.schema`, each with ``pos`` = the sample's index. ``limit``: the first N samples. Bad
+    shards (found while indexing ``url``; a caller passing ``index`` counts its own) and samples are skipped and
+    counted in the counter named ``counter_name``.
+
+    ``train`` picks the random frame positions of training (those of epoch 0, from ``data.seed`` and each key);
+    otherwise the deterministic ones of evaluation. Decode tasks reserve ``cfg.decode_cpus`` CPUs each, so Train
+    workers are never starved on small machines (FIELD_NOTES: the silent-hang trap).
+    """
+    if index is None:
+        index = sample_index(url, endpoint_url)
+        count_bad_shards(index, counter_name)
+    if label_set is None:
+        label_set = (find_manifest(url, endpoint_url) or {}).get("label_set")
+    n = min(len(index), limit) if limit else len(index)
+    samples = np.arange(n, dtype=np.int64)
+    items = {**index.refs(samples), "pos": samples, "epoch": np.zeros(n, np.int64)}
+    return _items_dataset(index, items, cfg, train=train, counter_name=counter_name, label_set=label_set,
+                          endpoint_url=endpoint_url)
 
 
 # --------------------------------------------------------------------------------------------------------------
-# Handing batches to Train workers
+# Training: each worker reads its share of the stream
+
+
+class DecodeSource:
+    """Rows of a training worker decoded on demand: one order-preserving Ray Data pipeline per epoch over the
+    worker's positions of that epoch."""
+
+    def __init__(self, index: SampleIndex, cfg: DataConfig, *, counter_name: str, label_set: list[str] | None,
+                 endpoint_url: str, cpu_limit: float = 0.0):
+        self.index, self.cfg, self.counter_name = index, cfg, counter_name
+        self.label_set, self.endpoint_url, self.cpu_limit = label_set, endpoint_url, cpu_limit
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int, batch_size: int,
+                prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+        import ray.data
+        from ray.data import ExecutionResources
+
+        ctx = ray.data.DataContext.get_current()
+        ctx.execution_options.preserve_order = True  # the worker's rows in the order of its positions
+        ctx.enable_progress_bars = False
+        if self.cpu_limit:
+            ctx.execution_options.resource_limits = ExecutionResources(cpu=self.cpu_limit)
+        items = {**self.index.refs(samples), "pos": positions, "epoch": np.full(len(samples), epoch, np.int64)}
+        ds = _items_dataset(self.index, items, self.cfg, train=True, counter_name=self.counter_name,
+                            label_set=self.label_set, endpoint_url=self.endpoint_url)
+        yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
+
+
+class CacheSource:
+    """Rows decoded once before training (``data.cache``) and held in the object store, as ``chunks``: object
+    refs of numpy batches (:func:`stack_rows` output, ``pos`` = sample index), looked up by sample index."""
+
+    def __init__(self, chunks: list, num_samples: int):
+        import ray
+
+        self.chunks = [ray.get(c) for c in chunks]  # zero-copy views of the object store on this node
+        self.n = num_samples
+        self.where: dict[int, list[tuple[int, int]]] = {}
+        for c, chunk in enumerate(self.chunks):
+            for r, sample in enumerate(chunk["pos"]):
+                self.where.setdefault(int(sample), []).append((c, r))
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int, batch_size: int,
+                prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
+        picked: list[tuple[int, int, int]] = []  # (chunk, row, position)
+        for g, s in zip(positions.tolist(), samples.tolist()):
+            picked += [(c, r, g) for c, r in self.where.get(s, [])]  # none: the sample failed to decode
+        for i in range(0, len(picked), batch_size):
+            part = picked[i:i + batch_size]
+            batch = {k: np.stack([self.chunks[c][k][r] for c, r, _ in part]) for k in self.chunks[part[0][0]]
+                     if k != "pos"}
+            batch["pos"] = np.array([g for _, _, g in part], np.int64)
+            yield batch
+
+
+def _concat(a: dict[str, np.ndarray] | None, b: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return b if a is None else {k: np.concatenate([a[k], b[k]]) for k in b}
+
+
+def _take(batch: dict[str, np.ndarray], lo: int, hi: int) -> dict[str, np.ndarray]:
+    return {k: v[lo:hi] for k, v in batch.items()}
+
+
+class NoRowsError(RuntimeError):
+    """:func:`train_batches` read a whole epoch of a worker's positions (after a resume: the rest of the first
+    epoch and the whole next one) and got no row: the samples fail to decode (or give no text for ``data.task``),
+    and reading on would loop forever."""
+
+
+def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int, seed: int,
+                  shuffle: bool = True, prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+    """Torch batches of ``batch_size`` rows for worker ``rank`` of the dealing ``position`` (see
+    :meth:`~mirasol_ray.data.index.ReadPosition.for_world`), from where it stands on, forever:
+    epoch after epoch of the stream (module docstring of :mod:`mirasol_ray.data.index`), a batch crossing an
+    epoch's end when it must. Each batch carries ``pos`` (stream positions of its rows), ``epoch`` and
+    ``last_pos``: the last position this worker has wholly consumed with it (-1: none yet), what
+    :meth:`~mirasol_ray.data.index.ReadPosition.advance` takes."""
+    n = len(source)
+    if n == 0:
+        raise ValueError("the training dataset holds no samples")
+    epoch = first_epoch = position.epoch(n)
+    carry: dict[str, np.ndarray] | None = None
+    empty = 0  # 2 per whole epoch in a row that gave this worker no row, 1 for a resumed run's partial first one
+    last_done = position.last[rank]
+    while True:
+        positions = position.worker_positions(epoch, n, rank)
+        samples = epoch_permutation(n, seed, epoch, shuffle)[positions - epoch * n]
+        got = 0
+        for batch in source.batches(positions, samples, epoch, batch_size, prefetch_batches):
+            got += len(batch["pos"])
+            carry = _concat(carry, batch)
+            while len(carry["pos"]) >= batch_size:
+                out = to_torch(_take(carry, 0, batch_size))
+                carry = _take(carry, batch_size, len(carry["pos"]))
+                # a sample counts as consumed once all its rows are (a clip of more than data.max_texts texts
+                # gives several rows, which a batch boundary can split)
+                pending = set(carry["pos"].tolist())
+                done = [p for p in out["pos"].tolist() if p not in pending]
+                last_done = max(done) if done else last_done
+                out["epoch"], out["last_pos"] = epoch, last_done
+                yield out
+        whole = epoch > first_epoch or (position.prefix <= epoch * n and position.last[rank] < epoch * n)
+        empty = 0 if got or not len(positions) else empty + (2 if whole else 1)
+        if empty >= 2:  # a whole epoch gave this worker no row: its samples fail to decode
+            raise NoRowsError("no sample of this worker's share of an epoch decodes (see the skipped counts)")
+        epoch += 1
 
 
 def _writable(a: np.ndarray) -> np.ndarray:
@@ -402,34 +481,25 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     # (one memcpy of the batch) rather than wrapped
     out: dict[str, Any] = {k: torch.from_numpy(_writable(batch[k])) for k in TENSOR_COLUMNS}
     out["key"] = [str(k) for k in batch["key"]]
+    if "pos" in batch:
+        out["pos"] = torch.as_tensor(np.asarray(batch["pos"], np.int64))
     return out
 
 
-def iter_worker_batches(shard, batch_size: int, *, prefetch_batches: int = 2, local_shuffle_buffer_size: int = 0,
-                        drop_last: bool = False):
-    """Batches of a Train worker's dataset shard (``ray.train.get_dataset_shard(name)``) as torch dicts.
-
-    Tensors stay on the CPU (video uint8) and are moved by the step, so the host->device copy carries 1 byte a
-    pixel instead of 4."""
+def iter_worker_batches(shard, batch_size: int, *, prefetch_batches: int = 2, drop_last: bool = False):
+    """Batches of a Train worker's dataset shard (``ray.train.get_dataset_shard(name)``, e.g. validation) as torch
+    dicts. Tensors stay on the CPU (video uint8) and are moved by the step, so the host->device copy carries 1
+    byte a pixel instead of 4."""
     for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches,
-                                    drop_last=drop_last, local_shuffle_buffer_size=local_shuffle_buffer_size or None):
+                                    drop_last=drop_last):
         yield to_torch(batch)
 
 
-def reshuffle_blocks_each_epoch(ds, seed: int):
-    """``ds`` (materialised) with its blocks in a new order on every pass: the permutations come from ``seed`` and
-    the pass number (the blocks themselves are in task-completion order, which can vary from run to run). A cached
-    dataset otherwise replays one order every epoch, clip by clip (the rows of a clip are adjacent): a worker's
-    local shuffle buffer then only mixes neighbours, the same ones each epoch."""
-    import ray.data
-
-    return ds.randomize_block_order(seed=ray.data.RandomSeedConfig(seed=seed, reseed_after_execution=True))
-
-
 def train_data_config(data_cpu_limit: float = 0.0):
-    """Ray Train's DataConfig: split ``train`` between workers (each sample once per epoch, the same number of rows
-    on every worker, so all take the same steps) and ``val`` too (every row exactly once: workers may get a row
-    more or less, and each evaluates its own share); leave any other dataset whole.
+    """Ray Train's DataConfig for the datasets it hands out: ``val`` split between the workers row by row (every row
+    exactly once: workers may get a row more or less, and each evaluates its own share); any other dataset whole.
+    The training set is not among them: each worker reads its own share of the sample index
+    (:func:`train_batches`).
 
     ``data_cpu_limit`` caps the CPUs Ray Data may take while training (0: Ray's default, all CPUs not held by the
     workers)."""
@@ -438,15 +508,15 @@ def train_data_config(data_cpu_limit: float = 0.0):
     opts = ExecutionOptions()
     if data_cpu_limit:
         opts.resource_limits = ExecutionResources(cpu=data_cpu_limit)
-    return _data_config_cls()(datasets_to_split=["train"], execution_options=opts)
+    return _data_config_cls()(datasets_to_split=[], execution_options=opts)
 
 
 def _data_config_cls():
     import ray.train
 
     class SplitData(ray.train.DataConfig):
-        """``train`` split with ``equal=True`` (Ray's default, which may drop a few rows); ``val`` with
-        ``equal=False``, so validation scores every row once whatever the number of workers."""
+        """``val`` split with ``equal=False``, so validation scores every row once whatever the number of
+        workers."""
 
         def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
             whole = {k: v for k, v in datasets.items() if k not in EXACT_SPLIT}

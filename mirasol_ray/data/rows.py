@@ -1,8 +1,10 @@
-"""One WebDataset sample -> fixed-shape rows (see :mod:`mirasol_ray.data.schema`). Pure: no Ray.
+"""One WebDataset sample -> a fixed-shape clip row with its texts (see :mod:`mirasol_ray.data.schema`). Pure:
+no Ray.
 
 The same function serves the Ray pipeline, the bare-loop benchmark and the torch DataLoader baseline, so all
-three decode identically. The text decides first which rows a sample gives under ``data.task``; only a sample
-with at least one row is decoded, once, and its video/audio arrays are shared by its rows.
+three decode identically. The text decides first which texts a sample gives under ``data.task``; only a sample
+with at least one is decoded, once, into one row holding up to ``data.max_texts`` of them (a clip with more gives
+several rows, sharing the decoded arrays).
 
 Sample metadata (``json`` member) fields used: ``caption``; ``question`` + ``answer`` or ``qas`` (a list of
 questions, one row each: ``{"question", "answer", "type"}`` open-ended, optionally ``"answers"``: every accepted
@@ -30,7 +32,7 @@ from mirasol_ray.data.decode import (
     cut_message,
     decode_audio,
 )
-from mirasol_ray.data.schema import TASKS, qtype_index
+from mirasol_ray.data.schema import TASKS, qtype_index, text_spec
 from mirasol_ray.data.snippets import log_mel_snippets, plan_snippets
 from mirasol_ray.data.text import Tokenizer, encode_prompt, encode_target, get_tokenizer
 
@@ -95,6 +97,7 @@ def _text_row(tok: Tokenizer, cfg: DataConfig, task: str, prompt: str, target: s
     for k, option in enumerate((options or [])[:K]):
         option_ids[k], option_mask[k] = encode_target(tok, option, Lt)
     return {
+        "text_mask": np.bool_(True),
         "task": np.int64(TASKS.index(task)),
         "prompt_ids": prompt_ids, "prompt_mask": prompt_mask,
         "target_ids": target_ids, "target_mask": target_mask,
@@ -105,8 +108,8 @@ def _text_row(tok: Tokenizer, cfg: DataConfig, task: str, prompt: str, target: s
 
 
 def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None = None) -> list[dict[str, Any]]:
-    """The text columns of every row ``meta`` gives under ``cfg.task`` (no video/audio yet), in a fixed order:
-    caption, then questions, then multiple choice, then class label."""
+    """The text entries ``meta`` gives under ``cfg.task`` (no video/audio yet), in a fixed order: caption, then
+    questions, then multiple choice, then class label; each carries the clip's ``label`` too."""
     tok = get_tokenizer(cfg.tokenizer)
     label_text = _text(meta.get("label"))
     label = label_set.index(label_text) if label_set and label_text in label_set else -1
@@ -140,6 +143,23 @@ def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None
     return rows
 
 
+def stack_texts(texts: list[dict[str, Any]], cfg: DataConfig, first: int = 0) -> dict[str, np.ndarray]:
+    """Up to K text entries -> the K-axis columns of a row, padded (``text_mask`` False, ``text_index`` -1);
+    ``first`` is the index of ``texts[0]`` among the clip's texts."""
+    K = cfg.max_texts
+    tok = get_tokenizer(cfg.tokenizer)
+    out: dict[str, np.ndarray] = {}
+    for name, (shape, dtype) in text_spec(cfg).items():
+        fill = tok.pad_id if name.endswith("_ids") else (-1 if name in ("answer_idx", "text_index") else 0)
+        out[name] = np.full((K, *shape), fill, dtype)
+    for k, text in enumerate(texts[:K]):
+        for name, value in text.items():
+            if name in out:
+                out[name][k] = value
+        out["text_index"][k] = first + k
+    return out
+
+
 def _seconds(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
@@ -171,7 +191,8 @@ def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *,
 
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
                   label_set: list[str] | None = None) -> list[dict[str, Any]]:
-    """One WebDataset sample -> rows per the schema; [] when it has no text for ``cfg.task``.
+    """One WebDataset sample -> its clip row per the schema (several when it has more than ``cfg.max_texts``
+    texts); [] when it has no text for ``cfg.task``.
 
     The rows of one sample share (do not copy) their video/audio arrays. Callers running many decodes per process
     should set ``torch.set_num_threads(1)``: the log-mel is tiny and torch's thread pool only adds contention.
@@ -194,8 +215,9 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
         lambda: decode_av(video_bytes, audio_bytes, cfg, train=train, rng=local_rng, segment=segment),
         cfg.decode_timeout_s)
     key = str(sample.get("__key__", ""))
-    return [{**av_columns, **text, "key": key if len(texts) == 1 else f"{key}#{i}"}
-            for i, text in enumerate(texts)]
+    K = cfg.max_texts
+    clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key}
+    return [{**clip, **stack_texts(texts[i:i + K], cfg, first=i)} for i in range(0, len(texts), K)]
 
 
 def decode_sample_safe(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,

@@ -1,7 +1,9 @@
 """The data <-> model contract: column names, shapes and dtypes of one decoded row.
 
-Every row the pipeline emits (and every batch a Train worker receives, with a leading batch dim B) has exactly
-these columns, with shapes fixed by the :class:`~mirasol_ray.config.DataConfig`:
+A row is one **clip** with up to K of its texts (a caption, questions, multiple choice, its class label), so a
+clip is decoded once and the model encodes it once, however many texts it has. Every row the pipeline emits
+(and every batch a Train worker receives, with a leading batch dim B) has exactly these columns, with shapes
+fixed by the :class:`~mirasol_ray.config.DataConfig` (K = ``max_texts``, O = ``max_options``):
 
 =================  =========  =====================  ===========================================================
 column             dtype      shape                  meaning
@@ -10,18 +12,25 @@ column             dtype      shape                  meaning
 ``audio``          float32    [S, M, T]              log-mel per snippet, same time window as its frames
 ``audio_present``  bool       []                     False: no audio track (``audio`` is zeros)
 ``snippet_mask``   bool       [S]                    False: padded snippet (clip shorter than S windows)
-``task``           int64      []                     TASKS index: caption, qa, mcqa, cls
-``prompt_ids``     int32      [Lp]                   question tokens, left-padded (empty for caption/cls)
-``prompt_mask``    bool       [Lp]
-``target_ids``     int32      [Lt]                   BOS answer/caption/label EOS, right-padded
-``target_mask``    bool       [Lt]
-``option_ids``     int32      [K, Lt]                mcqa options; qa: its accepted answers if several
-``option_mask``    bool       [K, Lt]                all False for absent options
-``answer_idx``     int64      []                     correct option, -1 if not mcqa
 ``label``          int64      []                     class index in the manifest's label set, -1 if none
-``qtype``          int64      []                     QTYPES index of the question (for per-type metrics)
-``key``            str        []                     sample key (+ ``#n`` when one clip gives several rows)
+``num_texts``      int64      []                     texts of the clip in all (a clip with more than K gives
+                                                     several rows, K texts each)
+``text_mask``      bool       [K]                    False: padding (the clip has fewer texts)
+``text_index``     int64      [K]                    which of the clip's texts an entry is (-1: padding)
+``task``           int64      [K]                    TASKS index: caption, qa, mcqa, cls
+``prompt_ids``     int32      [K, Lp]                question tokens, left-padded (task prompts for caption/cls)
+``prompt_mask``    bool       [K, Lp]
+``target_ids``     int32      [K, Lt]                BOS answer/caption/label EOS, right-padded
+``target_mask``    bool       [K, Lt]
+``option_ids``     int32      [K, O, Lt]             mcqa options; qa: its accepted answers if several
+``option_mask``    bool       [K, O, Lt]             all False for absent options
+``answer_idx``     int64      [K]                    correct option, -1 if not mcqa
+``qtype``          int64      [K]                    QTYPES index of the question (for per-type metrics)
+``key``            str        []                     the clip's sample key
 =================  =========  =====================  ===========================================================
+
+The model also takes a batch of one text per clip without the K axis (``prompt_ids`` [B, Lp], ...; no
+``text_mask``): each row is then a clip with that one text.
 """
 
 from __future__ import annotations
@@ -41,8 +50,11 @@ QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned
 """Question types a row can carry (per-type metrics). A type not listed here is scored as ``other``. New names
 go at the end: the index is what rows carry."""
 
-TENSOR_COLUMNS = ("video", "audio", "audio_present", "snippet_mask", "task", "prompt_ids", "prompt_mask",
-                  "target_ids", "target_mask", "option_ids", "option_mask", "answer_idx", "label", "qtype")
+CLIP_COLUMNS = ("video", "audio", "audio_present", "snippet_mask", "label", "num_texts")
+TEXT_COLUMNS = ("text_mask", "text_index", "task", "prompt_ids", "prompt_mask", "target_ids", "target_mask",
+                "option_ids", "option_mask", "answer_idx", "qtype")
+"""Columns with the K axis: one entry per text of the clip."""
+TENSOR_COLUMNS = CLIP_COLUMNS + TEXT_COLUMNS
 COLUMNS = TENSOR_COLUMNS + ("key",)
 
 
@@ -53,12 +65,24 @@ def qtype_index(name: str | None) -> int:
 def row_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
     """Column -> (shape, numpy dtype) for one row under this config."""
     d = data_cfg
-    S, F, H, W = d.num_snippets, d.frames_per_snippet, d.height, d.width
+    S, F, H, W, K = d.num_snippets, d.frames_per_snippet, d.height, d.width, d.max_texts
     return {
         "video": ((S, F, H, W, 3), np.uint8),
         "audio": ((S, d.n_mels, d.mel_frames), np.float32),
         "audio_present": ((), np.bool_),
         "snippet_mask": ((S,), np.bool_),
+        "label": ((), np.int64),
+        "num_texts": ((), np.int64),
+        **{name: ((K, *shape), dtype) for name, (shape, dtype) in text_spec(d).items()},
+    }
+
+
+def text_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
+    """Column -> (shape, numpy dtype) of one text entry (without the K axis)."""
+    d = data_cfg
+    return {
+        "text_mask": ((), np.bool_),
+        "text_index": ((), np.int64),
         "task": ((), np.int64),
         "prompt_ids": ((d.max_prompt_len,), np.int32),
         "prompt_mask": ((d.max_prompt_len,), np.bool_),
@@ -67,7 +91,6 @@ def row_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
         "option_ids": ((d.max_options, d.max_target_len), np.int32),
         "option_mask": ((d.max_options, d.max_target_len), np.bool_),
         "answer_idx": ((), np.int64),
-        "label": ((), np.int64),
         "qtype": ((), np.int64),
     }
 

@@ -9,8 +9,13 @@ Layout under ``out`` (a local path, ``file://`` or ``s3://``)::
 A sample's members are adjacent in its tar and share a key without dots (``clip000001.mp4``,
 ``clip000001.json``), the WebDataset convention Ray's ``read_webdataset`` needs (FIELD_NOTES). Tar headers carry
 no time or owner, so the same samples give byte-identical shards. The manifest (open_clip's ``sizes.json`` idea)
-lets readers count samples and know the label set without scanning tars. Each split folder gets its own
-manifest too, so ``data.train = out/train`` is self-describing.
+is what readers go by (:mod:`mirasol_ray.data.index`): its shard list, sample counts, the byte offset of every
+sample in its tar (``offsets``: one ranged read fetches a sample) and the label set. Each split folder gets its
+own manifest too, so ``data.train = out/train`` is self-describing.
+
+A folder that already holds a build is refused (``FileExistsError``) unless ``overwrite`` is given; then the new
+build replaces it: shards and manifests of the old build that the new one does not rewrite are deleted when the
+new manifest is written, so nothing stale stays behind (readers would ignore it anyway: the manifest decides).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class _Split:
     tar: tarfile.TarFile | None = None
     local: str = ""  # the tar being written (a temp file for remote outputs)
     count: int = 0  # samples in the open tar
+    offsets: list[int] = field(default_factory=list)  # where each sample of the open tar starts
     shards: list[dict[str, Any]] = field(default_factory=list)
     labels: Counter = field(default_factory=Counter)
 
@@ -74,7 +80,7 @@ class ShardWriter:
     written under ``out``'s parent or siblings. ``out`` is checked (writable, not an existing file) on creation.
     """
 
-    def __init__(self, out: str, shard_size: int, endpoint_url: str = "") -> None:
+    def __init__(self, out: str, shard_size: int, endpoint_url: str = "", overwrite: bool = False) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
         storage.check_output(out, "dir", endpoint_url)  # before any sample is made
@@ -83,6 +89,10 @@ class ShardWriter:
         self.endpoint_url = endpoint_url
         self.fs = storage.fsspec_fs(out, endpoint_url)
         self.remote = storage.is_remote(out)
+        self._old = self._previous_build()
+        if self._old and not overwrite:
+            raise FileExistsError(f"{out} already holds shards ({self._old[0]}): give an empty folder, or "
+                                  "--overwrite to replace them")
         self._tmpdir = tempfile.mkdtemp(prefix="mirasol-shards-") if self.remote else ""
         self._splits: dict[str, _Split] = {}
         self._keys: set[str] = set()
@@ -107,6 +117,7 @@ class ShardWriter:
         if s.tar is None:
             self._open(s)
         assert s.tar is not None
+        s.offsets.append(s.tar.offset)
         for ext, value in members.items():
             if isinstance(value, dict):
                 if isinstance(value.get("label"), str):
@@ -164,8 +175,42 @@ class ShardWriter:
                 storage.write_text(storage.join(s.uri, MANIFEST), json.dumps(per_split, indent=1),
                                    self.endpoint_url)
         storage.write_text(storage.join(self.out, MANIFEST), json.dumps(manifest, indent=1), self.endpoint_url)
+        self._remove_stale({sh["name"] for sh in shards} | {f"{s.path}/{MANIFEST}" for s in self._splits.values()
+                                                           if s.path} | {MANIFEST})
         self._cleanup()
         return manifest
+
+    def _previous_build(self) -> list[str]:
+        """Files of an earlier build under ``out``, relative to it: its manifests and shards (the manifest's list,
+        and ``shard-*.tar`` in ``out`` and its split folders)."""
+        root = storage.strip_scheme(self.out)
+        if not self.fs.isdir(root):
+            return []
+        found: list[str] = []
+        old = None
+        if self.fs.exists(f"{root}/{MANIFEST}"):
+            found.append(MANIFEST)
+            try:
+                old = json.loads(storage.read_text(storage.join(self.out, MANIFEST), self.endpoint_url))
+            except (OSError, ValueError):
+                old = None
+        folders = {""}
+        if isinstance(old, dict):
+            found += [str(sh["name"]) for sh in old.get("shards", []) if isinstance(sh, dict) and "name" in sh]
+            folders |= {str(v.get("path") or "") for v in (old.get("splits") or {}).values() if isinstance(v, dict)}
+        for folder in sorted(folders):
+            base = f"{root}/{folder}" if folder else root
+            for p in self.fs.glob(f"{base}/shard-*.tar") + ([f"{base}/{MANIFEST}"] if folder and self.fs.exists(
+                    f"{base}/{MANIFEST}") else []):
+                found.append(p.rstrip("/")[len(root.rstrip("/")) + 1:])
+        return list(dict.fromkeys(found))
+
+    def _remove_stale(self, keep: set[str]) -> None:
+        """Delete what the previous build wrote that this one did not rewrite (``overwrite``)."""
+        root = storage.strip_scheme(self.out)
+        for rel in self._old:
+            if rel not in keep and self.fs.exists(f"{root}/{rel}"):
+                self.fs.rm(f"{root}/{rel}")
 
     def _split(self, name: str) -> _Split:
         if name not in self._splits:
@@ -190,6 +235,7 @@ class ShardWriter:
 
     def _finish(self, s: _Split) -> None:
         assert s.tar is not None
+        end = s.tar.offset  # the end of the last sample, before the archive's closing blocks
         s.tar.close()
         name = self._shard_name(s)
         size = os.path.getsize(s.local)
@@ -198,8 +244,8 @@ class ShardWriter:
             os.remove(s.local)
         else:
             os.replace(s.local, os.path.join(storage.strip_scheme(s.uri), name))
-        s.shards.append({"name": name, "samples": s.count, "bytes": size})
-        s.tar, s.local, s.count = None, "", 0
+        s.shards.append({"name": name, "samples": s.count, "bytes": size, "offsets": [*s.offsets, end]})
+        s.tar, s.local, s.count, s.offsets = None, "", 0, []
 
     def abort(self) -> None:
         """Drop the shard being written and the temporary folder (an error or an interrupt midway)."""
@@ -446,7 +492,7 @@ def _sample_key(name: str, used: set[str]) -> str:
 def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: int = 100,
                  transcode: int | None = None, gop: int | None = None, progress: bool = True,
                  sample_rate: int = 16000, endpoint_url: str = "", split: str = "",
-                 labels: list[str] | None = None, answer_vocab: int = 0) -> dict:
+                 labels: list[str] | None = None, answer_vocab: int = 0, overwrite: bool = False) -> dict:
     """Convert a dataset on disk (or object storage) into shards under ``out``; returns the root manifest.
 
     ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`; ``videos`` is the dataset's video
@@ -464,7 +510,8 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     ``answer_vocab=K`` (open-ended QA) keeps in the ``train`` split only the questions whose answer is one of the
     K most frequent training answers (the answer vocabulary of the VideoQA literature); other splits stay whole,
     and the manifest lists the vocabulary and how much of each split it covers. ``labels`` keeps only these
-    classes (Kinetics-Sounds).
+    classes (Kinetics-Sounds). A folder ``out`` that already holds shards is refused unless ``overwrite`` (then
+    the new build replaces the old one, see :class:`ShardWriter`).
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(sorted(FORMATS))}")
@@ -500,7 +547,7 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     stats: dict[str, _QAStats] = {}
     used: set[str] = set()
     cut = 0
-    with ShardWriter(out, shard_size, endpoint_url) as writer:
+    with ShardWriter(out, shard_size, endpoint_url, overwrite=overwrite) as writer:
         for rec in tqdm(records, desc=f"build {fmt}", unit="clip", disable=not progress):
             if rec.skip:
                 writer.skip(rec.name, rec.skip)

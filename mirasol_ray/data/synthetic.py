@@ -240,12 +240,13 @@ def chance_levels(metas: list[dict]) -> dict[str, float]:
 
 
 def synthesize(out: str, num_clips: int, seed: int = 0, shard_size: int = 64, val_fraction: float = 0.0,
-               progress: bool = True, workers: int | None = None) -> dict:
+               progress: bool = True, workers: int | None = None, overwrite: bool = False) -> dict:
     """Write ``num_clips`` synthetic clips as WebDataset shards + ``manifest.json`` under ``out``.
 
     With ``val_fraction > 0`` the last ``round(num_clips * val_fraction)`` clips go to ``out/val/`` and the rest
     to ``out/train/`` (clips are i.i.d., so a tail split is unbiased). ``workers`` processes generate clips
-    (default: the CPU count); output is identical for any worker count.
+    (default: the CPU count); output is identical for any worker count. A folder that already holds shards is
+    refused unless ``overwrite`` (see :class:`~mirasol_ray.data.shards.ShardWriter`).
     """
     if num_clips <= 0:
         raise ValueError(f"num_clips must be positive, got {num_clips}")
@@ -254,7 +255,7 @@ def synthesize(out: str, num_clips: int, seed: int = 0, shard_size: int = 64, va
     n_val = min(round(num_clips * val_fraction), num_clips - 1)  # keep at least one training clip
     workers = min(workers or os.cpu_count() or 1, num_clips)
     metas: dict[str, list[dict]] = {}
-    writer = ShardWriter(out, shard_size)
+    writer = ShardWriter(out, shard_size, overwrite=overwrite)
     make = partial(generate_clip, seed)
     # spawn, not fork: callers (Ray drivers, test runners) hold threads that a fork would copy mid-lock.
     pool = multiprocessing.get_context("spawn").Pool(workers) if workers > 1 else None

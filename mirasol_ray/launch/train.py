@@ -64,10 +64,22 @@ def run_uri(cfg: Config, name: str) -> str:
 
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
-                pid_dir: str = "", lease: str = "", scratch: str = "") -> dict[str, Any]:
-    """The one plain dict that crosses from the driver to the workers."""
+                train_data: dict[str, Any], pid_dir: str = "", lease: str = "", scratch: str = "") -> dict[str, Any]:
+    """The one plain dict that crosses from the driver to the workers. ``train_data``: ``{"index": the sample
+    index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
+    ``{"cache": object refs of the decoded rows, "num_samples": N}``."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
-            "pid_dir": pid_dir, "lease": lease, "scratch": scratch}
+            "train_data": train_data, "pid_dir": pid_dir, "lease": lease, "scratch": scratch}
+
+
+def data_cpus_per_worker(cfg: Config) -> float:
+    """CPUs each Train worker's decode pipeline may hold: ``scaling.data_cpu_limit`` (or what the workers leave
+    of the cluster) shared between the workers, never below one decode task."""
+    import ray
+
+    total = cfg.scaling.data_cpu_limit or max(0.0, ray.cluster_resources().get("CPU", 0.0)
+                                              - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
+    return max(cfg.data.decode_cpus, total / cfg.scaling.num_workers)
 
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
@@ -172,10 +184,13 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     from ray.train.torch import TorchTrainer
 
     from mirasol_ray.data.pipeline import (
+        count_bad_shards,
         decoded_dataset,
+        describe_skips,
         find_manifest,
         make_skip_counter,
-        reshuffle_blocks_each_epoch,
+        read_skips,
+        sample_index,
         train_data_config,
     )
     from mirasol_ray.launch import console
@@ -184,8 +199,13 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     ep = cfg.storage.endpoint_url
     label_set = (find_manifest(cfg.data.train, ep) or {}).get("label_set")
     counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
-    datasets = {"train": decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                         label_set=label_set, endpoint_url=ep)}
+    index = sample_index(cfg.data.train, ep)
+    count_bad_shards(index, counter_name)
+    if not len(index):
+        raise ValueError(f"no shard of {cfg.data.train} could be read: {describe_skips(read_skips(counter))}")
+    # the training set is not a Ray Train dataset: each worker reads its own share of the index (train_batches)
+    train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
+    datasets = {}
     if cfg.data.val:
         datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
                                           label_set=label_set, endpoint_url=ep)
@@ -193,20 +213,25 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
     if cfg.data.cache and done >= cfg.train.steps:
         console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
+        train_data = {"cache": [], "num_samples": len(index)}
     elif cfg.data.cache:
         t0 = time.perf_counter()
         console.say("decoding into Ray's object store (data.cache)")
+        # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by sample
+        # index in each epoch's order
+        cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
+                                 label_set=label_set, endpoint_url=ep, index=index)
+        train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
         datasets = {k: ds.materialize() for k, ds in datasets.items()}
-        rows = {k: ds.count() for k, ds in datasets.items()}
-        # a new block order every epoch (docs/PERFORMANCE.md, "The demo": temporal 0.68 -> 0.95 in-memory)
-        datasets["train"] = reshuffle_blocks_each_epoch(datasets["train"], cfg.data.seed)
+        rows = read_skips(counter)["rows"]
         console.say(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s")
     fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
     storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
-        train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, pid_dir, lease, scratch),
+        train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir, lease,
+                                      scratch),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

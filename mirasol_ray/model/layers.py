@@ -3,6 +3,9 @@
 Masks are boolean and mean "may attend" (True = keep), broadcastable to (B, heads, Nq, Nk), the convention of
 ``F.scaled_dot_product_attention``. A per-layer ``cache`` dict makes incremental decoding possible: self-attention
 appends the new keys/values to it, cross-attention computes the context's keys/values once and reuses them.
+
+Cross-attention takes a ``context_index``: row i of the queries attends to context row ``context_index[i]``. Many
+texts of one clip then share the clip's context, whose keys/values are computed once per clip, not per text.
 """
 
 from __future__ import annotations
@@ -106,9 +109,11 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(heads * hd, dim, bias=out_bias)
 
     def forward(self, x: Tensor, context: Tensor | None = None, mask: Tensor | None = None,
-                cache: dict[str, Tensor] | None = None, rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
-        """x: (B, N, D) queries; context: (B, M, Dc) keys/values, x itself when None (self-attention); rope:
-        rotary cos/sin (B, N, d) for x's positions (self-attention only)."""
+                cache: dict[str, Tensor] | None = None, rope: tuple[Tensor, Tensor] | None = None,
+                context_index: Tensor | None = None) -> Tensor:
+        """x: (B, N, D) queries; context: (C, M, Dc) keys/values (C = B, or any C with ``context_index`` (B,)
+        naming each query row's context row), x itself when None (self-attention); rope: rotary cos/sin (B, N, d)
+        for x's positions (self-attention only)."""
         q = rearrange(self.to_q(x), "b n (h d) -> b h n d", h=self.heads)
         cross = context is not None
         if cache is not None and cross and "k" in cache:
@@ -116,7 +121,9 @@ class Attention(nn.Module):
         else:
             kv = rearrange(self.to_kv(context if cross else x), "b m (two h d) -> two b h m d", two=2,
                            h=self.kv_heads)
-            k, v = kv[0], kv[1]  # (B, kv_heads, M, d)
+            k, v = kv[0], kv[1]  # (B or C, kv_heads, M, d)
+            if cross and context_index is not None:
+                k, v = k[context_index], v[context_index]  # (B, kv_heads, M, d)
             if rope is not None:
                 k = apply_rope(k, rope)
             if cache is not None:
@@ -180,12 +187,13 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache: dict[str, dict] | None = None,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, context_index: Tensor | None = None) -> Tensor:
         x = x + self.drop(self.ls1(self.attn(self.norm1(x), mask=mask,
                                              cache=None if cache is None else cache["self"], rope=rope)))
         if self.cross and context is not None:  # no context: the decoder alone (a language model)
             x = x + self.drop(self.cross_attn(self.norm_x(x), context, mask=context_mask,
-                                              cache=None if cache is None else cache["cross"]))
+                                              cache=None if cache is None else cache["cross"],
+                                              context_index=context_index))
         return x + self.ls2(self.mlp(self.norm2(x)))
 
 
@@ -205,12 +213,12 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, mask: Tensor | None = None, context: Tensor | None = None,
                 context_mask: Tensor | None = None, cache: list[dict[str, dict]] | None = None,
-                rope: tuple[Tensor, Tensor] | None = None) -> Tensor:
+                rope: tuple[Tensor, Tensor] | None = None, context_index: Tensor | None = None) -> Tensor:
         for i, block in enumerate(self.blocks):
             if self.checkpointing and self.training and cache is None:
-                x = checkpoint(block, x, mask, context, context_mask, None, rope, use_reentrant=False)
+                x = checkpoint(block, x, mask, context, context_mask, None, rope, context_index, use_reentrant=False)
             else:
-                x = block(x, mask, context, context_mask, None if cache is None else cache[i], rope)
+                x = block(x, mask, context, context_mask, None if cache is None else cache[i], rope, context_index)
         return self.norm(x)
 
 

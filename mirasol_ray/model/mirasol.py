@@ -1,9 +1,14 @@
 """Mirasol3B (Piergiovanni et al. 2023): snippet encoders -> Combiner -> time-aligned model -> text decoder.
 
-A batch is a dict of tensors as in :mod:`mirasol_ray.data.schema`, already on the model's device. Tasks:
-open-ended QA and captioning by :meth:`Mirasol.generate`; multiple choice by :meth:`Mirasol.score_options`;
+A batch is a dict of tensors as in :mod:`mirasol_ray.data.schema`, already on the model's device: B clips, each
+with up to K texts (or one text per clip, without the K axis). The audio-video path (snippet encoders, Combiner,
+time-aligned model) runs once per clip; the text decoder runs over every text present (:func:`texts_of`), each
+cross-attending to its own clip's latents, whose keys/values are computed once per clip (``context_index``).
+Tasks: open-ended QA and captioning by :meth:`Mirasol.generate`; multiple choice by :meth:`Mirasol.score_options`;
 classification by generating the label text, by scoring every label's text (:meth:`Mirasol.score_candidates`,
-``cls_mode: score``) or by :meth:`Mirasol.classify` with ``cls_mode: head``.
+``cls_mode: score``) or by :meth:`Mirasol.classify` with ``cls_mode: head``. Each task method runs on every text
+of the batch; :meth:`Mirasol.encode` and the ``*_from`` methods let a caller encode the clips once and answer
+different texts different ways (evaluation: :func:`mirasol_ray.train.step.predict_batch`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,25 @@ from mirasol_ray.model.config import ModelConfig
 from mirasol_ray.model.encoders import AudioEncoder, VideoEncoder
 from mirasol_ray.model.layers import init_weights
 from mirasol_ray.model.text_decoder import TextDecoder
+
+TEXT_KEYS = ("task", "prompt_ids", "prompt_mask", "target_ids", "target_mask", "option_ids", "option_mask",
+             "answer_idx", "qtype", "text_index")
+
+
+def texts_of(batch: dict[str, Any]) -> dict[str, Tensor]:
+    """The texts present in a batch, flattened: each K-axis column as (n, ...) over the n entries whose
+    ``text_mask`` is set (clip by clip, in order), and ``clip`` (n,): the clip (row) each text belongs to. A batch
+    without the K axis holds its texts flat, clip by clip, the same number for every clip."""
+    if "text_mask" not in batch:  # flat texts, the same number for every clip, clip by clip
+        n = batch["prompt_ids"].shape[0]
+        clips = batch["video"].shape[0] if "video" in batch else n
+        out = {k: batch[k] for k in TEXT_KEYS if k in batch}
+        out["clip"] = torch.arange(clips, device=batch["prompt_ids"].device).repeat_interleave(n // clips)
+        return out
+    clip, slot = batch["text_mask"].nonzero(as_tuple=True)  # (n,), (n,)
+    out = {k: batch[k][clip, slot] for k in TEXT_KEYS if k in batch}
+    out["clip"] = clip
+    return out
 
 
 class Mirasol(nn.Module):
@@ -51,6 +75,13 @@ class Mirasol(nn.Module):
         audio = self.audio_encoder(batch["audio"])  # (B, S, Na, Da)
         z = self.combiner(video, audio, batch["audio_present"])
         return {"z": z, "h": self.av_model(z)}
+
+    def encode(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The audio-video path, once per clip: ``z``, ``h`` (B, S, m, D) and the decoder's ``context``
+        (B, (S+1)*m, D) with its ``context_mask``."""
+        av = self.encode_av(batch)
+        av["context"], av["context_mask"] = self._context(av["h"], batch["snippet_mask"])
+        return av
 
     def _context(self, h: Tensor, snippet_mask: Tensor) -> tuple[Tensor, Tensor]:
         """Latents as the decoder's cross-attention context: (B, (S+1)*m, D) and its mask.
@@ -84,41 +115,46 @@ class Mirasol(nn.Module):
     # text path
 
     def _target_logits(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
-                       target_ids: Tensor, target_mask: Tensor) -> Tensor:
-        """Logits (B, Lt-1, V) predicting target[1:] from the prompt and target[:i+1]."""
+                       target_ids: Tensor, target_mask: Tensor, clip: Tensor | None = None) -> Tensor:
+        """Logits (n, Lt-1, V) predicting target[1:] from the prompt and target[:i+1], for n texts whose clips
+        are ``clip`` (n,) rows of ``context`` (None: row i is text i's)."""
         seq = torch.cat([prompt_ids, target_ids], dim=1).long()
         valid = torch.cat([prompt_mask, target_mask], dim=1)
-        h = self.text_decoder(seq, valid, context, context_mask)  # (B, Lp + Lt, Dt)
+        h = self.text_decoder(seq, valid, context, context_mask, context_index=clip)  # (n, Lp + Lt, Dt)
         return self.text_decoder.logits(h[:, prompt_ids.shape[1]:-1]).float()
 
     def text_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        """Logits (B, Lt-1, V) of target[1:] given the clip, the prompt and the target's prefix."""
-        h = self.encode_av(batch)["h"]
-        context, context_mask = self._context(h, batch["snippet_mask"])
-        return self._target_logits(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
-                                   batch["target_ids"], batch["target_mask"])
+        """Logits (n, Lt-1, V) of target[1:] of every text present, given its clip, its prompt and its prefix."""
+        enc, t = self.encode(batch), texts_of(batch)
+        return self._target_logits(enc["context"], enc["context_mask"], t["prompt_ids"], t["prompt_mask"],
+                                   t["target_ids"], t["target_mask"], t["clip"])
 
     # ------------------------------------------------------------------------------------------------------------
     # training
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Any]:
-        """{"loss": weighted sum, "losses": {"text", "latent"[, "cls"]}}; text loss only on target tokens."""
+        """{"loss": weighted sum, "losses": {"text", "latent"[, "cls"]}}.
+
+        The clips are encoded once; the text loss is the cross-entropy of every target token of every text
+        present, summed and divided by their count (the same weighting as when each text was a row of its own:
+        each target token weighs the same, so a clip weighs by its texts' tokens). The latent and head losses are
+        per clip."""
         cfg = self.config
-        av = self.encode_av(batch)
+        enc = self.encode(batch)
         snippet_mask = batch["snippet_mask"]
-        context, context_mask = self._context(av["h"], snippet_mask)
-        logits = self._target_logits(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
-                                     batch["target_ids"], batch["target_mask"])
-        labels = batch["target_ids"][:, 1:].long().masked_fill(~batch["target_mask"][:, 1:], -100)
+        t = texts_of(batch)
+        logits = self._target_logits(enc["context"], enc["context_mask"], t["prompt_ids"], t["prompt_mask"],
+                                     t["target_ids"], t["target_mask"], t["clip"])
+        labels = t["target_ids"][:, 1:].long().masked_fill(~t["target_mask"][:, 1:], -100)
         losses = {
             # sum / count rather than mean: a batch with no target tokens gives 0, not NaN
-            "text": F.cross_entropy(rearrange(logits, "b l v -> (b l) v"), labels.flatten(), ignore_index=-100,
+            "text": F.cross_entropy(rearrange(logits, "n l v -> (n l) v"), labels.flatten(), ignore_index=-100,
                                     reduction="sum") / (labels >= 0).sum().clamp(min=1),
-            "latent": latent_loss(self.av_model.predict_next(av["h"]), av["z"], snippet_mask, cfg.latent_loss),
+            "latent": latent_loss(self.av_model.predict_next(enc["h"]), enc["z"], snippet_mask, cfg.latent_loss),
         }
         loss = losses["text"] + cfg.latent_loss_weight * losses["latent"]
         if cfg.cls_mode == "head":
-            cls_logits = self.cls_head(self._pooled(av["h"], snippet_mask)).float()
+            cls_logits = self.cls_head(self._pooled(enc["h"], snippet_mask)).float()
             has_label = batch["label"] >= 0
             if bool(has_label.any()):
                 losses["cls"] = F.cross_entropy(cls_logits[has_label], batch["label"][has_label])
@@ -128,91 +164,111 @@ class Mirasol(nn.Module):
         return {"loss": loss, "losses": losses}
 
     # ------------------------------------------------------------------------------------------------------------
-    # tasks
+    # tasks: on every text of a batch, or (the *_from methods) on given texts of clips encoded once
 
     @torch.no_grad()
     def classify(self, batch: dict[str, Tensor]) -> Tensor:
-        """Class logits (B, num_classes) from the linear head on pooled latents (``cls_mode: head``)."""
+        """Class logits (B, num_classes), one row per clip, from the linear head on pooled latents
+        (``cls_mode: head``)."""
+        return self.classify_from(self.encode(batch), batch["snippet_mask"])
+
+    @torch.no_grad()
+    def classify_from(self, enc: dict[str, Tensor], snippet_mask: Tensor) -> Tensor:
         if self.config.cls_mode != "head":
             raise ValueError("classify() needs model.cls_mode 'head'; with 'generate', generate the label text")
-        h = self.encode_av(batch)["h"]
-        return self.cls_head(self._pooled(h, batch["snippet_mask"])).float()
+        return self.cls_head(self._pooled(enc["h"], snippet_mask)).float()
 
     @torch.no_grad()
     def score_options(self, batch: dict[str, Tensor]) -> Tensor:
-        """Summed log-likelihood (B, K) of each option (formatted like a target); -inf for absent options.
+        """Summed log-likelihood (n, O) of each option (formatted like a target) of every text present; -inf for
+        absent options. With ``score_length_norm`` the sum is divided by the option's token count (EOS
+        included)."""
+        enc, t = self.encode(batch), texts_of(batch)
+        return self.score_options_from(enc, t["prompt_ids"], t["prompt_mask"], t["option_ids"], t["option_mask"],
+                                       t["clip"])
 
-        With ``score_length_norm`` the sum is divided by the option's token count (EOS included).
-        """
-        option_ids, option_mask = batch["option_ids"], batch["option_mask"]
-        h = self.encode_av(batch)["h"]
-        context, context_mask = self._context(h, batch["snippet_mask"])
-        score = self._score_targets(context, context_mask, batch["prompt_ids"], batch["prompt_mask"], option_ids,
-                                    option_mask)
+    @torch.no_grad()
+    def score_options_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor,
+                           option_ids: Tensor, option_mask: Tensor, clip: Tensor) -> Tensor:
+        score = self._score_targets(enc["context"], enc["context_mask"], prompt_ids, prompt_mask, option_ids,
+                                    option_mask, clip)
         return score.masked_fill(~option_mask[..., 0], float("-inf"))
 
     @torch.no_grad()
     def score_candidates(self, batch: dict[str, Tensor], cand_ids: Tensor, cand_mask: Tensor, chunk: int = 64
                          ) -> Tensor:
-        """Log-likelihood (B, N) of every candidate text (N, Lt), the same N for every row: classification by
-        scoring the whole label set (``cls_mode: score``). The clip is encoded once; candidates go through the
-        decoder ``chunk`` at a time (memory grows with B x chunk)."""
-        h = self.encode_av(batch)["h"]
-        context, context_mask = self._context(h, batch["snippet_mask"])
-        B = h.shape[0]
+        """Log-likelihood (n, N) of every candidate text (N, Lt) for every text present (its prompt, its clip):
+        classification by scoring the whole label set (``cls_mode: score``)."""
+        enc, t = self.encode(batch), texts_of(batch)
+        return self.score_candidates_from(enc, t["prompt_ids"], t["prompt_mask"], t["clip"], cand_ids, cand_mask,
+                                          chunk)
+
+    @torch.no_grad()
+    def score_candidates_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
+                              cand_ids: Tensor, cand_mask: Tensor, chunk: int = 64) -> Tensor:
+        """The same N candidates for each of n texts; they go through the decoder ``chunk`` at a time (memory
+        grows with n x chunk)."""
+        n = prompt_ids.shape[0]
         scores = []
         for i in range(0, cand_ids.shape[0], chunk):
             ids, mask = cand_ids[i:i + chunk], cand_mask[i:i + chunk]
-            scores.append(self._score_targets(context, context_mask, batch["prompt_ids"], batch["prompt_mask"],
-                                              repeat(ids, "n l -> b n l", b=B), repeat(mask, "n l -> b n l", b=B)))
-        return torch.cat(scores, dim=1) if scores else h.new_zeros(B, 0)
+            scores.append(self._score_targets(enc["context"], enc["context_mask"], prompt_ids, prompt_mask,
+                                              repeat(ids, "c l -> n c l", n=n), repeat(mask, "c l -> n c l", n=n),
+                                              clip))
+        return torch.cat(scores, dim=1) if scores else enc["context"].new_zeros(n, 0)
 
     def _score_targets(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
-                       target_ids: Tensor, target_mask: Tensor) -> Tensor:
-        """Summed (or length-normalised) log-likelihood (B, K) of K targets (B, K, Lt) per row."""
+                       target_ids: Tensor, target_mask: Tensor, clip: Tensor) -> Tensor:
+        """Summed (or length-normalised) log-likelihood (n, K) of K targets (n, K, Lt) per text."""
         K = target_ids.shape[1]
-        k_times = "b ... -> (b k) ..."
-        flat_ids = rearrange(target_ids, "b k l -> (b k) l")
+        k_times = "n ... -> (n k) ..."
+        flat_ids = rearrange(target_ids, "n k l -> (n k) l")
         logits = self._target_logits(
-            repeat(context, k_times, k=K), repeat(context_mask, k_times, k=K),
-            repeat(prompt_ids, k_times, k=K), repeat(prompt_mask, k_times, k=K),
-            flat_ids, rearrange(target_mask, "b k l -> (b k) l"))
+            context, context_mask, repeat(prompt_ids, k_times, k=K), repeat(prompt_mask, k_times, k=K),
+            flat_ids, rearrange(target_mask, "n k l -> (n k) l"), clip.repeat_interleave(K))
         logp = logits.log_softmax(-1).gather(-1, flat_ids[:, 1:, None].long())
-        mask = rearrange(target_mask[..., 1:], "b k l -> (b k) l")
+        mask = rearrange(target_mask[..., 1:], "n k l -> (n k) l")
         score = (logp[..., 0] * mask).sum(1)
         if self.config.score_length_norm:
             score = score / mask.sum(1).clamp(min=1)
-        return rearrange(score, "(b k) -> b k", k=K)
+        return rearrange(score, "(n k) -> n k", k=K)
 
     @torch.no_grad()
     def generate(self, batch: dict[str, Tensor], max_new_tokens: int = 32, beam_size: int = 1,
                  use_cache: bool = True) -> Tensor:
-        """Token ids (B, L) generated after BOS from the clip and the prompt: EOS included, PAD after it.
+        """Token ids (n, L) generated after BOS for every text present, from its clip and its prompt: EOS
+        included, PAD after it.
 
         Greedy for ``beam_size == 1``, else beam search ranked by summed log-probability (no length penalty). At
         most ``max_new_tokens``, and never past ``max_text_len`` positions.
         """
-        state, steps = self.start_decoding(batch, max_new_tokens, beam_size, use_cache)
+        enc, t = self.encode(batch), texts_of(batch)
+        return self.generate_from(enc, t["prompt_ids"], t["prompt_mask"], t["clip"], max_new_tokens, beam_size,
+                                  use_cache)
+
+    @torch.no_grad()
+    def generate_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
+                      max_new_tokens: int = 32, beam_size: int = 1, use_cache: bool = True) -> Tensor:
+        state, steps = self.start_decoding(enc, prompt_ids, prompt_mask, clip, max_new_tokens, beam_size, use_cache)
         cfg = self.config
         if beam_size == 1:
             return greedy_search(state, steps, cfg.pad_id, cfg.eos_id)
         return beam_search(state, steps, beam_size, cfg.pad_id, cfg.eos_id)
 
-    def start_decoding(self, batch: dict[str, Tensor], max_new_tokens: int, beam_size: int = 1,
-                       use_cache: bool = True) -> tuple[Decoding, int]:
-        """Encodes the clip; returns the prompt + BOS (each row repeated ``beam_size`` times) and the steps left."""
+    def start_decoding(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
+                       max_new_tokens: int, beam_size: int = 1, use_cache: bool = True) -> tuple[Decoding, int]:
+        """The prompt + BOS of each text (each repeated ``beam_size`` times) over its encoded clip, and the steps
+        left."""
         cfg = self.config
-        h = self.encode_av(batch)["h"]
-        context, context_mask = self._context(h, batch["snippet_mask"])
-        prompt_mask = batch["prompt_mask"]
-        B = prompt_mask.shape[0]
-        bos = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=prompt_mask.device)
-        seq = torch.cat([batch["prompt_ids"].long(), bos], dim=1)
-        valid = torch.cat([prompt_mask, prompt_mask.new_ones(B, 1)], dim=1)
-        steps = min(max_new_tokens, cfg.max_text_len - int(valid.sum(1).max()))  # positions left after BOS
-        k_times = "b ... -> (b k) ..."
-        return Decoding(self.text_decoder, *(repeat(t, k_times, k=beam_size)
-                                             for t in (context, context_mask, seq, valid)), use_cache), steps
+        n = prompt_mask.shape[0]
+        bos = torch.full((n, 1), cfg.bos_id, dtype=torch.long, device=prompt_mask.device)
+        seq = torch.cat([prompt_ids.long(), bos], dim=1)
+        valid = torch.cat([prompt_mask, prompt_mask.new_ones(n, 1)], dim=1)
+        steps = min(max_new_tokens, cfg.max_text_len - int(valid.sum(1).max())) if n else 0
+        k_times = "n ... -> (n k) ..."
+        return Decoding(self.text_decoder, enc["context"], enc["context_mask"],
+                        repeat(seq, k_times, k=beam_size), repeat(valid, k_times, k=beam_size), use_cache,
+                        clip.repeat_interleave(beam_size)), steps
 
 
 def greedy_search(state: Decoding, steps: int, pad_id: int, eos_id: int) -> Tensor:
@@ -258,11 +314,12 @@ def beam_search(state: Decoding, steps: int, beam_size: int, pad_id: int, eos_id
 
 
 class Decoding:
-    """Sequences being decoded, with the decoder's key/value cache or by recomputing the whole prefix."""
+    """Sequences being decoded, with the decoder's key/value cache or by recomputing the whole prefix. Sequence i
+    reads context row ``clip[i]``."""
 
     def __init__(self, decoder: TextDecoder, context: Tensor, context_mask: Tensor, seq: Tensor, valid: Tensor,
-                 use_cache: bool):
-        self.decoder, self.context, self.context_mask = decoder, context, context_mask
+                 use_cache: bool, clip: Tensor | None = None):
+        self.decoder, self.context, self.context_mask, self.clip = decoder, context, context_mask, clip
         self.seq, self.valid = seq, valid  # (N, L)
         self.cache = decoder.new_cache() if use_cache else None
         self.unseen = seq  # tokens the cache has not processed yet
@@ -270,7 +327,7 @@ class Decoding:
     def next_logprobs(self) -> Tensor:
         """(N, V) log-probabilities of the next token."""
         ids = self.seq if self.cache is None else self.unseen
-        h = self.decoder(ids, self.valid, self.context, self.context_mask, self.cache)
+        h = self.decoder(ids, self.valid, self.context, self.context_mask, self.cache, context_index=self.clip)
         return self.decoder.logits(h[:, -1]).float().log_softmax(-1)
 
     def append(self, tok: Tensor) -> None:

@@ -4,7 +4,8 @@
 A checkpoint folder holds::
 
     model.pt        {"config": ModelConfig as plain types, "model": state_dict}
-    train_state.pt  {"optimizer", "scheduler", "step", "epoch", "batch_in_epoch"}
+    train_state.pt  {"optimizer", "scheduler", "step", "epoch", "data_position"} (data_position: what the
+                    training data stream consumed, ``ReadPosition.to_dict()``: data/index.py)
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
                     too), "label_set", "tokenizer" (the file name below, or null for the byte tokenizer)}
     tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
@@ -107,7 +108,7 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
 
 
 def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None, optim_sd: dict | None = None,
-                     scheduler=None, *, step: int, epoch: int = 0, batch_in_epoch: int = 0, stage: str = "",
+                     scheduler=None, *, step: int, epoch: int = 0, data_position: dict | None = None, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
                      label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None,
                      sharded: bool = False) -> str:
@@ -121,7 +122,7 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None,
     torch.save(state, os.path.join(folder, MODEL_FILE))
     if optim_sd is not None or sharded:
         torch.save({"optimizer": optim_sd, "scheduler": scheduler.state_dict() if scheduler else {},
-                    "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch},
+                    "step": step, "epoch": epoch, "data_position": data_position or {}},
                    os.path.join(folder, STATE_FILE))
     if tokenizer is not None:
         with open(os.path.join(folder, tokenizer["name"]), "wb") as f:

@@ -1,13 +1,15 @@
 """``train_loop_per_worker``: what each Ray Train worker runs.
 
 Only a plain dict comes in (see :func:`mirasol_ray.launch.train.loop_config`): the config as a dict, the run's
-URI, the skip counter's name, the label set, the run's lease token and the driver's scratch folder. The loop
-streams its shard of the training dataset, steps the model (DDP, or FSDP2 for large presets), logs metrics on
-rank 0, and reports checkpoints through ``ray.train.report``, marking each complete once all its files are
-stored; on restart (a dead worker, or the same run name again) it continues from the run folder's newest complete
-checkpoint (:func:`~mirasol_ray.train.checkpoint.latest_checkpoint_dir`), at the same step, optimiser and
-scheduler state, and data position. Progress goes to the run's counter actor, which the driver draws; the
-worker's own output stays in Ray's log files.
+URI, the skip counter's name, the label set, the training data (the sample index, or the refs of the cached
+rows), the run's lease token and the driver's scratch folder. Each worker reads its own share of the training
+stream (:func:`~mirasol_ray.data.pipeline.train_batches`), steps the model (DDP, or FSDP2 for large presets),
+logs metrics on rank 0, and reports checkpoints through ``ray.train.report``, marking each complete once all its
+files are stored; on restart (a dead worker, or the same run name again) it continues from the run folder's
+newest complete checkpoint (:func:`~mirasol_ray.train.checkpoint.latest_checkpoint_dir`), at the same step,
+optimiser and scheduler state, and data position: the samples not consumed yet, exactly (data/index.py),
+whatever the number of workers. Progress goes to the run's counter actor, which the driver draws; the worker's
+own output stays in Ray's log files.
 """
 
 from __future__ import annotations
@@ -51,8 +53,8 @@ LOSS_PARTS = ("loss", "text", "latent", "cls")
 
 
 class NoBatchError(RuntimeError):
-    """An epoch gave this worker no full batch: training could never take a step (every clip skipped, a
-    ``data.task`` that matches no text, or fewer rows than workers x batch size)."""
+    """A whole epoch gave this worker no row: training could never take a step (every clip skipped, or a
+    ``data.task`` that matches no text)."""
 
 
 def scratch_dir(config: dict[str, Any]) -> str | None:
@@ -173,14 +175,14 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
     elif snap.get("decoded", 0) == 0:
         cause = f"no clip of {cfg.data.train} decoded"
     else:
-        cause = (f"an epoch gave a worker fewer than train.batch_size={cfg.train.batch_size} rows "
-                 f"({snap.get('rows', 0)} rows in all for {world} worker(s))")
+        cause = (f"an epoch gave a worker no row ({snap.get('rows', 0)} rows in all for {world} worker(s)): the "
+                 "few clips that decode fell to other workers")
     return f"no training batch can be formed: {cause}; {describe_skips(snap)}"
 
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
              ) -> tuple[dict[str, Any], list[int]]:
-    """Task metrics over the validation split, their loss as ``loss``, and the rows each rank scored: each rank
+    """Task metrics over the validation split, their loss as ``loss``, and the rows (clips) each rank scored: each rank
     predicts its own share (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that
     decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
     metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
@@ -200,12 +202,57 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
     total = sum(p[2] for p in parts)
     if total:
         out["loss"] = {"metric": "loss", "value": sum(p[1] for p in parts) / total, "count": total}
-    return out, [len(p[0]) for p in parts]
+    return out, [p[2] for p in parts]
+
+
+def _all_ranks(value: int) -> list[int]:
+    """``value`` of every rank, in rank order (a collective: every rank calls it)."""
+    return [int(v) for v in gather_objects(value)]
+
+
+def _train_source(config: dict[str, Any], cfg: Config):
+    """Where a worker's training rows come from: the decoder over the sample index, or the cached rows."""
+    from mirasol_ray.data.index import SampleIndex
+    from mirasol_ray.data.pipeline import CacheSource, DecodeSource
+
+    data = config["train_data"]
+    if "cache" in data:
+        return CacheSource(data["cache"], data["num_samples"])
+    return DecodeSource(SampleIndex.from_dict(data["index"]), cfg.data, counter_name=config["counter"],
+                        label_set=config.get("label_set"), endpoint_url=cfg.storage.endpoint_url,
+                        cpu_limit=float(data.get("cpu_limit", 0.0)))
+
+
+class SampleLog:
+    """``train.sample_log``: this worker's samples per step, appended locally (in the scratch folder) and copied to
+    ``samples/<start step>-rank<r>.jsonl`` in the run folder at every checkpoint."""
+
+    def __init__(self, run_uri: str, endpoint_url: str, start_step: int, rank: int, scratch: str | None = None):
+        self.uri = storage.join(run_uri, "samples", f"{start_step:08d}-rank{rank}.jsonl")
+        self.endpoint_url = endpoint_url
+        fd, self.local = tempfile.mkstemp(prefix="mirasol-samples-", suffix=".jsonl", dir=scratch)
+        os.close(fd)
+
+    def write(self, step: int, batches: list[dict[str, Any]]) -> None:
+        with open(self.local, "a") as f:
+            f.write(json.dumps({"step": step, "keys": [k for b in batches for k in b["key"]],
+                                "pos": [int(p) for b in batches for p in b["pos"]]}) + "\n")
+
+    def sync(self) -> None:
+        with open(self.local, "rb") as f:
+            storage.write_bytes(self.uri, f.read(), self.endpoint_url)
+
+    def close(self, sync: bool = True) -> None:
+        try:
+            if sync:
+                self.sync()
+        finally:
+            os.remove(self.local)
 
 
 def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any]:
     """Load a checkpoint folder (local, or a URI in the run folder) into the parallelised model, its optimiser and
-    scheduler, and return its training state (``step``, ``epoch``, ``batch_in_epoch``). A sharded checkpoint is
+    scheduler, and return its training state (``step``, ``epoch``, ``data_position``). A sharded checkpoint is
     read shard by shard onto however many ranks there are now (resharding); a full one is loaded on every rank. A
     collective under FSDP2."""
     model_file = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)
@@ -222,6 +269,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    from mirasol_ray.data.index import ReadPosition
+
     cfg: Config = from_dict(config["cfg"])
     run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
     label_set = config.get("label_set")
@@ -237,7 +286,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
     model = build_on_rank(cfg.model, cfg.train.seed, rank)
-    start_step, epoch, skip_batches = 0, 0, 0
+    start_step, position = 0, ReadPosition()
     # After a dead worker (Ray Train restarts the group) or with the same run name again, continue from the run
     # folder's newest complete checkpoint. Not ray.train.get_checkpoint(): that is Ray Train's record, which lacks
     # a checkpoint written just before a run was stopped (Ctrl-C at step 15 resumed at 10, losing 5 steps).
@@ -261,10 +310,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     sched = make_scheduler(opt, cfg.train)
     st = _restore(latest, endpoint_url, model, opt, sched) if latest is not None else None
     if st is not None:
-        start_step, epoch, skip_batches = st["step"], st["epoch"], st["batch_in_epoch"]
+        start_step, position = st["step"], ReadPosition.from_dict(st.get("data_position"))
         if rank == 0:
+            consumed = position.consumed()
             _progress(config["counter"], {"step": start_step, "steps": cfg.train.steps},
-                      f"resumed at step {start_step} (epoch {epoch}, batch {skip_batches}) from {latest}")
+                      f"resumed at step {start_step} (epoch {st['epoch']}, sample position {consumed.prefix}"
+                      + (f" and {len(consumed.extra)} past it" if consumed.extra else "") + f") from {latest}")
+    position = position.for_world(world)
 
     nodes = _worker_nodes(world)
     if rank == 0:
@@ -272,29 +324,43 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     tok = get_tokenizer(cfg.data.tokenizer)
     scratch = scratch_dir(config)
     log = RunLog(run_uri, endpoint_url, start_step, scratch) if rank == 0 else None
+    samples_log = SampleLog(run_uri, endpoint_url, start_step, rank, scratch) if cfg.train.sample_log else None
     finished = False
     try:
-        _train(model, opt, sched, cfg, config, rank, world, device, tok, log, scratch, start_step, epoch,
-               skip_batches, nodes)
+        _train(model, opt, sched, cfg, config, rank, world, device, tok, log, samples_log, scratch, start_step,
+               position, nodes)
         finished = True
     finally:
+        if samples_log is not None:
+            samples_log.close(sync=finished)
         if log is not None:  # on an error the run folder keeps the log of its last checkpoint
             log.close(sync=finished)
 
 
 def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, world: int, device, tok,
-           log: RunLog | None, scratch: str | None, start_step: int, epoch: int, skip_batches: int,
+           log: RunLog | None, samples_log: SampleLog | None, scratch: str | None, start_step: int, position,
            nodes: list[str]) -> None:
-    """Steps from ``start_step`` to ``train.steps``; ``nodes`` (every rank's Ray node id) goes into the first
-    record this worker group writes."""
+    """Steps from ``start_step`` to ``train.steps``, reading from ``position`` (a
+    :class:`~mirasol_ray.data.index.ReadPosition`); ``nodes`` (every rank's Ray node id) goes into the first record
+    this worker group writes."""
     import ray.train
 
-    from mirasol_ray.data.pipeline import iter_worker_batches
+    from mirasol_ray.data.pipeline import NoRowsError, iter_worker_batches, train_batches
 
     label_set = config.get("label_set")
     # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
     tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer, cfg.storage.endpoint_url) if rank == 0 else None
-    shard = ray.train.get_dataset_shard("train")
+    source = _train_source(config, cfg)
+    batches = train_batches(source, position, rank=rank, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
+                            shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches)
+
+    def batches_or_why():
+        try:
+            yield from batches
+        except NoRowsError:  # a whole epoch gave this worker no row: end now, saying why
+            raise NoBatchError(no_batch_message(cfg, world, _snapshot(config["counter"]))) from None
+
+    stream = batches_or_why()
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
 
     def no_sync():
@@ -302,37 +368,23 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
 
     meter = Throughput()
     step = start_step
+    last_pos, epoch = position.last[rank], position.epoch(len(source))
     t_start = time.perf_counter()
     final_eval: dict[str, Any] = {}
 
-    def batches_forever():
-        nonlocal epoch, skip_batches
-        while True:
-            it = iter_worker_batches(shard, cfg.train.batch_size, prefetch_batches=cfg.train.prefetch_batches,
-                                     local_shuffle_buffer_size=cfg.data.shuffle_buffer or 4 * cfg.train.batch_size,
-                                     drop_last=True)
-            n = 0
-            for batch in it:
-                n += 1
-                if n <= skip_batches:  # resume: the data position inside the epoch
-                    continue
-                yield batch, n
-            if n == 0:  # an empty epoch stays empty: end now, saying why, instead of looping forever
-                raise NoBatchError(no_batch_message(cfg, world, _snapshot(config["counter"])))
-            skip_batches = 0
-            epoch += 1
-
-    stream = batches_forever()
     while step < cfg.train.steps:
         micro = []
         for _ in range(cfg.train.grad_accum):
             t0 = time.perf_counter()
-            batch, pos = next(stream)
+            batch = next(stream)
             meter.add(len(batch["key"]) * world, count_tokens(batch) * world, time.perf_counter() - t0)
             micro.append(batch)
+            last_pos, epoch = batch.pop("last_pos"), batch.pop("epoch")
         parts = train_step(model, micro, opt, sched, cfg.train, device, no_sync=no_sync)
         meter.step()
         step += 1
+        if samples_log is not None:
+            samples_log.write(step, micro)
         record = None
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
             parts = mean_over_ranks(parts, LOSS_PARTS)  # every rank logs on the same steps
@@ -354,8 +406,11 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
             _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
                                           **({"val": record["val"]} if record and "val" in record else {})})
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-            _report(model, opt, sched, cfg, config, step, epoch, pos, rank, world, log, record, final_eval,
-                    scratch, tok_payload)
+            reached = position.advance(_all_ranks(last_pos))  # a collective
+            if samples_log is not None:
+                samples_log.sync()
+            _report(model, opt, sched, cfg, config, step, reached.epoch(len(source)), reached, rank, world, log,
+                    record, final_eval, scratch, tok_payload)
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -371,12 +426,13 @@ def _worker_nodes(world: int) -> list[str]:
     return nodes
 
 
-def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, pos: int, rank: int,
+def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, position, rank: int,
             world: int, log: RunLog | None, record: dict | None, final_eval: dict, scratch: str | None,
             tokenizer: dict | None) -> None:
     """Report a checkpoint through Ray Train (each rank uploads its files), then, once every rank is done, mark it
     complete: ``complete.json``, written by rank 0 after checking the stored files, is the last file of a checkpoint
     (Ray Train uploads a folder's files in no fixed order, so a marker inside the upload could land first).
+    ``position``: the :class:`~mirasol_ray.data.index.ReadPosition` every rank has consumed up to.
 
     Under FSDP2 the checkpoint is sharded: every rank writes its own shard into a folder of its own and reports it,
     Ray Train uploads them all into the one checkpoint folder (nothing is gathered on any rank), and
@@ -405,7 +461,7 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
                 sharded.save(d, model, opt)  # a collective: this rank's shard (and on rank 0 the .metadata)
             if rank == 0:
                 ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
-                                      batch_in_epoch=pos, stage=cfg.train.stage, metrics=metrics,
+                                      data_position=position.to_dict(), stage=cfg.train.stage, metrics=metrics,
                                       run_config=cfg.to_dict(), label_set=config.get("label_set"),
                                       tokenizer=tokenizer, sharded=by_shards)
             files = ckpt.local_files(d)

@@ -155,8 +155,8 @@ class Schedule(torch.optim.lr_scheduler.LambdaLR):
 
 
 def count_tokens(batch: dict[str, Any]) -> int:
-    """Text tokens in a batch (prompt and target, padding excluded): what tokens/s counts. Video is measured in
-    clips (samples/s), not tokens."""
+    """Text tokens in a batch (prompt and target of the texts present; padding and absent texts excluded): what
+    tokens/s counts. Video is measured in clips (samples/s), not tokens."""
     return int(batch["prompt_mask"].sum() + batch["target_mask"].sum())
 
 
@@ -233,76 +233,86 @@ def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, pre
 def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
                   precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
                   label_set: list[str] | None = None) -> list[dict[str, Any]]:
-    """Predictions for every row of a batch, as records for :mod:`mirasol_ray.train.metrics`.
+    """Predictions for every text of a batch of clips, as records for :mod:`mirasol_ray.train.metrics`.
 
-    Open-ended QA, captions and (``cls_mode: generate``) class labels are generated; multiple choice picks the
-    option with the highest log-likelihood; classification with ``cls_mode: score`` picks the label of
-    ``label_set`` whose text is most likely, with ``head`` the head's arg-max. ``rank`` is the 0-based rank of the
-    right answer among the scored candidates (options or labels; -1 when nothing was ranked: generation);
-    ``refs`` are a question's accepted answers when it has several."""
+    Each clip is encoded once (:meth:`~mirasol_ray.model.mirasol.Mirasol.encode`); its texts are then answered
+    from that: open-ended QA, captions and (``cls_mode: generate``) class labels are generated; multiple choice
+    picks the option with the highest log-likelihood; classification with ``cls_mode: score`` picks the label of
+    ``label_set`` whose text is most likely, with ``head`` the head's arg-max. ``rank`` is the 0-based rank of
+    the right answer among the scored candidates (options or labels; -1 when nothing was ranked: generation);
+    ``refs`` are a question's accepted answers when it has several. A record's ``key`` is its clip's, with
+    ``#i`` (the text's index in the clip) when the clip has several texts."""
+    from mirasol_ray.model.mirasol import texts_of
+
     model.eval()
     core = getattr(model, "module", model)
     batch = move_batch(batch, device)
-    task = batch["task"].cpu()
+    t = texts_of(batch)
+    task = t["task"].cpu()
     n = len(task)
+    clip = t["clip"]
     mode = getattr(core.config, "cls_mode", "generate")
     is_cls = task == TASK_CLS
     ranked_cls = bool(is_cls.any()) and (mode == "head" or (mode == "score" and bool(label_set)))
-    max_new = max_new_tokens or int(batch["target_ids"].shape[1]) - 1
-    records: list[dict[str, Any]] = [{} for _ in range(n)]
+    max_new = max_new_tokens or int(t["target_ids"].shape[1]) - 1
+
+    def sub(rows: list[int]) -> tuple[torch.Tensor, ...]:
+        idx = torch.as_tensor(rows, dtype=torch.long, device=clip.device)
+        return t["prompt_ids"][idx], t["prompt_mask"][idx], clip[idx], idx
+
+    gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA and not (ranked_cls and bool(is_cls[i]))]
+    mc_rows = [i for i in range(n) if int(task[i]) == TASK_MCQA]
+    cls_rows = [i for i in range(n) if ranked_cls and bool(is_cls[i])]
+    generated, scores, cls_scores = None, {}, {}
     with autocast(device, precision):
-        gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA and not (ranked_cls and bool(is_cls[i]))]
-        generated = None
+        enc = core.encode(batch) if n else None  # once per clip, for every task below
         if gen_rows:
-            generated = core.generate(_rows(batch, gen_rows), max_new_tokens=max_new, beam_size=beam_size).cpu()
-        scores = core.score_options(batch).float().cpu() if bool((task == TASK_MCQA).any()) else None
-        cls_scores = None
-        if ranked_cls:
-            cls_rows = [i for i in range(n) if bool(is_cls[i])]
-            sub = _rows(batch, cls_rows)
+            ids, mask, c, _ = sub(gen_rows)
+            generated = core.generate_from(enc, ids, mask, c, max_new_tokens=max_new, beam_size=beam_size).cpu()
+        if mc_rows:
+            ids, mask, c, idx = sub(mc_rows)
+            mc = core.score_options_from(enc, ids, mask, t["option_ids"][idx], t["option_mask"][idx], c)
+            scores = dict(zip(mc_rows, mc.float().cpu()))
+        if cls_rows:
+            ids, mask, c, _ = sub(cls_rows)
             if mode == "head":
-                logits = core.classify(sub).float().cpu()
+                logits = core.classify_from(enc, batch["snippet_mask"])[c]
             else:
-                ids, mask = _label_targets(tok, label_set, int(batch["target_ids"].shape[1]), device)
-                logits = core.score_candidates(sub, ids, mask).float().cpu()
-            cls_scores = dict(zip(cls_rows, logits))
+                cand, cand_mask = _label_targets(tok, label_set, int(t["target_ids"].shape[1]), device)
+                logits = core.score_candidates_from(enc, ids, mask, c, cand, cand_mask)
+            cls_scores = dict(zip(cls_rows, logits.float().cpu()))
     gen_at = {i: j for j, i in enumerate(gen_rows)}
+    clip_of = clip.cpu().tolist()
+    num_texts = batch["num_texts"].cpu().tolist() if "num_texts" in batch else [1] * len(batch["label"])
+    text_index = t["text_index"].cpu().tolist() if "text_index" in t else [0] * n
+    labels = batch["label"].cpu().tolist()
+    records = []
     for i in range(n):
-        t = int(task[i])
-        target = tok.decode(batch["target_ids"][i, 1:].cpu().tolist())
-        rec = {"key": batch["key"][i] if "key" in batch else str(i), "task": TASKS[t],
-               "qtype": QTYPES[int(batch["qtype"][i])], "target": target, "rank": -1, "refs": []}
-        if t == TASK_MCQA:
+        ti, c = int(task[i]), clip_of[i]
+        target = tok.decode(t["target_ids"][i, 1:].cpu().tolist())
+        key = batch["key"][c] if "key" in batch else str(c)
+        rec = {"key": f"{key}#{text_index[i]}" if num_texts[c] > 1 else key, "task": TASKS[ti],
+               "qtype": QTYPES[int(t["qtype"][i])], "target": target, "rank": -1, "refs": []}
+        if ti == TASK_MCQA:
             pick = int(scores[i].argmax())
-            opts = batch["option_ids"][i].cpu()
-            rec["pred"] = tok.decode(opts[pick, 1:].tolist())
-            rec["correct"] = pick == int(batch["answer_idx"][i])
-            rec["rank"] = _rank(scores[i], int(batch["answer_idx"][i]))
-        elif cls_scores is not None and i in cls_scores:
-            row_scores = cls_scores[i]
-            pick = int(row_scores.argmax())
+            right = int(t["answer_idx"][i])
+            rec["pred"] = tok.decode(t["option_ids"][i, pick, 1:].cpu().tolist())
+            rec["correct"] = pick == right
+            rec["rank"] = _rank(scores[i], right)
+        elif i in cls_scores:
+            pick = int(cls_scores[i].argmax())
             rec["pred"] = label_set[pick] if label_set and pick < len(label_set) else str(pick)
-            label = int(batch["label"][i])
-            rec["correct"] = pick == label
-            rec["rank"] = _rank(row_scores, label) if 0 <= label < len(row_scores) else -1
+            rec["correct"] = pick == labels[c]
+            rec["rank"] = _rank(cls_scores[i], labels[c]) if 0 <= labels[c] < len(cls_scores[i]) else -1
         else:
             rec["pred"] = tok.decode(generated[gen_at[i]].tolist())
-            if t == TASK_QA and bool(batch["option_mask"][i, :, 0].any()):
-                opts = batch["option_ids"][i].cpu()
+            if ti == TASK_QA and bool(t["option_mask"][i, :, 0].any()):
+                opts = t["option_ids"][i].cpu()
                 rec["refs"] = [tok.decode(opts[k, 1:].tolist()) for k in range(opts.shape[0])
-                               if bool(batch["option_mask"][i, k, 0])]
+                               if bool(t["option_mask"][i, k, 0])]
             rec["correct"] = any(exact_match(rec["pred"], r) for r in rec["refs"] or [target])
-        records[i] = rec
+        records.append(rec)
     return records
-
-
-def _rows(batch: dict[str, Any], rows: list[int]) -> dict[str, Any]:
-    """The sub-batch of ``rows`` (all of it when that is every row)."""
-    n = len(batch["task"])
-    if rows == list(range(n)):
-        return batch
-    idx = torch.as_tensor(rows, device=batch["task"].device)
-    return {k: (v.index_select(0, idx) if torch.is_tensor(v) else [v[i] for i in rows]) for k, v in batch.items()}
 
 
 def _rank(scores: torch.Tensor, right: int) -> int:

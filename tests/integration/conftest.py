@@ -55,7 +55,6 @@ def fault_shards(synth_shards, tmp_path_factory):
 
     - ``nodecode``: no clip decodes (a tar of corrupt/empty clips, and a file that is not a tar);
     - ``captions``: two good clips whose json holds only a caption (``data.task=qa`` matches nothing);
-    - ``one_clip``: a single good clip (one row: fewer than a batch of 2);
     - ``mixed``: a good shard, a file that is not a tar, a truncated tar (its first sample intact), a link to a
       shard that is gone, and a tar holding a sample whose json makes the decoder raise (``options: 5``).
     """
@@ -78,7 +77,6 @@ def fault_shards(synth_shards, tmp_path_factory):
     caption_only = json.dumps({"task": "caption", "caption": "a clip"}).encode()
     tar(root / "captions" / "c.tar", [("c1.mp4", clips[0][1]), ("c1.json", caption_only),
                                       ("c2.mp4", clips[1][1]), ("c2.json", caption_only)])
-    tar(root / "one_clip" / "o.tar", [("only.mp4", clips[0][1]), ("only.json", json.dumps(meta).encode())])
     mixed = root / "mixed"
     mixed.mkdir()
     with open(os.path.join(synth_shards["dir"], src[0]), "rb") as f:
@@ -89,7 +87,7 @@ def fault_shards(synth_shards, tmp_path_factory):
     (mixed / "truncated.tar").write_bytes(good[: first + 512 + 700])  # cut inside the second sample's video
     (mixed / "gone.tar").symlink_to(root / "no-such-file.tar")
     tar(mixed / "odd.tar", [("odd.mp4", clips[0][1]), ("odd.json", json.dumps({**meta, "options": 5}).encode())])
-    return {name: str(root / name) for name in ("nodecode", "captions", "one_clip", "mixed")} | {
+    return {name: str(root / name) for name in ("nodecode", "captions", "mixed")} | {
         "truncated_kept": members[0][0].split(".")[0]}
 
 

@@ -162,14 +162,16 @@ def _rows_batch(meta: dict, cfg, label_set):
     import numpy as np
 
     from mirasol_ray.data.pipeline import stack_rows, to_torch
-    from mirasol_ray.data.rows import text_rows
+    from mirasol_ray.data.rows import stack_texts, text_rows
     from mirasol_ray.data.schema import row_spec
 
-    rows = text_rows(meta, cfg.data, label_set)
+    texts = text_rows(meta, cfg.data, label_set)
     av = {k: np.zeros(shape, dt) for k, (shape, dt) in row_spec(cfg.data).items()
           if k in ("video", "audio", "audio_present", "snippet_mask")}
     av["snippet_mask"][:] = True
-    return to_torch(stack_rows([{**av, **r, "key": f"c#{i}"} for i, r in enumerate(rows)], cfg.data))
+    row = {**av, **stack_texts(texts, cfg.data), "label": texts[0]["label"], "num_texts": np.int64(len(texts)),
+           "key": "c"}
+    return to_torch(stack_rows([row], cfg.data))
 
 
 @pytest.mark.parametrize("mode", ["score", "head"])

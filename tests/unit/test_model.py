@@ -264,7 +264,9 @@ def test_beam_width_1_equals_greedy_and_wider_beams_score_no_worse():
     cfg = small_cfg()
     model, batch = model_for(cfg, seed=2), make_batch(cfg)
     greedy = model.generate(batch, max_new_tokens=8)
-    state, steps = model.start_decoding(batch, max_new_tokens=8, beam_size=1)
+    with torch.no_grad():
+        state, steps = model.start_decoding(model.encode(batch), batch["prompt_ids"], batch["prompt_mask"],
+                                            torch.arange(2), max_new_tokens=8, beam_size=1)
     assert torch.equal(beam_search(state, steps, 1, PAD, EOS), greedy)
 
     def logprob(ids):  # summed log-probability of a generated continuation, scored by teacher forcing

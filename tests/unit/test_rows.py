@@ -6,7 +6,7 @@ from conftest import STEP_AT, tone, wav_bytes
 
 from mirasol_ray.config import DataConfig
 from mirasol_ray.data.rows import SKIP_REASONS, decode_sample, decode_sample_safe
-from mirasol_ray.data.schema import TASKS, check_row, qtype_index
+from mirasol_ray.data.schema import TASKS, TEXT_COLUMNS, check_row, qtype_index
 from mirasol_ray.data.text import get_tokenizer
 
 META = {
@@ -37,6 +37,11 @@ def rows_of(s: dict, c: DataConfig, train: bool = False, label_set=("beep", "bar
     return rows
 
 
+def texts_of(rows: list[dict]) -> list[dict]:
+    """The text entries present in clip rows, each as a dict of its K-axis columns."""
+    return [{k: row[k][i] for k in TEXT_COLUMNS} for row in rows for i in np.flatnonzero(row["text_mask"])]
+
+
 @pytest.mark.parametrize("train", [False, True])
 def test_bright_and_loud_snippets_share_an_index(step_clip, train):
     (row,) = rows_of(sample(step_clip), cfg(task="caption"), train=train)
@@ -53,17 +58,26 @@ def test_bright_and_loud_snippets_share_an_index(step_clip, train):
     ("caption", ["caption"]), ("qa", ["qa", "qa"]), ("mcqa", ["mcqa"]), ("cls", ["cls"]),
     ("finetune", ["qa", "qa", "mcqa", "cls"]), ("all", ["caption", "qa", "qa", "mcqa", "cls"]),
 ])
-def test_rows_per_task(make_clip, task, tasks):
-    rows = rows_of(sample(make_clip(1.0)), cfg(task=task))
-    assert [TASKS[int(r["task"])] for r in rows] == tasks
-    assert [r["key"] for r in rows] == (["clip"] if len(rows) == 1 else [f"clip#{i}" for i in range(len(rows))])
-    assert all(r["video"] is rows[0]["video"] for r in rows)  # decoded once, shared
-    assert all(int(r["label"]) == 0 for r in rows)
+def test_one_row_per_clip_with_its_texts(make_clip, task, tasks):
+    (row,) = rows_of(sample(make_clip(1.0)), cfg(task=task))
+    assert [TASKS[int(t["task"])] for t in texts_of([row])] == tasks
+    assert row["key"] == "clip" and int(row["num_texts"]) == len(tasks) and int(row["label"]) == 0
+    assert row["text_mask"].sum() == len(tasks) and not row["text_mask"][len(tasks):].any()  # padded, masked
+    assert row["text_index"].tolist() == list(range(len(tasks))) + [-1] * (row["text_mask"].size - len(tasks))
+    assert not row["prompt_mask"][len(tasks):].any() and not row["target_mask"][len(tasks):].any()
+
+
+def test_more_texts_than_max_texts_give_rows_of_k_sharing_the_clip(make_clip):
+    rows = rows_of(sample(make_clip(1.0)), cfg(task="all", max_texts=2))
+    assert len(rows) == 3 and [int(r["text_mask"].sum()) for r in rows] == [2, 2, 1]
+    assert [r["text_index"].tolist() for r in rows] == [[0, 1], [2, 3], [4, -1]]
+    assert all(r["video"] is rows[0]["video"] and int(r["num_texts"]) == 5 for r in rows)  # decoded once
+    assert [TASKS[int(t["task"])] for t in texts_of(rows)] == ["caption", "qa", "qa", "mcqa", "cls"]
 
 
 def test_text_columns(make_clip):
     tok = get_tokenizer("byte")
-    qa, _, mc, cls = rows_of(sample(make_clip(1.0)), cfg(task="finetune", max_prompt_len=24))
+    qa, _, mc, cls = texts_of(rows_of(sample(make_clip(1.0)), cfg(task="finetune", max_prompt_len=24)))
     assert tok.decode(qa["prompt_ids"][qa["prompt_mask"]]) == "what sound?"
     assert tok.decode(qa["target_ids"]) == "a beep" and int(qa["qtype"]) == qtype_index("audio")
     assert tok.decode(mc["prompt_ids"][mc["prompt_mask"]]) == "which colour?"
@@ -78,10 +92,10 @@ def test_caption_and_label_rows_carry_their_task_prompt(make_clip):
     """Tasks trained together must look different to the decoder: with no prompt, a caption row and a class-label
     row of the same clip would be the same input with two targets."""
     tok = get_tokenizer("byte")
-    caption, *_, cls = rows_of(sample(make_clip(1.0)), cfg(task="all", max_prompt_len=24))
+    caption, *_, cls = texts_of(rows_of(sample(make_clip(1.0)), cfg(task="all", max_prompt_len=24)))
     prompts = {tok.decode(r["prompt_ids"][r["prompt_mask"]]) for r in (caption, cls)}
     assert prompts == {"caption the clip.", "classify the clip."}
-    (row,) = rows_of(sample(make_clip(1.0)), cfg(task="caption", caption_prompt="describe:"))
+    (row,) = texts_of(rows_of(sample(make_clip(1.0)), cfg(task="caption", caption_prompt="describe:")))
     assert tok.decode(row["prompt_ids"][row["prompt_mask"]]) == "describe:"
     (unknown,) = rows_of(sample(make_clip(1.0), {"label": "meow"}), cfg(task="cls"))
     assert int(unknown["label"]) == -1

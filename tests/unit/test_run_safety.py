@@ -125,18 +125,79 @@ def test_batches_handed_to_torch_are_writable_without_a_warning():
     assert all(k in out for k in TENSOR_COLUMNS) and batch["video"][0, 0, 0, 0, 0, 0] == 0
 
 
-def test_an_unexpected_error_keeps_its_message():
+def test_an_unexpected_error_keeps_its_message(tmp_path):
+    import io
+    import tarfile
+    from dataclasses import asdict
+
     from mirasol_ray.config import load_config
-    from mirasol_ray.data.pipeline import decode_batch
+    from mirasol_ray.data.index import build_index, resolve_shards
+    from mirasol_ray.data.pipeline import decode_items
     from mirasol_ray.data.rows import decode_sample_safe
 
     cfg = load_config("tiny", ["data.task=all"]).data
     sample = {"__key__": "odd", "mp4": b"x", "json": json.dumps({"caption": "c", "options": 5}).encode()}
     rows, reason, detail = decode_sample_safe(sample, cfg, train=False, rng=np.random.default_rng(0))
     assert (rows, reason) == ([], "error") and detail.startswith("TypeError: ") and "int" in detail
-    # a batch in which every sample is skipped gives no batch at all (an empty one has no tensor shape to store)
-    batch = {"__key__": np.array(["odd"], dtype=object), "mp4": np.array([b"x"], dtype=object),
-             "json": np.array([sample["json"]], dtype=object)}
-    from dataclasses import asdict
+    # a block in which every sample is skipped gives no batch at all (an empty one has no tensor shape to store)
+    with tarfile.open(tmp_path / "odd.tar", "w") as t:
+        for ext in ("mp4", "json"):
+            info = tarfile.TarInfo(f"odd.{ext}")
+            info.size = len(sample[ext])
+            t.addfile(info, io.BytesIO(sample[ext]))
+    index = build_index(resolve_shards(str(tmp_path)))
+    items = {**index.refs(np.arange(1)), "pos": np.zeros(1, np.int64), "epoch": np.zeros(1, np.int64)}
+    assert list(decode_items({"id": np.zeros(1, np.int64)}, items=items, shards=index.shards, url=index.url,
+                             endpoint_url="", data_cfg=asdict(cfg), train=False, label_set=None,
+                             counter_name="none")) == []
 
-    assert list(decode_batch(batch, data_cfg=asdict(cfg), train=False, label_set=None, counter_name="none")) == []
+
+class _Rows:
+    """A training source of ``n`` samples in which only ``good`` decode, one row each (no Ray, no decode)."""
+
+    def __init__(self, n: int, good: set[int]):
+        from mirasol_ray.config import load_config
+
+        self.n, self.good, self.cfg = n, good, load_config("tiny").data
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batches(self, positions, samples, epoch, batch_size, prefetch_batches):
+        from mirasol_ray.data.pipeline import stack_rows
+        from mirasol_ray.data.schema import row_spec
+
+        rows = [{**{k: np.zeros(shape, dt) for k, (shape, dt) in row_spec(self.cfg).items()}, "key": f"s{s}",
+                 "pos": int(g)} for g, s in zip(positions.tolist(), samples.tolist()) if s in self.good]
+        if rows:
+            yield stack_rows(rows, self.cfg)
+
+
+def test_a_dataset_smaller_than_a_batch_trains_and_one_that_never_decodes_ends():
+    """Issue 13 found runs looping over empty epochs forever. The training stream runs epoch after epoch without a
+    gap, so one clip and a batch of 2 form batches from consecutive epochs (no worker is ever short of a batch
+    while some clip decodes); when nothing decodes, one empty epoch ends it with NoRowsError (the loop turns it
+    into the one-line NoBatchError naming the cause and the skip counts, each sample counted once)."""
+    from mirasol_ray.data.index import ReadPosition
+    from mirasol_ray.data.pipeline import NoRowsError, train_batches
+
+    stream = train_batches(_Rows(1, {0}), ReadPosition().for_world(1), rank=0, batch_size=2, seed=0)
+    first, second = next(stream), next(stream)
+    assert first["key"] == ["s0", "s0"] and first["pos"].tolist() == [0, 1] and second["pos"].tolist() == [2, 3]
+    assert (first["epoch"], first["last_pos"]) == (1, 1)
+    seen: list[int] = []
+
+    class Failing(_Rows):
+        def batches(self, positions, samples, epoch, batch_size, prefetch_batches):
+            seen.extend(positions.tolist())
+            yield from ()
+
+    with pytest.raises(NoRowsError):
+        next(train_batches(Failing(3, set()), ReadPosition().for_world(1), rank=0, batch_size=2, seed=0))
+    assert seen == [0, 1, 2]  # one epoch read, each sample once
+    # resumed mid-epoch: the rest of that epoch alone is not proof enough, the next whole one is read too
+    seen.clear()
+    resumed = ReadPosition().for_world(1).advance([1])
+    with pytest.raises(NoRowsError):
+        next(train_batches(Failing(3, set()), resumed, rank=0, batch_size=2, seed=0))
+    assert seen == [2, 3, 4, 5]
