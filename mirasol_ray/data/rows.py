@@ -166,6 +166,23 @@ def truncation_warning(counts: dict[str, dict[str, int]], tokenizer: str = "") -
     return f"warning: {'; '.join(parts)} were cut; raise {' and '.join(raise_)}{hint}"
 
 
+def sample_texts(meta: dict[str, Any]) -> list[str]:
+    """Every text rows can take from a sample's metadata, whatever ``data.task``: the caption, the open-ended
+    questions and their answers (every accepted one), the multiple-choice questions and options, the class label.
+    What a tokenizer for the data is learnt from (:func:`~mirasol_ray.data.shards.write_tokenizer`)."""
+    qas = [q for q in meta["qas"] if isinstance(q, dict)] if isinstance(meta.get("qas"), list) else None
+    out = [meta.get("caption"), meta.get("label")]
+    for qa in [q for q in qas if "options" not in q] if qas is not None else [meta]:
+        answers = qa.get("answers") if isinstance(qa.get("answers"), list) else []
+        out += [qa.get("question"), qa.get("answer"), *answers]
+    for qa in [q for q in qas if "options" in q] if qas is not None else []:
+        options = qa.get("options") if isinstance(qa.get("options"), list) else []
+        out += [qa.get("mc_question") or qa.get("question"), *options]
+    if not (qas and any("options" in q for q in qas)) and isinstance(meta.get("options"), list):
+        out += [meta.get("mc_question") or meta.get("question"), *meta["options"]]
+    return [t for t in map(_text, out) if t]
+
+
 def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None = None) -> list[dict[str, Any]]:
     """The text entries ``meta`` gives under ``cfg.task`` (no video/audio yet), in a fixed order: caption, then
     questions, then multiple choice, then class label; each carries the clip's ``label`` too."""
