@@ -53,7 +53,7 @@ def test_local_shards_decode_to_the_contract(ray_local, synth_shards):
         assert (tasks == 0).sum() == 1 and (tasks == 1).sum() >= 3 and int(r["num_texts"]) == len(tasks)
     assert all(r["audio_present"] for r in rows)
     assert all(r["video"].std() > 0 for r in rows)
-    # the synthetic captions (70-130 bytes) do not fit tiny's 48 target tokens: cut, kept, counted; questions fit
+    # the synthetic captions (93-112 bytes) do not fit tiny's 48 target tokens: cut, kept, counted; questions fit
     cut = snap["truncation"]
     assert cut["caption_target"]["texts"] == cut["caption_target"]["cut"] == 12
     assert cut["caption_target"]["limit"] == 48 < cut["caption_target"]["longest"]
