@@ -30,19 +30,27 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
+    from mirasol_ray import storage
     from mirasol_ray.data.shards import build_shards
 
+    if args.vocab_size is not None and args.tokenizer != "learn":
+        raise ValueError("--vocab-size is the size of a learnt tokenizer: give --tokenizer learn too")
     labels = None
     if args.labels:
         with open(args.labels, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
     manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
                             transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
-                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite)
+                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
+                            tokenizer=args.tokenizer,
+                            **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
     skipped = sum(manifest.get("skipped", {}).values())
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
           f" ({skipped} skipped{': ' + json.dumps(manifest['skipped']) if skipped else ''})")
+    if manifest.get("tokenizer"):
+        path = storage.join(args.out, manifest["tokenizer"])
+        print(f"wrote {path} ({manifest['tokenizer_vocab_size']} tokens): train with --set data.tokenizer={path}")
     missing = [s for s in manifest.get("skipped_items", []) if s.endswith(": missing_video")]
     if missing:
         print(f"missing videos ({manifest['skipped'].get('missing_video', 0)}; all listed in the manifest): "
@@ -293,6 +301,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--transcode", type=int, default=None, metavar="HEIGHT",
                    help="re-encode at this height with a short keyframe interval (fast decode)")
     b.add_argument("--gop", type=int, default=None, help="keyframe interval for --transcode (frames)")
+    b.add_argument("--tokenizer", choices=("learn",), default="",
+                   help="learn a BPE tokenizer from the annotations' text (the training split's when there is one) "
+                        "into OUT/tokenizer.json, as shards synth does; train with --set "
+                        "data.tokenizer=OUT/tokenizer.json (default: none; runs use the byte tokenizer, one token a "
+                        "byte, so a caption of 75 bytes needs data.max_target_len >= 77)")
+    b.add_argument("--vocab-size", type=int, default=None, metavar="N",
+                   help="entries of the learnt tokenizer (default 512; its 259 byte and special tokens "
+                        "included): whole words of the text become single tokens")
     b.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_shards_build)

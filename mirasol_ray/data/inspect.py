@@ -1,6 +1,7 @@
 """``mirasol data inspect URL``: run the real decode pipeline over a dataset and report what came out.
 
-Counts samples seen, decoded and skipped (by reason; whole shards that cannot be read by file name), the
+Counts samples seen, decoded and skipped (by reason; whole shards that cannot be read by file name), the texts
+cut to fit ``data.max_prompt_len`` / ``data.max_target_len`` (per kind, with a warning line), the
 shapes/dtypes/bytes of a decoded row, and, when ``--png PATH`` is given, writes a contact sheet there: for a few
 rows, each snippet's frames beside its log-mel spectrogram. Without ``--png`` nothing is written (no file appears
 in the current folder or anywhere the user did not name).
@@ -73,6 +74,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         samples_seen,
         shards_failed,
     )
+    from mirasol_ray.data.rows import truncation_warning
     from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
 
@@ -131,6 +133,8 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         "rows": rows_out,
         "skipped": skipped,
         "skipped_examples": snap["examples"],
+        "truncation": snap["truncation"],
+        "truncation_warning": truncation_warning(snap["truncation"], cfg.data.tokenizer),
         "shards_skipped": {r: n for r, n in skipped.items() if r in SHARD_REASONS},
         "shapes": shapes,
         "bytes_per_row": bytes_per_row,
@@ -153,6 +157,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"skipped        {reason}: {n}  (e.g. {ex})")
     else:
         print("skipped        none")
+    print(report["truncation_warning"] or "texts cut      none")
     for k, v in report["shapes"].items():
         print(f"  {k:<14} {v['dtype']:<8} {v['shape']}")
     print(f"bytes/row      {report['bytes_per_row']:,}")

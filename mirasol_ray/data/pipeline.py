@@ -20,6 +20,9 @@ A bad sample is skipped and counted by reason in a small named actor (:class:`Sk
 ``mirasol data inspect`` and the training metrics read; so is a bad shard (not a tar, truncated, unreadable), by
 file name, when the index is built: one bad file never stops an epoch, and a truncated tar keeps the samples
 before the cut.
+
+The same actor counts the texts longer than ``data.max_prompt_len`` / ``data.max_target_len`` tokens (cut to
+fit, the row kept), which the driver turns into one warning line (:func:`~mirasol_ray.data.rows.truncation_warning`).
 """
 
 from __future__ import annotations
@@ -85,8 +88,10 @@ def _counter_cls():
 
     @ray.remote(num_cpus=0)
     class SkipCounter:
-        """Counts decoded samples, and skipped samples and shards by reason, across all read and decode tasks; also
-        holds the training progress rank 0 reports, which the driver draws (workers' output stays in log files)."""
+        """Counts decoded samples, and skipped samples and shards by reason, across all read and decode tasks, and
+        the texts cut to fit ``data.max_*_len`` (per kind, each sample once however many epochs read it: they are
+        kept, so this is no skip); also holds the training progress rank 0 reports, which the driver draws
+        (workers' output stays in log files)."""
 
         def __init__(self):
             self.decoded = 0
@@ -95,6 +100,8 @@ def _counter_cls():
             self.examples: dict[str, list[str]] = {}
             self.progress: dict[str, Any] = {}
             self.events: list[str] = []
+            self.texts: dict[str, dict[str, int]] = {}
+            self._counted: dict[str, bytearray] = {}  # per dataset URL: a bit per sample whose texts are counted
 
         def report_step(self, progress: dict[str, Any] | None, event: str = "") -> None:
             if progress is not None:  # None: an event alone
@@ -106,7 +113,18 @@ def _counter_cls():
             return {"progress": dict(self.progress), "events": self.events[events_seen:],
                     "decoded": self.decoded, "skipped": dict(self.skipped)}
 
-        def add(self, decoded: int, rows: int, skipped: dict[str, int], examples: dict[str, list[str]]) -> None:
+        def add(self, decoded: int, rows: int, skipped: dict[str, int], examples: dict[str, list[str]],
+                texts: tuple[str, list[tuple[int, dict[str, dict[str, int]]]]] | None = None) -> None:
+            if texts is not None:  # (url, [(sample, its count_lengths)]): each sample once, however often read
+                url, per_sample = texts
+                seen = self._counted.setdefault(url, bytearray())
+                for sample, counts in per_sample:
+                    byte, bit = divmod(sample, 8)
+                    if byte >= len(seen):
+                        seen.extend(bytes(max(byte + 1, 2 * len(seen)) - len(seen)))
+                    if not seen[byte] >> bit & 1:
+                        seen[byte] |= 1 << bit
+                        _merge_lengths(self.texts, counts)
             self.decoded += decoded
             self.rows += rows
             for k, v in skipped.items():
@@ -117,9 +135,19 @@ def _counter_cls():
 
         def snapshot(self) -> dict[str, Any]:
             return {"decoded": self.decoded, "rows": self.rows, "skipped": dict(self.skipped),
-                    "examples": dict(self.examples)}
+                    "examples": dict(self.examples), "truncation": {k: dict(v) for k, v in self.texts.items()}}
 
     return SkipCounter
+
+
+def _merge_lengths(into: dict[str, dict[str, int]], counts: dict[str, dict[str, int]]) -> None:
+    """Add :func:`~mirasol_ray.data.rows.count_lengths` output ``counts`` to ``into``, in place."""
+    for kind, c in counts.items():
+        t = into.setdefault(kind, {"texts": 0, "cut": 0, "longest": 0, "limit": c["limit"]})
+        t["texts"] += c["texts"]
+        t["cut"] += c["cut"]
+        t["longest"] = max(t["longest"], c["longest"])
+        t["limit"] = c["limit"]
 
 
 def make_skip_counter(name: str | None = None):
@@ -140,7 +168,7 @@ def read_skips(counter) -> dict[str, Any]:
 
 
 def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
-           examples: dict[str, list[str]]) -> None:
+           examples: dict[str, list[str]], texts: tuple[str, list] | None = None) -> None:
     """Add to the counter and wait until it holds the counts, so that whoever has seen this batch (or the end of
     the data) reads them in a snapshot: a fire-and-forget call could still be in flight when a run that formed no
     batch read the counter for its error line ("skipped: none")."""
@@ -151,7 +179,7 @@ def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
     except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
         return
     try:
-        ray.get(actor.add.remote(decoded, rows, skipped, examples), timeout=120)
+        ray.get(actor.add.remote(decoded, rows, skipped, examples, texts), timeout=120)
     except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
         pass
 
@@ -222,7 +250,7 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
     import torch
 
     from mirasol_ray.data.decode import cut_message
-    from mirasol_ray.data.rows import decode_sample_safe
+    from mirasol_ray.data.rows import count_lengths, decode_sample_safe
 
     cfg = DataConfig(**data_cfg)
     # One intra-op thread per decode task: the task holds a fraction of a CPU, and torch's default pool (one
@@ -234,6 +262,7 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
+    texts: list[tuple[int, dict[str, dict[str, int]]]] = []  # (sample, its texts' truncation counts)
     decoded = 0
     for j, sample in enumerate(samples):
         i = int(ids[j])
@@ -254,7 +283,8 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
         for row in out:
             row["pos"] = int(items["pos"][i])
         rows.extend(out)
-    _count(counter_name, decoded, len(rows), skipped, examples)
+        texts.append((int(items["sample"][i]), count_lengths((n for r in out for n in r["text_lengths"]), cfg)))
+    _count(counter_name, decoded, len(rows), skipped, examples, (url, texts))
     if rows:
         yield stack_rows(rows, cfg)
 

@@ -34,7 +34,7 @@ from mirasol_ray.data.decode import (
 )
 from mirasol_ray.data.schema import TASKS, qtype_index, text_spec
 from mirasol_ray.data.snippets import log_mel_snippets, plan_snippets
-from mirasol_ray.data.text import Tokenizer, encode_prompt, encode_target, get_tokenizer
+from mirasol_ray.data.text import Tokenizer, get_tokenizer, prompt_arrays, target_arrays
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
 AUDIO_EXTENSIONS = ("wav", "flac")
@@ -87,15 +87,38 @@ def _text(value: Any) -> str:
     return value.strip() if isinstance(value, str) else ""
 
 
+TEXT_KINDS = {
+    "caption_prompt": "caption prompts (data.caption_prompt)",
+    "caption_target": "caption targets",
+    "qa_prompt": "questions",
+    "qa_target": "answers",
+    "qa_option": "accepted answers",
+    "mcqa_prompt": "multiple-choice questions",
+    "mcqa_target": "multiple-choice answers",
+    "mcqa_option": "multiple-choice options",
+    "cls_prompt": "class prompts (data.cls_prompt)",
+    "cls_target": "class labels",
+}
+"""The kinds of text a row holds (``{task}_{prompt|target|option}``), as the truncation counts name them, and
+what a person calls them."""
+
+
 def _text_row(tok: Tokenizer, cfg: DataConfig, task: str, prompt: str, target: str, qtype: str,
               options: list[str] | None = None, answer_idx: int = -1) -> dict[str, Any]:
+    """One text entry: its K-axis columns, and ``lengths``: (kind, tokens it needs) of each of its texts (a
+    target or option needs its BOS and EOS too), for :func:`count_lengths`."""
     K, Lt = cfg.max_options, cfg.max_target_len
-    prompt_ids, prompt_mask = encode_prompt(tok, prompt, cfg.max_prompt_len)
-    target_ids, target_mask = encode_target(tok, target, Lt)
+    p, t = (tok.encode(prompt) if prompt else []), tok.encode(target)
+    prompt_ids, prompt_mask = prompt_arrays(p, cfg.max_prompt_len, tok)
+    target_ids, target_mask = target_arrays(t, Lt, tok)
+    lengths = [(f"{task}_prompt", len(p))] if prompt else []
+    lengths.append((f"{task}_target", len(t) + 2))
     option_ids = np.full((K, Lt), tok.pad_id, np.int32)  # [K, Lt]
     option_mask = np.zeros((K, Lt), bool)
     for k, option in enumerate((options or [])[:K]):
-        option_ids[k], option_mask[k] = encode_target(tok, option, Lt)
+        o = tok.encode(option)
+        option_ids[k], option_mask[k] = target_arrays(o, Lt, tok)
+        lengths.append((f"{task}_option", len(o) + 2))
     return {
         "text_mask": np.bool_(True),
         "task": np.int64(TASKS.index(task)),
@@ -104,7 +127,60 @@ def _text_row(tok: Tokenizer, cfg: DataConfig, task: str, prompt: str, target: s
         "option_ids": option_ids, "option_mask": option_mask,
         "answer_idx": np.int64(answer_idx),
         "qtype": np.int64(qtype_index(qtype)),
+        "lengths": lengths,
     }
+
+
+def count_lengths(lengths, cfg: DataConfig) -> dict[str, dict[str, int]]:
+    """(kind, tokens needed) pairs -> per kind (:data:`TEXT_KINDS`): ``texts`` seen, how many were ``cut`` (they
+    need more than ``limit``: ``data.max_prompt_len`` for prompts, ``data.max_target_len`` for targets and
+    options), and the ``longest`` (tokens the longest needs). A cut text is kept, shortened: a question keeps its
+    end, an answer or caption its start."""
+    out: dict[str, dict[str, int]] = {}
+    for kind, n in lengths:
+        limit = cfg.max_prompt_len if kind.endswith("_prompt") else cfg.max_target_len
+        c = out.setdefault(kind, {"texts": 0, "cut": 0, "longest": 0, "limit": limit})
+        c["texts"] += 1
+        c["cut"] += int(n > limit)
+        c["longest"] = max(c["longest"], int(n))
+    return out
+
+
+def truncation_warning(counts: dict[str, dict[str, int]], tokenizer: str = "") -> str:
+    """One line saying which texts were cut to fit (from :func:`count_lengths`), and what to raise; "" when none
+    was. ``tokenizer``: ``data.tokenizer`` (with the byte tokenizer, learning one is the better fix)."""
+    parts, raise_ = [], []
+    for kind in [k for k in TEXT_KINDS if k in counts] + sorted(set(counts) - set(TEXT_KINDS)):
+        c = counts[kind]
+        if not c.get("cut"):
+            continue
+        prompt = kind.endswith("_prompt")
+        field = "data.max_prompt_len" if prompt else "data.max_target_len"
+        raise_ += [field] if field not in raise_ else []
+        parts.append(f"{c['cut']} of {c['texts']} {TEXT_KINDS.get(kind, kind)} longer than {field}={c['limit']} "
+                     f"tokens{'' if prompt else ' with BOS/EOS'} (longest {c['longest']})")
+    if not parts:
+        return ""
+    hint = (" (or learn a tokenizer from the text: mirasol shards build --tokenizer learn)"
+            if tokenizer in ("", "byte") else "")
+    return f"warning: {'; '.join(parts)} were cut; raise {' and '.join(raise_)}{hint}"
+
+
+def sample_texts(meta: dict[str, Any]) -> list[str]:
+    """Every text rows can take from a sample's metadata, whatever ``data.task``: the caption, the open-ended
+    questions and their answers (every accepted one), the multiple-choice questions and options, the class label.
+    What a tokenizer for the data is learnt from (:func:`~mirasol_ray.data.shards.write_tokenizer`)."""
+    qas = [q for q in meta["qas"] if isinstance(q, dict)] if isinstance(meta.get("qas"), list) else None
+    out = [meta.get("caption"), meta.get("label")]
+    for qa in [q for q in qas if "options" not in q] if qas is not None else [meta]:
+        answers = qa.get("answers") if isinstance(qa.get("answers"), list) else []
+        out += [qa.get("question"), qa.get("answer"), *answers]
+    for qa in [q for q in qas if "options" in q] if qas is not None else []:
+        options = qa.get("options") if isinstance(qa.get("options"), list) else []
+        out += [qa.get("mc_question") or qa.get("question"), *options]
+    if not (qas and any("options" in q for q in qas)) and isinstance(meta.get("options"), list):
+        out += [meta.get("mc_question") or meta.get("question"), *meta["options"]]
+    return [t for t in map(_text, out) if t]
 
 
 def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None = None) -> list[dict[str, Any]]:
@@ -192,7 +268,8 @@ def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *,
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
                   label_set: list[str] | None = None) -> list[dict[str, Any]]:
     """One WebDataset sample -> its clip row per the schema (several when it has more than ``cfg.max_texts``
-    texts); [] when it has no text for ``cfg.task``.
+    texts); [] when it has no text for ``cfg.task``. Each row also holds ``text_lengths``: (kind, tokens needed) of
+    its texts, which :func:`count_lengths` turns into truncation counts.
 
     The rows of one sample share (do not copy) their video/audio arrays. Callers running many decodes per process
     should set ``torch.set_num_threads(1)``: the log-mel is tiny and torch's thread pool only adds contention.
@@ -217,7 +294,8 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
     key = str(sample.get("__key__", ""))
     K = cfg.max_texts
     clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key}
-    return [{**clip, **stack_texts(texts[i:i + K], cfg, first=i)} for i in range(0, len(texts), K)]
+    return [{**clip, **stack_texts(texts[i:i + K], cfg, first=i),
+             "text_lengths": [n for t in texts[i:i + K] for n in t["lengths"]]} for i in range(0, len(texts), K)]
 
 
 def decode_sample_safe(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,

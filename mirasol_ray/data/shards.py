@@ -52,6 +52,11 @@ DEFAULT_GOP = 32
 sampled frames cost 12 / 26 / 32 ms at GOP 32 against 8 / 34 / 61 ms at GOP 8 and 24 / 24 / 26 ms at GOP 250. At
 training resolution a seek costs more than decoding a few small frames, so a mid-length GOP is the best default."""
 VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
+TOKENIZER_FILE = "tokenizer.json"
+"""A tokenizer learnt from the samples' text (``shards synth``, ``shards build --tokenizer learn``): beside the root
+manifest, which names it (``"tokenizer"``; a split folder's manifest names it relative to that folder)."""
+DEFAULT_VOCAB_SIZE = 512
+MIN_VOCAB_SIZE = 260
 
 
 @dataclass
@@ -172,11 +177,13 @@ class ShardWriter:
             if name:
                 per_split = dict(manifest, shards=s.shards, num_samples=s.num_samples,
                                  splits={name: manifest["splits"][name]}, split=name, **split_extra.get(name, {}))
+                if "tokenizer" in extra:  # the same file, named from the split's folder
+                    per_split["tokenizer"] = f"../{extra['tokenizer']}"
                 storage.write_text(storage.join(s.uri, MANIFEST), json.dumps(per_split, indent=1),
                                    self.endpoint_url)
         storage.write_text(storage.join(self.out, MANIFEST), json.dumps(manifest, indent=1), self.endpoint_url)
         self._remove_stale({sh["name"] for sh in shards} | {f"{s.path}/{MANIFEST}" for s in self._splits.values()
-                                                           if s.path} | {MANIFEST})
+                                                           if s.path} | {MANIFEST, extra.get("tokenizer")})
         self._cleanup()
         return manifest
 
@@ -197,6 +204,8 @@ class ShardWriter:
         folders = {""}
         if isinstance(old, dict):
             found += [str(sh["name"]) for sh in old.get("shards", []) if isinstance(sh, dict) and "name" in sh]
+            if old.get("tokenizer") == TOKENIZER_FILE and self.fs.exists(f"{root}/{TOKENIZER_FILE}"):
+                found.append(TOKENIZER_FILE)
             folders |= {str(v.get("path") or "") for v in (old.get("splits") or {}).values() if isinstance(v, dict)}
         for folder in sorted(folders):
             base = f"{root}/{folder}" if folder else root
@@ -259,6 +268,31 @@ class ShardWriter:
     def _cleanup(self) -> None:
         if self._tmpdir:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
+
+
+def write_tokenizer(out: str, metas: list[Mapping[str, Any]], vocab_size: int = DEFAULT_VOCAB_SIZE,
+                    endpoint_url: str = "") -> dict[str, Any]:
+    """Learn a byte-level BPE tokenizer (:func:`~mirasol_ray.data.text.train_bpe_tokenizer`) from every text of the
+    samples ``metas`` (:func:`~mirasol_ray.data.rows.sample_texts`) and the default task prompts, and write it to
+    ``out/tokenizer.json``; returns what the manifest records of it (pass it to :meth:`ShardWriter.close`).
+
+    Callers pass the training samples only, so nothing of the held-out answers leaks into the vocabulary. Training
+    with it: ``data.tokenizer=OUT/tokenizer.json``."""
+    from mirasol_ray.config import DataConfig
+    from mirasol_ray.data.rows import sample_texts
+    from mirasol_ray.data.text import train_bpe_tokenizer
+
+    check_vocab_size(vocab_size)
+    corpus = [t for m in metas for t in sample_texts(dict(m))] + [DataConfig.caption_prompt, DataConfig.cls_prompt]
+    text = train_bpe_tokenizer(corpus, vocab_size)
+    storage.write_text(storage.join(out, TOKENIZER_FILE), text, endpoint_url)
+    return {"tokenizer": TOKENIZER_FILE, "tokenizer_vocab_size": len(json.loads(text)["model"]["vocab"])}
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise ValueError(f"tokenizer vocab size must be at least {MIN_VOCAB_SIZE} (the 256 bytes every text falls "
+                         f"back on and 3 specials), got {vocab_size}")
 
 
 def read_manifest(url: str, endpoint_url: str = "") -> dict:
@@ -492,7 +526,8 @@ def _sample_key(name: str, used: set[str]) -> str:
 def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: int = 100,
                  transcode: int | None = None, gop: int | None = None, progress: bool = True,
                  sample_rate: int = 16000, endpoint_url: str = "", split: str = "",
-                 labels: list[str] | None = None, answer_vocab: int = 0, overwrite: bool = False) -> dict:
+                 labels: list[str] | None = None, answer_vocab: int = 0, overwrite: bool = False,
+                 tokenizer: str = "", vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict:
     """Convert a dataset on disk (or object storage) into shards under ``out``; returns the root manifest.
 
     ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`; ``videos`` is the dataset's video
@@ -512,6 +547,10 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     and the manifest lists the vocabulary and how much of each split it covers. ``labels`` keeps only these
     classes (Kinetics-Sounds). A folder ``out`` that already holds shards is refused unless ``overwrite`` (then
     the new build replaces the old one, see :class:`ShardWriter`).
+
+    ``tokenizer="learn"`` also learns a BPE tokenizer of ``vocab_size`` entries from the text of the samples
+    written (the ``train`` split's when the build has one, else all of them) into ``out/tokenizer.json``
+    (:func:`write_tokenizer`), which the manifest names; train with ``data.tokenizer=OUT/tokenizer.json``.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(sorted(FORMATS))}")
@@ -526,6 +565,10 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
         raise ValueError(f"transcode height must be positive, got {transcode}")
     if answer_vocab < 0:
         raise ValueError(f"answer_vocab must be >= 0, got {answer_vocab}")
+    if tokenizer not in ("", "learn"):
+        raise ValueError(f"tokenizer must be 'learn' (or empty: none), got {tokenizer!r}")
+    if tokenizer:
+        check_vocab_size(vocab_size)
     gop = gop or DEFAULT_GOP
     storage.check_output(out, "dir", endpoint_url)  # before any annotation or video is read
     root = VideoRoot(videos, endpoint_url)
@@ -545,6 +588,7 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
         extra["answer_vocab_size"] = answer_vocab
         extra["questions_outside_vocab"] = dropped
     stats: dict[str, _QAStats] = {}
+    written: dict[str, list[Mapping[str, Any]]] = {}  # split -> the metadata of its samples (for a tokenizer)
     used: set[str] = set()
     cut = 0
     with ShardWriter(out, shard_size, endpoint_url, overwrite=overwrite) as writer:
@@ -580,6 +624,11 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
             writer.write(_sample_key(rec.key or rec.name, used),
                          {ext if ext in VIDEO_EXTS else "mp4": data, "json": meta}, split=folder)
             stats.setdefault(folder, _QAStats()).add(meta)
+            if tokenizer:
+                written.setdefault(rec.split, []).append(meta)
+        if tokenizer:
+            extra.update(write_tokenizer(out, written.get("train") or [m for ms in written.values() for m in ms],
+                                         vocab_size, endpoint_url))
         transcoded = {"height": transcode, "gop": gop, "sample_rate": sample_rate} if transcode else None
         split_extra = {folder: st.summary(vocab) for folder, st in stats.items()}
         return writer.close({**extra, "transcode": transcoded, "cut": cut}, split_extra)

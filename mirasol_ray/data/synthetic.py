@@ -40,11 +40,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from mirasol_ray import storage
-from mirasol_ray.config import DataConfig
 from mirasol_ray.data.encode import encode_av
-from mirasol_ray.data.shards import ShardWriter
-from mirasol_ray.data.text import train_bpe_tokenizer
+from mirasol_ray.data.shards import ShardWriter, write_tokenizer
 
 SAMPLE_RATE = 16000
 NUM_SEGMENTS = 4
@@ -56,8 +53,6 @@ SHAPES = ("circle", "square", "triangle", "cross")
 TONES = {"low": 300.0, "mid": 700.0, "high": 1500.0}
 SOUNDS = ("low", "mid", "high", "silence")
 ORDINALS = ("first", "second", "third", "fourth")
-TOKENIZER_FILE = "tokenizer.json"
-"""Written beside the manifest: a BPE tokenizer learnt from the training clips' text."""
 MC_QUESTION = "which colour is on screen during the high tone?"
 LABEL_SET = sorted(COLOURS)
 CHANCE_BY_ANSWER_SPACE = {"qa/video": 1 / 4, "qa/audio": 1 / 4, "qa/av_aligned": 1 / 4, "qa/temporal": 1 / 2,
@@ -272,20 +267,11 @@ def synthesize(out: str, num_clips: int, seed: int = 0, shard_size: int = 64, va
         if pool:
             pool.terminate()
     everything = [m for split_metas in metas.values() for m in split_metas]
-    # The clips' own tokenizer, learnt from the training text only (nothing about held-out answers leaks into it),
-    # and the default task prompts of caption and class-label rows.
-    corpus = [*texts(metas.get("train", everything)), DataConfig.caption_prompt, DataConfig.cls_prompt]
-    storage.write_text(storage.join(out, TOKENIZER_FILE), train_bpe_tokenizer(corpus))
+    # The clips' own tokenizer (tokenizer.json), learnt from the training text only: nothing about held-out answers
+    # leaks into it.
+    tokenizer = write_tokenizer(out, metas.get("train", everything))
     return writer.close(
         {"source": "synthetic", "seed": seed, "label_set": LABEL_SET, "chance": chance_levels(everything),
-         "tokenizer": TOKENIZER_FILE},
+         **tokenizer},
         split_extra={split: {"chance": chance_levels(ms)} for split, ms in metas.items() if split},
     )
-
-
-def texts(metas: list[dict]):
-    """Every text of the clips: captions, questions, answers, options and labels."""
-    for m in metas:
-        yield from (m["caption"], m["mc_question"], m["label"], *m["options"])
-        for qa in m["qas"]:
-            yield from (qa["question"], qa["answer"])

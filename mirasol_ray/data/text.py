@@ -155,7 +155,17 @@ def get_tokenizer(spec: str = "byte") -> Tokenizer:
 
 def encode_prompt(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
     """Question tokens, left-padded to ``length`` (keeps the end of a long question). Returns (ids, mask)."""
-    ids = tok.encode(text)[-length:] if text else []
+    return prompt_arrays(tok.encode(text) if text else [], length, tok)
+
+
+def encode_target(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``BOS text EOS``, right-padded to ``length`` (text cut to fit, EOS kept). Returns (ids, mask)."""
+    return target_arrays(tok.encode(text), length, tok)
+
+
+def prompt_arrays(ids: list[int], length: int, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_prompt` of text already encoded (``ids``): it needs ``len(ids)`` tokens, more are cut."""
+    ids = ids[-length:] if ids else []
     out = np.full(length, tok.pad_id, dtype=np.int32)
     mask = np.zeros(length, dtype=bool)
     if ids:
@@ -164,9 +174,9 @@ def encode_prompt(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, n
     return out, mask
 
 
-def encode_target(tok: Tokenizer, text: str, length: int) -> tuple[np.ndarray, np.ndarray]:
-    """``BOS text EOS``, right-padded to ``length`` (text cut to fit, EOS kept). Returns (ids, mask)."""
-    ids = [tok.bos_id] + tok.encode(text)[: length - 2] + [tok.eos_id]
+def target_arrays(ids: list[int], length: int, tok: Tokenizer) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`encode_target` of text already encoded (``ids``): it needs ``len(ids) + 2`` tokens, more are cut."""
+    ids = [tok.bos_id] + ids[: length - 2] + [tok.eos_id]
     out = np.full(length, tok.pad_id, dtype=np.int32)
     mask = np.zeros(length, dtype=bool)
     out[: len(ids)] = ids

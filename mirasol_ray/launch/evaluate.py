@@ -121,6 +121,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
         read_skips,
         samples_seen,
     )
+    from mirasol_ray.data.rows import truncation_warning
     from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
     from mirasol_ray.train.checkpoint import read_meta
@@ -164,6 +165,8 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
         finally:
             if started:
                 ray.shutdown()
+    if truncation_warning(skips["truncation"], cfg.data.tokenizer):  # the scores are of cut references
+        console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
     if records_out:
         storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records), endpoint_url)
     meta = read_meta(model_uri, endpoint_url)
@@ -171,7 +174,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     model = model_name(model_uri, meta)
     res = {"checkpoint": model_uri, "model": model, "step": meta.get("step"), "data": data_url, "rows": len(records),
            "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
-           "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"]}
+           "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"], "truncation": skips["truncation"]}
     if out:
         write_results(res, out, endpoint_url)
     return res

@@ -260,6 +260,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     import ray.train
 
     from mirasol_ray.data.pipeline import read_skips
+    from mirasol_ray.data.rows import truncation_warning
     from mirasol_ray.launch import console
     from mirasol_ray.launch.lease import RunLease
     from mirasol_ray.launch.scratch import scratch_folder
@@ -297,6 +298,8 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
                 raise training_error(e) from e
             elapsed = time.perf_counter() - t0
             skips = read_skips(counter)
+            if truncation_warning(skips["truncation"], cfg.data.tokenizer):
+                console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
         finally:
             if counter is not None and not started:
                 ray.kill(counter)
@@ -320,6 +323,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "checkpoint": latest_checkpoint_dir(uri, ep),
             "decoded": skips["decoded"],
             "skipped": skips["skipped"],
+            "truncation": skips["truncation"],
             "seconds": round(elapsed, 1),
             "learning_curve": plot,
             "log": local_log,

@@ -53,6 +53,12 @@ def test_local_shards_decode_to_the_contract(ray_local, synth_shards):
         assert (tasks == 0).sum() == 1 and (tasks == 1).sum() >= 3 and int(r["num_texts"]) == len(tasks)
     assert all(r["audio_present"] for r in rows)
     assert all(r["video"].std() > 0 for r in rows)
+    # the synthetic captions (93-112 bytes) do not fit tiny's 48 target tokens: cut, kept, counted; questions fit
+    cut = snap["truncation"]
+    assert cut["caption_target"]["texts"] == cut["caption_target"]["cut"] == 12
+    assert cut["caption_target"]["limit"] == 48 < cut["caption_target"]["longest"]
+    assert cut["qa_prompt"]["texts"] == 48 and cut["qa_prompt"]["cut"] == 0
+    assert all(r["target_mask"][r["text_mask"] & (r["task"] == 0)].all() for r in rows)  # captions fill 48 tokens
 
 
 def test_bad_samples_are_skipped_and_counted(ray_local, synth_shards):
@@ -113,6 +119,10 @@ def test_inspect_cli_json_and_contact_sheet(synth_shards, tmp_path):
     assert report["samples"] == synth_shards["num_clips"] + 5
     assert report["decoded"] == synth_shards["num_clips"] + 1
     assert sum(report["skipped"].values()) == 4
+    n = synth_shards["num_clips"] + 1
+    assert report["truncation"]["caption_target"]["cut"] == n
+    assert report["truncation_warning"].startswith(f"warning: {n} of {n} caption targets longer than "
+                                                   "data.max_target_len=48 tokens")
     assert report["shapes"]["video"]["shape"] == [CFG.num_snippets, CFG.frames_per_snippet, CFG.height,
                                                   CFG.width, 3]
     assert report["shapes"]["video"]["dtype"] == "uint8"

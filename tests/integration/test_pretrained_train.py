@@ -9,7 +9,7 @@ import torch
 
 from mirasol_ray import storage
 from mirasol_ray.config import load_config
-from mirasol_ray.data.synthetic import TOKENIZER_FILE
+from mirasol_ray.data.shards import TOKENIZER_FILE
 from mirasol_ray.launch.train import read_metrics, run_training
 from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.model.pretrained import load_pretrained

@@ -42,11 +42,22 @@ def _check_run(uri, steps):
     assert any(n.startswith("events.out.tfevents") for n in names)
 
 
-def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path):
+def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path, capsys):
     # steps 1-2 with the audio-video path held (run without autograd, outside DDP's graph), 3-4 training it
     cfg = _cfg(synth_shards, tmp_path / "runs", "ddp-local", extra=("train.freeze_av_steps=2",))
     summary = run_training(cfg)
     assert summary["steps"] == 4
+    # 16 rows read of 12 clips (two epochs begun): each caption counted once; they are all longer than tiny's 48
+    # target tokens with the byte tokenizer, and the console says so in one line at the end
+    assert summary["truncation"]["caption_target"] | {"longest": 0} == {"texts": 12, "cut": 12, "longest": 0,
+                                                                         "limit": 48}
+    warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warnings == [f"warning: 12 of 12 caption targets longer than data.max_target_len=48 tokens with BOS/EOS "
+                        f"(longest {summary['truncation']['caption_target']['longest']}) were cut; raise "
+                        "data.max_target_len (or learn a tokenizer from the text: mirasol shards build --tokenizer "
+                        "learn)"]
+    assert json.loads((tmp_path / "runs" / "ddp-local" / "summary.json").read_text())["truncation"] \
+        == summary["truncation"]
     _check_run(str(tmp_path / "runs" / "ddp-local"), 4)
     # keep_checkpoints=2: checkpoints at steps 2 and 4
     run = tmp_path / "runs" / "ddp-local"
@@ -216,6 +227,9 @@ def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path)
     assert res["metrics"] == json.loads(json.dumps(aggregate(records)))
     assert {"qa/video", "qa/audio", "qa/av_aligned", "mcqa", "cls", "caption"} <= set(res["metrics"])
     assert res["metrics"]["mcqa"]["count"] == n
+    assert res["truncation"]["caption_target"]["cut"] == n  # the references scored are cut: said once, on stderr
+    (warning,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
+    assert warning.startswith(f"warning: {n} of {n} caption targets longer than data.max_target_len=48 tokens")
 
 
 def test_predict_cli_on_an_mp4(trained_run, synth_shards, tmp_path):

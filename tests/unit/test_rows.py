@@ -5,7 +5,13 @@ import pytest
 from conftest import STEP_AT, tone, wav_bytes
 
 from mirasol_ray.config import DataConfig
-from mirasol_ray.data.rows import SKIP_REASONS, decode_sample, decode_sample_safe
+from mirasol_ray.data.rows import (
+    SKIP_REASONS,
+    count_lengths,
+    decode_sample,
+    decode_sample_safe,
+    truncation_warning,
+)
 from mirasol_ray.data.schema import TASKS, TEXT_COLUMNS, check_row, qtype_index
 from mirasol_ray.data.text import get_tokenizer
 
@@ -99,6 +105,33 @@ def test_caption_and_label_rows_carry_their_task_prompt(make_clip):
     assert tok.decode(row["prompt_ids"][row["prompt_mask"]]) == "describe:"
     (unknown,) = rows_of(sample(make_clip(1.0), {"label": "meow"}), cfg(task="cls"))
     assert int(unknown["label"]) == -1
+
+
+def test_texts_longer_than_max_len_are_kept_cut_and_counted_per_kind(make_clip):
+    """A 75-byte caption in 40 target tokens: the row keeps its first 38 bytes (BOS, EOS), and the counts (which
+    the pipeline sends to its counter, and the console turns into one warning line) say so."""
+    tok = get_tokenizer("byte")
+    caption = "a yellow triangle, then a red square, then a green circle; high, mid, silence"[:75]
+    meta = dict(META, caption=caption, qas=[{"question": "which came first: the red or the green one?",
+                                             "answer": "red", "type": "temporal"}])
+    c = cfg(task="all", max_target_len=40, max_prompt_len=32)
+    (row,) = rows_of(sample(make_clip(1.0), meta), c)
+    cap, qa, mc, cls = texts_of([row])
+    assert tok.decode(cap["target_ids"]) == caption[:38] and cap["target_mask"].all()  # cut, kept
+    assert tok.decode(qa["prompt_ids"][qa["prompt_mask"]]) == "which came first: the red or the green one?"[-32:]
+    counts = count_lengths(row["text_lengths"], c)
+    assert counts["caption_target"] == {"texts": 1, "cut": 1, "longest": 77, "limit": 40}
+    assert counts["qa_prompt"] == {"texts": 1, "cut": 1, "longest": 43, "limit": 32}
+    assert counts["qa_target"] == {"texts": 1, "cut": 0, "longest": 5, "limit": 40}
+    assert counts["mcqa_option"] == {"texts": 3, "cut": 0, "longest": 7, "limit": 40}
+    assert counts["caption_prompt"]["cut"] == counts["cls_target"]["cut"] == 0
+    line = truncation_warning(counts, c.tokenizer)
+    assert line.startswith("warning: 1 of 1 caption targets longer than data.max_target_len=40 tokens with BOS/EOS "
+                           "(longest 77); 1 of 1 questions longer than data.max_prompt_len=32 tokens (longest 43) "
+                           "were cut; raise data.max_target_len and data.max_prompt_len")
+    assert "shards build --tokenizer learn" in line and "\n" not in line
+    fits = count_lengths(row["text_lengths"], cfg(task="all", max_target_len=77, max_prompt_len=43))
+    assert sum(k["cut"] for k in fits.values()) == 0 and truncation_warning(fits) == ""
 
 
 @pytest.mark.parametrize("container", ["mp4", "webm"])

@@ -176,3 +176,52 @@ def test_output_that_cannot_be_written_is_refused_before_any_input_is_read(datas
     with pytest.raises(PermissionError, match="cannot write to .*file/below"):
         build_shards("jsonl", str(ann), str(videos), str(tmp_path / "file" / "below"), progress=False)
     assert (tmp_path / "file").read_text() == "x"
+
+
+def test_build_learns_a_tokenizer_from_the_annotations_text(dataset, tmp_path, capsys):
+    """``shards build --tokenizer learn``: a BPE tokenizer of the annotations' words beside the manifest, which
+    ``data.tokenizer`` loads; every text round-trips, in far fewer tokens than bytes. A rebuild without it leaves
+    no stale tokenizer behind."""
+    from mirasol_ray.cli import main
+    from mirasol_ray.config import load_config
+    from mirasol_ray.data.rows import sample_texts
+    from mirasol_ray.data.text import HFTokenizer, get_tokenizer
+
+    _, videos = dataset
+    metas = [
+        {"caption": "a red kite climbs over the grey harbour wall while gulls circle and call above it",
+         "qas": [{"question": "what climbs over the harbour wall?", "answer": "a red kite", "type": "video"},
+                 {"question": "which birds call above the wall?", "options": ["gulls", "crows", "owls"],
+                  "answer_idx": 0, "type": "audio"}], "label": "kite"},
+        {"caption": "a grey boat leaves the harbour while a bell rings twice and gulls call above it",
+         "question": "how many times does the bell ring?", "answer": "twice", "label": "boat"},
+        {"caption": "gulls circle above the harbour wall and a red boat rings its bell",
+         "mc_question": "what rings?", "options": ["a bell", "a phone"], "answer_idx": 0, "label": "boat"},
+    ]
+    ann = tmp_path / "words.jsonl"
+    ann.write_text("".join(json.dumps({"video": v, **m}) + "\n" for v, m in zip(("a.mp4", "sub/b.mp4", "c.v2.mp4"),
+                                                                                 metas)))
+    out = tmp_path / "out"
+    args = ["shards", "build", "--format", "jsonl", "--annotations", str(ann), "--videos", str(videos), "--quiet",
+            "--out", str(out)]
+    assert main([*args, "--tokenizer", "learn", "--vocab-size", "400"]) == 0
+    path = str(out / "tokenizer.json")
+    assert f"train with --set data.tokenizer={path}" in capsys.readouterr().out
+    manifest = read_manifest(str(out))
+    assert manifest["tokenizer"] == "tokenizer.json" and 260 <= manifest["tokenizer_vocab_size"] <= 400
+    tok = get_tokenizer(path)
+    assert isinstance(tok, HFTokenizer) and load_config("tiny", [f"data.tokenizer={path}"]).data.tokenizer == path
+    texts = [t for m in metas for t in sample_texts(m)]
+    assert {"a red kite", "gulls", "how many times does the bell ring?", "kite", "what rings?"} <= set(texts)
+    for text in texts + ["Ünseen wörds, 42!"]:  # byte fallback: any text still encodes
+        assert tok.decode([tok.bos_id, *tok.encode(text), tok.eos_id]) == text
+    tokens, nbytes = sum(len(tok.encode(t)) for t in texts), sum(len(t.encode()) for t in texts)
+    assert tokens * 3 < nbytes, (tokens, nbytes)
+    for caption in (m["caption"] for m in metas):
+        assert len(tok.encode(caption)) <= len(caption.split()) + 1  # about one token a word
+    # bad uses are one-line errors before anything is written; a rebuild without a tokenizer removes the old one
+    assert main([*args, "--vocab-size", "400", "--overwrite"]) == 2
+    assert main([*args, "--tokenizer", "learn", "--vocab-size", "100", "--overwrite"]) == 2
+    assert "at least 260" in capsys.readouterr().err and (out / "tokenizer.json").exists()
+    assert main([*args, "--overwrite"]) == 0
+    assert not (out / "tokenizer.json").exists() and "tokenizer" not in read_manifest(str(out))

@@ -140,6 +140,8 @@ def test_synthesize_writes_shards_and_manifest(tmp_path: Path):
     assert (tmp_path / "b/val/shard-000000.tar").read_bytes() == (tmp_path / "a/val/shard-000000.tar").read_bytes()
     # the clips' own tokenizer, learnt from the training split's text
     assert manifest["tokenizer"] == "tokenizer.json"
+    assert (tmp_path / "a/val" / read_manifest(str(tmp_path / "a/val"))["tokenizer"]).resolve() \
+        == (tmp_path / "a/tokenizer.json").resolve()  # a split's manifest names it from its own folder
     assert (tmp_path / "b/tokenizer.json").read_bytes() == (tmp_path / "a/tokenizer.json").read_bytes()
 
 
