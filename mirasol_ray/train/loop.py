@@ -182,8 +182,9 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
              ) -> tuple[dict[str, Any], list[int]]:
-    """Task metrics over the validation split, their loss as ``loss``, and the rows (clips) each rank scored: each rank
-    predicts its own share (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that
+    """Task metrics over an evaluation split (``val``, or ``train_eval``: the training clips scored beside it),
+    their loss as ``loss``, and the rows (clips) each rank scored: each rank
+    predicts its own share (``batches``, its split of the dataset), with the model gathered once (FSDP2) so that
     decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
     metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
     step where accuracies move in jumps, which is what a scheduler comparing young trials (ASHA in ``mirasol
@@ -395,15 +396,19 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
                                        or step == cfg.train.steps)
         evaluated: dict[str, dict[str, float]] = {}  # this step's evaluation, if any: what its checkpoint scores
         if do_eval:
+            t0 = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
                                 cfg.train.eval_batches)
             evaluated["val"] = {k: v["value"] for k, v in ev.items()}
-            record = (record or {"step": step}) | {"val": evaluated["val"], "val_rows": rows}
+            record = (record or {"step": step}) | {"val": evaluated["val"], "val_rows": rows,
+                                                   "val_s": time.perf_counter() - t0}
             if train_eval is not None:  # the fixed subset of training clips, whole (train.eval_train_batches)
+                t0 = time.perf_counter()
                 ev, rows = evaluate(model, iter_worker_batches(train_eval, cfg.train.batch_size), tok, device, cfg,
                                     label_set)
                 evaluated["train_eval"] = {k: v["value"] for k, v in ev.items()}
-                record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows}
+                record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows,
+                           "train_eval_s": time.perf_counter() - t0}
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
             if nodes:  # the first record of each worker group says where its ranks ran
