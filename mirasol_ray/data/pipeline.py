@@ -267,13 +267,59 @@ class DecodeItems:
         return decode_items(batch, **kwargs)
 
 
+def _id_block(lo: int, hi: int) -> list:
+    import pyarrow as pa
+
+    return [pa.table({"id": np.arange(lo, hi, dtype=np.int64)})]
+
+
+def _datasource_cls():
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class ItemIds(Datasource):
+        """The ids ``0..n-1`` in blocks of ``block`` rows, each made by its own read task (nothing is put in the
+        object store up front, whatever ``n``)."""
+
+        def __init__(self, n: int, block: int):
+            self.n, self.block = n, max(1, block)
+
+        def estimate_inmemory_data_size(self) -> int:
+            return 8 * self.n
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
+                           ) -> list:
+            import functools
+
+            import pyarrow as pa
+
+            schema = pa.schema([("id", pa.int64())])
+            return [ReadTask(functools.partial(_id_block, lo, min(self.n, lo + self.block)),
+                             BlockMetadata(num_rows=min(self.n, lo + self.block) - lo,
+                                           size_bytes=8 * (min(self.n, lo + self.block) - lo), input_files=None,
+                                           exec_stats=None),
+                             schema=schema, per_task_row_limit=per_task_row_limit)
+                    for lo in range(0, self.n, self.block)]
+
+    return ItemIds
+
+
+def _item_ids(n: int, block: int):
+    return _datasource_cls()(n, block)
+
+
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
                    counter_name: str, label_set: list[str] | None, endpoint_url: str):
     """Ray Data: the items (rows of ``items``) in blocks of ``decode_batch_size``, decoded."""
     import ray
 
     n = len(items["sample"])
-    ds = ray.data.range(n, override_num_blocks=max(1, math.ceil(n / cfg.decode_batch_size)))
+    # The item ids come from a read of our own that reserves what a decode task reserves, so Ray Data fuses it with
+    # the decode: one task per block. ``ray.data.range``'s read tasks reserve a whole CPU each and do not fuse with a
+    # fractional-CPU map: every block cost two tasks, and where a Train worker or another trial held the rest of the
+    # CPUs the read could never start (a sweep of 2 trials on 2 CPUs hung).
+    ds = ray.data.read_datasource(_item_ids(n, cfg.decode_batch_size), num_cpus=cfg.decode_cpus,
+                                  override_num_blocks=max(1, math.ceil(n / cfg.decode_batch_size)))
     kwargs = {"items": items, "shards": index.shards, "url": index.url, "endpoint_url": endpoint_url,
               "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
     if cfg.decode_actors:

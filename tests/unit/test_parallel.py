@@ -62,11 +62,12 @@ def _done() -> None:
 
 
 def _batch(cfg, rank: int, step: int) -> dict:
-    """Every task in one batch: open QA (generated), multiple choice (scored), classification (the head)."""
+    """Every task in one batch, a text per clip: open QA (generated), multiple choice (scored), classification (the
+    head)."""
     batch = synthetic_batch(cfg, 3, torch.Generator().manual_seed(100 * rank + step))
-    batch["task"][:] = torch.tensor([1, 2, 3])
-    batch["option_mask"][:, :3] = True
-    batch["answer_idx"][:] = 1
+    batch["task"][:, 0] = torch.tensor([1, 2, 3])
+    batch["option_mask"][:, 0, :3] = True
+    batch["answer_idx"][:, 0] = 1
     batch["label"][:] = torch.tensor([0, -1, 2])
     return batch
 
