@@ -85,15 +85,34 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(summary))
     else:
+        from mirasol_ray.train.checkpoint import describe_choice
+
         skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+        best = summary.get("best_checkpoint")
         print(f"run            {summary['run']}\n"
               f"steps          {summary['steps']}  (final loss {summary['final_loss']}, {summary['seconds']} s)\n"
               f"checkpoint     {summary['checkpoint']}\n"
-              f"decoded        {summary['decoded']} clips; skipped: {skipped}\n"
-              + "".join(f"val {k:<10} {v:.4f}\n" for k, v in summary["val"].items())
+              + (f"best           {describe_choice({**best, 'choice': 'best'})}\n" if best else "")
+              + f"decoded        {summary['decoded']} clips; skipped: {skipped}\n"
+              + metrics_table(summary["train_eval"], summary["val"])
               + f"learning curve {summary['learning_curve']}\n"
               f"driver log     {summary['log']}")
     return 0
+
+
+def metrics_table(train: dict[str, float], held_out: dict[str, float]) -> str:
+    """The last evaluation's metrics, on training clips (``train.eval_train_batches``) beside held-out ones; ""
+    when the run had no validation."""
+    if not held_out and not train:
+        return ""
+    names = list(held_out) + [k for k in train if k not in held_out]
+    width = max(14, *(len(k) + 1 for k in names))
+
+    def cell(d: dict[str, float], k: str) -> str:
+        return f"{d[k]:>10.4f}" if k in d else f"{'-':>10}"
+
+    return (f"{'metric':<{width}}{'train':>10}{'held-out':>10}\n"
+            + "".join(f"{k:<{width}}{cell(train, k)}{cell(held_out, k)}\n" for k in names))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -101,7 +120,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     res = evaluate(args.checkpoint, args.data, overrides=args.set, batch_size=args.batch_size,
                    num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records, out=args.out,
-                   normalize=args.normalize, source=args.source)
+                   normalize=args.normalize, source=args.source, choice=args.checkpoint_choice)
     if args.json:
         print(json.dumps(res))
     else:
@@ -343,7 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.set_defaults(func=_cmd_train)
 
     e = sub.add_parser("eval", help="task metrics of a checkpoint over a dataset (Ray Data batch inference)")
-    e.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model.pt (local/s3)")
+    e.add_argument("--checkpoint", required=True,
+                   help="run folder (its best checkpoint by the run's validation metric; see --checkpoint-choice), "
+                        "checkpoint folder or model.pt (local/s3)")
+    e.add_argument("--checkpoint-choice", default="best", choices=("best", "last"),
+                   help="which checkpoint of a run folder: the best by the run's validation metric (the newest when "
+                        "none was scored), or the newest")
     e.add_argument("--data", required=True, help="shards to evaluate on")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config (e.g. data.task=qa)")

@@ -127,13 +127,19 @@ class TrainConfig:
     error (see :meth:`Config.check_start`): a fine-tuning job that quietly trains from scratch wastes a cluster's
     hours."""
     steps: int = 100
+    """Optimiser steps of the run (a resumed run continues up to it)."""
     batch_size: int = 8
     """Per worker, per micro-step."""
     grad_accum: int = 1
+    """Micro-steps (batches) per optimiser step."""
     lr: float = 3e-4
+    """Peak learning rate (AdamW), reached after ``warmup_steps``."""
     min_lr_ratio: float = 0.1
+    """The cosine decay ends at ``lr * min_lr_ratio`` at the last step."""
     warmup_steps: int = 10
+    """Steps of linear warmup from 0 to ``lr``."""
     weight_decay: float = 0.05
+    """AdamW's decoupled weight decay."""
     freeze: list[str] = field(default_factory=list)
     """Parameter-name patterns (fnmatch, e.g. ``video_encoder.*``) whose parameters keep their initial (e.g.
     pretrained) values: no gradient, not in the optimiser. A pattern that matches no parameter is an error."""
@@ -146,6 +152,7 @@ class TrainConfig:
     to the schedule. From scratch this lets the decoder learn where to look before the features under it move
     (docs/PERFORMANCE.md, "The demo")."""
     grad_clip: float = 1.0
+    """Gradient norm clipped to this (0 = off)."""
     precision: str = "auto"
     """auto (bf16 autocast on GPU, fp32 on CPU) | bf16 | fp32."""
     fsdp: bool = False
@@ -154,15 +161,35 @@ class TrainConfig:
     compile: bool = False
     """``torch.compile`` each transformer block (the first steps are slower while it compiles)."""
     seed: int = 0
+    """Seeds the model's initial weights and each worker's random streams (dropout). The data's order and frame
+    positions follow ``data.seed``. The same seeds on the same machine give the same losses and metrics."""
     log_every: int = 10
+    """Steps between records in metrics.jsonl (loss parts, throughput)."""
     eval_every: int = 0
-    """Steps between validation passes; 0 = only at the end."""
+    """Steps between validation passes (with ``data.val``); 0 = only at the end. Each pass also writes a checkpoint
+    when checkpoints are scored (``checkpoint_metric``), so that the weights it scored can be kept."""
     eval_batches: int = 0
     """Validation batches per pass and per worker (each worker evaluates its own share of the split); 0 = the whole
     split."""
+    eval_train_batches: int = 2
+    """At each validation pass, also score this many batches (per worker) of training clips, a fixed subset drawn
+    with ``data.seed``, decoded as for validation (deterministic frames, no augmentation): the same task metrics
+    on clips the model trains on, recorded as ``train_eval`` beside ``val``, so the gap between the two (memorising
+    instead of learning) shows at every pass. 0 = off. Costs about ``eval_train_batches / (validation batches)`` of
+    a validation pass."""
     checkpoint_every: int = 50
+    """Steps between checkpoints (and the last step)."""
     keep_checkpoints: int = 2
+    """Checkpoints kept: the best ``keep_checkpoints`` by ``checkpoint_metric`` and the newest (with no metric: the
+    newest ``keep_checkpoints``)."""
+    checkpoint_metric: str = ""
+    """What makes a checkpoint the best: a reported metric (``val/qa``, ``val/loss``, ``val/qa/temporal``, ``loss``,
+    ...; lower is better for losses, higher for the rest). Empty = the data's main validation metric
+    (``val/<data.task>``'s accuracy, or token F1 for captions; ``val/qa`` for mixed fine-tuning data), and no
+    scoring (the newest checkpoints are kept) when the run has no ``data.val``. A run folder given to ``mirasol
+    eval``, ``predict``, ``export`` or ``train.init_from`` stands for its best checkpoint."""
     prefetch_batches: int = 2
+    """Training batches each worker decodes ahead."""
     sample_log: bool = False
     """Each worker writes the keys and stream positions of every step's samples to
     ``samples/<start step>-rank<r>.jsonl`` in the run folder (one file per worker and per start or resume), to
@@ -187,6 +214,9 @@ class TrainConfig:
         for name in ("steps", "batch_size", "grad_accum", "log_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches", "eval_train_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
 
 @dataclass

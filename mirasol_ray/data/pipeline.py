@@ -526,16 +526,20 @@ def iter_worker_batches(shard, batch_size: int, *, prefetch_batches: int = 2, dr
 
 
 def train_data_config(data_cpu_limit: float = 0.0):
-    """Ray Train's DataConfig for the datasets it hands out: ``val`` split between the workers row by row (every row
-    exactly once: workers may get a row more or less, and each evaluates its own share); any other dataset whole.
-    The training set is not among them: each worker reads its own share of the sample index
-    (:func:`train_batches`).
+    """Ray Train's DataConfig for the datasets it hands out: ``val`` (and ``train_eval``, the training clips scored
+    beside it) split between the workers row by row (every row exactly once: workers may get a row more or less,
+    and each evaluates its own share); any other dataset whole. The training set is not among them: each worker
+    reads its own share of the sample index (:func:`train_batches`).
+
+    Rows come in the dataset's order (``preserve_order``), so one worker's evaluation batches are the same in every
+    run and so are its metrics, to the last digit. With several workers, which rows each one gets depends on which
+    asks first, so the batches, and the metrics' last digits, may differ between runs.
 
     ``data_cpu_limit`` caps the CPUs Ray Data may take while training (0: Ray's default, all CPUs not held by the
     workers)."""
     from ray.data import ExecutionOptions, ExecutionResources
 
-    opts = ExecutionOptions()
+    opts = ExecutionOptions(preserve_order=True)
     if data_cpu_limit:
         opts.resource_limits = ExecutionResources(cpu=data_cpu_limit)
     return _data_config_cls()(datasets_to_split=[], execution_options=opts)
@@ -566,5 +570,5 @@ def _data_config_cls():
     return SplitData
 
 
-EXACT_SPLIT = ("val",)
+EXACT_SPLIT = ("val", "train_eval")
 """Datasets split between the workers row by row with none dropped (see :func:`train_data_config`)."""

@@ -28,23 +28,28 @@ RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "
 CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
 
 
-def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = ""
-                      ) -> tuple[str, Config, list[str] | None]:
-    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI. A checkpoint
-    whose model file is empty or cut short, or that has no meta.json, is an error naming it: checked here, in
-    the driver, before any worker would load it.
+def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = "",
+                      choice: str = "best") -> tuple[str, Config, list[str] | None]:
+    """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI (a run folder: its
+    ``choice`` checkpoint, best or last, named on the console). A checkpoint whose model file is empty or cut
+    short, or that has no meta.json, is an error naming it: checked here, in the driver, before any worker would
+    load it.
 
     The tokenizer is the checkpoint's own copy (see :mod:`mirasol_ray.train.checkpoint`), not the path the run was
     trained with, which need not exist here."""
     from mirasol_ray.config import _deep_update
+    from mirasol_ray.launch import console
     from mirasol_ray.train.checkpoint import (
         check_model_file,
+        describe_choice,
         require_meta,
-        resolve_checkpoint,
+        resolve_choice,
         tokenizer_spec,
     )
 
-    model_uri = resolve_checkpoint(checkpoint, endpoint_url)
+    model_uri, chosen = resolve_choice(checkpoint, endpoint_url, choice)
+    if chosen is not None:
+        console.say(f"{checkpoint}: its {describe_choice(chosen)}")
     check_model_file(model_uri, endpoint_url)
     meta = require_meta(model_uri, endpoint_url)
     raw = meta["run_config"]
@@ -100,8 +105,10 @@ def _record(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
 
 def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = None, batch_size: int = 16,
              num_actors: int = 1, beam_size: int = 1, num_cpus: int | None = None, records_out: str = "",
-             out: str = "", normalize: str = "vqa", source: str = "") -> dict[str, Any]:
+             out: str = "", normalize: str = "vqa", source: str = "", choice: str = "best") -> dict[str, Any]:
     """Task metrics of a checkpoint over the shards at ``data_url``, scored by the benchmark's protocol.
+    ``checkpoint`` may be a run folder: its best checkpoint by the run's validation score, or with ``choice``
+    ``last`` its newest (:func:`~mirasol_ray.train.checkpoint.choose_checkpoint`).
 
     ``source`` (default: the shards' manifest) names the benchmark (a ``shards build`` format). With ``out``
     (a folder, local or ``s3://``), writes ``results.json`` (everything returned) and ``results.csv`` (the table
@@ -124,10 +131,10 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     from mirasol_ray.data.rows import truncation_warning
     from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
-    from mirasol_ray.train.checkpoint import read_meta
+    from mirasol_ray.train.checkpoint import metric_value, read_meta
 
     endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "")
-    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, endpoint_url)
+    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, endpoint_url, choice)
     expand_shard_urls(data_url, endpoint_url)
     if records_out:
         storage.check_output(records_out, "file", endpoint_url)
@@ -172,7 +179,11 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     meta = read_meta(model_uri, endpoint_url)
     results = benchmark_results(records, source, normalize)
     model = model_name(model_uri, meta)
-    res = {"checkpoint": model_uri, "model": model, "step": meta.get("step"), "data": data_url, "rows": len(records),
+    score = meta.get("score") or {}  # the run's checkpoint scoring, and this checkpoint's value (None: unscored)
+    res = {"checkpoint": model_uri, "model": model, "step": meta.get("step"),
+           "checkpoint_score": {**score, "value": metric_value(meta.get("metrics") or {}, score["metric"])}
+           if score else None,
+           "data": data_url, "rows": len(records),
            "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
            "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"], "truncation": skips["truncation"]}
     if out:

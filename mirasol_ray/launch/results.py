@@ -18,6 +18,7 @@ from typing import Any
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
+from mirasol_ray.train.metrics import flatten
 
 SWEEP_FILE = "sweep.json"
 TRIALS_DIR = "trials"
@@ -45,35 +46,34 @@ def default_mode(metric: str) -> str:
     return "min" if metric.split("/")[-1].endswith("loss") else "max"
 
 
+def checkpoint_score(cfg: Config) -> dict[str, str] | None:
+    """What makes a checkpoint of a run the best (Ray Train's ``CheckpointConfig`` scoring, meta.json's
+    ``score``): ``train.checkpoint_metric``, else the run's :func:`main_metric` when it has validation data;
+    None (checkpoints unscored: the newest are kept) otherwise."""
+    metric = cfg.train.checkpoint_metric or (main_metric(cfg) if cfg.data.val else "")
+    return {"metric": metric, "mode": default_mode(metric)} if metric else None
+
+
 def check_metric(metric: str) -> None:
     """A name the training loop reports, or a ValueError listing them (before anything starts)."""
     if metric in TRAIN_METRICS:
         return
-    if metric.startswith("val/"):
-        key = metric[4:]
-        if key in VAL_METRICS or key.startswith("qa/"):
-            return
+    for split in ("val/", "train_eval/"):
+        if metric.startswith(split):
+            key = metric[len(split):]
+            if key in VAL_METRICS or key.startswith("qa/"):
+                return
     raise ValueError(f"unknown metric {metric!r}: use {', '.join('val/' + k for k in VAL_METRICS)}, val/qa/<type>, "
-                     f"or a training metric ({', '.join(TRAIN_METRICS)})")
+                     f"the same under train_eval/, or a training metric ({', '.join(TRAIN_METRICS)})")
 
 
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"val": {"qa": 1}}`` -> ``{"val/qa": 1}``, as Tune and Ray Train name nested metrics."""
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}/"))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
+def train_counterpart(metric: str) -> str | None:
+    """``val/qa`` -> ``train_eval/qa``: the same metric on the training clips (``train.eval_train_batches``)."""
+    return "train_eval/" + metric[4:] if metric.startswith("val/") else None
 
 
 def _number(v: Any) -> float | None:
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) else None
-
-
-def _better(a: float, b: float | None, mode: str) -> bool:
-    return b is None or (a > b if mode == "max" else a < b)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,41 +81,39 @@ def _better(a: float, b: float | None, mode: str) -> bool:
 
 
 def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: int | None = None) -> dict[str, Any]:
-    """One run folder: its curve of ``metric`` over steps, steps done, best and last value, the complete checkpoint
-    holding the best value (the latest one when no checkpoint carries the metric). ``until``: read it up to that step only
-    (a trial ASHA stopped: its workers may train a few steps more before they are gone)."""
+    """One run folder: its curve of ``metric`` over steps, steps done, best and last value (and the last value of
+    the same metric on training clips, ``train_last``), the complete checkpoint holding the best value
+    (``checkpoint``: the newest one when no checkpoint carries the metric) and the newest complete checkpoint
+    (``last_checkpoint``). ``until``: read it up to that step only (a trial ASHA stopped: its workers may train a
+    few steps more before they are gone)."""
     from mirasol_ray.launch.train import read_metrics
-    from mirasol_ray.train.checkpoint import META_FILE, checkpoint_dirs, complete_step
+    from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
 
     records = [r for r in read_metrics(uri, endpoint_url) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
     best_step, best = None, None
     for step, v in curve:
-        if _better(v, best, mode):
+        if better(v, best, mode):
             best_step, best = step, v
-    found = []
-    for name in checkpoint_dirs(uri, endpoint_url):
-        if complete_step(storage.join(uri, name), endpoint_url) is None:  # being written, or cut short
-            continue
-        try:
-            meta = json.loads(storage.read_text(storage.join(uri, name, META_FILE), endpoint_url))
-        except (FileNotFoundError, ValueError):
-            continue
-        found.append((meta.get("step", 0), _number(flatten(meta.get("metrics", {})).get(metric)),
-                      storage.join(uri, name)))
+    twin = train_counterpart(metric)
+    train_curve = [v for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
+    _, found = scored_checkpoints(uri, endpoint_url)
     # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
-    checkpoints = [c for c in found if until is None or c[0] <= until] or found
-    scored = [c for c in checkpoints if c[1] is not None]
+    checkpoints = [c for c in found if until is None or c["step"] <= until] or found
     pick = None
-    for c in scored:
-        if pick is None or _better(c[1], pick[1], mode):
-            pick = c
-    if pick is None and checkpoints:
-        pick = max(checkpoints)
+    for c in checkpoints:  # newest first: the newest of equal values wins
+        v = metric_value(c["metrics"], metric)
+        if v is not None and (pick is None or better(v, pick[1], mode)):
+            pick = (c, v)
+    chosen = pick[0] if pick else (checkpoints[0] if checkpoints else None)
+    last = checkpoints[0] if checkpoints else None
     return {
         "steps": max([r.get("step", 0) for r in records], default=0),
         "best": best, "best_step": best_step, "last": curve[-1][1] if curve else None,
-        "checkpoint": pick[2] if pick else None, "checkpoint_step": pick[0] if pick else None,
+        "train_last": train_curve[-1] if train_curve else None,
+        "checkpoint": chosen["uri"] if chosen else None, "checkpoint_step": chosen["step"] if chosen else None,
+        "checkpoint_value": pick[1] if pick else None,
+        "last_checkpoint": last["uri"] if last else None, "last_checkpoint_step": last["step"] if last else None,
         "curve": curve, "run": uri,
     }
 
@@ -151,7 +149,7 @@ def read_results(url: str, metric: str = "", mode: str = "", endpoint_url: str =
     elif storage.exists(storage.join(url, "config.yaml"), endpoint_url) or storage.exists(
             storage.join(url, "metrics.jsonl"), endpoint_url):
         cfg = _run_config(url, endpoint_url)
-        metric = metric or (main_metric(cfg) if cfg else "loss")
+        metric = metric or ((cfg.train.checkpoint_metric or main_metric(cfg)) if cfg else "loss")
         mode = mode or default_mode(metric)
         run = read_run(url, metric, mode, endpoint_url)
         max_steps = cfg.train.steps if cfg else None
@@ -192,15 +190,19 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
-    """The trials in the given order: id, swept values, status, steps, best and last metric, checkpoint URI."""
+    """The trials in the given order: id, swept values, status, steps, best and last metric (and the last value of
+    the same metric on training clips, when the runs scored them), checkpoint URI (the best)."""
     keys = list(res["space"]) or sorted({k for t in res["trials"] for k in t["config"]})
     m = res["metric"]
-    head = ["trial", *keys, "status", "steps", f"best {m}", f"last {m}"] + (["checkpoint"] if checkpoints else [])
+    twin = any(t.get("train_last") is not None for t in res["trials"])
+    head = (["trial", *keys, "status", "steps", f"best {m}", f"last {m}"] + (["last on train clips"] if twin else [])
+            + (["best checkpoint"] if checkpoints else []))
     rows = []
     for t in res["trials"]:
         steps = f"{t['steps']}/{res['max_steps']}" if res.get("max_steps") else str(t["steps"])
         rows.append([t["trial_id"], *[_fmt(t["config"].get(k, "")) for k in keys], t["status"], steps,
                      "-" if t["best"] is None else _fmt(t["best"]), "-" if t["last"] is None else _fmt(t["last"])]
+                    + (["-" if t.get("train_last") is None else _fmt(t["train_last"])] if twin else [])
                     + ([t["checkpoint"] or "-"] if checkpoints else []))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
@@ -302,6 +304,13 @@ def print_results(res: dict[str, Any]) -> None:
     print(f"{what} {res['name']} ({res['url']}): {len(res['trials'])} trial(s), "
           + ", ".join(f"{n} {s}" for s, n in sorted(done.items())) + f"; ranked by {res['metric']} ({res['mode']})")
     print(format_table(res))
+    if res["kind"] == "run" and res["trials"]:
+        t = res["trials"][0]
+        if t["checkpoint"]:
+            value = "" if t["checkpoint_value"] is None else f", {res['metric']}={_fmt(t['checkpoint_value'])}"
+            print(f"\nbest checkpoint (step {t['checkpoint_step']}{value}): {t['checkpoint']}")
+        if t["last_checkpoint"]:
+            print(f"last checkpoint (step {t['last_checkpoint_step']}): {t['last_checkpoint']}")
     if res["best"]:
         b = res["best"]
         print(f"\nbest: {b['trial_id']} {b['metric']}={_fmt(b['value'])} at step {b['step']}")

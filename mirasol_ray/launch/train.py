@@ -64,12 +64,30 @@ def run_uri(cfg: Config, name: str) -> str:
 
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
-                train_data: dict[str, Any], pid_dir: str = "", lease: str = "", scratch: str = "") -> dict[str, Any]:
+                train_data: dict[str, Any], pid_dir: str = "", lease: str = "", scratch: str = "",
+                score: dict[str, str] | None = None, has_train_eval: bool = False) -> dict[str, Any]:
     """The one plain dict that crosses from the driver to the workers. ``train_data``: ``{"index": the sample
     index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
-    ``{"cache": object refs of the decoded rows, "num_samples": N}``."""
+    ``{"cache": object refs of the decoded rows, "num_samples": N}``. ``score``: the checkpoints' scoring
+    (``{"metric", "mode"}``, or None), which goes into each checkpoint's meta.json."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
-            "train_data": train_data, "pid_dir": pid_dir, "lease": lease, "scratch": scratch}
+            "has_train_eval": has_train_eval, "train_data": train_data, "pid_dir": pid_dir, "lease": lease,
+            "scratch": scratch, "score": score}
+
+
+def train_eval_index(index, cfg: Config):
+    """The training clips scored beside validation (``train.eval_train_batches``): a fixed subset of the sample
+    index, ``eval_train_batches * batch_size`` clips per worker, drawn with ``data.seed`` and kept in the dataset's
+    order (reads stay sequential within a shard). None when off."""
+    import numpy as np
+
+    from mirasol_ray.data.index import SampleIndex
+
+    n = min(len(index), cfg.train.eval_train_batches * cfg.train.batch_size * cfg.scaling.num_workers)
+    if not n:
+        return None
+    pick = np.sort(np.random.default_rng([cfg.data.seed, 0x7472_6576]).choice(len(index), n, replace=False))
+    return SampleIndex(index.url, index.shards, index.shard[pick], index.start[pick], index.end[pick])
 
 
 def data_cpus_per_worker(cfg: Config) -> float:
@@ -83,7 +101,9 @@ def data_cpus_per_worker(cfg: Config) -> float:
 
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
-    """Learning curves (loss parts, validation metrics) from metrics.jsonl records into one PNG."""
+    """Learning curves from metrics.jsonl records into one PNG: the loss parts, with the validation loss and the
+    loss on the scored training clips (``train_eval``) as points; beside them each task metric on held-out clips
+    (solid) and on training clips (dashed, same colour): the gap between the two is memorisation."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -92,27 +112,33 @@ def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str
     if not records:
         return None
     loss_keys = [k for k in records[0] if k in ("loss", "text", "latent", "cls")]
-    val_keys = sorted({k for r in records for k in r.get("val", {})} - {"loss"})  # the loss goes beside training's
-    fig, axes = plt.subplots(1, 2 if val_keys else 1, figsize=(11 if val_keys else 6, 4), squeeze=False)
+    metric_keys = sorted({k for r in records for split in ("val", "train_eval") for k in r.get(split, {})}
+                         - {"loss"})  # the losses go beside training's
+    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4), squeeze=False)
     ax = axes[0, 0]
     for k in loss_keys:
         pts = [(r["step"], r[k]) for r in records if k in r]
         ax.plot(*zip(*pts), label=k)
-    pts = [(r["step"], r["val"]["loss"]) for r in records if "loss" in r.get("val", {})]
-    if pts:
-        ax.plot(*zip(*pts), marker="o", label="validation loss")
+    for split, label, marker in (("val", "validation loss", "o"), ("train_eval", "loss on training clips", "x")):
+        pts = [(r["step"], r[split]["loss"]) for r in records if "loss" in r.get(split, {})]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=label)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.legend()
     ax.set_title(title or "training loss")
-    if val_keys:
+    if metric_keys:
         ax = axes[0, 1]
-        for k in val_keys:
-            pts = [(r["step"], r["val"][k]) for r in records if k in r.get("val", {})]
-            ax.plot(*zip(*pts), marker="o", label=k)
+        for i, k in enumerate(metric_keys):
+            colour = f"C{i % 10}"
+            for split, style, suffix in (("val", "-", "held-out"), ("train_eval", "--", "train")):
+                pts = [(r["step"], r[split][k]) for r in records if k in r.get(split, {})]
+                if pts:
+                    ax.plot(*zip(*pts), style, marker="o" if split == "val" else "x", color=colour,
+                            label=f"{k} ({suffix})")
         ax.set_xlabel("step")
-        ax.set_ylabel("validation metric")
+        ax.set_ylabel("metric: held-out (solid), training clips (dashed)")
         ax.set_ylim(0, 1)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -139,21 +165,35 @@ def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
 
 def check_inputs(cfg: Config) -> None:
     """Fail early, naming the URL: the run can start (:meth:`Config.check_start`: a fine-tuning run has task rows
-    and weights to start from), the training (and validation) shards exist, and ``train.init_from`` resolves to a
-    loadable model file."""
+    and weights to start from), ``train.checkpoint_metric`` is a metric the run reports, the training (and
+    validation) shards exist, and ``train.init_from`` resolves to a loadable model file (a run folder: its best
+    checkpoint, named on the console)."""
     from mirasol_ray.data.pipeline import expand_shard_urls
-    from mirasol_ray.train.checkpoint import check_model_file, resolve_checkpoint
+    from mirasol_ray.launch import console
+    from mirasol_ray.launch.results import check_metric
+    from mirasol_ray.train.checkpoint import check_model_file, describe_choice, resolve_choice
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
     cfg.check_start()
+    metric = cfg.train.checkpoint_metric
+    if metric:
+        try:
+            check_metric(metric)
+        except ValueError as e:
+            raise ValueError(f"train.checkpoint_metric: {e}") from None
+        if metric.startswith(("val/", "train_eval/")) and not cfg.data.val:
+            raise ValueError(f"train.checkpoint_metric={metric} is measured at validation passes: set data.val=URL")
     ep = cfg.storage.endpoint_url
     expand_shard_urls(cfg.data.train, ep)
     if cfg.data.val:
         expand_shard_urls(cfg.data.val, ep)
     if cfg.train.init_from:
-        cfg.train.init_from = resolve_checkpoint(cfg.train.init_from, ep)
+        given = cfg.train.init_from
+        cfg.train.init_from, chosen = resolve_choice(given, ep)
         check_model_file(cfg.train.init_from, ep)
+        if chosen is not None:  # a run folder: say which of its checkpoints
+            console.say(f"train.init_from={given}: its {describe_choice(chosen)}")
 
 
 def training_error(e: BaseException) -> Exception:
@@ -173,12 +213,30 @@ def training_error(e: BaseException) -> Exception:
     return RuntimeError(f"training failed on worker rank {rank}: {type(err).__name__}: {first[:300]}")
 
 
+def checkpoint_retention(cfg: Config):
+    """Ray Train's ``CheckpointConfig`` of a run: the best ``train.keep_checkpoints`` by the run's checkpoint score
+    (:func:`~mirasol_ray.launch.results.checkpoint_score`) and the newest; the newest few when unscored."""
+    import ray.train
+
+    from mirasol_ray.launch.results import checkpoint_score
+
+    score = checkpoint_score(cfg)
+    if score is None:
+        return ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    return ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
+                                      checkpoint_score_attribute=score["metric"],
+                                      checkpoint_score_order=score["mode"])
+
+
 def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease: str = "", scratch: str = "",
                   callbacks: list | None = None, checkpoint_config=None):
     """The run's datasets and its ``TorchTrainer`` (scaling, storage, checkpoints), ready to ``fit()``; and the
     counter actor of its decode tasks and progress. One Ray Train run: ``mirasol train`` and each trial of a sweep
     build theirs here. ``lease``: the token of the run folder's lease (workers stop marking checkpoints complete
-    once another run holds it), "" when nothing leases the folder. Needs a connected Ray."""
+    once another run holds it), "" when nothing leases the folder. ``checkpoint_config``: Ray Train's retention
+    (default :func:`checkpoint_retention`); its score attribute is what makes a checkpoint the best, recorded in
+    each checkpoint's meta.json. With validation data, a fixed subset of the training clips
+    (:func:`train_eval_index`) is scored beside it as the ``train_eval`` dataset. Needs a connected Ray."""
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
@@ -209,6 +267,10 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     if cfg.data.val:
         datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
                                           label_set=label_set, endpoint_url=ep)
+        subset = train_eval_index(index, cfg)
+        if subset is not None:  # scored beside validation, decoded as validation is
+            datasets["train_eval"] = decoded_dataset(cfg.data.train, cfg.data, train=False, counter_name=counter_name,
+                                                     label_set=label_set, endpoint_url=ep, index=subset)
     last = latest_checkpoint_dir(uri, ep)
     done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
     if cfg.data.cache and done >= cfg.train.steps:
@@ -228,10 +290,14 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
     storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
     resources = {"CPU": cfg.scaling.cpus_per_worker}
+    if checkpoint_config is None:
+        checkpoint_config = checkpoint_retention(cfg)
+    attr = checkpoint_config.checkpoint_score_attribute
+    score = {"metric": attr, "mode": checkpoint_config.checkpoint_score_order} if attr else None
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
         train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir, lease,
-                                      scratch),
+                                      scratch, score=score, has_train_eval="train_eval" in datasets),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),
@@ -241,7 +307,7 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
             name=name,
             storage_path=root_path,
             storage_filesystem=fs if storage.is_remote(cfg.storage.root) else None,
-            checkpoint_config=checkpoint_config or ray.train.CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
+            checkpoint_config=checkpoint_config,
             failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
             callbacks=callbacks,
         ),
@@ -264,7 +330,12 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     from mirasol_ray.launch import console
     from mirasol_ray.launch.lease import RunLease
     from mirasol_ray.launch.scratch import scratch_folder
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, prune_checkpoints, read_meta
+    from mirasol_ray.train.checkpoint import (
+        best_checkpoint_dir,
+        latest_checkpoint_dir,
+        prune_checkpoints,
+        read_meta,
+    )
 
     check_inputs(cfg)
     ep = cfg.storage.endpoint_url
@@ -314,13 +385,16 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         records = read_metrics(uri, ep)
         plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
         last = records[-1] if records else {}
+        best = best_checkpoint_dir(uri, ep)
         summary = {
             "run": uri,
             "stage": cfg.train.stage,
             "steps": last.get("step", 0),
             "final_loss": last.get("loss"),
             "val": (result.metrics or {}).get("val", {}),
+            "train_eval": (result.metrics or {}).get("train_eval", {}),
             "checkpoint": latest_checkpoint_dir(uri, ep),
+            "best_checkpoint": best,
             "decoded": skips["decoded"],
             "skipped": skips["skipped"],
             "truncation": skips["truncation"],

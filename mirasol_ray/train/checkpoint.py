@@ -7,7 +7,8 @@ A checkpoint folder holds::
     train_state.pt  {"optimizer", "scheduler", "step", "epoch", "data_position"} (data_position: what the
                     training data stream consumed, ``ReadPosition.to_dict()``: data/index.py)
     meta.json       {"step", "epoch", "stage", "metrics", "run_config" (the whole Config: data geometry
-                    too), "label_set", "tokenizer" (the file name below, or null for the byte tokenizer)}
+                    too), "label_set", "tokenizer" (the file name below, or null for the byte tokenizer),
+                    "score" ({"metric", "mode"}: what makes a checkpoint of this run the best; null: unscored)}
     tokenizer.json  the run's tokenizer, byte for byte (or tokenizer.model for sentencepiece)
     complete.json   {"step", "files": {name: bytes}}: written last, once every file is in the run folder
 
@@ -19,9 +20,13 @@ paths the run was trained with. ``mirasol export`` writes the same in one file::
 A checkpoint is **complete** when its ``complete.json`` is there and every file it lists has the size it lists:
 Ray Train uploads a checkpoint's files in no particular order (``pyarrow.fs.copy_files``, threads), and a run
 stopped mid-upload leaves a folder that holds some of them. :func:`latest_checkpoint_dir` (the newest complete
-checkpoint of a run folder, judged from the folder alone) is the one notion of "latest": resume, ``eval``,
-``predict``, ``train.init_from`` and the tests all use it. ``resolve_checkpoint`` accepts a ``model.pt`` (or an
-exported file), a checkpoint folder, or a run folder (its latest complete checkpoint), on local disk or ``s3://``.
+checkpoint of a run folder, judged from the folder alone) is the one notion of "latest": resume and
+``--checkpoint-choice last`` use it. :func:`best_checkpoint_dir` is the one notion of "best": the complete
+checkpoint whose ``metrics`` hold the best value of the run's ``score`` metric (``train.checkpoint_metric``), a
+checkpoint being scored only when it was evaluated at its own step; Ray Train's ``CheckpointConfig`` keeps it, and
+:func:`prune_checkpoints` never deletes it. ``resolve_checkpoint`` accepts a ``model.pt`` (or an exported file), a
+checkpoint folder, or a run folder, on local disk or ``s3://``: a run folder stands for its best checkpoint
+(``eval``, ``predict``, ``export``, ``train.init_from``), or its newest when it has no scored one.
 
 Under FSDP2 (``train.fsdp``) a checkpoint is **sharded**: no rank gathers the model. Every rank writes its own part
 of the weights and the optimiser state through ``torch.distributed.checkpoint`` (:mod:`mirasol_ray.train.sharded`:
@@ -111,11 +116,12 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None,
                      scheduler=None, *, step: int, epoch: int = 0, data_position: dict | None = None, stage: str = "",
                      metrics: dict | None = None, run_config: dict | None = None,
                      label_set: list[str] | None = None, tokenizer: dict[str, Any] | None = None,
-                     sharded: bool = False) -> str:
+                     sharded: bool = False, score: dict[str, str] | None = None) -> str:
     """Write a checkpoint into a local ``folder`` (Ray Train then uploads it). ``tokenizer``: see
     :func:`tokenizer_payload`. ``sharded``: the weights and optimiser state are in the folder's DCP shards
     (written by every rank, :func:`mirasol_ray.train.sharded.save`), not in ``model_sd``/``optim_sd``; the
-    training state holds the scheduler and the data position."""
+    training state holds the scheduler and the data position. ``score``: ``{"metric", "mode"}`` of the run's
+    checkpoint scoring (see :func:`best_checkpoint_dir`)."""
     os.makedirs(folder, exist_ok=True)
     state = {"config": unwrap(model).config.to_dict(), "model": {}, SHARDED: True} if sharded else {
         "config": unwrap(model).config.to_dict(), "model": model_sd}
@@ -130,7 +136,7 @@ def write_checkpoint(folder: str, model: torch.nn.Module, model_sd: dict | None,
     with open(os.path.join(folder, META_FILE), "w") as f:
         json.dump({"step": step, "epoch": epoch, "stage": stage, "metrics": metrics or {},
                    "run_config": run_config or {}, "label_set": label_set,
-                   "tokenizer": tokenizer["name"] if tokenizer else None}, f)
+                   "tokenizer": tokenizer["name"] if tokenizer else None, "score": score or None}, f)
     return folder
 
 
@@ -203,6 +209,89 @@ def latest_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> str | None:
     return best
 
 
+def metric_value(metrics: dict[str, Any], name: str) -> float | None:
+    """The finite number a metrics dict holds at ``name`` (``val/qa`` names ``metrics["val"]["qa"]``), or None."""
+    import math
+
+    from mirasol_ray.train.metrics import flatten
+
+    v = flatten(metrics).get(name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        return None
+    return float(v)
+
+
+def better(a: float, b: float | None, mode: str) -> bool:
+    """Whether ``a`` beats ``b`` (None: nothing yet) under ``mode`` (max | min)."""
+    return b is None or (a > b if mode == "max" else a < b)
+
+
+def scored_checkpoints(run_uri: str, endpoint_url: str = "") -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
+    """The run's scoring (``{"metric", "mode"}`` from its newest complete checkpoint's meta.json, None when
+    unscored) and its complete checkpoints, newest first: ``{"uri", "step", "value", "metrics"}`` each, ``value``
+    the checkpoint's score (None when it was not evaluated at its step)."""
+    found = []
+    for name in checkpoint_dirs(run_uri, endpoint_url):
+        uri = storage.join(run_uri, name)
+        step = complete_step(uri, endpoint_url)
+        if step is None:
+            continue
+        try:
+            meta = json.loads(storage.read_text(storage.join(uri, META_FILE), endpoint_url))
+        except (OSError, ValueError):
+            continue
+        found.append({"uri": uri, "step": step, "metrics": meta.get("metrics") or {}, "score": meta.get("score")})
+    found.sort(key=lambda c: c["step"], reverse=True)  # stable: among equal steps the newest folder first
+    score = next((c["score"] for c in found if isinstance(c.get("score"), dict)), None)
+    for c in found:
+        c["value"] = metric_value(c["metrics"], score["metric"]) if score else None
+        c.pop("score")
+    return score, found
+
+
+def best_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> dict[str, Any] | None:
+    """The run's best complete checkpoint by its score (the newest among equal values), as
+    ``{"uri", "step", "value", "metric", "mode"}``; None when the run has no scored checkpoint."""
+    score, found = scored_checkpoints(run_uri, endpoint_url)
+    best = None
+    for c in found:
+        if c["value"] is not None and (best is None or better(c["value"], best["value"], score["mode"])):
+            best = c
+    if best is None:
+        return None
+    return {"uri": best["uri"], "step": best["step"], "value": best["value"], **score}
+
+
+CHOICES = ("best", "last")
+
+
+def choose_checkpoint(run_uri: str, choice: str = "best", endpoint_url: str = "") -> dict[str, Any] | None:
+    """The checkpoint folder a run folder stands for: ``best`` (:func:`best_checkpoint_dir`; the newest when
+    nothing is scored) or ``last`` (:func:`latest_checkpoint_dir`). ``{"uri", "step", "choice": what was taken,
+    "metric", "mode", "value"}`` (the score of the taken checkpoint, None when unscored), or None when the folder
+    holds no complete checkpoint. ``choice`` ``best`` is reported as ``last`` when the newest was taken for want of
+    a score."""
+    if choice not in CHOICES:
+        raise ValueError(f"checkpoint choice must be {' or '.join(CHOICES)}, got {choice!r}")
+    score, found = scored_checkpoints(run_uri, endpoint_url)
+    if not found:
+        return None
+    info = {"metric": score["metric"] if score else None, "mode": score["mode"] if score else None}
+    best = best_checkpoint_dir(run_uri, endpoint_url) if choice == "best" else None
+    if best is not None:
+        return {**best, "choice": "best"}
+    newest = found[0]
+    return {"uri": newest["uri"], "step": newest["step"], "value": newest["value"], "choice": "last", **info}
+
+
+def describe_choice(chosen: dict[str, Any]) -> str:
+    """``best checkpoint by val/qa (0.8125, max) at step 40: URI`` for the console."""
+    what = f"{chosen['choice']} checkpoint"
+    if chosen.get("metric") and chosen.get("value") is not None:
+        what += f" by {chosen['metric']} ({chosen['value']:.4g}, {chosen['mode']})"
+    return f"{what} at step {chosen['step']}: {chosen['uri']}"
+
+
 def _ray_registered(run_uri: str, endpoint_url: str = "") -> set[str] | None:
     """Checkpoint folder names Ray Train's snapshot refers to; None when it cannot be read (then nothing may go)."""
     uri = storage.join(run_uri, RAY_SNAPSHOT)
@@ -231,16 +320,18 @@ def _ray_registered(run_uri: str, endpoint_url: str = "") -> set[str] | None:
 
 def prune_checkpoints(run_uri: str, keep: int, endpoint_url: str = "") -> list[str]:
     """Delete the checkpoint folders Ray Train's retention can never reach: ones it never registered (written just
-    before a run was stopped, or left half-uploaded), except the newest ``keep`` complete ones. Folders Ray Train
-    registered stay for its own ``num_to_keep`` (it refuses to restore a run whose snapshot names a missing one).
-    Only the run's lease holder may call this. Returns the deleted URIs."""
+    before a run was stopped, or left half-uploaded), except the newest ``keep`` complete ones and the best one
+    (:func:`best_checkpoint_dir`). Folders Ray Train registered stay for its own ``num_to_keep`` (it refuses to
+    restore a run whose snapshot names a missing one). Only the run's lease holder may call this. Returns the
+    deleted URIs."""
     registered = _ray_registered(run_uri, endpoint_url)
     if registered is None:
         return []
-    complete = [n for n in checkpoint_dirs(run_uri, endpoint_url)
-                if complete_step(storage.join(run_uri, n), endpoint_url) is not None]
-    complete.sort(key=lambda n: complete_step(storage.join(run_uri, n), endpoint_url) or 0, reverse=True)
-    kept = set(complete[:keep]) | registered
+    _, complete = scored_checkpoints(run_uri, endpoint_url)
+    best = best_checkpoint_dir(run_uri, endpoint_url)
+    kept = {c["uri"].rstrip("/").rsplit("/", 1)[-1] for c in complete[:keep]} | registered
+    if best is not None:
+        kept.add(best["uri"].rstrip("/").rsplit("/", 1)[-1])
     fs = storage.fsspec_fs(run_uri, endpoint_url)
     deleted = []
     for name in checkpoint_dirs(run_uri, endpoint_url):
@@ -302,26 +393,34 @@ def load_torch(uri: str, endpoint_url: str = "") -> Any:
                          f"{first[:200]}") from None
 
 
-def resolve_checkpoint(uri: str, endpoint_url: str = "") -> str:
-    """The ``model.pt`` URI behind a file, checkpoint folder or run folder (its latest complete checkpoint);
-    FileNotFoundError names the URI."""
+def resolve_checkpoint(uri: str, endpoint_url: str = "", choice: str = "best") -> str:
+    """The ``model.pt`` URI behind a file, checkpoint folder or run folder (its ``choice`` checkpoint:
+    :func:`choose_checkpoint`); FileNotFoundError names the URI."""
+    return resolve_choice(uri, endpoint_url, choice)[0]
+
+
+def resolve_choice(uri: str, endpoint_url: str = "", choice: str = "best") -> tuple[str, dict[str, Any] | None]:
+    """:func:`resolve_checkpoint`, and for a run folder which checkpoint it took (:func:`choose_checkpoint`'s
+    dict; None for a file or a checkpoint folder, which name themselves)."""
+    if choice not in CHOICES:
+        raise ValueError(f"checkpoint choice must be {' or '.join(CHOICES)}, got {choice!r}")
     if uri.endswith(".pt"):
         if not storage.exists(uri, endpoint_url):
             storage.check_bucket(uri, endpoint_url)
             raise FileNotFoundError(f"checkpoint not found: {uri}")
-        return uri
+        return uri, None
     direct = storage.join(uri, MODEL_FILE)
     if storage.exists(direct, endpoint_url):
-        return direct
-    latest = latest_checkpoint_dir(uri, endpoint_url)
-    if latest is None:
+        return direct, None
+    chosen = choose_checkpoint(uri, choice, endpoint_url)
+    if chosen is None:
         storage.check_bucket(uri, endpoint_url)
         partial = checkpoint_dirs(uri, endpoint_url)
         if partial:
             raise FileNotFoundError(f"no complete checkpoint at {uri} ({len(partial)} incomplete folder(s), "
                                     f"e.g. {partial[0]}: no {COMPLETE_FILE}, or files missing)")
         raise FileNotFoundError(f"no checkpoint at {uri}")
-    return storage.join(latest, MODEL_FILE)
+    return storage.join(chosen["uri"], MODEL_FILE), chosen
 
 
 def is_sharded_state(state: dict[str, Any]) -> bool:

@@ -182,8 +182,9 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
              ) -> tuple[dict[str, Any], list[int]]:
-    """Task metrics over the validation split, their loss as ``loss``, and the rows (clips) each rank scored: each rank
-    predicts its own share (``batches``, its split of ``val``), with the model gathered once (FSDP2) so that
+    """Task metrics over an evaluation split (``val``, or ``train_eval``: the training clips scored beside it),
+    their loss as ``loss``, and the rows (clips) each rank scored: each rank
+    predicts its own share (``batches``, its split of the dataset), with the model gathered once (FSDP2) so that
     decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
     metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
     step where accuracies move in jumps, which is what a scheduler comparing young trials (ASHA in ``mirasol
@@ -362,6 +363,8 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
 
     stream = batches_or_why()
     val = ray.train.get_dataset_shard("val") if config.get("has_val") else None
+    train_eval = ray.train.get_dataset_shard("train_eval") if config.get("has_train_eval") else None
+    scored = bool(config.get("score"))
 
     def no_sync():
         return gradient_sync(model, sync=False)
@@ -370,7 +373,6 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     step = start_step
     last_pos, epoch = position.last[rank], position.epoch(len(source))
     t_start = time.perf_counter()
-    final_eval: dict[str, Any] = {}
 
     while step < cfg.train.steps:
         micro = []
@@ -392,11 +394,21 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
                       "elapsed_s": time.perf_counter() - t_start}
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
+        evaluated: dict[str, dict[str, float]] = {}  # this step's evaluation, if any: what its checkpoint scores
         if do_eval:
+            t0 = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
                                 cfg.train.eval_batches)
-            record = (record or {"step": step}) | {"val": {k: v["value"] for k, v in ev.items()}, "val_rows": rows}
-            final_eval = ev
+            evaluated["val"] = {k: v["value"] for k, v in ev.items()}
+            record = (record or {"step": step}) | {"val": evaluated["val"], "val_rows": rows,
+                                                   "val_s": time.perf_counter() - t0}
+            if train_eval is not None:  # the fixed subset of training clips, whole (train.eval_train_batches)
+                t0 = time.perf_counter()
+                ev, rows = evaluate(model, iter_worker_batches(train_eval, cfg.train.batch_size), tok, device, cfg,
+                                    label_set)
+                evaluated["train_eval"] = {k: v["value"] for k, v in ev.items()}
+                record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows,
+                           "train_eval_s": time.perf_counter() - t0}
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
             if nodes:  # the first record of each worker group says where its ranks ran
@@ -405,12 +417,13 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         if rank == 0:
             _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
                                           **({"val": record["val"]} if record and "val" in record else {})})
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+        # with scored checkpoints every evaluation writes one, so the weights it scored can be kept as the best
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or (evaluated and scored):
             reached = position.advance(_all_ranks(last_pos))  # a collective
             if samples_log is not None:
                 samples_log.sync()
             _report(model, opt, sched, cfg, config, step, reached.epoch(len(source)), reached, rank, world, log,
-                    record, final_eval, scratch, tok_payload)
+                    record, evaluated, scratch, tok_payload)
 
 
 def _worker_nodes(world: int) -> list[str]:
@@ -427,7 +440,7 @@ def _worker_nodes(world: int) -> list[str]:
 
 
 def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, epoch: int, position, rank: int,
-            world: int, log: RunLog | None, record: dict | None, final_eval: dict, scratch: str | None,
+            world: int, log: RunLog | None, record: dict | None, evaluated: dict, scratch: str | None,
             tokenizer: dict | None) -> None:
     """Report a checkpoint through Ray Train (each rank uploads its files), then, once every rank is done, mark it
     complete: ``complete.json``, written by rank 0 after checking the stored files, is the last file of a checkpoint
@@ -436,7 +449,13 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
 
     Under FSDP2 the checkpoint is sharded: every rank writes its own shard into a folder of its own and reports it,
     Ray Train uploads them all into the one checkpoint folder (nothing is gathered on any rank), and
-    ``complete.json`` lists every rank's files. Otherwise rank 0 writes the whole model."""
+    ``complete.json`` lists every rank's files. Otherwise rank 0 writes the whole model.
+
+    The checkpoint's metrics are the step's record and ``evaluated``, this step's evaluation (``{"val",
+    "train_eval"}``; empty when the step was not evaluated: a checkpoint never carries an older step's scores).
+    Ray Train ranks checkpoints by the run's score (``config["score"]``); one not evaluated reports it as NaN,
+    which Ray ranks below every number (a missing key would count as -inf, the best under ``mode=min``), so it is
+    kept only while it is the newest."""
     import ray.train
 
     from mirasol_ray.launch.lease import lease_token
@@ -449,8 +468,11 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     metrics = {"step": step, "epoch": epoch}
     if record:
         metrics.update({k: v for k, v in record.items() if isinstance(v, (int, float))})
-    if final_eval:
-        metrics["val"] = {k: v["value"] for k, v in final_eval.items()}
+    metrics.update(evaluated)
+    score = config.get("score")
+    reported = metrics
+    if score and ckpt.metric_value(metrics, score["metric"]) is None:
+        reported = {**metrics, score["metric"]: float("nan")}
     name = ckpt.checkpoint_dir_name(step)
     if rank == 0:
         log.sync()
@@ -463,11 +485,11 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
                 ckpt.write_checkpoint(d, model, model_sd, optim_sd, sched, step=step, epoch=epoch,
                                       data_position=position.to_dict(), stage=cfg.train.stage, metrics=metrics,
                                       run_config=cfg.to_dict(), label_set=config.get("label_set"),
-                                      tokenizer=tokenizer, sharded=by_shards)
+                                      tokenizer=tokenizer, sharded=by_shards, score=score)
             files = ckpt.local_files(d)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
+            ray.train.report(reported, checkpoint=ray.train.Checkpoint.from_directory(d), checkpoint_dir_name=name)
     else:
-        ray.train.report(metrics, checkpoint=None)
+        ray.train.report(reported, checkpoint=None)
     # a collective: every rank's upload has returned; rank 0 learns every rank's files (a sharded checkpoint's)
     files = {k: v for part in gather_objects(files) for k, v in part.items()}
     if rank == 0:

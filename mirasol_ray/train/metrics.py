@@ -28,6 +28,17 @@ _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
 
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"val": {"qa": 1}}`` -> ``{"val/qa": 1}``, as Ray Train and Tune name nested metrics."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}/"))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def normalize_answer(text: str) -> str:
     """Lower case, no punctuation or articles, single spaces: the usual VideoQA exact-match normalisation."""
     text = _PUNCT.sub(" ", text.lower())

@@ -198,6 +198,20 @@ def test_ctrl_c_stops_the_driver_and_says_how_to_resume(synth_shards, tmp_path, 
     assert [n for n in os.listdir(short_tmp) if n.startswith("mirasol-")] == []  # -run-*, -ckpt-*, -log-*
 
 
+def _val_shard(synth_shards):
+    return os.path.join(synth_shards["dir"], sorted(p for p in os.listdir(synth_shards["dir"])
+                                                    if p.endswith(".tar"))[-1])
+
+
+def _scored_cfg(synth_shards, root, name, extra=()):
+    """4 steps on 1 worker with validation at steps 2 and 4 (and 4 training clips scored beside it: the default
+    train.eval_train_batches=2 of batch 2). Checkpoints are scored by the learning rate, which peaks at step 2
+    (warmup 1, then cosine decay): a real run whose best checkpoint is not its last, by construction."""
+    return _cfg(synth_shards, root, name, extra=[f"data.val={_val_shard(synth_shards)}", "train.eval_every=2",
+                                                 "train.checkpoint_metric=lr", "train.keep_checkpoints=1",
+                                                 "scaling.num_workers=1", "scaling.cpus_per_worker=1", *extra])
+
+
 @pytest.fixture(scope="module")
 def trained_run(synth_shards, tmp_path_factory):
     import ray
@@ -205,22 +219,68 @@ def trained_run(synth_shards, tmp_path_factory):
     if not ray.is_initialized():
         ray.init(num_cpus=2, include_dashboard=False, configure_logging=False, log_to_driver=False)
     root = tmp_path_factory.mktemp("trained")
-    cfg = _cfg(synth_shards, root, "for-eval", steps=2, extra=["scaling.num_workers=1",
-                                                               "scaling.cpus_per_worker=1"])
-    run_training(cfg)
+    summary = run_training(_scored_cfg(synth_shards, root, "for-eval"))
     ray.shutdown()
-    return str(root / "for-eval")
+    return str(root / "for-eval"), summary
+
+
+def test_train_and_held_out_metrics_side_by_side_and_the_best_checkpoint_kept(trained_run, synth_shards, capsys):
+    """Each evaluation scores the fixed subset of training clips beside the held-out ones (metrics.jsonl,
+    summary.json, the console table); Ray Train keeps the best checkpoint by the run's score besides the last (one
+    more kept: keep_checkpoints=1); `mirasol results` shows both; `train.init_from=RUN` takes the best."""
+    from mirasol_ray.cli import metrics_table
+    from mirasol_ray.launch.results import print_results, read_results
+    from mirasol_ray.launch.train import check_inputs
+
+    run, summary = trained_run
+    records = read_metrics(run)
+    evals = [r for r in records if "val" in r]
+    assert [r["step"] for r in evals] == [2, 4]
+    for r in evals:
+        assert set(r["train_eval"]) == set(r["val"]) >= {"loss", "mcqa", "cls", "qa", "caption"}
+        assert r["train_eval_rows"] == [4]  # eval_train_batches x batch_size clips of the training set
+    assert summary["train_eval"] == evals[-1]["train_eval"] and summary["val"] == evals[-1]["val"]
+    table = metrics_table(summary["train_eval"], summary["val"]).splitlines()
+    assert table[0].split() == ["metric", "train", "held-out"] and table[1].split()[0] == "caption"
+    lrs = {r["step"]: r["lr"] for r in records}
+    assert lrs[2] > lrs[4]
+    ckpts = {complete_step(os.path.join(run, n)): n for n in os.listdir(run)
+             if n.startswith("checkpoint_") and os.path.isdir(os.path.join(run, n))}
+    assert sorted(ckpts) == [2, 4]  # the best (step 2) and the newest, nothing else
+    assert summary["best_checkpoint"]["step"] == 2 and summary["best_checkpoint"]["value"] == lrs[2]
+    assert summary["checkpoint"] == os.path.join(run, ckpts[4])
+    assert read_meta(resolve_checkpoint(run))["step"] == 2
+    assert read_meta(resolve_checkpoint(run, choice="last"))["step"] == 4
+
+    res = read_results(run)
+    assert res["metric"] == "lr" and res["trials"][0]["checkpoint"] == os.path.join(run, ckpts[2])
+    assert res["trials"][0]["last_checkpoint"] == os.path.join(run, ckpts[4])
+    capsys.readouterr()
+    print_results({**res, "plots": []})
+    out = capsys.readouterr().out
+    assert "best checkpoint (step 2, lr=" in out and f"): {os.path.join(run, ckpts[2])}" in out
+    assert f"last checkpoint (step 4): {os.path.join(run, ckpts[4])}" in out
+    assert "last on train clips" not in out  # the ranking metric (lr) has no training-clip twin
+    cfg = load_config("tiny", [f"data.train={synth_shards['dir']}", "train.stage=finetune", "data.task=qa",
+                               f"train.init_from={run}"])
+    check_inputs(cfg)
+    assert cfg.train.init_from == os.path.join(run, ckpts[2], "model.pt")
+    assert f"train.init_from={run}: its best checkpoint by lr" in capsys.readouterr().err
 
 
 def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path):
     from mirasol_ray.train.metrics import aggregate
 
+    run, _ = trained_run
     rec_path = tmp_path / "records.jsonl"
-    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "eval", "--checkpoint", trained_run, "--data",
+    proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "eval", "--checkpoint", run, "--data",
                            synth_shards["dir"], "--json", "--records", str(rec_path), "--set", "data.task=all"],
                           capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(proc.stdout.strip().splitlines()[-1])
+    # a run folder stands for its best checkpoint, and the console says which
+    assert res["step"] == 2 and res["checkpoint_score"]["metric"] == "lr"
+    assert f"{run}: its best checkpoint by lr (" in proc.stderr and ", max) at step 2: " in proc.stderr
     records = [json.loads(ln) for ln in rec_path.read_text().splitlines()]
     n = synth_shards["num_clips"]
     assert res["rows"] == len(records) == n * 7  # caption + 4 questions + mcqa + cls per clip
@@ -235,6 +295,7 @@ def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path)
 def test_predict_cli_on_an_mp4(trained_run, synth_shards, tmp_path):
     import tarfile
 
+    trained_run, _ = trained_run
     tar = sorted(p for p in os.listdir(synth_shards["dir"]) if p.endswith(".tar"))[0]
     with tarfile.open(os.path.join(synth_shards["dir"], tar)) as t:
         m = next(m for m in t.getmembers() if m.name.endswith(".mp4"))
@@ -253,3 +314,26 @@ def test_predict_cli_on_an_mp4(trained_run, synth_shards, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "predict", "--checkpoint", trained_run,
                            str(tmp_path / "missing.mp4")], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0 and "missing.mp4" in proc.stderr
+
+
+def _numbers(run):
+    """Every record of metrics.jsonl without its timings: losses, gradient norm, learning rate, evaluations."""
+    keep = ("step", "epoch", "loss", "text", "latent", "cls", "grad_norm", "lr", "val", "val_rows", "train_eval",
+            "train_eval_rows")
+    return [{k: r[k] for k in keep if k in r} for r in read_metrics(run)]
+
+
+def test_same_seeds_give_the_same_metrics_to_the_last_digit(trained_run, synth_shards, ray_local, tmp_path):
+    """The fixture's run again, from an empty folder in another Ray instance: the same losses and held-out and
+    training-clip metrics, bit for bit (model init and dropout follow train.seed; the data order, frame positions
+    and the training clips scored follow data.seed); another train.seed gives other numbers."""
+    run, _ = trained_run
+    again = run_training(_scored_cfg(synth_shards, tmp_path / "runs", "again"))
+    first = _numbers(run)
+    assert len(first) == 4 and _numbers(again["run"]) == first
+    other = _numbers(run_training(_scored_cfg(synth_shards, tmp_path / "runs", "seed1",
+                                              extra=["train.seed=1", "train.steps=2"]))["run"])
+    assert [r["step"] for r in other] == [1, 2]
+    assert all(a["loss"] != b["loss"] for a, b in zip(other, first))
+    assert other[1]["val"]["loss"] != first[1]["val"]["loss"]
+    assert other[1]["train_eval"]["loss"] != first[1]["train_eval"]["loss"]

@@ -208,3 +208,56 @@ def test_a_sharded_checkpoint_reads_like_a_full_one(trained, tmp_path):
     assert ckpt.complete_step(str(folder)) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         ckpt.resolve_checkpoint(str(tmp_path / "run"))
+
+
+def _scored_checkpoint(src, dst, step, metrics, score):
+    """A copy of ``src`` as the checkpoint of ``step`` whose meta.json holds ``metrics`` and the run's ``score``."""
+    _copy_checkpoint(src, dst, complete=False)
+    meta = json.loads((dst / ckpt.META_FILE).read_text())
+    (dst / ckpt.META_FILE).write_text(json.dumps({**meta, "step": step, "metrics": metrics, "score": score}))
+    assert ckpt.mark_complete(str(dst), ckpt.local_files(str(dst)), step)
+
+
+def test_a_run_folder_stands_for_its_best_checkpoint_and_pruning_keeps_it(trained, tmp_path):
+    """The best is the complete checkpoint with the best value of the run's score, judged from meta.json; one not
+    evaluated at its own step is never the best; ``last`` takes the newest; pruning never deletes the best."""
+    *_, run = trained
+    src, runs = run / "checkpoint_2", tmp_path / "run"
+    score = {"metric": "val/qa", "mode": "max"}
+    for step, qa in ((2, 0.5), (4, 0.75), (6, None), (8, 0.625)):
+        metrics = {"step": step, "loss": 1.0 / step} | ({"val": {"qa": qa, "loss": 2.0 - qa}} if qa else {})
+        _scored_checkpoint(src, runs / f"checkpoint_{step:08d}_a", step, metrics, score)
+    _copy_checkpoint(src, runs / "checkpoint_00000010_a", complete=False)  # cut short: never chosen
+    best = ckpt.best_checkpoint_dir(str(runs))
+    assert best == {"uri": str(runs / "checkpoint_00000004_a"), "step": 4, "value": 0.75, **score}
+    assert ckpt.resolve_checkpoint(str(runs)) == str(runs / "checkpoint_00000004_a" / ckpt.MODEL_FILE)
+    assert ckpt.resolve_checkpoint(str(runs), choice="last") == str(runs / "checkpoint_00000008_a" / ckpt.MODEL_FILE)
+    uri, chosen = ckpt.resolve_choice(str(runs))
+    assert chosen["choice"] == "best" and "best checkpoint by val/qa (0.75, max) at step 4" in ckpt.describe_choice(
+        chosen)
+    assert ckpt.resolve_choice(uri) == (uri, None)  # a model file names itself
+    with pytest.raises(ValueError, match="checkpoint choice must be best or last"):
+        ckpt.resolve_checkpoint(str(runs), choice="newest")
+    # Ray Train registered only the newest; the best was written just before a stop (never registered)
+    (runs / ckpt.RAY_SNAPSHOT).write_text(json.dumps(
+        {"checkpoint_results": [{"checkpoint_dir_name": "checkpoint_00000008_a"}]}))
+    deleted = ckpt.prune_checkpoints(str(runs), keep=1)
+    assert sorted(p.rsplit("/", 1)[1] for p in deleted) == [
+        "checkpoint_00000002_a", "checkpoint_00000006_a", "checkpoint_00000010_a"]
+    assert ckpt.best_checkpoint_dir(str(runs))["step"] == 4
+
+
+def test_lower_is_better_for_a_loss_and_an_unscored_run_takes_its_newest(trained, tmp_path):
+    *_, run = trained
+    src = run / "checkpoint_2"
+    runs = tmp_path / "loss"
+    for step, loss in ((2, 0.9), (4, 0.4), (6, 0.7)):
+        _scored_checkpoint(src, runs / f"checkpoint_{step:08d}_a", step, {"val": {"loss": loss}},
+                           {"metric": "val/loss", "mode": "min"})
+    assert ckpt.best_checkpoint_dir(str(runs))["step"] == 4
+    plain = tmp_path / "plain"
+    for step in (2, 4):
+        _scored_checkpoint(src, plain / f"checkpoint_{step:08d}_a", step, {"loss": 1.0 / step}, None)
+    assert ckpt.best_checkpoint_dir(str(plain)) is None
+    chosen = ckpt.choose_checkpoint(str(plain), "best")
+    assert (chosen["choice"], chosen["step"], chosen["metric"]) == ("last", 4, None)

@@ -131,3 +131,9 @@ def test_finetune_stage_means_task_rows_from_trained_weights(tmp_path, capsys, s
     assert len(err) == 1 and err[0].startswith(f"mirasol: error: {message}")
     load_config("tiny", ["train.stage=pretrain"]).check_start()
     load_config("tiny", ["train.stage=finetune", "data.task=all", "train.init_from=runs/pre"]).check_start()
+
+
+def test_evaluation_counts_are_not_negative():
+    with pytest.raises(ConfigError, match="train.eval_train_batches must be >= 0"):
+        load_config("tiny", ["train.eval_train_batches=-1"])
+    assert load_config("tiny", ["train.eval_train_batches=0"]).train.eval_train_batches == 0

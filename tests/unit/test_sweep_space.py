@@ -72,6 +72,17 @@ def test_the_main_metric_follows_the_data():
         check_metric("val/acc")
 
 
+def test_checkpoints_are_scored_by_the_main_metric_unless_told():
+    from mirasol_ray.launch.results import checkpoint_score
+
+    assert checkpoint_score(load_config("tiny", ["data.val=x", "data.task=all"])) == {"metric": "val/qa",
+                                                                                      "mode": "max"}
+    assert checkpoint_score(load_config("tiny", ["data.val=x", "train.checkpoint_metric=val/loss"])) == {
+        "metric": "val/loss", "mode": "min"}
+    assert checkpoint_score(load_config("tiny")) is None  # no validation: the newest checkpoints are kept
+    check_metric("train_eval/qa")
+
+
 def test_a_failed_trial_is_told_in_one_line():
     trace = ("Traceback (most recent call last):\n  File \"x.py\", line 1\n"
              "ray.train.WorkerGroupError: Training failed due to worker errors:\n[Rank 0 Error Snippet]:\n"
