@@ -270,10 +270,12 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict
     from torch import nn
 
     from mirasol_ray.model.encoders import VideoEncoder
+    from mirasol_ray.model.layers import init_weights
     from mirasol_ray.train.parallel import seed_everything
 
     seed_everything(seed)
     enc = VideoEncoder(cfg.model)
+    enc.apply(init_weights)  # as in the model
     heads = nn.Linear(cfg.model.video_dim, len(COLOURS) + len(SHAPES))
     params = [*enc.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -313,10 +315,10 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict
         nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
         opt.step()
         if step % max(1, steps // 5) == 0 or step == steps:
-            point = {"step": step, "loss": float(loss), "val": accuracy(val_rows, va_c, va_s),
+            point = {"step": step, "loss": float(loss.detach()), "val": accuracy(val_rows, va_c, va_s),
                      "train": accuracy(train_rows, tr_c, tr_s)}
             history.append(point)
-            print(f"  encoder probe step {step}/{steps}: loss {float(loss):.3f}; held-out colour "
+            print(f"  encoder probe step {step}/{steps}: loss {point['loss']:.3f}; held-out colour "
                   f"{point['val']['colour']:.3f} shape {point['val']['shape']:.3f}; train colour "
                   f"{point['train']['colour']:.3f} shape {point['train']['shape']:.3f} "
                   f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
