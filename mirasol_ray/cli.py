@@ -446,7 +446,9 @@ def build_parser() -> argparse.ArgumentParser:
                                  "clip rows against one row per text: bytes, FLOPs, samples/s"),
                                 ("train", "mirasol_ray.bench.train",
                                  "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
-                                ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step")):
+                                ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step"),
+                                ("learn", "mirasol_ray.bench.learn",
+                                 "the demo's recipe in plain torch on clips in memory: accuracy per task and kind")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:

@@ -72,18 +72,25 @@ def make_msrvtt(folder: str, clips: int, questions: int) -> str:
     return out
 
 
-def decode_clips(url: str, cfg, n: int) -> list[dict[str, Any]]:
+def decode_clips(url: str, cfg, n: int, *, train: bool = True, label_set: list[str] | None = None,
+                 index=None) -> list[dict[str, Any]]:
+    """The clip rows of the first ``n`` samples of ``url`` (each ``pos`` its sample index), decoded as the
+    pipeline decodes them: with training's frame positions of epoch 0 (what ``data.cache`` holds), or
+    evaluation's (``train=False``)."""
     from mirasol_ray.data.index import read_samples, sample_rng
     from mirasol_ray.data.pipeline import sample_index
     from mirasol_ray.data.rows import decode_sample_safe
 
-    index = sample_index(url)
+    index = index or sample_index(url)
     samples = read_samples(index.url, index.shards, index.refs(np.arange(min(n, len(index)))))
     rows: list[dict[str, Any]] = []
-    for s in samples:
+    for i, s in enumerate(samples):
         if isinstance(s, Exception):
             continue
-        out, _, _ = decode_sample_safe(s, cfg.data, train=True, rng=sample_rng(cfg.data.seed, 0, str(s["__key__"])))
+        out, _, _ = decode_sample_safe(s, cfg.data, train=train, label_set=label_set,
+                                       rng=sample_rng(cfg.data.seed, 0, str(s["__key__"])))
+        for row in out:
+            row["pos"] = i
         rows += out
     return rows
 

@@ -1,0 +1,49 @@
+"""The pieces of ``mirasol bench learn``: scoring by answer kind, and rows in memory in the pipeline's order."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from mirasol_ray.bench.learn import MemorySource, answer_kind, score
+from mirasol_ray.config import DataConfig
+from mirasol_ray.data.index import ReadPosition, epoch_permutation
+from mirasol_ray.data.pipeline import train_batches
+from mirasol_ray.data.schema import row_spec
+
+
+def _rec(qtype, target, correct, task="qa"):
+    return {"key": "k", "task": task, "qtype": qtype, "pred": "", "target": target, "correct": correct}
+
+
+def test_answer_kind():
+    assert answer_kind("qa/video", "red") == "colour"
+    assert answer_kind("qa/av_aligned", "cross") == "shape"
+    assert answer_kind("qa/temporal", "high tone") == "tone"
+    assert answer_kind("qa/temporal", "blue circle") == "shape"
+    assert answer_kind("qa/audio", "low") == ""
+
+
+def test_score_splits_colour_and_shape_answers():
+    recs = [_rec("video", "red", True), _rec("video", "blue", True), _rec("video", "circle", False),
+            _rec("video", "square", True), _rec("temporal", "high tone", True), _rec("temporal", "red cross", False),
+            _rec("audio", "low", True), _rec("mc", "red", True, task="mcqa")]
+    out = score(recs)
+    assert out["qa/video"]["value"] == pytest.approx(0.75)
+    assert (out["qa/video:colour"]["value"], out["qa/video:colour"]["count"]) == (1.0, 2)
+    assert (out["qa/video:shape"]["value"], out["qa/video:shape"]["count"]) == (0.5, 2)
+    assert out["qa/temporal:tone"]["value"] == 1.0 and out["qa/temporal:shape"]["value"] == 0.0
+    assert not any(k.startswith(("qa/audio:", "mcqa:")) for k in out)
+
+
+def test_memory_source_serves_the_pipelines_order():
+    n = 7
+    spec = row_spec(DataConfig(height=8, width=8, n_mels=4, mel_frames=4, max_texts=1))
+    rows = {k: torch.zeros((n, *shape), dtype=torch.from_numpy(np.zeros(0, dt)).dtype)
+            for k, (shape, dt) in spec.items()}
+    rows.update(label=torch.arange(n) * 10, pos=torch.arange(n), key=[f"c{i}" for i in range(n)])
+    stream = train_batches(MemorySource(rows), ReadPosition().for_world(1), rank=0, batch_size=3, seed=5)
+    got = [int(x) // 10 for _ in range(5) for x in next(stream)["label"]]  # 15 rows: two epochs and a bit
+    want = np.concatenate([epoch_permutation(n, 5, e) for e in range(3)])[:15]
+    assert got == want.tolist()
