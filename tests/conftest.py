@@ -199,3 +199,23 @@ def transformers(torchvision_imports):
     import transformers
 
     return transformers
+
+
+@pytest.fixture
+def fresh_training():
+    """``make(cfg) -> (model, optimiser, scheduler)``: the same initial weights every call (seed 0), as a run that
+    starts and one that resumes from its checkpoint both begin."""
+
+    def make(cfg):
+        import torch
+
+        from mirasol_ray.model.mirasol import build_model
+        from mirasol_ray.train.step import make_optimizer, make_scheduler
+
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        opt = make_optimizer(model, cfg.train)
+        return model, opt, make_scheduler(opt, cfg.train)
+
+    return make
+

@@ -59,27 +59,21 @@ def test_run_lease_on_s3(s3_server):
     assert not storage.exists(storage.join(run, LEASE_FILE))
 
 
-def test_a_sharded_checkpoint_in_s3_is_read_where_it_is(s3_server, tmp_path):
+def test_a_sharded_checkpoint_in_s3_is_read_where_it_is(s3_server, tmp_path, fresh_training):
     """A sharded (DCP) checkpoint stored in S3: the whole model for evaluation, export and train.init_from, and a
     resume's model and optimiser state, read from the bucket by byte ranges (nothing downloaded first)."""
     import torch
 
     from mirasol_ray.bench.step import synthetic_batch
     from mirasol_ray.config import load_config
-    from mirasol_ray.model.mirasol import build_model
     from mirasol_ray.train import checkpoint as ckpt
     from mirasol_ray.train import sharded
-    from mirasol_ray.train.step import make_optimizer, make_scheduler, train_step
+    from mirasol_ray.train.step import make_scheduler, train_step
 
     cfg = load_config("tiny", ["train.steps=4", "train.warmup_steps=1"])
 
-    def fresh():
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        opt = make_optimizer(model, cfg.train)
-        return model, opt, make_scheduler(opt, cfg.train)
 
-    model, opt, sched = fresh()
+    model, opt, sched = fresh_training(cfg)
     batch = synthetic_batch(cfg, 2)
     train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
     local = tmp_path / "checkpoint_1"
@@ -93,7 +87,7 @@ def test_a_sharded_checkpoint_in_s3_is_read_where_it_is(s3_server, tmp_path):
     exported = torch.load(tmp_path / "model.pt", weights_only=True)["model"]
     assert exported.keys() == model.state_dict().keys()
     assert all(torch.equal(exported[k], v) for k, v in model.state_dict().items())
-    resumed, resumed_opt, _ = fresh()
+    resumed, resumed_opt, _ = fresh_training(cfg)
     sharded.load(uri, resumed, resumed_opt)
     after = [train_step(m, [batch], o, s, cfg.train, torch.device("cpu"))["loss"]
              for m, o, s in ((model, opt, sched), (resumed, resumed_opt, make_scheduler(resumed_opt, cfg.train)))]

@@ -66,3 +66,16 @@ def step_clip() -> bytes:
     audio = np.zeros(round(seconds * SR), np.float32)
     audio[round(STEP_AT * SR):] = tone(seconds - STEP_AT)
     return encode_av(frames, fps, audio, SR, gop=10)
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op torch thread for a module of tiny models: a second thread only adds contention (10x slower on a
+    busy 2-core box). A module takes it with ``pytestmark = pytest.mark.usefixtures("one_torch_thread")``."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+

@@ -49,24 +49,19 @@ def test_resume_restores_model_optimizer_and_scheduler(trained):
     assert fresh_opt.param_groups[0]["lr"] == opt.param_groups[0]["lr"]
 
 
-def test_resume_while_the_av_path_is_held(tmp_path):
+def test_resume_while_the_av_path_is_held(tmp_path, fresh_training):
     """Stopped while freeze_av_steps holds the audio-video path (no gradients yet, so no optimiser state for it):
     the checkpoint restores, and the resumed run steps exactly like the one that never stopped."""
     cfg = load_config("tiny", ["train.steps=6", "train.warmup_steps=1", "train.freeze_av_steps=3"])
     batch = synthetic_batch(cfg, 2)
 
-    def fresh():
-        torch.manual_seed(0)
-        model = build_model(cfg.model)
-        opt = make_optimizer(model, cfg.train)
-        return model, opt, make_scheduler(opt, cfg.train)
 
-    model, opt, sched = fresh()
+    model, opt, sched = fresh_training(cfg)
     for _ in range(2):
         train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))
     model_sd, optim_sd = ckpt.gather_state(model, opt)
     ckpt.write_checkpoint(str(tmp_path / "checkpoint_2"), model, model_sd, optim_sd, sched, step=2)
-    resumed, ropt, rsched = fresh()
+    resumed, ropt, rsched = fresh_training(cfg)
     st = ckpt.load_torch(str(tmp_path / "checkpoint_2" / ckpt.STATE_FILE))
     ckpt.restore_state(resumed, ropt, ckpt.load_torch(str(tmp_path / "checkpoint_2" / ckpt.MODEL_FILE))["model"],
                        st["optimizer"])

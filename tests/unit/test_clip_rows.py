@@ -16,12 +16,7 @@ PAD, BOS, EOS = 0, 1, 2
 TEXTS = [[TASK_CAPTION, TASK_QA, TASK_MCQA, TASK_CLS], [TASK_QA, TASK_MCQA]]  # clip 0: 4 texts, clip 1: 2 (K = 4)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg(**kw) -> ModelConfig:

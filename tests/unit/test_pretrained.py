@@ -23,12 +23,7 @@ TEXTS = ["a red square moves left while a low tone plays", "the blue circle grow
          "a green triangle spins slowly", "two shapes cross the frame", "the tone rises then falls"] * 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:
