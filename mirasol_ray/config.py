@@ -80,7 +80,12 @@ class DataConfig:
     decode_timeout_s: float = 30.0
     """A sample whose decode takes longer is skipped and counted as ``timeout``."""
     decode_threads: int = 1
-    decode_batch_size: int = 4
+    decode_batch_size: int = 0
+    """Clips per decode task in the steady state (a pass's first and last tasks take fewer, so every CPU starts
+    at once and the pass ends together: ``data/pipeline.py``'s ``block_sizes``). Each task costs ~25 ms of CPU
+    beyond its decode (docs/PERFORMANCE.md), so small clips want large blocks; large rows want small ones (a
+    block is held whole in memory). 0: as many as fit in 64 MB of decoded rows, at most 16 (tiny: 16, base: 16,
+    mirasol3b: 6, finetune_msrvtt_qa: 3)."""
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
     decode_actors: int = 0
@@ -99,9 +104,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         for name in ("num_snippets", "frames_per_snippet", "height", "width", "sample_rate", "n_mels",
                      "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options", "max_texts",
-                     "decode_batch_size", "decode_threads"):
+                     "decode_threads"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.decode_batch_size < 0:
+            raise ConfigError(f"data.decode_batch_size must be >= 0 (0: automatic), got {self.decode_batch_size}")
         if self.task not in ("caption", "qa", "mcqa", "cls", "finetune", "all"):
             raise ConfigError(f"data.task must be caption|qa|mcqa|cls|finetune|all, got {self.task!r}")
         if self.decode_actors < 0:

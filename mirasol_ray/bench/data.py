@@ -49,6 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ray-actors", action="store_true",
                    help="also measure Ray Data with an actor pool of decoders (one actor per CPU)")
     p.add_argument("--skip", nargs="*", default=[], choices=["bare", "ray", "dataloader", "ceiling"])
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print each variant's CPU per clip by process (driver, gcs_server, raylet, workers...)")
     p.add_argument("--json-out", default="", help="write the figures as JSON here")
 
 
@@ -88,14 +90,10 @@ def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
     return reason is None
 
 
-def tree_cpu_seconds(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (default: this one) and all its descendants,
-    live ones and those already reaped, from /proc (Linux). Ray's processes (GCS, raylet, its workers) and a
-    DataLoader's workers all descend from the process that started them, so this counts everything a variant
-    runs, whatever else the machine is doing: the load-robust figure beside wall-clock throughput."""
-    pid = pid or os.getpid()
+def _proc_table() -> dict[int, tuple[int, float, float]]:
+    """pid -> (ppid, its own CPU seconds, CPU seconds of its reaped children), from /proc (Linux)."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float]] = {}
+    stats: dict[int, tuple[int, float, float]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -105,34 +103,127 @@ def tree_cpu_seconds(pid: int | None = None) -> float:
         except OSError:
             continue
         # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: cutime, cstime (waited-for children)
-        stats[int(name)] = (int(fields[1]), sum(int(x) for x in fields[11:15]) / tick)
+        stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
+                            (int(fields[13]) + int(fields[14])) / tick)
+    return stats
+
+
+def _tree(stats: dict[int, tuple[int, float, float]], root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for p, (ppid, _) in stats.items():
+    for p, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(p)
-    total, todo = 0.0, [pid]
+    out, todo = [], [root]
     while todo:
         p = todo.pop()
-        total += stats.get(p, (0, 0.0))[1]
-        todo += children.get(p, [])
-    return total
+        if p in stats:
+            out.append(p)
+            todo += children.get(p, [])
+    return out
+
+
+def process_role(pid: int, root: int) -> str:
+    """What a process of a variant's tree is: ``driver`` (the benchmark's own), Ray's ``gcs_server``,
+    ``raylet``, ``dashboard`` (its head process, even without the web UI), ``dashboard_agent``,
+    ``runtime_env_agent``, ``log_monitor``, ``autoscaler_monitor``, Ray Data's own actors (``ray_data_actors``),
+    our ``skip_counter``, a Ray ``worker`` (a task's process: its title, e.g. ``ray::IDLE`` or
+    ``ray::ReadItemIds->MapBatches(decode_items)``, comes with it in :class:`CpuTree`), or ``child`` (e.g. a
+    DataLoader worker)."""
+    if pid == root:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return "exited"
+    words = cmd.split()
+    # the program: a binary (gcs_server, raylet) or the script a Python runs (log_monitor.py, dashboard/agent.py)
+    prog = words[0] if words else ""
+    if os.path.basename(prog).startswith("python"):
+        prog = next((w for w in words if w.endswith(".py")), prog)
+    for tail, role in (("/gcs_server", "gcs_server"), ("/raylet", "raylet"), ("dashboard/agent.py", "dashboard_agent"),
+                       ("runtime_env/agent/main.py", "runtime_env_agent"), ("/log_monitor.py", "log_monitor"),
+                       ("dashboard/dashboard.py", "dashboard"), ("autoscaler/_private/monitor.py", "autoscaler_monitor")):
+        if prog.endswith(tail):
+            return role
+    if cmd.startswith("ray::"):  # Ray's workers and actors are titled ray::<actor or task>[.<method>]
+        name = cmd[5:].split(" ", 1)[0].split(".", 1)[0].strip()
+        return {"DashboardAgent": "dashboard_agent", "RuntimeEnvAgent": "runtime_env_agent",
+                "_StatsActor": "ray_data_actors", "_AutoscalingCoordinatorActor": "ray_data_actors",
+                "SkipCounter": "skip_counter"}.get(name, "worker")
+    return "child"
+
+
+def _title(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0", 1)[0].decode(errors="replace").strip()[:60]
+    except OSError:
+        return ""
+
+
+class CpuTree:
+    """CPU seconds of a process tree between :meth:`start` and :meth:`stop`: the total (every process of the
+    tree, live or reaped) and per process, by :func:`process_role`. A process that ended in between is counted
+    in its parent's reaped-children time; whatever the per-process deltas miss of the total is ``exited``."""
+
+    def __init__(self, pid: int | None = None):
+        self.root = pid or os.getpid()
+
+    def start(self) -> CpuTree:
+        stats = _proc_table()
+        self.before = {p: stats[p] for p in _tree(stats, self.root)}
+        return self
+
+    def stop(self) -> CpuTree:
+        stats = _proc_table()
+        after = {p: stats[p] for p in _tree(stats, self.root)}
+        self.total = sum(s + c for _, s, c in after.values()) - sum(s + c for _, s, c in self.before.values())
+        self.processes: list[dict[str, Any]] = []
+        for p, (_, s, _c) in after.items():
+            b = self.before.get(p, (0, 0.0, 0.0))
+            own = s - b[1]
+            if own > 0:
+                self.processes.append({"pid": p, "role": process_role(p, self.root), "title": _title(p),
+                                       "cpu_s": own})
+        self.by_role: dict[str, float] = {}
+        for proc in self.processes:
+            self.by_role[proc["role"]] = self.by_role.get(proc["role"], 0.0) + proc["cpu_s"]
+        rest = self.total - sum(self.by_role.values())
+        if abs(rest) > 1e-9:
+            self.by_role["exited"] = self.by_role.get("exited", 0.0) + rest
+        return self
+
+
+def tree_cpu_seconds(pid: int | None = None) -> float:
+    """CPU seconds (user + system) used so far by process ``pid`` (default: this one) and all its descendants,
+    live ones and those already reaped, from /proc (Linux). Ray's processes (GCS, raylet, its workers) and a
+    DataLoader's workers all descend from the process that started them, so this counts everything a variant
+    runs, whatever else the machine is doing: the load-robust figure beside wall-clock throughput."""
+    stats = _proc_table()
+    return sum(stats[p][1] + stats[p][2] for p in _tree(stats, pid or os.getpid()))
 
 
 class _Timer:
-    """Wall and process-tree CPU time of a timed phase."""
+    """Wall and process-tree CPU time of a timed phase, with the CPU per process role (:class:`CpuTree`)."""
 
     def __enter__(self) -> _Timer:
-        self.cpu0, self.t0 = tree_cpu_seconds(), time.perf_counter()
+        self.tree = CpuTree().start()
+        self.t0 = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.seconds = time.perf_counter() - self.t0
-        self.cpu = tree_cpu_seconds() - self.cpu0
+        self.tree.stop()
+        self.cpu = self.tree.total
 
 
-def _result(n: int, timer: _Timer, cfg: DataConfig) -> dict[str, float]:
+def _result(n: int, timer: _Timer, cfg: DataConfig) -> dict[str, Any]:
     frames = n * cfg.num_snippets * cfg.frames_per_snippet
+    per_clip = 1000 / max(n, 1)
     return {"clips": n, "seconds": timer.seconds, "clips_per_s": n / timer.seconds,
-            "frames_per_s": frames / timer.seconds, "cpu_s": timer.cpu, "cpu_ms_per_clip": 1000 * timer.cpu / max(n, 1)}
+            "frames_per_s": frames / timer.seconds, "cpu_s": timer.cpu, "cpu_ms_per_clip": timer.cpu * per_clip,
+            "cpu_ms_per_clip_by_role": {k: v * per_clip for k, v in sorted(timer.tree.by_role.items())},
+            "processes": [{**p, "cpu_ms_per_clip": p["cpu_s"] * per_clip} for p in timer.tree.processes]}
 
 
 def bench_bare(urls: list[str], cfg: DataConfig, warmup: int) -> dict[str, float]:
@@ -205,9 +296,11 @@ def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int
     try:
         ray.data.DataContext.get_current().enable_progress_bars = False
         counter, name = make_skip_counter()
-        # warm-up: the same pipeline over warmup clips per CPU starts the decode processes and imports decoders
-        for _ in decoded_dataset(url, cfg, train=True, counter_name=name, index=index,
-                                 limit=warmup * cpus).iter_batches(batch_size=None, batch_format="numpy"):
+        # warm-up: the same pipeline over warmup clips per CPU, in blocks of at most warmup clips so that every
+        # decode process gets some, starts the decode processes and imports the decoders
+        small = DataConfig(**{**cfg.__dict__, "decode_batch_size": max(1, warmup)})
+        for _ in decoded_dataset(url, small, train=True, counter_name=name, index=index,
+                                 limit=max(1, warmup) * cpus).iter_batches(batch_size=None, batch_format="numpy"):
             pass
         before = read_skips(counter)["decoded"]
         rows = 0
@@ -340,7 +433,11 @@ def run(args: argparse.Namespace) -> int:
     res: dict[str, Any] = {
         "url": args.url, "config": args.config, "overrides": args.set, "machine": f"{os.cpu_count()} CPUs",
         "load_average": os.getloadavg(), "shards": len(urls), "warmup": args.warmup, "rounds": rounds,
-        "results": {k: {m: statistics.median(r[k][m] for r in rounds) for m in rounds[0][k]} for k in rounds[0]},
+        "results": {k: {m: statistics.median(r[k][m] for r in rounds) for m, v in rounds[0][k].items()
+                        if isinstance(v, (int, float))} for k in rounds[0]},
+        "cpu_ms_per_clip_by_role": {k: {role: statistics.median(r[k]["cpu_ms_per_clip_by_role"].get(role, 0.0)
+                                                                for r in rounds)
+                                        for role in rounds[0][k]["cpu_ms_per_clip_by_role"]} for k in rounds[0]},
         "ratios": {k: _summary([r[k] for r in per_round]) for k in per_round[0]},
     }
     print(f"\n{'variant':<22}{'clips':>7}{'s':>8}{'clips/s':>10}{'frames/s':>10}{'CPU ms/clip':>13}"
@@ -348,6 +445,17 @@ def run(args: argparse.Namespace) -> int:
     for k, v in res["results"].items():
         print(f"{k:<22}{v['clips']:>7.0f}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}"
               f"{v['cpu_ms_per_clip']:>13.1f}")
+    if args.breakdown:
+        print(f"\nCPU ms per clip by process (median of {len(rounds)}; 'exited': processes reaped during the pass)")
+        for k, roles in res["cpu_ms_per_clip_by_role"].items():
+            print(f"{k:<22}" + "  ".join(f"{role} {ms:.1f}" for role, ms in
+                                          sorted(roles.items(), key=lambda x: -x[1]) if abs(ms) >= 0.05))
+        last = rounds[-1]
+        for k, v in last.items():
+            workers = [p for p in v["processes"] if p["role"] in ("worker", "child")]
+            if workers:
+                print(f"{k:<22}last round, per worker: " + ", ".join(
+                    f"{p['title'] or p['pid']} {p['cpu_ms_per_clip']:.1f}" for p in workers))
     print()
     for k, v in res["ratios"].items():
         print(f"{k:<48}{v['median']:>8.2f}   ({v['min']:.2f}-{v['max']:.2f})")

@@ -96,7 +96,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
             shapes: dict[str, Any] = {}
             bar = tqdm(total=total, desc=f"decoding {len(shards)} shard(s)", unit="clip", file=sys.stderr,
                        disable=not (progress and sys.stderr.isatty()))
-            for batch in ds.iter_batches(batch_size=cfg.data.decode_batch_size, batch_format="numpy"):
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["key"])
                 if not n:
                     continue

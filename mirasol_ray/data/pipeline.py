@@ -1,11 +1,12 @@
 """Ray Data: shards -> decoded, fixed-shape clip rows, streamed to Ray Train workers.
 
 The reader goes by the sample index (:mod:`mirasol_ray.data.index`): each sample is a byte range of its tar, so
-the pipeline is ``ray.data.range`` over the samples wanted, in blocks of ``data.decode_batch_size`` samples, and a
-``map_batches`` that fetches each block's samples (one ranged read each) and decodes them
-(:func:`~mirasol_ray.data.rows.decode_sample_safe`) on fractional CPUs. Blocks are a few clips, not a whole tar
-(``read_webdataset`` makes one block per tar and a DataFrame per sample: ray#65350), so every CPU has work from
-the first second and the tail of an epoch is short.
+the pipeline is a read of the ids of the samples wanted (:class:`ItemIds <_datasource_cls>`), in blocks of
+:func:`block_sizes`, fused with a ``map_batches`` that fetches each block's samples (one ranged read each) and
+decodes them (:func:`~mirasol_ray.data.rows.decode_sample_safe`) on fractional CPUs: one Ray task per block.
+Blocks are up to ``data.decode_batch_size`` clips, not a whole tar (``read_webdataset`` makes one block per tar
+and a DataFrame per sample: ray#65350), smaller at a pass's start and end, so every CPU has work from the first
+second and the tail of an epoch is short, while the per-task cost is paid once per block in the steady state.
 
 Two orders:
 
@@ -174,14 +175,21 @@ def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
     batch read the counter for its error line ("skipped: none")."""
     import ray
 
-    try:
-        actor = ray.get_actor(counter_name)
-    except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
-        return
+    actor = _COUNTERS.get(counter_name)
+    if actor is None:
+        try:
+            actor = _COUNTERS[counter_name] = ray.get_actor(counter_name)
+        except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
+            return
     try:
         ray.get(actor.add.remote(decoded, rows, skipped, examples, texts), timeout=120)
     except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
-        pass
+        _COUNTERS.pop(counter_name, None)  # looked up afresh next time
+
+
+_COUNTERS: dict[str, Any] = {}
+"""Counter handles by name, per process: a decode task's process looks its counter up in the GCS once, not once
+per block."""
 
 
 def describe_skips(snap: dict[str, Any]) -> str:
@@ -303,16 +311,56 @@ def _id_block(lo: int, hi: int) -> list:
     return [pa.table({"id": np.arange(lo, hi, dtype=np.int64)})]
 
 
+BLOCK_BYTES = 64 << 20
+"""Decoded bytes per decode task that ``data.decode_batch_size=0`` aims at."""
+MAX_BLOCK = 16
+"""The most clips per decode task ``data.decode_batch_size=0`` picks: past it, the per-task cost is < 10% of the
+smallest clips' decode (docs/PERFORMANCE.md) and the first and last blocks of a pass only grow."""
+
+
+def decode_block(cfg: DataConfig) -> int:
+    """Clips per decode task in the steady state: ``data.decode_batch_size``, or when 0 as many rows as fit in
+    :data:`BLOCK_BYTES` (from the schema's shapes), between 1 and :data:`MAX_BLOCK`."""
+    if cfg.decode_batch_size:
+        return cfg.decode_batch_size
+    row = sum(int(np.prod(shape)) * np.dtype(dt).itemsize for shape, dt in row_spec(cfg).values())
+    return int(min(MAX_BLOCK, max(1, BLOCK_BYTES // max(row, 1))))
+
+
+def block_sizes(n: int, size: int) -> list[int]:
+    """How many items each decode task takes, in order, for ``n`` items and blocks of ``size``
+    (:func:`decode_block`): ``size`` in the middle, ramping up from ``size // 8`` at the start (2, 2, 4, 4,
+    8, 8, 16 ... for 16) and down again at the end, so every CPU has work within the first clips' decode time and
+    the epoch's last blocks end close together, while the per-task cost (a Ray task, its scheduling in the driver,
+    a skip-counter call: ~25 ms of CPU in all on a 2-core machine, docs/PERFORMANCE.md) is paid once per ``size``
+    clips in the steady state. Sums to ``n``."""
+    size = max(1, size)
+    ramp, step = [], max(1, size // 8)
+    while step < size:
+        ramp += [step, step]
+        step *= 2
+    head: list[int] = []
+    left = n
+    for b in ramp:  # each ramp block is taken at both ends, while the items last
+        if left < 2 * b:
+            break
+        head.append(b)
+        left -= 2 * b
+    middle = [] if left == 0 else [len(part) for part in np.array_split(np.arange(left), math.ceil(left / size))]
+    return head + middle + head[::-1]
+
+
 def _datasource_cls():
     from ray.data.block import BlockMetadata
     from ray.data.datasource import Datasource, ReadTask
 
     class ItemIds(Datasource):
-        """The ids ``0..n-1`` in blocks of ``block`` rows, each made by its own read task (nothing is put in the
-        object store up front, whatever ``n``)."""
+        """The ids ``0..n-1`` in blocks of :func:`block_sizes`, each made by its own read task (nothing is put in
+        the object store up front, whatever ``n``)."""
 
         def __init__(self, n: int, block: int):
-            self.n, self.block = n, max(1, block)
+            self.n = n
+            self.bounds = np.cumsum([0, *block_sizes(n, block)]).tolist()
 
         def estimate_inmemory_data_size(self) -> int:
             return 8 * self.n
@@ -324,12 +372,11 @@ def _datasource_cls():
             import pyarrow as pa
 
             schema = pa.schema([("id", pa.int64())])
-            return [ReadTask(functools.partial(_id_block, lo, min(self.n, lo + self.block)),
-                             BlockMetadata(num_rows=min(self.n, lo + self.block) - lo,
-                                           size_bytes=8 * (min(self.n, lo + self.block) - lo), input_files=None,
+            return [ReadTask(functools.partial(_id_block, lo, hi),
+                             BlockMetadata(num_rows=hi - lo, size_bytes=8 * (hi - lo), input_files=None,
                                            exec_stats=None),
                              schema=schema, per_task_row_limit=per_task_row_limit)
-                    for lo in range(0, self.n, self.block)]
+                    for lo, hi in zip(self.bounds[:-1], self.bounds[1:])]
 
     return ItemIds
 
@@ -340,7 +387,7 @@ def _item_ids(n: int, block: int):
 
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
                    counter_name: str, label_set: list[str] | None, endpoint_url: str):
-    """Ray Data: the items (rows of ``items``) in blocks of ``decode_batch_size``, decoded."""
+    """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
     import ray
 
     n = len(items["sample"])
@@ -348,8 +395,8 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
     # the decode: one task per block. ``ray.data.range``'s read tasks reserve a whole CPU each and do not fuse with a
     # fractional-CPU map: every block cost two tasks, and where a Train worker or another trial held the rest of the
     # CPUs the read could never start (a sweep of 2 trials on 2 CPUs hung).
-    ds = ray.data.read_datasource(_item_ids(n, cfg.decode_batch_size), num_cpus=cfg.decode_cpus,
-                                  override_num_blocks=max(1, math.ceil(n / cfg.decode_batch_size)))
+    ids = _item_ids(n, decode_block(cfg))
+    ds = ray.data.read_datasource(ids, num_cpus=cfg.decode_cpus, override_num_blocks=max(1, len(ids.bounds) - 1))
     kwargs = {"items": items, "shards": index.shards, "url": index.url, "endpoint_url": endpoint_url,
               "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
     if cfg.decode_actors:
