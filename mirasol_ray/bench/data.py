@@ -13,7 +13,9 @@ warm-up (``--warmup`` clips per decoding process, in the same processes the time
 same unit: clips decoded. Each round measures every variant once; ``--repeats`` rounds interleave them, so a
 change in the machine's load hits all alike, and the ratios are taken within each round (median and range).
 Beside wall-clock clips/s, each variant's CPU seconds (its whole process tree: Ray's GCS, raylet and workers, the
-DataLoader's workers) give CPU ms per clip, which a busy machine disturbs far less than wall time.
+DataLoader's workers) give CPU ms per clip, which a busy machine disturbs far less than wall time, and that CPU by
+process (:class:`CpuTree`: driver, gcs_server, raylet, Ray's daemons, Ray Data's actors, each worker), printed
+with ``--breakdown``: where a framework's extra CPU goes.
 """
 
 from __future__ import annotations
