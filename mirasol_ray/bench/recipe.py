@@ -9,7 +9,7 @@ processes: ``shards build --format jsonl ... --tokenizer learn``, ``train --conf
 ``train`` fine-tuning with ``data.task=all`` and ``train.init_from``, ``eval``. The only additions: a third
 split, ``test``, built and evaluated as ``val`` is (the README's recipe picks the fine-tuned checkpoint by its
 ``val`` score and then evaluates on ``val``; ``test`` is scored by nobody before the end), and ``--json`` /
-``--out`` on the commands so that their results can be read.
+``--out`` / ``--records`` on the commands so that their results (and each answer) can be read.
 
 It reports held-out accuracy per question type against chance (``test``, and ``val`` as the README does), the
 gap between training clips and held-out ones (the fine-tuning run's ``train_eval`` beside its ``val``), the time
@@ -74,9 +74,9 @@ def commands(test: bool, both: list[str], finetune: list[str]) -> list[tuple[str
     if test:
         out.append(("build test", TEST_BUILD))
     out += [("pretrain", f"{pre}{extra} --json"), ("fine-tune", f"{ft}{ft_extra} --json"),
-            ("eval val", f"{ev} --out results/val --json")]
+            ("eval val", f"{ev} --out results/val --records results/val/predictions.jsonl --json")]
     if test:
-        out.append(("eval test", f"{TEST_EVAL} --out results/test --json"))
+        out.append(("eval test", f"{TEST_EVAL} --out results/test --records results/test/predictions.jsonl --json"))
     return out
 
 
@@ -136,8 +136,9 @@ def table(res: dict[str, Any]) -> str:
         cells = [row.get("train_clips"), row.get("val"), row.get("test")][:len(cols)]
         best = row.get("test") if res["test"] else row.get("val")
         ratio = f"{best / row['chance']:.2f}" if best is not None and row["chance"] else "-"
+        chance = "-" if row["chance"] is None else f"{row['chance']:.3f}"
         lines.append(f"{key:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells)
-                     + f"{row['chance'] or 0:>9.3f}{ratio:>13}")
+                     + f"{chance:>9}{ratio:>13}")
     return "\n".join(lines)
 
 

@@ -187,6 +187,11 @@ def check_inputs(cfg: Config) -> None:
             and not os.path.isfile(cfg.data.tokenizer):
         raise FileNotFoundError(f"data.tokenizer: no such file {cfg.data.tokenizer}")
     cfg.check_start()
+    t = cfg.train
+    if t.stage == "finetune" and t.freeze_av_steps >= t.steps > 0:
+        console.say(f"warning: train.freeze_av_steps={t.freeze_av_steps} >= train.steps={t.steps}: the audio-video "
+                    "path is held still for the whole run and only the text decoder learns; raise train.steps "
+                    "(the demo fine-tunes 1000) or lower train.freeze_av_steps")
     metric = cfg.train.checkpoint_metric
     if metric:
         try:
