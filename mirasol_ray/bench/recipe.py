@@ -40,7 +40,7 @@ README_COMMANDS = [
     "--set data.tokenizer=data/mine/train/tokenizer.json --set storage.root=runs --set storage.name=mine-pre",
     "mirasol train --config demo --set data.train=data/mine/train --set data.val=data/mine/val "
     "--set data.tokenizer=data/mine/train/tokenizer.json --set storage.root=runs --set storage.name=mine-ft "
-    "--set train.stage=finetune --set data.task=all --set train.init_from=runs/mine-pre",
+    "--set train.stage=finetune --set data.task=all --set train.init_from=runs/mine-pre --set train.steps=1000",
     "mirasol eval --checkpoint runs/mine-ft --data data/mine/val --set data.task=all",
 ]
 """README.md, "Your own data", as written there (continuation lines joined, comments dropped); a unit test keeps

@@ -40,3 +40,5 @@ def test_bench_recipe_runs_the_readme_commands_and_reports_per_type(tmp_path):
     assert not any(v["cut"] for v in res["finetune"]["truncation"].values()), "no text is cut"
     assert set(res["seconds"]) >= {"generate", "build train", "pretrain", "fine-tune", "eval val", "all"}
     assert "qa/other" not in res["finetune"]["val"], "every question type is one the metrics know"
+    # 3 steps with the preset's freeze_av_steps (500): fine-tuning says the audio-video path never trains
+    assert "train.freeze_av_steps=500 >= train.steps=3: the audio-video path is held still" in proc.stderr
