@@ -123,6 +123,21 @@ def _value(metrics: dict[str, Any], key: str) -> float | None:
     return None if v is None else round(float(v), 4)
 
 
+def predicted_answers(records: str) -> dict[str, dict[str, int]]:
+    """Per ``qa/<type>``: how often each answer was given (a model that answers one thing to everything shows
+    here), from ``mirasol eval --records``."""
+    from collections import Counter
+
+    counts: dict[str, Counter] = {}
+    if os.path.exists(records):
+        with open(records, encoding="utf-8") as f:
+            for line in f:
+                r = json.loads(line)
+                if r.get("task") == "qa":
+                    counts.setdefault(f"qa/{r.get('qtype', 'other')}", Counter())[str(r.get("pred", ""))] += 1
+    return {k: dict(c.most_common()) for k, c in counts.items()}
+
+
 def qa_types() -> list[str]:
     from mirasol_ray.data.bars_beeps import CHANCE_BY_ANSWER_SPACE
 
@@ -131,14 +146,16 @@ def qa_types() -> list[str]:
 
 def table(res: dict[str, Any]) -> str:
     cols = ["train clips", "val", "test"] if res["test"] else ["train clips", "val"]
-    lines = [f"{'question type':<16}" + "".join(f"{c:>12}" for c in cols) + f"{'chance':>9}{'test/chance':>13}"]
+    lines = [f"{'question type':<16}" + "".join(f"{c:>12}" for c in cols)
+             + f"{'chance':>9}{'held-out/chance':>17}{'train - held-out':>18}"]
     for key, row in res["tasks"].items():
         cells = [row.get("train_clips"), row.get("val"), row.get("test")][:len(cols)]
         best = row.get("test") if res["test"] else row.get("val")
         ratio = f"{best / row['chance']:.2f}" if best is not None and row["chance"] else "-"
         chance = "-" if row["chance"] is None else f"{row['chance']:.3f}"
+        gap = f"{row['gap']:+.3f}" if row.get("gap") is not None else "-"
         lines.append(f"{key:<16}" + "".join(f"{'-' if c is None else f'{c:.3f}':>12}" for c in cells)
-                     + f"{chance:>9}{ratio:>13}")
+                     + f"{chance:>9}{ratio:>17}{gap:>18}")
     return "\n".join(lines)
 
 
@@ -175,12 +192,18 @@ def run_recipe(out: str, *, seed: int = 0, train_clips: int = 480, val_clips: in
     seconds["all"] = round(time.perf_counter() - t0, 1)
 
     ft = results["fine-tune"]
+    held_out = "test" if test_clips else "val"
+    answers = predicted_answers(os.path.join(out, "results", held_out, "predictions.jsonl"))
     tasks: dict[str, dict[str, Any]] = {}
     for key in qa_types() + ["qa"]:
-        chance = data.get("test", data["val"])["chance"].get(key) if key != "qa" else None
-        tasks[key] = {"chance": chance, "train_clips": _value(ft["train_eval"], key), "val_in_run": _value(ft["val"], key),
-                      "val": _value(results["eval val"]["metrics"], key),
-                      "test": _value(results["eval test"]["metrics"], key) if test_clips else None}
+        row = {"chance": data[held_out]["chance"].get(key) if key != "qa" else None,
+               "train_clips": _value(ft["train_eval"], key), "val_in_run": _value(ft["val"], key),
+               "val": _value(results["eval val"]["metrics"], key),
+               "test": _value(results["eval test"]["metrics"], key) if test_clips else None}
+        if row["train_clips"] is not None and row[held_out] is not None:
+            row["gap"] = round(row["train_clips"] - row[held_out], 4)
+        row["predicted"] = answers.get(key, {})
+        tasks[key] = row
     av = [f"qa/{t}" for t in AUDIO_VIDEO_TYPES]
     res = {
         "seed": seed, "clips": {k: v["clips"] for k, v in data.items()},
