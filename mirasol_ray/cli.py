@@ -448,7 +448,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
                                 ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step"),
                                 ("learn", "mirasol_ray.bench.learn",
-                                 "the demo's recipe in plain torch on clips in memory: accuracy per task and kind")):
+                                 "the demo's recipe in plain torch on clips in memory: accuracy per task and kind"),
+                                ("recipe", "mirasol_ray.bench.recipe",
+                                 "the README's recipe for your own data, run through the CLI on a task of its own "
+                                 "it was never tuned on: held-out accuracy per question type against chance")):
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:

@@ -25,22 +25,29 @@ from mirasol_ray.config import load_config
 TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
 
 
-def results_plot(rows: list[dict[str, Any]], png: str) -> str:
+def results_plot(rows: list[dict[str, Any]], png: str, title: str = "mirasol demo: held-out clips",
+                 series: dict[str, list[float]] | None = None) -> str:
+    """Bars per task: each of ``series`` (label -> one value per row; default the rows' ``value`` as the
+    fine-tuned model's) and the rows' chance level in grey."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    series = series or {"fine-tuned model": [r["value"] for r in rows]}
+    groups = [*series.items(), ("chance", [r["chance"] or 0 for r in rows])]
+    width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(8, 3.8))
-    names = [r["task"] for r in rows]
     xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r["value"] for r in rows], width=0.4, label="fine-tuned model")
-    ax.bar([x + 0.2 for x in xs], [r["chance"] or 0 for r in rows], width=0.4, label="chance", color="grey")
-    ax.set_xticks(list(xs), names, rotation=20, fontsize=8)
+    for g, (label, values) in enumerate(groups):
+        offset = (g - (len(groups) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], values, width=width, label=label,
+               **({"color": "grey"} if label == "chance" else {}))
+    ax.set_xticks(list(xs), [r["task"] for r in rows], rotation=20, fontsize=8)
     ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (caption: token F1)")
-    ax.set_title("mirasol demo: held-out clips")
-    ax.legend()
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(png, dpi=90)
     plt.close(fig)

@@ -175,7 +175,23 @@ def check_inputs(cfg: Config) -> None:
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    # Relative local files are the driver's: Ray Train's workers run in folders of their own, where
+    # data.tokenizer=data/mine/train/tokenizer.json or train.init_from=runs/pre were not found (the README's own
+    # commands failed so). The shards' URLs are made absolute when they are expanded.
+    for part, key in ((cfg.data, "tokenizer"), (cfg.train, "init_from"), (cfg.model, "video_init"),
+                      (cfg.model, "audio_init"), (cfg.model, "text_init")):
+        value = getattr(part, key)
+        if value and value != "byte" and "://" not in value:
+            setattr(part, key, os.path.abspath(os.path.expanduser(value)))
+    if cfg.data.tokenizer not in ("", "byte") and "://" not in cfg.data.tokenizer \
+            and not os.path.isfile(cfg.data.tokenizer):
+        raise FileNotFoundError(f"data.tokenizer: no such file {cfg.data.tokenizer}")
     cfg.check_start()
+    t = cfg.train
+    if t.stage == "finetune" and t.freeze_av_steps >= t.steps > 0:
+        console.say(f"warning: train.freeze_av_steps={t.freeze_av_steps} >= train.steps={t.steps}: the audio-video "
+                    "path is held still for the whole run and only the text decoder learns; raise train.steps "
+                    "(the demo fine-tunes 1000) or lower train.freeze_av_steps")
     metric = cfg.train.checkpoint_metric
     if metric:
         try:
