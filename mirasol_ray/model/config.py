@@ -52,8 +52,9 @@ class ModelConfig:
     GroupNorm and a GELU) over the tubelet's frames as channels, down to the same p-pixel grid, then a linear
     projection: the "hybrid ViT" (Dosovitskiy et al. 2021) with the convolutional stem of Xiao et al. 2021 ("Early
     convolutions help transformers see better"). The same tokens, built from local, translation-equivariant
-    features: a 2-block ViT from scratch learns shapes from them in a few hundred steps, and from linear 16-pixel
-    patches it does not (docs/PERFORMANCE.md, "The demo")."""
+    features: on the demo's clips the tiny preset's 2-block ViT, trained from scratch to name each snippet's shape,
+    reached 0.97 held-out in 200 steps on them and 0.52 on linear 16-pixel tubelets (docs/PERFORMANCE.md, "The
+    demo"); +7% FLOPs a demo training step."""
     video_stem_channels: int = 16
     """Channels of the conv stem's first convolution; each next one doubles them, up to video_dim."""
     sparse_tubes: bool = False
