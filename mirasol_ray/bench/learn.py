@@ -58,6 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--probe-encoder", type=int, default=0, metavar="STEPS",
                    help="instead of the recipe: train the video encoder alone (mean-pooled, a linear head) to name "
                         "each snippet's shape and colour from the caption, for STEPS steps; held-out accuracy")
+    p.add_argument("--probe-read", choices=("mean", "max", "combiner"), default="mean",
+                   help="how --probe-encoder reads a snippet: the mean or the max of its video tokens, or the "
+                        "model's own read (video and audio encoders, then the Combiner; the mean of its m tokens)")
     p.add_argument("--json-out", default="")
 
 
@@ -263,20 +266,21 @@ def snippet_labels(rows: dict[str, Any], tok) -> tuple[torch.Tensor, torch.Tenso
     return out[0], out[1]
 
 
-def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict[str, Any]:
-    """The video encoder of ``cfg.model`` alone, trained from scratch to name each snippet's colour and shape
-    (two linear heads on its mean-pooled tokens), batches of ``train.batch_size`` clips in a seeded order: can
-    this encoder, at this resolution and patch size, tell the shapes apart, and how soon?"""
+def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int, read: str = "mean") -> dict[str, Any]:
+    """The video encoder of ``cfg.model``, trained from scratch to name each snippet's colour and shape (two linear
+    heads), batches of ``train.batch_size`` clips in a seeded order: can this encoder, at this resolution and patch
+    size, tell the shapes apart, and how soon? ``read``: the heads see the mean (``mean``) or the max (``max``) of
+    the snippet's video tokens, or (``combiner``) what the model's decoder reads from: the video and audio encoders
+    and the Combiner, as the model builds and initialises them, the mean of the snippet's m tokens."""
     from torch import nn
 
-    from mirasol_ray.model.encoders import VideoEncoder
-    from mirasol_ray.model.layers import init_weights
+    from mirasol_ray.model.mirasol import Mirasol
     from mirasol_ray.train.parallel import seed_everything
 
     seed_everything(seed)
-    enc = VideoEncoder(cfg.model)
-    enc.apply(init_weights)  # as in the model
-    heads = nn.Linear(cfg.model.video_dim, len(COLOURS) + len(SHAPES))
+    model = Mirasol(cfg.model)  # built and initialised as in training; only the path to the Combiner is used
+    enc = nn.ModuleList([model.video_encoder] + ([model.audio_encoder, model.combiner] if read == "combiner" else []))
+    heads = nn.Linear(cfg.model.dim if read == "combiner" else cfg.model.video_dim, len(COLOURS) + len(SHAPES))
     params = [*enc.parameters(), *heads.parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     tr_c, tr_s = snippet_labels(train_rows, tok)
@@ -284,8 +288,11 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict
     g = torch.Generator().manual_seed(seed)
     n, bs, nc = len(train_rows["key"]), cfg.train.batch_size, len(COLOURS)
 
-    def logits(video):
-        out = heads(enc(video).mean(2))  # (B, S, colours + shapes)
+    def logits(rows, lo, hi):
+        tokens = model.video_encoder(rows["video"][lo:hi])  # (B, S, Nv, Dv)
+        if read == "combiner":
+            tokens = model.combiner(tokens, model.audio_encoder(rows["audio"][lo:hi]), rows["audio_present"][lo:hi])
+        out = heads(tokens.amax(2) if read == "max" else tokens.mean(2))  # (B, S, colours + shapes)
         return out[..., :nc], out[..., nc:]
 
     def accuracy(rows, col, shp) -> dict[str, float]:
@@ -293,7 +300,7 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict
         hits = {"colour": [], "shape": []}
         with torch.no_grad():
             for lo in range(0, len(rows["key"]), 32):
-                lc, ls = logits(rows["video"][lo:lo + 32])
+                lc, ls = logits(rows, lo, lo + 32)
                 for name, lg, y in (("colour", lc, col[lo:lo + 32]), ("shape", ls, shp[lo:lo + 32])):
                     ok = y >= 0
                     hits[name].append((lg.argmax(-1) == y)[ok].float())
@@ -306,7 +313,7 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int) -> dict
         if lo + bs > n:
             order, lo = torch.randperm(n, generator=g), 0
         idx = order[lo:lo + bs]
-        lc, ls = logits(train_rows["video"][idx])
+        lc, ls = logits({k: train_rows[k][idx] for k in ("video", "audio", "audio_present")}, 0, len(idx))
         y_c, y_s = tr_c[idx], tr_s[idx]
         loss = nn.functional.cross_entropy(lc.flatten(0, 1), y_c.flatten(), ignore_index=-1) + \
             nn.functional.cross_entropy(ls.flatten(0, 1), y_s.flatten(), ignore_index=-1)
@@ -364,7 +371,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.probe_encoder:
         res = {"data": data, "config": args.config, "overrides": args.set, "seed": args.seed,
-               "probe_encoder": probe_encoder(cfg, train_rows, val_rows, tok, args.probe_encoder, args.seed)}
+               "probe_read": args.probe_read,
+               "probe_encoder": probe_encoder(cfg, train_rows, val_rows, tok, args.probe_encoder, args.seed,
+                                              args.probe_read)}
         if args.json_out:
             with open(args.json_out, "w") as fh:
                 json.dump(res, fh, indent=1)

@@ -51,6 +51,25 @@ class _ViT(nn.Module):
         return self.vit(tokens)
 
 
+class ConvStem(nn.Module):
+    """log2(p) 3x3 stride-2 convolutions, each with a GroupNorm (one group: the whole feature map) and a GELU, then
+    a 1x1 projection to ``dim``: (N, in_ch, H, W) -> (N, dim, H/p, W/p), the p-pixel grid of a patch embedding
+    (Xiao et al. 2021). Channels start at ``channels`` and double at each convolution, up to ``dim``."""
+
+    def __init__(self, in_ch: int, channels: int, patch: int, dim: int, bias: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i in range(patch.bit_length() - 1):
+            out = min(channels * 2**i, dim)
+            layers += [nn.Conv2d(in_ch, out, 3, stride=2, padding=1, bias=False), nn.GroupNorm(1, out), nn.GELU()]
+            in_ch = out
+        self.convs = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(in_ch, dim, 1, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(self.convs(x))
+
+
 class VideoEncoder(_ViT):
     """ViT over one snippet's tubelets: dense t x p x p tubelets, or Sparse Video Tubes.
 
@@ -68,6 +87,7 @@ class VideoEncoder(_ViT):
         F_, (H, W), p = cfg.frames_per_snippet, cfg.image_size, cfg.patch_size
         D = cfg.video_dim
         self.patch_size, self.tubelet_frames, self.sparse = p, cfg.tubelet_frames, cfg.sparse_tubes
+        self.conv_stem = cfg.video_stem == "conv" and not self.sparse
         grid = (H // p) * (W // p)
         bias = cfg.video_patch_bias
         if self.sparse:
@@ -77,7 +97,10 @@ class VideoEncoder(_ViT):
             n_tubes = ((F_ - tt) // st + 1) * ((H - tp) // sp + 1) * ((W - tp) // sp + 1)
             n_tokens = grid + n_tubes
         else:
-            self.tubelet = nn.Linear(cfg.tubelet_frames * p * p * 3, D, bias=bias)
+            if cfg.video_stem == "conv":
+                self.stem = ConvStem(cfg.tubelet_frames * 3, cfg.video_stem_channels, p, D, bias=bias)
+            else:
+                self.tubelet = nn.Linear(cfg.tubelet_frames * p * p * 3, D, bias=bias)
             n_tubes = 0
             n_tokens = (F_ // cfg.tubelet_frames) * grid
         self.factorized = cfg.video_pos == "factorized"
@@ -110,6 +133,9 @@ class VideoEncoder(_ViT):
             image = rearrange(x[:, 0], "n (h ph) (w pw) c -> n (h w) (ph pw c)", ph=p, pw=p)
             tubes = self.tubes(rearrange(x, "n f h w c -> n c f h w"))
             tokens = torch.cat([self.image_patch(image), rearrange(tubes, "n d f h w -> n (f h w) d")], dim=1)
+        elif self.conv_stem:
+            grid = self.stem(rearrange(x, "n (f pt) h w c -> (n f) (pt c) h w", pt=self.tubelet_frames))
+            tokens = rearrange(grid, "(n f) d h w -> n (f h w) d", n=x.shape[0])
         else:
             tokens = self.tubelet(rearrange(x, "n (f pt) (h ph) (w pw) c -> n (f h w) (pt ph pw c)",
                                             pt=self.tubelet_frames, ph=p, pw=p))

@@ -227,12 +227,23 @@ class TokenPool(nn.Module):
 
     Each output token is a softmax-weighted sum of the inputs; the weights come from a small MLP on each input, so
     which inputs matter is learned. ``mask`` (B, N) drops tokens (absent audio) from every sum.
-    """
+
+    The MLP starts as TokenLearner's (scenic's ``MlpBlock``: Xavier-uniform weights, zero biases;
+    :func:`init_weights` keeps it so). With the ViTs' 0.02 instead, every weight starts near 1/N: the pool starts
+    as a plain mean, in which a snippet's shape (a few of its tokens) drowns in its background, and learns to pick
+    tokens slowly (the TTM Combiner's read of the demo's shapes over the conv stem, supervised directly: 0.43 held-out
+    after 300 steps with the 0.02 init, 0.92 with this one; docs/PERFORMANCE.md, "The demo")."""
 
     def __init__(self, dim: int, n_out: int):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.score = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, n_out))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for layer in (self.score[0], self.score[2]):
+            nn.init.xavier_uniform_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         # x: (B, N, D) -> (B, n, D)
@@ -258,3 +269,5 @@ def init_weights(module: nn.Module) -> None:
         nn.init.ones_(module.weight)
     elif isinstance(module, LayerScale):
         nn.init.ones_(module.gamma)
+    elif isinstance(module, TokenPool):  # after its Linear layers (apply visits children first): TokenLearner's
+        module.reset_parameters()

@@ -35,3 +35,15 @@ def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
     assert res["finetune_log"][-1]["text"] < res["finetune_log"][0]["text"], "6 steps on 9 clips lower the loss"
     for row in ("qa/video:", "qa/temporal", "caption", "held-out", "train"):
         assert row in proc.stdout, row
+
+    # the encoder probe, read through the model's own Combiner, on the same clips
+    probe = tmp_path / "probe.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-encoder", "2",
+         "--probe-read", "combiner", "--set", "model.video_stem=conv", "--set", "train.batch_size=3",
+         "--json-out", str(probe)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(probe.read_text())
+    assert res["probe_read"] == "combiner" and res["overrides"] == ["model.video_stem=conv", "train.batch_size=3"]
+    final = res["probe_encoder"]["final"]
+    assert final["step"] == 2 and all(0.0 <= final[s][k] <= 1.0 for s in ("val", "train") for k in ("colour", "shape"))
