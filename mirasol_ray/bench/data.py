@@ -181,15 +181,15 @@ class CpuTree:
         after = {p: stats[p] for p in _tree(stats, self.root)}
         self.total = sum(s + c for _, s, c in after.values()) - sum(s + c for _, s, c in self.before.values())
         self.processes: list[dict[str, Any]] = []
+        # every role of the tree is named, at 0.0 where its processes used less than a clock tick in between (a
+        # short pass: the GCS can be idle throughout)
+        self.by_role: dict[str, float] = {}
         for p, (_, s, _c) in after.items():
             b = self.before.get(p, (0, 0.0, 0.0))
-            own = s - b[1]
+            own, role = s - b[1], process_role(p, self.root)
+            self.by_role[role] = self.by_role.get(role, 0.0) + max(own, 0.0)
             if own > 0:
-                self.processes.append({"pid": p, "role": process_role(p, self.root), "title": _title(p),
-                                       "cpu_s": own})
-        self.by_role: dict[str, float] = {}
-        for proc in self.processes:
-            self.by_role[proc["role"]] = self.by_role.get(proc["role"], 0.0) + proc["cpu_s"]
+                self.processes.append({"pid": p, "role": role, "title": _title(p), "cpu_s": own})
         rest = self.total - sum(self.by_role.values())
         if abs(rest) > 1e-9:
             self.by_role["exited"] = self.by_role.get("exited", 0.0) + rest
