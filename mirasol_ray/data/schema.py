@@ -72,10 +72,13 @@ def qtype_index(name: str | None) -> int:
 
 
 def manifest_qtypes(manifest: dict[str, Any] | None) -> list[str]:
-    """The question type names a shard manifest lists (``qtype_counts`` from ``shards build``, a converter's
-    ``qtypes``), sorted."""
+    """The question type names a shard manifest lists (``qtype_counts`` from ``shards build``, its own or its
+    splits', and a converter's ``qtypes``), sorted."""
     manifest = manifest or {}
     names = set(manifest.get("qtype_counts") or {}) | set(manifest.get("qtypes") or [])
+    for split in (manifest.get("splits") or {}).values():
+        if isinstance(split, dict):
+            names |= set(split.get("qtype_counts") or {})
     return sorted(str(n) for n in names)
 
 
