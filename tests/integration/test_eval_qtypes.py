@@ -1,5 +1,5 @@
 """A user's own question types: ``shards build --format jsonl`` with type names the project does not know, then
-``mirasol eval`` scoring each under ``qa/<type>``."""
+training's validation and ``mirasol eval`` scoring each under ``qa/<type>``."""
 
 from __future__ import annotations
 
@@ -19,8 +19,7 @@ def _clip(colour: int) -> bytes:
 def test_eval_scores_user_question_types(tmp_path, ray_local, capsys):
     from mirasol_ray.cli import main
     from mirasol_ray.config import load_config
-    from mirasol_ray.model.mirasol import build_model
-    from mirasol_ray.train.checkpoint import write_checkpoint
+    from mirasol_ray.launch.train import read_metrics, run_training
 
     videos = tmp_path / "videos"
     videos.mkdir()
@@ -43,10 +42,15 @@ def test_eval_scores_user_question_types(tmp_path, ray_local, capsys):
     assert main(["shards", "build", "--format", "jsonl", "--annotations", str(ann), "--videos", str(videos),
                  "--quiet", "--out", str(shards)]) == 0
 
-    cfg = load_config("tiny", [f"data.train={shards}", "data.task=qa"])
-    model = build_model(cfg.model)
-    ckpt = tmp_path / "ckpt"
-    write_checkpoint(str(ckpt), model, model.state_dict(), step=0, run_config=cfg.to_dict())
+    cfg = load_config("tiny", [f"data.train={shards}", f"data.val={shards}", "data.task=qa",
+                               f"storage.root={tmp_path}/runs", "storage.name=mine", "train.steps=1",
+                               "train.eval_every=1", "train.batch_size=2", "train.warmup_steps=1",
+                               "scaling.num_workers=1", "scaling.cpus_per_worker=1", "data.decode_cpus=0.25",
+                               "data.decode_batch_size=2"])
+    run_training(cfg)
+    val = next(r["val"] for r in read_metrics(str(tmp_path / "runs" / "mine")) if "val" in r)
+    assert {"qa/counting", "qa/colour_of_thing", "qa/video", "qa/other"} <= set(val)
+    ckpt = tmp_path / "runs" / "mine"
     capsys.readouterr()
     records = tmp_path / "records.jsonl"
     assert main(["eval", "--checkpoint", str(ckpt), "--data", str(shards), "--batch-size", "2", "--json",
