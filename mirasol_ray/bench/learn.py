@@ -120,14 +120,16 @@ def only_task(batch: dict[str, Any], task: str) -> dict[str, Any]:
     return {**batch, "text_mask": batch["text_mask"] & (batch["task"] == TASKS.index(task))}
 
 
-def predict(model, batch: dict[str, Any], cfg, tok, label_set, batch_size: int = 16) -> list[dict[str, Any]]:
+def predict(model, batch: dict[str, Any], cfg, tok, label_set, batch_size: int = 16,
+            qtypes: dict[int, str] | None = None) -> list[dict[str, Any]]:
     from mirasol_ray.train.step import predict_batch
 
     n = len(batch["key"])
     records: list[dict[str, Any]] = []
     for lo in range(0, n, batch_size):
         part = take(batch, range(lo, min(n, lo + batch_size)))
-        records += predict_batch(model, part, tok, torch.device("cpu"), cfg.train.precision, label_set=label_set)
+        records += predict_batch(model, part, tok, torch.device("cpu"), cfg.train.precision, label_set=label_set,
+                                 qtypes=qtypes)
     return records
 
 
@@ -335,6 +337,7 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int, read: s
 def run(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
     from mirasol_ray.config import load_config
+    from mirasol_ray.data.schema import manifest_qtypes, qtype_table
     from mirasol_ray.data.synthetic import synthesize
     from mirasol_ray.data.text import get_tokenizer
     from mirasol_ray.train.parallel import build_on_rank
@@ -346,6 +349,7 @@ def run(args: argparse.Namespace) -> int:
         synthesize(data, args.clips, seed=0, shard_size=16, val_fraction=0.1, progress=False)
     manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
     label_set = manifest.get("label_set")
+    qtypes = qtype_table(manifest_qtypes(manifest))
     chance = manifest.get("splits", {}).get("val", {}).get("chance") or manifest.get("chance", {})
     common = [f"data.train={data}/train", f"data.val={data}/val", "data.task=all", f"train.seed={args.seed}",
               f"data.seed={args.seed}"]
@@ -386,8 +390,8 @@ def run(args: argparse.Namespace) -> int:
                            "batch_size": cfg.train.batch_size, "decode_s": decode_s, "history": []}
 
     def evaluate(step: int) -> dict[str, Any]:
-        point = {"step": step, "val": score(predict(model, val_rows, cfg, tok, label_set)),
-                 "train": score(predict(model, train_eval, cfg, tok, label_set))}
+        point = {"step": step, "val": score(predict(model, val_rows, cfg, tok, label_set, qtypes=qtypes)),
+                 "train": score(predict(model, train_eval, cfg, tok, label_set, qtypes=qtypes))}
         res["history"].append(point)
         line = "  ".join(f"{k} {point['val'][k]['value']:.2f}/{point['train'].get(k, {}).get('value', 0):.2f}"
                          for k in ROW_ORDER if k in point["val"] and ":" not in k)

@@ -24,9 +24,8 @@ type            question (templates)                                            
 ``yes_no``      is there a {sound} while the screen is dark? (audio and video)     yes, no         1/2
 ==============  =================================================================  ==============  =======
 
-The types are names the project's per-type metrics already know (:data:`~mirasol_ray.data.schema.QTYPES`): a
-question type outside that fixed list is scored as ``other``, so a user's own type names (``count``,
-``dark_sound``) would all be lumped together.
+The types are names of :data:`~mirasol_ray.data.schema.QTYPES`, as the benchmarks use them; a dataset's own
+names would be scored under their own keys too (see :func:`~mirasol_ray.data.schema.qtype_index`).
 
 The two audio-video types (which sound plays while the screen is dark, and the yes/no question about it) need both modalities **aligned in time**: which half is dark is only in the picture,
 which sound plays in which half only in the sound. Given the audio alone, the open question's answer is one of the

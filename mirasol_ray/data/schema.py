@@ -25,7 +25,7 @@ column             dtype      shape                  meaning
 ``option_ids``     int32      [K, O, Lt]             mcqa options; qa: its accepted answers if several
 ``option_mask``    bool       [K, O, Lt]             all False for absent options
 ``answer_idx``     int64      [K]                    correct option, -1 if not mcqa
-``qtype``          int64      [K]                    QTYPES index of the question (for per-type metrics)
+``qtype``          int64      [K]                    the question's type code (:func:`qtype_index`; per-type metrics)
 ``key``            str        []                     the clip's sample key
 =================  =========  =====================  ===========================================================
 
@@ -35,6 +35,8 @@ The model also takes a batch of one text per clip without the K axis (``prompt_i
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Iterable
 from typing import Any
 
 import numpy as np
@@ -47,8 +49,8 @@ QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned
           "motion", "spatial_relation", "temporal_relation", "yes_no", "color", "object", "location", "number",
           # NExT-QA: causal why/how, temporal next/previous/current, descriptive count/location/other/binary
           "CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO", "DB")
-"""Question types a row can carry (per-type metrics). A type not listed here is scored as ``other``. New names
-go at the end: the index is what rows carry."""
+"""Question types with a fixed code (their index here: rows carry it, so new names go at the end). Any other type
+name a dataset uses is scored under its own name too: see :func:`qtype_index`."""
 
 CLIP_COLUMNS = ("video", "audio", "audio_present", "snippet_mask", "label", "num_texts")
 TEXT_COLUMNS = ("text_mask", "text_index", "task", "prompt_ids", "prompt_mask", "target_ids", "target_mask",
@@ -59,7 +61,41 @@ COLUMNS = TENSOR_COLUMNS + ("key",)
 
 
 def qtype_index(name: str | None) -> int:
-    return QTYPES.index(name) if name in QTYPES else QTYPES.index("other")
+    """The code a row carries for question type ``name``: its index in :data:`QTYPES`, else (a user's own name)
+    ``len(QTYPES)`` plus a stable 56-bit hash of the name, so the decode needs no table and old shards keep their
+    codes; :func:`qtype_table` maps codes back to names. No name is ``other``."""
+    if not name:
+        return QTYPES.index("other")
+    if name in QTYPES:
+        return QTYPES.index(name)
+    return len(QTYPES) + int.from_bytes(hashlib.blake2b(name.encode(), digest_size=7).digest(), "big")
+
+
+def manifest_qtypes(manifest: dict[str, Any] | None) -> list[str]:
+    """The question type names a shard manifest lists (``qtype_counts`` from ``shards build``, its own or its
+    splits', and a converter's ``qtypes``), sorted."""
+    manifest = manifest or {}
+    names = set(manifest.get("qtype_counts") or {}) | set(manifest.get("qtypes") or [])
+    for split in (manifest.get("splits") or {}).values():
+        if isinstance(split, dict):
+            names |= set(split.get("qtype_counts") or {})
+    return sorted(str(n) for n in names)
+
+
+def qtype_table(names: Iterable[str] | None = None) -> dict[int, str]:
+    """Code -> name for :data:`QTYPES` and ``names`` (a dataset's own type names, :func:`manifest_qtypes`)."""
+    table = {i: n for i, n in enumerate(QTYPES)}
+    for n in names or ():
+        table.setdefault(qtype_index(n), n)
+    return table
+
+
+def qtype_name(code: int, table: dict[int, str] | None = None) -> str:
+    """The type name of a row's code; ``other`` for a code the table does not know."""
+    return (table or _QTYPE_TABLE).get(int(code), "other")
+
+
+_QTYPE_TABLE = qtype_table()
 
 
 def row_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:

@@ -64,7 +64,7 @@ class Predictor:
     """Actor for ``map_batches``: loads the model once, turns decoded rows into prediction records."""
 
     def __init__(self, model_uri: str, endpoint_url: str, data_cfg: dict[str, Any], precision: str,
-                 label_set: list[str] | None, beam_size: int = 1):
+                 label_set: list[str] | None, beam_size: int = 1, qtypes: list[str] | None = None):
         import torch
 
         from mirasol_ray.data.text import get_tokenizer
@@ -73,7 +73,10 @@ class Predictor:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model_from(model_uri, endpoint_url).to(self.device).eval()
         self.tok = get_tokenizer(data_cfg["tokenizer"])
+        from mirasol_ray.data.schema import qtype_table
+
         self.precision, self.label_set, self.beam_size = precision, label_set, beam_size
+        self.qtypes = qtype_table(qtypes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from mirasol_ray.data.pipeline import to_torch
@@ -82,7 +85,7 @@ class Predictor:
         if len(batch["key"]) == 0:
             return {c: np.zeros((0,), dtype=object) for c in RECORD_COLUMNS}
         recs = predict_batch(self.model, to_torch(batch), self.tok, self.device, self.precision,
-                             beam_size=self.beam_size, label_set=self.label_set)
+                             beam_size=self.beam_size, label_set=self.label_set, qtypes=self.qtypes)
         return {c: _column([r[c] for r in recs], c) for c in RECORD_COLUMNS}
 
 
@@ -129,6 +132,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
         samples_seen,
     )
     from mirasol_ray.data.rows import truncation_warning
+    from mirasol_ray.data.schema import manifest_qtypes
     from mirasol_ray.launch import console
     from mirasol_ray.launch.train import ensure_ray
     from mirasol_ray.train.checkpoint import metric_value, read_meta
@@ -155,7 +159,8 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
                 Predictor,
                 fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
                                        "data_cfg": dataclasses.asdict(cfg.data), "precision": cfg.train.precision,
-                                       "label_set": label_set, "beam_size": beam_size},
+                                       "label_set": label_set, "beam_size": beam_size,
+                                       "qtypes": manifest_qtypes(manifest)},
                 batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
                 num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
             )

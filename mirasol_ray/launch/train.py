@@ -65,14 +65,16 @@ def run_uri(cfg: Config, name: str) -> str:
 
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
                 train_data: dict[str, Any], pid_dir: str = "", lease: str = "", scratch: str = "",
-                score: dict[str, str] | None = None, has_train_eval: bool = False) -> dict[str, Any]:
+                score: dict[str, str] | None = None, has_train_eval: bool = False,
+                qtypes: list[str] | None = None) -> dict[str, Any]:
     """The one plain dict that crosses from the driver to the workers. ``train_data``: ``{"index": the sample
     index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
     ``{"cache": object refs of the decoded rows, "num_samples": N}``. ``score``: the checkpoints' scoring
-    (``{"metric", "mode"}``, or None), which goes into each checkpoint's meta.json."""
+    (``{"metric", "mode"}``, or None), which goes into each checkpoint's meta.json. ``qtypes``: the question type
+    names the train and val manifests list, for per-type validation metrics."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
             "has_train_eval": has_train_eval, "train_data": train_data, "pid_dir": pid_dir, "lease": lease,
-            "scratch": scratch, "score": score}
+            "scratch": scratch, "score": score, "qtypes": qtypes or []}
 
 
 def train_eval_index(index, cfg: Config):
@@ -267,11 +269,15 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
         sample_index,
         train_data_config,
     )
+    from mirasol_ray.data.schema import manifest_qtypes
     from mirasol_ray.launch import console
     from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta
 
     ep = cfg.storage.endpoint_url
-    label_set = (find_manifest(cfg.data.train, ep) or {}).get("label_set")
+    manifest = find_manifest(cfg.data.train, ep) or {}
+    label_set = manifest.get("label_set")
+    qtypes = sorted(set(manifest_qtypes(manifest))
+                    | set(manifest_qtypes(find_manifest(cfg.data.val, ep) if cfg.data.val else None)))
     counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
     index = sample_index(cfg.data.train, ep)
     count_bad_shards(index, counter_name)
@@ -313,7 +319,7 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
         train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir, lease,
-                                      scratch, score=score, has_train_eval="train_eval" in datasets),
+                                      scratch, score=score, has_train_eval="train_eval" in datasets, qtypes=qtypes),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),

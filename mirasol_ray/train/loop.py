@@ -24,6 +24,7 @@ from typing import Any
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
+from mirasol_ray.data.schema import qtype_table
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.pretrained import load_pretrained, startup_table
 from mirasol_ray.train import checkpoint as ckpt
@@ -180,8 +181,8 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
     return f"no training batch can be formed: {cause}; {describe_skips(snap)}"
 
 
-def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0
-             ) -> tuple[dict[str, Any], list[int]]:
+def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0,
+             qtypes: dict[int, str] | None = None) -> tuple[dict[str, Any], list[int]]:
     """Task metrics over an evaluation split (``val``, or ``train_eval``: the training clips scored beside it),
     their loss as ``loss``, and the rows (clips) each rank scored: each rank
     predicts its own share (``batches``, its split of the dataset), with the model gathered once (FSDP2) so that
@@ -194,7 +195,7 @@ def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: i
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set)
+            records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set, qtypes=qtypes)
             n = len(batch["key"])
             loss_sum += eval_loss(m, batch, device, cfg.train.precision) * n
             rows += n
@@ -349,6 +350,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     from mirasol_ray.data.pipeline import NoRowsError, iter_worker_batches, train_batches
 
     label_set = config.get("label_set")
+    qtypes = qtype_table(config.get("qtypes"))
     # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
     tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer, cfg.storage.endpoint_url) if rank == 0 else None
     source = _train_source(config, cfg)
@@ -398,14 +400,14 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         if do_eval:
             t0 = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
-                                cfg.train.eval_batches)
+                                cfg.train.eval_batches, qtypes=qtypes)
             evaluated["val"] = {k: v["value"] for k, v in ev.items()}
             record = (record or {"step": step}) | {"val": evaluated["val"], "val_rows": rows,
                                                    "val_s": time.perf_counter() - t0}
             if train_eval is not None:  # the fixed subset of training clips, whole (train.eval_train_batches)
                 t0 = time.perf_counter()
                 ev, rows = evaluate(model, iter_worker_batches(train_eval, cfg.train.batch_size), tok, device, cfg,
-                                    label_set)
+                                    label_set, qtypes=qtypes)
                 evaluated["train_eval"] = {k: v["value"] for k, v in ev.items()}
                 record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows,
                            "train_eval_s": time.perf_counter() - t0}

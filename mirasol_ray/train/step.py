@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mirasol_ray.config import TrainConfig
-from mirasol_ray.data.schema import QTYPES, TASKS
+from mirasol_ray.data.schema import TASKS, qtype_name
 from mirasol_ray.data.text import Tokenizer
 from mirasol_ray.train.metrics import exact_match
 
@@ -232,7 +232,8 @@ def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, pre
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
                   precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
-                  label_set: list[str] | None = None) -> list[dict[str, Any]]:
+                  label_set: list[str] | None = None, qtypes: dict[int, str] | None = None
+                  ) -> list[dict[str, Any]]:
     """Predictions for every text of a batch of clips, as records for :mod:`mirasol_ray.train.metrics`.
 
     Each clip is encoded once (:meth:`~mirasol_ray.model.mirasol.Mirasol.encode`); its texts are then answered
@@ -241,7 +242,8 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
     ``label_set`` whose text is most likely, with ``head`` the head's arg-max. ``rank`` is the 0-based rank of
     the right answer among the scored candidates (options or labels; -1 when nothing was ranked: generation);
     ``refs`` are a question's accepted answers when it has several. A record's ``key`` is its clip's, with
-    ``#i`` (the text's index in the clip) when the clip has several texts."""
+    ``#i`` (the text's index in the clip) when the clip has several texts. ``qtypes`` maps the rows' question type
+    codes to names (:func:`~mirasol_ray.data.schema.qtype_table` of the data's manifest; default: the known names)."""
     from mirasol_ray.model.mirasol import texts_of
 
     model.eval()
@@ -292,7 +294,7 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
         target = tok.decode(t["target_ids"][i, 1:].cpu().tolist())
         key = batch["key"][c] if "key" in batch else str(c)
         rec = {"key": f"{key}#{text_index[i]}" if num_texts[c] > 1 else key, "task": TASKS[ti],
-               "qtype": QTYPES[int(t["qtype"][i])], "target": target, "rank": -1, "refs": []}
+               "qtype": qtype_name(t["qtype"][i], qtypes), "target": target, "rank": -1, "refs": []}
         if ti == TASK_MCQA:
             pick = int(scores[i].argmax())
             right = int(t["answer_idx"][i])

@@ -192,3 +192,21 @@ def test_timeout_is_a_skip_reason(make_clip):
     s = sample(make_clip(2.0))
     assert decode_sample_safe(s, cfg(decode_timeout_s=1e-4), train=False, rng=np.random.default_rng(0))[:2] \
         == ([], "timeout")
+
+
+def test_question_type_codes_keep_known_indices_and_name_users_own():
+    from mirasol_ray.data.schema import QTYPES, manifest_qtypes, qtype_index, qtype_name, qtype_table
+
+    assert [qtype_index(n) for n in QTYPES] == list(range(len(QTYPES)))  # old shards keep their codes
+    assert qtype_index(None) == qtype_index("") == QTYPES.index("other")
+    code = qtype_index("counting")
+    assert code >= len(QTYPES) and code == qtype_index("counting") and code != qtype_index("counted")
+    assert np.int64(code) == code  # fits the int64 column
+    assert qtype_name(code) == "other"  # a name the table does not know
+    manifest = {"qtypes": ["what"], "splits": {"train": {"qtype_counts": {"counting": 2, "video": 1}},
+                                               "val": {"qtype_counts": {"colour_of_thing": 1}}}}
+    assert manifest_qtypes(manifest) == ["colour_of_thing", "counting", "video", "what"]
+    table = qtype_table(manifest_qtypes(manifest))
+    assert qtype_name(code, table) == "counting" and qtype_name(qtype_index("colour_of_thing"), table) == \
+        "colour_of_thing"
+    assert qtype_name(QTYPES.index("what"), table) == "what" and qtype_name(qtype_index("nope"), table) == "other"
