@@ -158,6 +158,25 @@ class TrainConfig:
     weights (and runs without autograd, except under FSDP2) while only the text decoder learns; it then warms up
     to the schedule. From scratch this lets the decoder learn where to look before the features under it move
     (docs/PERFORMANCE.md, "The demo")."""
+    augment: bool = False
+    """Train-time video augmentation (:mod:`mirasol_ray.train.augment`): each training clip gets a random zoom
+    (``augment_min_scale``), translation (``augment_shift``), optional left-right flip (``augment_flip``) and
+    brightness/contrast change (``augment_jitter``), the same for all its frames, new at every step, drawn from
+    ``seed``, the step and the rank (reproducible). Never at evaluation. Against memorising a small data set's
+    exact pixels (docs/PERFORMANCE.md, "Why shapes are not learnt"). Wrong for data whose answers depend on
+    where things are in the frame or on their size."""
+    augment_min_scale: float = 0.8
+    """With ``augment``: the smallest crop side, as a fraction of the frame's, zoomed back to the frame (1 = no
+    zoom)."""
+    augment_shift: float = 0.1
+    """With ``augment``: the largest translation beyond the crop's own room, as a fraction of the frame's side
+    (edge pixels repeat where the view leaves the frame; 0 = crops inside the frame only)."""
+    augment_flip: bool = False
+    """With ``augment``: mirror half the clips left-right. Wrong for data whose answers depend on left and right
+    (directions, text, asymmetric shapes); fine for the demo's left-right symmetric shapes."""
+    augment_jitter: float = 0.1
+    """With ``augment``: contrast scaled by up to 1 +/- this around the clip's mean, brightness moved by up to this
+    x 255. No hue change, so colour names stay right."""
     grad_clip: float = 1.0
     """Gradient norm clipped to this (0 = off)."""
     precision: str = "auto"
@@ -207,6 +226,12 @@ class TrainConfig:
             raise ConfigError(f"train.stage must be pretrain|finetune, got {self.stage!r}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise ConfigError(f"train.precision must be auto|bf16|fp32, got {self.precision!r}")
+        if not 0 < self.augment_min_scale <= 1:
+            raise ConfigError(f"train.augment_min_scale must be in (0, 1], got {self.augment_min_scale}")
+        if not 0 <= self.augment_shift <= 1:
+            raise ConfigError(f"train.augment_shift must be in [0, 1], got {self.augment_shift}")
+        if not 0 <= self.augment_jitter < 1:
+            raise ConfigError(f"train.augment_jitter must be in [0, 1), got {self.augment_jitter}")
         if self.freeze_av_steps < 0:
             raise ConfigError(f"train.freeze_av_steps must be >= 0, got {self.freeze_av_steps}")
         if not isinstance(self.lr_mult, dict):

@@ -18,6 +18,7 @@ from torch import nn
 from mirasol_ray.config import TrainConfig
 from mirasol_ray.data.schema import TASKS, qtype_name
 from mirasol_ray.data.text import Tokenizer
+from mirasol_ray.train.augment import augment_batch
 from mirasol_ray.train.metrics import exact_match
 
 TASK_CAPTION, TASK_QA, TASK_MCQA, TASK_CLS = (TASKS.index(t) for t in TASKS)
@@ -163,8 +164,9 @@ def count_tokens(batch: dict[str, Any]) -> int:
 def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: torch.optim.Optimizer,
                sched: torch.optim.lr_scheduler.LRScheduler, cfg: TrainConfig, device: torch.device,
                no_sync=None) -> dict[str, float]:
-    """One optimiser step over ``grad_accum`` micro-batches: forward, backward (gradients averaged over the
-    micro-batches; DDP's all-reduce only on the last through ``no_sync``), clip, step, schedule.
+    """One optimiser step over ``grad_accum`` micro-batches: video augmentation (``cfg.augment``, seeded by
+    ``cfg.seed``, the step and the rank), forward, backward (gradients averaged over the micro-batches; DDP's
+    all-reduce only on the last through ``no_sync``), clip, step, schedule.
 
     Returns the mean of each loss part, the total loss, the gradient norm and the learning rate."""
     model.train()
@@ -179,6 +181,9 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
             p.requires_grad_(False)
     else:
         held = []
+    if cfg.augment:
+        step, rank = int(getattr(sched, "last_epoch", 0)), _rank_of_process()
+        micro = [augment_batch(move_batch(b, device), cfg, step, rank, i) for i, b in enumerate(micro)]
     try:
         _forward_backward(model, micro, cfg, device, no_sync, parts)
     finally:
@@ -194,6 +199,11 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
     sched.step()
     parts["grad_norm"] = float(grad_norm)
     return parts
+
+
+def _rank_of_process() -> int:
+    dist = torch.distributed
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
 
 
 def _is_fsdp(model: nn.Module) -> bool:
