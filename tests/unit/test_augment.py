@@ -71,19 +71,15 @@ def test_bad_strengths_are_config_errors():
             load_config("tiny", [override])
 
 
-def test_the_training_step_augments_seeded_and_evaluation_does_not():
+def test_the_training_step_augments_seeded_and_evaluation_does_not(fresh_training):
     """train_step hands the model the video augmented with (train.seed, step, rank 0); eval_loss and predict_batch
     see the batch's own pixels."""
     from mirasol_ray.bench.step import synthetic_batch
     from mirasol_ray.data.text import get_tokenizer
-    from mirasol_ray.model.mirasol import build_model
-    from mirasol_ray.train.step import eval_loss, make_optimizer, make_scheduler, predict_batch, train_step
+    from mirasol_ray.train.step import eval_loss, predict_batch, train_step
 
     cfg = load_config("tiny", ["train.steps=5", "train.augment=true", "train.seed=3"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    sched = make_scheduler(opt, cfg.train)
+    model, opt, sched = fresh_training(cfg)
     seen = []
     model.register_forward_pre_hook(lambda mod, args: seen.append(args[0]["video"].clone()))
     enc_seen = []

@@ -69,17 +69,14 @@ def test_frozen_av_parameters_do_not_move_but_the_decoder_does():
     assert any(n.startswith("text_decoder.") for n in moved)
 
 
-def test_a_held_av_path_runs_without_autograd_then_trains():
+def test_a_held_av_path_runs_without_autograd_then_trains(fresh_training):
     """While freeze_av_steps holds it, the audio-video path builds no graph (no backward, no saved activations);
     from the step it is released, it does again, and its parameters still require gradients afterwards."""
     from mirasol_ray.bench.step import synthetic_batch
     from mirasol_ray.train.step import train_step
 
     cfg = load_config("tiny", ["train.steps=10", "train.warmup_steps=1", "train.freeze_av_steps=2"])
-    torch.manual_seed(0)
-    model = build_model(cfg.model)
-    opt = make_optimizer(model, cfg.train)
-    sched = make_scheduler(opt, cfg.train)
+    model, opt, sched = fresh_training(cfg)
     seen = []
     model.video_encoder.register_forward_hook(lambda mod, inp, out: seen.append(out.requires_grad))
     batch = synthetic_batch(cfg, 2)
