@@ -156,7 +156,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.demo import run_demo
 
     run_demo(args.out, num_clips=args.num_clips, pretrain_steps=args.pretrain_steps,
-             finetune_steps=args.finetune_steps, config=args.config, overrides=args.set)
+             finetune_steps=args.finetune_steps, config=args.config, overrides=args.set, seed=args.seed,
+             num_cpus=args.num_cpus)
     return 0
 
 
@@ -353,6 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--finetune-steps", type=int, default=None)
     d.add_argument("--config", default="demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--seed", type=int, default=0,
+                   help="draws the clips, the initial weights, the order and the frame positions (default 0)")
+    d.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     d.set_defaults(func=_cmd_demo)
 
     t = sub.add_parser("train", help="pretrain or fine-tune on Ray Train (RAY_ADDRESS or a local Ray)")

@@ -64,7 +64,10 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = None,
              finetune_steps: int | None = None, config: str = "demo", overrides: list[str] | None = None,
-             num_cpus: int | None = None) -> dict[str, Any]:
+             num_cpus: int | None = None, seed: int = 0) -> dict[str, Any]:
+    """The demo from ``out`` (reused when it holds the same clips). ``seed`` draws the clips (``shards synth``'s
+    seed), the initial weights (``train.seed``) and the order and frame positions (``data.seed``): another seed
+    is another run from scratch on other data."""
     from mirasol_ray.data.synthetic import synthesize
     from mirasol_ray.launch.evaluate import evaluate
     from mirasol_ray.launch.train import ensure_ray, plot_curves, read_metrics, run_training
@@ -75,20 +78,25 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     data = os.path.join(out, "data")
-    print(f"[1/4] synthesising {num_clips} clips into {data}", flush=True)
+    print(f"[1/4] synthesising {num_clips} clips (seed {seed}) into {data}", flush=True)
     if os.path.exists(os.path.join(data, "manifest.json")):
         manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
-        if manifest.get("num_samples") != num_clips or "tokenizer" not in manifest:
+        if (manifest.get("num_samples") != num_clips or "tokenizer" not in manifest
+                or manifest.get("seed", 0) != seed):
             shutil.rmtree(data)
     if not os.path.exists(os.path.join(data, "manifest.json")):
-        synthesize(data, num_clips, seed=0, shard_size=16, val_fraction=0.1)
+        if os.path.isdir(os.path.join(out, "runs")):  # trained on other clips: they would resume, not start
+            print(f"      removing {out}/runs: its runs were trained on other clips", flush=True)
+            shutil.rmtree(os.path.join(out, "runs"))
+        synthesize(data, num_clips, seed=seed, shard_size=16, val_fraction=0.1)
     manifest = json.loads(storage.read_text(os.path.join(data, "manifest.json")))
     chance = manifest.get("splits", {}).get("val", {}).get("chance") or manifest.get("chance", {})
 
     started = ensure_ray(num_cpus, dashboard=True)
     try:
         common = [f"data.train={data}/train", f"data.val={data}/val", f"storage.root={out}/runs",
-                  f"data.tokenizer={data}/{manifest['tokenizer']}", *(overrides or [])]
+                  f"data.tokenizer={data}/{manifest['tokenizer']}", f"train.seed={seed}", f"data.seed={seed}",
+                  *(overrides or [])]
         pre = load_config(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
                           + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
         print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)
@@ -128,7 +136,7 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
         "tasks": {r["task"]: {k: r[k] for k in ("metric", "value", "chance", "count")} for r in rows},
         "pretrain": pre_summary, "finetune": ft_summary,
         "eval": {k: v for k, v in ev.items() if k != "metrics"},
-        "num_clips": num_clips, "seconds": round(time.perf_counter() - t0, 1),
+        "num_clips": num_clips, "seed": seed, "seconds": round(time.perf_counter() - t0, 1),
     }
     storage.write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=2))
     print_table(rows)
