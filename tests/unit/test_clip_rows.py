@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from small_models import small_model_config
 
 from mirasol_ray.bench.rows import text_rows_of
 from mirasol_ray.data.text import get_tokenizer
@@ -20,12 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def cfg(**kw) -> ModelConfig:
-    base = dict(max_snippets=3, frames_per_snippet=2, image_size=(32, 32), n_mels=16, mel_frames=8, max_text_len=24,
-                vocab_size=40, video_dim=32, video_depth=1, video_heads=2, tubelet_frames=2, patch_size=16,
-                audio_dim=32, audio_depth=1, audio_heads=2, audio_patch=(8, 8), combiner_depth=1,
-                combiner_tokens=2, ttm_memory=4, ttm_read=2, dim=32, depth=1, heads=2, text_dim=32, text_depth=2,
-                text_heads=2, num_classes=3, pad_id=PAD, bos_id=BOS, eos_id=EOS)
-    return ModelConfig(**{**base, **kw})
+    return small_model_config(**{"num_classes": 3, "pad_id": PAD, "bos_id": BOS, "eos_id": EOS, **kw})
 
 
 def clip_batch(c: ModelConfig, Lp: int = 5, Lt: int = 7, n_options: int = 3, seed: int = 0) -> dict:

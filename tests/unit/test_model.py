@@ -7,6 +7,7 @@ import resource
 
 import pytest
 import torch
+from small_models import small_model_config
 
 from mirasol_ray.model.config import ModelConfig
 from mirasol_ray.model.mirasol import (
@@ -25,14 +26,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def small_cfg(**kw) -> ModelConfig:
-    """Smaller than the tiny preset: a forward+backward takes milliseconds."""
-    base = dict(max_snippets=3, frames_per_snippet=2, image_size=(32, 32), n_mels=16, mel_frames=8, max_text_len=24,
-                vocab_size=40, video_dim=32, video_depth=1, video_heads=2, tubelet_frames=2, patch_size=16,
-                sparse_tube_size=(2, 16), sparse_tube_stride=(2, 16), audio_dim=32, audio_depth=1, audio_heads=2,
-                audio_patch=(8, 8), combiner_depth=1, combiner_tokens=2, ttm_memory=4, ttm_read=2, dim=32, depth=1,
-                heads=2, text_dim=32, text_depth=2, text_heads=2)
-    base.update(kw)
-    return ModelConfig(**base)
+    """The unit tests' small model, with sparse tubes sized for its 2-frame, 32-pixel snippets."""
+    return small_model_config(**{"sparse_tube_size": (2, 16), "sparse_tube_stride": (2, 16), **kw})
 
 
 def make_batch(cfg: ModelConfig, B: int = 2, Lp: int = 5, Lt: int = 7, K: int = 3, seed: int = 0) -> dict:

@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import torch
 from einops import rearrange
+from small_models import small_model_config
 
 from mirasol_ray.model.config import ModelConfig
 from mirasol_ray.model.encoders import ConvStem, VideoEncoder
@@ -17,13 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 def cfg_for(**kw) -> ModelConfig:
     """Two 2-frame tubelets of 32x32 frames, 16-pixel patches: a 2x2 grid, 8 tokens a snippet."""
-    base = dict(max_snippets=2, frames_per_snippet=4, image_size=(32, 32), n_mels=16, mel_frames=8, max_text_len=16,
-                vocab_size=40, video_dim=32, video_depth=1, video_heads=2, tubelet_frames=2, patch_size=16,
-                audio_dim=32, audio_depth=1, audio_heads=2, audio_patch=(8, 8), combiner_depth=1,
-                combiner_tokens=2, ttm_memory=4, ttm_read=2, dim=32, depth=1, heads=2, text_dim=32, text_depth=1,
-                text_heads=2)
-    base.update(kw)
-    return ModelConfig(**base)
+    return small_model_config(**{"max_snippets": 2, "frames_per_snippet": 4, "max_text_len": 16, "text_depth": 1,
+                                 **kw})
 
 
 def video(cfg: ModelConfig, B: int = 2, seed: int = 0) -> torch.Tensor:
