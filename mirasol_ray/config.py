@@ -83,9 +83,9 @@ class DataConfig:
     decode_batch_size: int = 0
     """Clips per decode task in the steady state (a pass's first and last tasks take fewer, so every CPU starts
     at once and the pass ends together: ``data/pipeline.py``'s ``block_sizes``). Each task costs ~25 ms of CPU
-    beyond its decode (docs/PERFORMANCE.md), so small clips want large blocks; large rows want small ones (a
-    block is held whole in memory). 0: as many as fit in 64 MB of decoded rows, at most 16 (tiny: 16, base: 16,
-    mirasol3b: 6, finetune_msrvtt_qa: 3)."""
+    beyond its decode and leaves its CPU idle ~0.1 s before the next one starts (docs/PERFORMANCE.md), so small
+    clips want large blocks; large rows want small ones (a block is held whole in memory). 0: as many as fit in
+    64 MB of decoded rows, at most 64 (tiny: 64, demo: 64, base: 19, mirasol3b: 6, finetune_msrvtt_qa: 3)."""
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
     decode_actors: int = 0

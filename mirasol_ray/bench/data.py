@@ -92,10 +92,11 @@ def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
     return reason is None
 
 
-def _proc_table() -> dict[int, tuple[int, float, float]]:
-    """pid -> (ppid, its own CPU seconds, CPU seconds of its reaped children), from /proc (Linux)."""
+def _proc_table() -> dict[int, tuple[int, float, float, int]]:
+    """pid -> (ppid, its own CPU seconds, CPU seconds of its reaped children, start time in clock ticks), from
+    /proc (Linux)."""
     tick = os.sysconf("SC_CLK_TCK")
-    stats: dict[int, tuple[int, float, float]] = {}
+    stats: dict[int, tuple[int, float, float, int]] = {}
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -104,15 +105,26 @@ def _proc_table() -> dict[int, tuple[int, float, float]]:
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: cutime, cstime (waited-for children)
+        # fields[1]: ppid; [11], [12]: utime, stime; [13], [14]: cutime, cstime (waited-for children); [19]: start
         stats[int(name)] = (int(fields[1]), (int(fields[11]) + int(fields[12])) / tick,
-                            (int(fields[13]) + int(fields[14])) / tick)
+                            (int(fields[13]) + int(fields[14])) / tick, int(fields[19]))
     return stats
 
 
-def _tree(stats: dict[int, tuple[int, float, float]], root: int) -> list[int]:
+def _waits_for_children(pid: int) -> bool:
+    """Whether ``pid``'s ended children add their CPU to its reaped-children time: not when it ignores SIGCHLD
+    (the kernel then reaps them and their CPU is counted nowhere, as for Ray's raylet and its workers)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            ignored = next((int(line.split()[1], 16) for line in f if line.startswith("SigIgn:")), 0)
+    except OSError:
+        return True
+    return not ignored >> 16 & 1  # SIGCHLD is signal 17: bit 16
+
+
+def _tree(stats: dict[int, tuple[int, float, float, int]], root: int) -> list[int]:
     children: dict[int, list[int]] = {}
-    for p, (ppid, _, _) in stats.items():
+    for p, (ppid, *_) in stats.items():
         children.setdefault(ppid, []).append(p)
     out, todo = [], [root]
     while todo:
@@ -164,35 +176,90 @@ def _title(pid: int) -> str:
 
 
 class CpuTree:
-    """CPU seconds of a process tree between :meth:`start` and :meth:`stop`: the total (every process of the
-    tree, live or reaped) and per process, by :func:`process_role`. A process that ended in between is counted
-    in its parent's reaped-children time; whatever the per-process deltas miss of the total is ``exited``."""
+    """CPU seconds of a process tree between :meth:`start` and :meth:`stop`: the total and per process, by
+    :func:`process_role`, the roles summing to the total.
 
-    def __init__(self, pid: int | None = None):
+    A process that ends in between is still counted: a background thread re-reads the tree every ``interval``
+    seconds (its own CPU is left out of the figures), and a process gone by :meth:`stop` is counted up to its last
+    sighting, under its role. That matters for Ray: its raylet ignores SIGCHLD, so the CPU of a worker that exits
+    (an idle worker Ray retires, an actor pool's actors at a pass's end) reaches no parent's reaped-children time and
+    would otherwise vanish from the tree (before: a negative ``exited`` entry, the CPU an exiting worker had used
+    before :meth:`start`). Where a parent in the tree waits for its children (a DataLoader's workers), what they
+    used after their last sighting, and whole processes that lived between two sightings, come from its
+    reaped-children time, as ``exited``. Only a process that both starts and ends between two sightings under a
+    parent that does not wait for it is missed."""
+
+    def __init__(self, pid: int | None = None, interval: float = 0.25):
         self.root = pid or os.getpid()
+        self.interval = interval
 
     def start(self) -> CpuTree:
-        stats = _proc_table()
-        self.before = {p: stats[p] for p in _tree(stats, self.root)}
+        import threading
+
+        self._seen: dict[int, dict[str, Any]] = {}  # pid -> what the last sighting read of it
+        self._poll_cpu = 0.0  # CPU seconds of the polling thread (in this process)
+        self._lock = threading.Lock()
+        self.poll()
+        self._base = {p: (v["own"], v["reaped"]) for p, v in self._seen.items()}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-tree", daemon=True)
+        self._thread.start()
         return self
 
-    def stop(self) -> CpuTree:
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            t0 = time.thread_time()
+            self.poll()
+            with self._lock:
+                self._poll_cpu += time.thread_time() - t0
+
+    def poll(self) -> None:
+        """Read the tree now: every process in it and every one seen before that is still alive."""
         stats = _proc_table()
-        after = {p: stats[p] for p in _tree(stats, self.root)}
-        self.total = sum(s + c for _, s, c in after.values()) - sum(s + c for _, s, c in self.before.values())
+        with self._lock:
+            for p in self._seen:
+                self._seen[p]["alive"] = p in stats and stats[p][3] == self._seen[p]["started"]
+            live = [p for p in self._seen if self._seen[p]["alive"]]  # left the tree (reparented) but running
+            for p in set(_tree(stats, self.root)) | set(live):
+                ppid, own, reaped, started = stats[p]
+                if p in self._seen and self._seen[p]["started"] != started:  # the pid was reused: a new process
+                    continue
+                v = self._seen.setdefault(p, {"started": started, "role": "", "title": ""})
+                v.update(ppid=ppid, own=own, reaped=reaped, alive=True)
+                if v["role"] in ("", "worker", "exited"):  # a Ray worker's title follows its task
+                    v["role"], v["title"] = process_role(p, self.root), _title(p)
+                if "waits" not in v:
+                    v["waits"] = _waits_for_children(p)
+
+    def stop(self) -> CpuTree:
+        self._done.set()
+        self._thread.join()
+        self.poll()
         self.processes: list[dict[str, Any]] = []
         # every role of the tree is named, at 0.0 where its processes used less than a clock tick in between (a
         # short pass: the GCS can be idle throughout)
         self.by_role: dict[str, float] = {}
-        for p, (_, s, _c) in after.items():
-            b = self.before.get(p, (0, 0.0, 0.0))
-            own, role = s - b[1], process_role(p, self.root)
-            self.by_role[role] = self.by_role.get(role, 0.0) + max(own, 0.0)
+        credit: dict[int, float] = {}  # per waiting parent: its ended children's CPU already counted by sighting
+        for v in self._seen.values():
+            parent = self._seen.get(v["ppid"])
+            if not v["alive"] and parent is not None and parent["alive"] and parent["waits"]:
+                credit[v["ppid"]] = credit.get(v["ppid"], 0.0) + v["own"] + v["reaped"]
+        exited = 0.0
+        for p, v in self._seen.items():
+            base_own, base_reaped = self._base.get(p, (0.0, 0.0))
+            own = max(v["own"] - base_own, 0.0)
+            if p == self.root == os.getpid():
+                own = max(own - self._poll_cpu, 0.0)
+            self.by_role[v["role"]] = self.by_role.get(v["role"], 0.0) + own
+            # children it reaped in between (whole lifetimes), less what sightings of them counted, or had used
+            # before start
+            exited += max(v["reaped"] - base_reaped - credit.get(p, 0.0), 0.0)
             if own > 0:
-                self.processes.append({"pid": p, "role": role, "title": _title(p), "cpu_s": own})
-        rest = self.total - sum(self.by_role.values())
-        if abs(rest) > 1e-9:
-            self.by_role["exited"] = self.by_role.get("exited", 0.0) + rest
+                self.processes.append({"pid": p, "role": v["role"], "title": v["title"], "cpu_s": own,
+                                       "ended": not v["alive"]})
+        if exited > 0:
+            self.by_role["exited"] = exited
+        self.total = sum(self.by_role.values())
         return self
 
 
@@ -448,7 +515,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<22}{v['clips']:>7.0f}{v['seconds']:>8.2f}{v['clips_per_s']:>10.2f}{v['frames_per_s']:>10.1f}"
               f"{v['cpu_ms_per_clip']:>13.1f}")
     if args.breakdown:
-        print(f"\nCPU ms per clip by process (median of {len(rounds)}; 'exited': processes reaped during the pass)")
+        print(f"\nCPU ms per clip by process (median of {len(rounds)}; 'exited': processes that ended, after their "
+              "last sighting)")
         for k, roles in res["cpu_ms_per_clip_by_role"].items():
             print(f"{k:<22}" + "  ".join(f"{role} {ms:.1f}" for role, ms in
                                           sorted(roles.items(), key=lambda x: -x[1]) if abs(ms) >= 0.05))

@@ -313,9 +313,12 @@ def _id_block(lo: int, hi: int) -> list:
 
 BLOCK_BYTES = 64 << 20
 """Decoded bytes per decode task that ``data.decode_batch_size=0`` aims at."""
-MAX_BLOCK = 16
-"""The most clips per decode task ``data.decode_batch_size=0`` picks: past it, the per-task cost is < 10% of the
-smallest clips' decode (docs/PERFORMANCE.md) and the first and last blocks of a pass only grow."""
+MAX_BLOCK = 64
+"""The most clips per decode task ``data.decode_batch_size=0`` picks. A task costs ~25 ms of CPU beyond its decode
+and leaves its CPU idle 20-130 ms until Ray Data starts the next one (its scheduling loop polls task completions
+every 0.1 s: docs/PERFORMANCE.md), which at 16 clips a task was 6-14% of the wall clock of real 10 s clips and more
+of small ones; at 64 it is a quarter of that, while the ramp of :func:`block_sizes` keeps a pass's first and last
+blocks small."""
 
 
 def decode_block(cfg: DataConfig) -> int:
@@ -332,8 +335,8 @@ def block_sizes(n: int, size: int) -> list[int]:
     (:func:`decode_block`): ``size`` in the middle, ramping up from ``size // 8`` at the start (2, 2, 4, 4,
     8, 8, 16 ... for 16) and down again at the end, so every CPU has work within the first clips' decode time and
     the epoch's last blocks end close together, while the per-task cost (a Ray task, its scheduling in the driver,
-    a skip-counter call: ~25 ms of CPU in all on a 2-core machine, docs/PERFORMANCE.md) is paid once per ``size``
-    clips in the steady state. Sums to ``n``."""
+    a skip-counter call: ~25 ms of CPU in all on a 2-core machine, and the CPU's idle wait for the next task:
+    docs/PERFORMANCE.md) is paid once per ``size`` clips in the steady state. Sums to ``n``."""
     size = max(1, size)
     ramp, step = [], max(1, size // 8)
     while step < size:
@@ -385,11 +388,40 @@ def _item_ids(n: int, block: int):
     return _datasource_cls()(n, block)
 
 
+METADATA_ENV = "RAY_DATA_METADATA_PREFETCH_ON_THREAD"
+"""Ray Data's switch between fetching a finished block's metadata on a background thread (its default) and in
+its scheduling loop (see :func:`_complete_tasks_inline`)."""
+
+
+def _complete_tasks_inline() -> None:
+    """Let Ray Data's executor in this process see a decode task finish in the scheduling-loop turn that sees its
+    block, not one turn later.
+
+    Ray Data 2.60 fetches each block's metadata on a background thread by default and counts the task as running,
+    holding its CPU, until a later turn of the loop (which waits up to 0.1 s for task completions) has taken that
+    metadata: measured on 2 CPUs, a decode worker sat idle 120-240 ms between two tasks, against 20-130 ms with
+    the fetch inline (docs/PERFORMANCE.md). Our blocks are few and their metadata small and local, so the inline
+    fetch costs the loop nothing noticeable. Ray reads the switch from the environment once, at import; the executor
+    reads its module copy whenever it starts a dataset, which is what is set here (in the process that runs the
+    executor: the driver, or a Train worker). A value the user put in the environment is left alone."""
+    import os
+
+    if METADATA_ENV in os.environ:
+        return
+    try:
+        from ray.data._internal.execution import metadata_fetcher
+    except ImportError:  # another Ray version: its default stands
+        return
+    if hasattr(metadata_fetcher, "_PREFETCH_ON_THREAD"):
+        metadata_fetcher._PREFETCH_ON_THREAD = False
+
+
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
                    counter_name: str, label_set: list[str] | None, endpoint_url: str):
     """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
     import ray
 
+    _complete_tasks_inline()
     n = len(items["sample"])
     # The item ids come from a read of our own that reserves what a decode task reserves, so Ray Data fuses it with
     # the decode: one task per block. ``ray.data.range``'s read tasks reserve a whole CPU each and do not fuse with a

@@ -9,7 +9,7 @@ from mirasol_ray.data.pipeline import MAX_BLOCK, block_sizes, decode_block
 
 
 @pytest.mark.parametrize("n", [0, 1, 2, 3, 5, 8, 17, 100, 480, 1001])
-@pytest.mark.parametrize("size", [1, 2, 4, 16])
+@pytest.mark.parametrize("size", [1, 2, 4, 16, 64])
 def test_blocks_cover_every_item_once_and_never_exceed_the_size(n, size):
     sizes = block_sizes(n, size)
     assert sum(sizes) == n and all(0 < s <= size for s in sizes)
@@ -22,6 +22,9 @@ def test_blocks_ramp_up_at_the_start_and_down_at_the_end():
     # a pass too short for the ramp still gives several CPUs work at once
     assert block_sizes(8, 16) == [2, 2, 2, 2]
     assert block_sizes(4, 2) == [1, 1, 1, 1]
+    # the automatic cap: a pass of 480 small clips is 16 tasks, not 39, and still starts and ends on 8 clips
+    sizes = block_sizes(480, MAX_BLOCK)
+    assert sizes[:6] == [8, 8, 16, 16, 32, 32] and sizes[-2:] == [8, 8] and len(sizes) == 16
 
 
 def test_automatic_block_size_follows_the_row_bytes():
