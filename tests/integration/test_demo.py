@@ -11,14 +11,19 @@ import sys
 TASKS = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
 
 
-def test_demo_with_a_seed_runs_end_to_end(short_tmp):
-    out = os.path.join(short_tmp, "demo")
-    proc = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "demo", "--out", out, "--num-clips", "30", "--seed", "3",
-         "--pretrain-steps", "2", "--finetune-steps", "3", "--num-cpus", "2",
+def _demo(out: str, seed: int, pretrain: int, finetune: int, tmp: str) -> subprocess.CompletedProcess:
+    """``mirasol demo`` on 30 clips, shrunk to a few steps, its Ray under ``tmp``."""
+    return subprocess.run(
+        [sys.executable, "-m", "mirasol_ray.cli", "demo", "--out", out, "--num-clips", "30", "--seed", str(seed),
+         "--pretrain-steps", str(pretrain), "--finetune-steps", str(finetune), "--num-cpus", "2",
          "--set", "train.batch_size=4", "--set", "train.freeze_av_steps=1", "--set", "train.warmup_steps=1",
          "--set", "train.eval_batches=1", "--set", "data.decode_cpus=0.25"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": short_tmp})
+        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": tmp})
+
+
+def test_demo_with_a_seed_runs_end_to_end(short_tmp):
+    out = os.path.join(short_tmp, "demo")
+    proc = _demo(out, 3, 2, 3, short_tmp)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "(seed 3)" in proc.stdout
 
@@ -48,12 +53,7 @@ def test_demo_with_a_seed_runs_end_to_end(short_tmp):
         assert task in proc.stdout
 
     # the same folder with another seed: other clips, so the old runs go too (they would resume, not start over)
-    again = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "demo", "--out", out, "--num-clips", "30", "--seed", "4",
-         "--pretrain-steps", "1", "--finetune-steps", "1", "--num-cpus", "2",
-         "--set", "train.batch_size=4", "--set", "train.freeze_av_steps=1", "--set", "train.warmup_steps=1",
-         "--set", "train.eval_batches=1", "--set", "data.decode_cpus=0.25"],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "TMPDIR": short_tmp})
+    again = _demo(out, 4, 1, 1, short_tmp)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "runs were trained on other clips" in again.stdout
     assert json.loads(open(os.path.join(out, "data", "manifest.json")).read())["seed"] == 4
