@@ -7,7 +7,10 @@ Where the rest goes:
   is on S3), else ``mirasol-driver.log`` in the Ray session's ``logs/`` folder;
 - the workers' output (Ray Train workers, Ray Data tasks, actors) stays in the Ray session's ``logs/`` folder
   (``worker-*.out/err``): Ray is started with ``log_to_driver=False``;
-- Ray's own processes log into the same session folder, as always.
+- Ray's own processes log into the same session folder, as always;
+- what the driver's native code writes to file descriptor 2 (the C++ core worker's "E" lines, e.g. Ray Data's
+  ``core_worker.cc`` note about actor constructor arguments, ray#53727) goes to the driver's log file while
+  :func:`native_stderr_to` holds it; Python's ``sys.stderr`` (bars, our messages) stays on the console.
 
 Our own ``mirasol_ray.*`` warnings (e.g. an input skipped while building shards) stay on the console.
 """
@@ -132,6 +135,37 @@ def quiet_libraries() -> Iterator[DeferredFileHandler]:
         root.setLevel(saved_root[0])
         root.removeHandler(handler)
         handler.close()
+
+
+@contextlib.contextmanager
+def native_stderr_to(path: str) -> Iterator[None]:
+    """For the duration, send what this process writes to file descriptor 2 below Python (Ray's C++ core worker
+    logs its errors there, whatever its log folder) to the end of ``path``, while Python's ``sys.stderr`` keeps
+    writing to where fd 2 went before. A no-op without a ``path``, or when ``sys.stderr`` is not fd 2's (a test's
+    in-memory capture, which native writes never reached anyway)."""
+    try:
+        on_fd2 = sys.stderr.fileno() == 2
+    except (AttributeError, OSError, ValueError):
+        on_fd2 = False
+    if not path or not on_fd2:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    console = os.fdopen(os.dup(saved), "w", buffering=1, encoding=sys.stderr.encoding or "utf-8",
+                        errors="backslashreplace")
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 2)
+    os.close(fd)
+    python_stderr, sys.stderr = sys.stderr, console
+    try:
+        yield
+    finally:
+        console.flush()
+        sys.stderr = python_stderr
+        os.dup2(saved, 2)
+        os.close(saved)
+        console.close()
 
 
 class StepProgress:

@@ -149,34 +149,37 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     total = manifest.get("num_samples")
     with console.quiet_libraries() as logs:
         started = ensure_ray(num_cpus)
-        console.attach_session_log(logs)
-        try:
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            counter, name = make_skip_counter()
-            ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set)
-            use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
-            preds = ds.map_batches(
-                Predictor,
-                fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
-                                       "data_cfg": dataclasses.asdict(cfg.data), "precision": cfg.train.precision,
-                                       "label_set": label_set, "beam_size": beam_size,
-                                       "qtypes": manifest_qtypes(manifest)},
-                batch_size=batch_size, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
-                num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
-            )
-            records = []
-            bar = tqdm(total=total, desc="evaluating", unit="clip", file=sys.stderr, disable=not sys.stderr.isatty())
-            for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
-                records += [_record(b, i) for i in range(len(b["key"]))]
-                if not bar.disable:
-                    bar.n = samples_seen(read_skips(counter))
-                    bar.refresh()
-            bar.close()
-            ray.get(counter.snapshot.remote())
-            skips = read_skips(counter)
-        finally:
-            if started:
-                ray.shutdown()
+        # Ray's C++ core worker prints its errors on fd 2 (ray#53727's note at every actor pool): into the log
+        with console.native_stderr_to(console.attach_session_log(logs)):
+            try:
+                ray.data.DataContext.get_current().enable_progress_bars = False
+                counter, name = make_skip_counter()
+                ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set)
+                use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
+                preds = ds.map_batches(
+                    Predictor,
+                    fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
+                                           "data_cfg": dataclasses.asdict(cfg.data),
+                                           "precision": cfg.train.precision, "label_set": label_set,
+                                           "beam_size": beam_size, "qtypes": manifest_qtypes(manifest)},
+                    batch_size=batch_size, batch_format="numpy",
+                    compute=ray.data.ActorPoolStrategy(size=num_actors),
+                    num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
+                )
+                records = []
+                bar = tqdm(total=total, desc="evaluating", unit="clip", file=sys.stderr,
+                           disable=not sys.stderr.isatty())
+                for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
+                    records += [_record(b, i) for i in range(len(b["key"]))]
+                    if not bar.disable:
+                        bar.n = samples_seen(read_skips(counter))
+                        bar.refresh()
+                bar.close()
+                ray.get(counter.snapshot.remote())
+                skips = read_skips(counter)
+            finally:
+                if started:
+                    ray.shutdown()
     if truncation_warning(skips["truncation"], cfg.data.tokenizer):  # the scores are of cut references
         console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
     if records_out:

@@ -52,9 +52,14 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
     assert inspect.returncode == 0, inspect.stderr[-3000:]
     report = json.loads(inspect.stdout)
     assert report["shards_skipped"] == {"not_a_tar": 1, "truncated_shard": 1} and report["decoded"] == 5
+    # evaluation's actor pool: Ray's C++ core worker notes its constructor arguments (ray#53727) on fd 2
+    evaluate = _cli(["eval", "--json", "--checkpoint", f"s3://{base}/runs/secret", "--data", f"s3://{base}/shards",
+                     "--set", "data.task=mcqa", "--num-actors", "1", "--batch-size", "4"], env)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert json.loads(evaluate.stdout)["rows"] == synth_shards["num_clips"]
 
     # the console: a phase line or two, at most one line of Ray banner, nothing else
-    for proc in (train, inspect):
+    for proc in (train, inspect, evaluate):
         lines = proc.stderr.strip().splitlines()
         assert sum("Token authentication" in ln for ln in lines) <= 1, proc.stderr
         assert not [ln for ln in lines if any(n in ln for n in NOISE)], proc.stderr
@@ -64,16 +69,19 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
     # nowhere: Ray's session folders (both commands' Ray lived under TMPDIR), the run folder, all output
     sessions = [os.path.join(short_tmp, "ray", n) for n in os.listdir(os.path.join(short_tmp, "ray"))
                 if n.startswith("session_2")]
-    assert len(sessions) == 2
+    assert len(sessions) == 3
     local = [p for s in sessions for p in _files(s)]
     names = {os.path.basename(p) for p in local}
     assert {"runtime_env_agent.log", "raylet.out", "gcs_server.out"} <= names  # the logs the key used to reach
+    # the core worker's note reached the driver's log file instead of the console
+    assert [p for p in local if p.endswith("mirasol-driver.log") and b"core_worker" in open(p, "rb").read()]
     hits = [p for p in local if secret.encode() in open(p, "rb").read()]
     remote = fs.find(f"{base}/runs/secret")
     assert any("/checkpoint_" in k for k in remote) and any(k.endswith("config.yaml") for k in remote)
     hits += [k for k in remote if secret.encode() in fs.cat_file(k)]
     hits += [name for name, text in (("train stdout", train.stdout), ("train stderr", train.stderr),
-                                     ("inspect stdout", inspect.stdout), ("inspect stderr", inspect.stderr))
+                                     ("inspect stdout", inspect.stdout), ("inspect stderr", inspect.stderr),
+                                     ("eval stdout", evaluate.stdout), ("eval stderr", evaluate.stderr))
              if secret in text]
     assert hits == []
     # the batch whose every sample failed was not stored as pickled objects (Arrow's fallback) in any worker
