@@ -66,7 +66,7 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
         assert len(lines) <= 6, proc.stderr
     assert train.stderr.startswith(f"run s3://{base}/runs/secret: pretrain, 2 steps")
 
-    # nowhere: Ray's session folders (both commands' Ray lived under TMPDIR), the run folder, all output
+    # nowhere: Ray's session folders (each command's Ray lived under TMPDIR), the run folder, all output
     sessions = [os.path.join(short_tmp, "ray", n) for n in os.listdir(os.path.join(short_tmp, "ray"))
                 if n.startswith("session_2")]
     assert len(sessions) == 3
