@@ -467,8 +467,14 @@ def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str
 
 
 class DecodeSource:
-    """Rows of a training worker decoded on demand: one order-preserving Ray Data pipeline per epoch over the
-    worker's positions of that epoch."""
+    """Rows of a training worker decoded on demand: one order-preserving Ray Data pipeline over the worker's
+    positions of one epoch, or of as many whole epochs as make ``span_samples`` of them (a small dataset's).
+
+    A pipeline's start costs seconds in which the step waits (Ray Data plans it, then runs a single task for ~1 s:
+    docs/PERFORMANCE.md); a pipeline per epoch of a few hundred clips paid that every few dozen steps."""
+
+    span_samples = 4096
+    """:func:`train_batches` gives one call of :meth:`batches` whole epochs until they hold this many samples."""
 
     def __init__(self, index: SampleIndex, cfg: DataConfig, *, counter_name: str, label_set: list[str] | None,
                  endpoint_url: str, cpu_limit: float = 0.0):
@@ -478,7 +484,7 @@ class DecodeSource:
     def __len__(self) -> int:
         return len(self.index)
 
-    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int, batch_size: int,
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int | np.ndarray, batch_size: int,
                 prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
         import ray.data
         from ray.data import ExecutionResources
@@ -488,7 +494,8 @@ class DecodeSource:
         ctx.enable_progress_bars = False
         if self.cpu_limit:
             ctx.execution_options.resource_limits = ExecutionResources(cpu=self.cpu_limit)
-        items = {**self.index.refs(samples), "pos": positions, "epoch": np.full(len(samples), epoch, np.int64)}
+        epochs = np.broadcast_to(np.asarray(epoch, np.int64), (len(samples),))  # one epoch, or one per sample
+        items = {**self.index.refs(samples), "pos": positions, "epoch": np.array(epochs)}
         ds = _items_dataset(self.index, items, self.cfg, train=True, counter_name=self.counter_name,
                             label_set=self.label_set, endpoint_url=self.endpoint_url)
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
@@ -553,11 +560,20 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
     carry: dict[str, np.ndarray] | None = None
     empty = 0  # 2 per whole epoch in a row that gave this worker no row, 1 for a resumed run's partial first one
     last_done = position.last[rank]
+    span_samples = getattr(source, "span_samples", 0)
     while True:
-        positions = position.worker_positions(epoch, n, rank)
-        samples = epoch_permutation(n, seed, epoch, shuffle)[positions - epoch * n]
+        # the epochs one call of source.batches reads: one, or for a source whose every call starts a pipeline
+        # (DecodeSource), as many whole epochs as make span_samples of this worker's samples
+        parts: list[tuple[int, np.ndarray]] = []
+        while not parts or (sum(len(p) for _, p in parts) < span_samples and len(parts[-1][1])):
+            e = epoch + len(parts)
+            parts.append((e, position.worker_positions(e, n, rank)))
+        positions = np.concatenate([p for _, p in parts])
+        samples = np.concatenate([epoch_permutation(n, seed, e, shuffle)[p - e * n] for e, p in parts])
+        epochs = parts[0][0] if len(parts) == 1 else np.concatenate([np.full(len(p), e, np.int64)
+                                                                      for e, p in parts])
         got = 0
-        for batch in source.batches(positions, samples, epoch, batch_size, prefetch_batches):
+        for batch in source.batches(positions, samples, epochs, batch_size, prefetch_batches):
             got += len(batch["pos"])
             carry = _concat(carry, batch)
             while len(carry["pos"]) >= batch_size:
@@ -568,13 +584,14 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
                 pending = set(carry["pos"].tolist())
                 done = [p for p in out["pos"].tolist() if p not in pending]
                 last_done = max(done) if done else last_done
-                out["epoch"], out["last_pos"] = epoch, last_done
+                out["epoch"], out["last_pos"] = int(out["pos"][-1]) // n, last_done  # its last row's epoch
                 yield out
-        whole = epoch > first_epoch or (position.prefix <= epoch * n and position.last[rank] < epoch * n)
+        whole = (epoch > first_epoch or len(parts) > 1
+                 or (position.prefix <= epoch * n and position.last[rank] < epoch * n))
         empty = 0 if got or not len(positions) else empty + (2 if whole else 1)
         if empty >= 2:  # a whole epoch gave this worker no row: its samples fail to decode
             raise NoRowsError("no sample of this worker's share of an epoch decodes (see the skipped counts)")
-        epoch += 1
+        epoch += len(parts)
 
 
 def _writable(a: np.ndarray) -> np.ndarray:

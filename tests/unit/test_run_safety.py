@@ -201,3 +201,39 @@ def test_a_dataset_smaller_than_a_batch_trains_and_one_that_never_decodes_ends()
     with pytest.raises(NoRowsError):
         next(train_batches(Failing(3, set()), resumed, rank=0, batch_size=2, seed=0))
     assert seen == [2, 3, 4, 5]
+
+
+def test_a_source_read_several_epochs_a_pipeline_gives_the_same_stream():
+    """DecodeSource starts a Ray Data pipeline per call, so train_batches gives it whole epochs until they hold
+    ``span_samples`` of the worker's samples: the same batches (rows, order, epoch, last position) as one call an
+    epoch, fresh or resumed mid-epoch, with two workers; and a span of samples that never decode still ends."""
+    from mirasol_ray.data.index import ReadPosition
+    from mirasol_ray.data.pipeline import NoRowsError, train_batches
+
+    class Spanning(_Rows):
+        span_samples = 10
+
+        def __init__(self, n, good):
+            super().__init__(n, good)
+            self.calls: list[tuple[list[int], list[int]]] = []
+
+        def batches(self, positions, samples, epoch, batch_size, prefetch_batches):
+            epochs = np.broadcast_to(np.asarray(epoch), positions.shape)
+            assert (epochs == positions // self.n).all()  # each sample's own epoch
+            self.calls.append((positions.tolist(), sorted(set(epochs.tolist()))))
+            yield from super().batches(positions, samples, epoch, batch_size, prefetch_batches)
+
+    def stream(source, position, rank, k):
+        it = train_batches(source, position, rank=rank, batch_size=3, seed=4)
+        return [(b["key"], b["pos"].tolist(), b["epoch"], b["last_pos"]) for b in (next(it) for _ in range(k))]
+
+    fresh = ReadPosition().for_world(2)
+    resumed = fresh.advance([6, 9])  # mid-epoch for both workers (7 samples an epoch, dealt to 2)
+    for position in (fresh, resumed):
+        for rank in (0, 1):
+            spanning = Spanning(7, {0, 1, 2, 4, 5, 6})
+            assert stream(spanning, position, rank, 12) == stream(_Rows(7, {0, 1, 2, 4, 5, 6}), position, rank, 12)
+            first_positions, first_epochs = spanning.calls[0]
+            assert len(first_epochs) >= 3 and len(first_positions) >= 10  # one pipeline for several epochs
+    with pytest.raises(NoRowsError):
+        next(train_batches(Spanning(3, set()), ReadPosition().for_world(1), rank=0, batch_size=2, seed=0))
