@@ -563,9 +563,11 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
     span_samples = getattr(source, "span_samples", 0)
     while True:
         # the epochs one call of source.batches reads: one, or for a source whose every call starts a pipeline
-        # (DecodeSource), as many whole epochs as make span_samples of this worker's samples
+        # (DecodeSource), as many whole epochs as make span_samples of this worker's samples, once a row has come
+        # (until then an epoch at a time: samples that never decode end the run after one epoch, counted once)
+        span = span_samples if carry is not None else 0  # carry: a row has come in this stream
         parts: list[tuple[int, np.ndarray]] = []
-        while not parts or (sum(len(p) for _, p in parts) < span_samples and len(parts[-1][1])):
+        while not parts or (sum(len(p) for _, p in parts) < span and len(parts[-1][1])):
             e = epoch + len(parts)
             parts.append((e, position.worker_positions(e, n, rank)))
         positions = np.concatenate([p for _, p in parts])

@@ -233,7 +233,10 @@ def test_a_source_read_several_epochs_a_pipeline_gives_the_same_stream():
         for rank in (0, 1):
             spanning = Spanning(7, {0, 1, 2, 4, 5, 6})
             assert stream(spanning, position, rank, 12) == stream(_Rows(7, {0, 1, 2, 4, 5, 6}), position, rank, 12)
-            first_positions, first_epochs = spanning.calls[0]
-            assert len(first_epochs) >= 3 and len(first_positions) >= 10  # one pipeline for several epochs
+            assert len(spanning.calls[0][1]) == 1  # the first epoch alone, until a row has come
+            positions, epochs = spanning.calls[1]
+            assert len(epochs) >= 3 and len(positions) >= 10  # then one pipeline for several epochs
+    never = Spanning(3, set())
     with pytest.raises(NoRowsError):
-        next(train_batches(Spanning(3, set()), ReadPosition().for_world(1), rank=0, batch_size=2, seed=0))
+        next(train_batches(never, ReadPosition().for_world(1), rank=0, batch_size=2, seed=0))
+    assert [c[0] for c in never.calls] == [[0, 1, 2]]  # one epoch read, each sample once
