@@ -567,9 +567,11 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
         # (until then an epoch at a time: samples that never decode end the run after one epoch, counted once)
         span = span_samples if carry is not None else 0  # carry: a row has come in this stream
         parts: list[tuple[int, np.ndarray]] = []
-        while not parts or (sum(len(p) for _, p in parts) < span and len(parts[-1][1])):
+        spanned = 0
+        while not parts or (spanned < span and len(parts[-1][1])):
             e = epoch + len(parts)
             parts.append((e, position.worker_positions(e, n, rank)))
+            spanned += len(parts[-1][1])
         positions = np.concatenate([p for _, p in parts])
         samples = np.concatenate([epoch_permutation(n, seed, e, shuffle)[p - e * n] for e, p in parts])
         epochs = parts[0][0] if len(parts) == 1 else np.concatenate([np.full(len(p), e, np.int64)
