@@ -172,7 +172,7 @@ class MemorySource:
     def __len__(self) -> int:
         return self.n
 
-    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int, batch_size: int,
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epochs: np.ndarray, batch_size: int,
                 prefetch_batches: int):
         picked = [(r, g) for g, s in zip(positions.tolist(), samples.tolist()) for r in self.where.get(s, [])]
         for i in range(0, len(picked), batch_size):

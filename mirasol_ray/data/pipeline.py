@@ -484,7 +484,7 @@ class DecodeSource:
     def __len__(self) -> int:
         return len(self.index)
 
-    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int | np.ndarray, batch_size: int,
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epochs: np.ndarray, batch_size: int,
                 prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
         import ray.data
         from ray.data import ExecutionResources
@@ -494,8 +494,7 @@ class DecodeSource:
         ctx.enable_progress_bars = False
         if self.cpu_limit:
             ctx.execution_options.resource_limits = ExecutionResources(cpu=self.cpu_limit)
-        epochs = np.broadcast_to(np.asarray(epoch, np.int64), (len(samples),))  # one epoch, or one per sample
-        items = {**self.index.refs(samples), "pos": positions, "epoch": np.array(epochs)}
+        items = {**self.index.refs(samples), "pos": positions, "epoch": epochs}  # each sample's epoch
         ds = _items_dataset(self.index, items, self.cfg, train=True, counter_name=self.counter_name,
                             label_set=self.label_set, endpoint_url=self.endpoint_url)
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
@@ -518,7 +517,7 @@ class CacheSource:
     def __len__(self) -> int:
         return self.n
 
-    def batches(self, positions: np.ndarray, samples: np.ndarray, epoch: int, batch_size: int,
+    def batches(self, positions: np.ndarray, samples: np.ndarray, epochs: np.ndarray, batch_size: int,
                 prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
         picked: list[tuple[int, int, int]] = []  # (chunk, row, position)
         for g, s in zip(positions.tolist(), samples.tolist()):
@@ -574,8 +573,7 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
             spanned += len(parts[-1][1])
         positions = np.concatenate([p for _, p in parts])
         samples = np.concatenate([epoch_permutation(n, seed, e, shuffle)[p - e * n] for e, p in parts])
-        epochs = parts[0][0] if len(parts) == 1 else np.concatenate([np.full(len(p), e, np.int64)
-                                                                      for e, p in parts])
+        epochs = np.concatenate([np.full(len(p), e, np.int64) for e, p in parts])  # each sample's epoch
         got = 0
         for batch in source.batches(positions, samples, epochs, batch_size, prefetch_batches):
             got += len(batch["pos"])

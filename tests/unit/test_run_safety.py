@@ -217,11 +217,10 @@ def test_a_source_read_several_epochs_a_pipeline_gives_the_same_stream():
             super().__init__(n, good)
             self.calls: list[tuple[list[int], list[int]]] = []
 
-        def batches(self, positions, samples, epoch, batch_size, prefetch_batches):
-            epochs = np.broadcast_to(np.asarray(epoch), positions.shape)
-            assert (epochs == positions // self.n).all()  # each sample's own epoch
+        def batches(self, positions, samples, epochs, batch_size, prefetch_batches):
+            assert epochs.shape == positions.shape and (epochs == positions // self.n).all()  # each sample's own
             self.calls.append((positions.tolist(), sorted(set(epochs.tolist()))))
-            yield from super().batches(positions, samples, epoch, batch_size, prefetch_batches)
+            yield from super().batches(positions, samples, epochs, batch_size, prefetch_batches)
 
     def stream(source, position, rank, k):
         it = train_batches(source, position, rank=rank, batch_size=3, seed=4)
