@@ -177,6 +177,8 @@ def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
 
     actor = _COUNTERS.get(counter_name)
     if actor is None:
+        if not ray.is_initialized():  # a bare run of the function, outside Ray: no counter, and no Ray to start
+            return
         try:
             actor = _COUNTERS[counter_name] = ray.get_actor(counter_name)
         except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
