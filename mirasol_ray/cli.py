@@ -13,8 +13,8 @@ import json
 import os
 import sys
 
-FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "nextqa-mc", "nextqa-oe", "kinetics-sounds", "vggsound",
-                "epic-sounds")
+FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "activitynet-captions", "nextqa-mc", "nextqa-oe",
+                "kinetics-sounds", "vggsound", "epic-sounds")
 """``shards build`` formats (the help lists them without importing the converters)."""
 OVERWRITE_HELP = ("replace the shards already in --out (by default a folder holding shards is refused); the old "
                   "build's files the new one does not rewrite are deleted")

@@ -72,6 +72,12 @@ class DataConfig:
     """Which text a row carries: caption | qa | mcqa | cls | finetune (qa + mcqa + cls rows) | all. Left out of a
     config (YAML and ``--set``), it follows ``train.stage``: caption rows to pretrain (with the latent prediction
     loss), finetune rows (open-ended QA, multiple choice, labels) to fine-tune."""
+    segment_captions: bool = True
+    """Timestamped captions (a sample's ``segments``: ``{"start", "end", "caption"}``, seconds of the video, as
+    ActivityNet Captions or YouCook2 give them) become caption texts of their own, each read by the decoder from
+    the snippets its time span covers alone (``text_span``). They say which snippet shows what, which a clip's
+    caption does not: the per-snippet signal that teaches the encoders what each snippet shows
+    (docs/PERFORMANCE.md, "The demo"). Scored apart as ``caption/segment``. False: ignored."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""

@@ -45,6 +45,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clips", type=int, default=960, help="clips to synthesise when --data is empty (the demo's)")
     p.add_argument("--config", default="demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config overrides, both stages")
+    p.add_argument("--pretrain-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train.* overrides for the pretraining stage alone (after --set), e.g. train.freeze_av_steps=0")
     p.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (weights, order, frame positions)")
     p.add_argument("--pretrain-steps", type=int, default=-1, help="default: the config's train.steps")
     p.add_argument("--finetune-steps", type=int, default=-1, help="default: 5 x the pretraining steps (the demo's)")
@@ -234,7 +236,8 @@ def curves_plot(history: list[dict[str, Any]], png: str, title: str) -> str:
 
 
 ROW_ORDER = ("qa/video", "qa/video:colour", "qa/video:shape", "qa/audio", "qa/av_aligned", "qa/av_aligned:colour",
-             "qa/av_aligned:shape", "qa/temporal", "qa/temporal:tone", "qa/temporal:shape", "mcqa", "cls", "caption")
+             "qa/av_aligned:shape", "qa/temporal", "qa/temporal:tone", "qa/temporal:shape", "mcqa", "cls", "caption",
+             "caption/segment")
 
 
 def print_table(final: dict[str, Any], chance: dict[str, float]) -> None:
@@ -356,6 +359,11 @@ def run(args: argparse.Namespace) -> int:
     if manifest.get("tokenizer"):
         common.append(f"data.tokenizer={data}/{manifest['tokenizer']}")
     cfg = load_config(args.config, common + args.set)
+    bad = [kv for kv in args.pretrain_set if not kv.startswith("train.")]
+    if bad:
+        raise SystemExit(f"error: --pretrain-set takes train.* keys only (the model is the same in both stages): "
+                         f"{bad[0]}")
+    pre_cfg = load_config(args.config, common + args.set + args.pretrain_set)
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
     tok = get_tokenizer(cfg.data.tokenizer)
     pre_steps = cfg.train.steps if args.pretrain_steps < 0 else args.pretrain_steps
@@ -384,7 +392,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     model = build_on_rank(cfg.model, cfg.train.seed, 0)
-    res: dict[str, Any] = {"data": data, "config": args.config, "overrides": args.set, "seed": args.seed,
+    res: dict[str, Any] = {"data": data, "config": args.config, "overrides": args.set,
+                           "pretrain_overrides": args.pretrain_set, "seed": args.seed,
                            "pretrain_steps": pre_steps, "finetune_steps": ft_steps,
                            "train_clips": len(train_rows["key"]), "val_clips": len(val_rows["key"]),
                            "batch_size": cfg.train.batch_size, "decode_s": decode_s, "history": []}
@@ -410,7 +419,7 @@ def run(args: argparse.Namespace) -> int:
 
     t1 = time.perf_counter()
     if pre_steps:
-        res["pretrain_log"] = train_stage(model, train_rows, cfg, pre_steps, task="caption",
+        res["pretrain_log"] = train_stage(model, train_rows, pre_cfg, pre_steps, task="caption",
                                           on_step=progress("pretrain", pre_steps, t1))
     t2 = time.perf_counter()
     res["finetune_log"] = train_stage(model, train_rows, cfg, ft_steps, on_step=progress("finetune", ft_steps, t2))

@@ -17,6 +17,7 @@ import argparse
 import json
 import time
 
+import numpy as np
 import torch
 
 from mirasol_ray.config import load_config
@@ -49,13 +50,13 @@ def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = No
     g = generator or torch.Generator().manual_seed(0)
     spec = row_spec(cfg.data)
     out = {}
-    for name, (shape, _) in spec.items():
+    for name, (shape, dtype) in spec.items():
         full = (batch_size, *shape)
         if name == "video":
             out[name] = torch.randint(0, 256, full, dtype=torch.uint8, generator=g)
         elif name == "audio":
             out[name] = torch.randn(full, generator=g)
-        elif name.endswith("_mask") or name in ("audio_present",):
+        elif dtype == np.bool_:  # masks, audio_present, text_span: everything present
             out[name] = torch.ones(full, dtype=torch.bool)
         elif name.endswith("_ids"):
             out[name] = torch.randint(3, cfg.model.vocab_size, full, dtype=torch.int32, generator=g)

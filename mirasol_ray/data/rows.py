@@ -171,7 +171,7 @@ def sample_texts(meta: dict[str, Any]) -> list[str]:
     questions and their answers (every accepted one), the multiple-choice questions and options, the class label.
     What a tokenizer for the data is learnt from (:func:`~mirasol_ray.data.shards.write_tokenizer`)."""
     qas = [q for q in meta["qas"] if isinstance(q, dict)] if isinstance(meta.get("qas"), list) else None
-    out = [meta.get("caption"), meta.get("label")]
+    out = [meta.get("caption"), meta.get("label"), *(s.get("caption") for s in _segments(meta))]
     for qa in [q for q in qas if "options" not in q] if qas is not None else [meta]:
         answers = qa.get("answers") if isinstance(qa.get("answers"), list) else []
         out += [qa.get("question"), qa.get("answer"), *answers]
@@ -183,6 +183,19 @@ def sample_texts(meta: dict[str, Any]) -> list[str]:
     return [t for t in map(_text, out) if t]
 
 
+def _segments(meta: dict[str, Any]) -> list[dict[str, Any]]:
+    """The sample's timestamped captions (``segments``: ``{"start", "end", "caption"}`` in seconds of the video)
+    that are well formed: a non-empty caption and 0 <= start < end; others are ignored."""
+    out = []
+    for seg in meta.get("segments") if isinstance(meta.get("segments"), list) else []:
+        if not isinstance(seg, dict):
+            continue
+        start, end = _seconds(seg.get("start")), _seconds(seg.get("end"))
+        if _text(seg.get("caption")) and start is not None and end is not None and 0 <= start < end:
+            out.append({"start": start, "end": end, "caption": _text(seg["caption"])})
+    return out
+
+
 def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None = None) -> list[dict[str, Any]]:
     """The text entries ``meta`` gives under ``cfg.task`` (no video/audio yet), in a fixed order: caption, then
     questions, then multiple choice, then class label; each carries the clip's ``label`` too."""
@@ -192,8 +205,14 @@ def text_rows(meta: dict[str, Any], cfg: DataConfig, label_set: list[str] | None
     qas = [q for q in meta["qas"] if isinstance(q, dict)] if isinstance(meta.get("qas"), list) else None
     rows: list[dict[str, Any]] = []
     for task in _TASKS_FOR[cfg.task]:
-        if task == "caption" and _text(meta.get("caption")):
-            rows.append(_text_row(tok, cfg, "caption", cfg.caption_prompt, _text(meta["caption"]), "caption"))
+        if task == "caption":
+            if _text(meta.get("caption")):
+                rows.append(_text_row(tok, cfg, "caption", cfg.caption_prompt, _text(meta["caption"]), "caption"))
+            if cfg.segment_captions:
+                for seg in _segments(meta):
+                    row = _text_row(tok, cfg, "caption", cfg.caption_prompt, seg["caption"], "segment")
+                    row["seconds"] = (seg["start"], seg["end"])
+                    rows.append(row)
         elif task == "qa":
             for qa in [q for q in qas if "options" not in q] if qas is not None else [meta]:
                 if _text(qa.get("question")) and _text(qa.get("answer")):
@@ -228,6 +247,7 @@ def stack_texts(texts: list[dict[str, Any]], cfg: DataConfig, first: int = 0) ->
     for name, (shape, dtype) in text_spec(cfg).items():
         fill = tok.pad_id if name.endswith("_ids") else (-1 if name in ("answer_idx", "text_index") else 0)
         out[name] = np.full((K, *shape), fill, dtype)
+    out["text_span"][:] = True
     for k, text in enumerate(texts[:K]):
         for name, value in text.items():
             if name in out:
@@ -236,13 +256,25 @@ def stack_texts(texts: list[dict[str, Any]], cfg: DataConfig, first: int = 0) ->
     return out
 
 
+def snippet_span(windows: np.ndarray, start: float, end: float) -> np.ndarray:
+    """bool [S]: the snippets a text about seconds [start, end) of the video is about: those whose window lies at
+    least half inside it, or, when none does, the one that overlaps it most; none when no window overlaps it."""
+    overlap = np.clip(np.minimum(windows[:, 1], end) - np.maximum(windows[:, 0], start), 0, None)
+    length = np.maximum(windows[:, 1] - windows[:, 0], 1e-9)
+    span = overlap >= 0.5 * length
+    if not span.any() and overlap.max(initial=0) > 0:
+        span[int(overlap.argmax())] = True
+    return span
+
+
 def _seconds(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
 def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *, train: bool,
               rng: np.random.Generator, segment: tuple[float, float | None] = (0.0, None)) -> dict[str, Any]:
-    """The time-aligned columns of a clip: video, audio, audio_present, snippet_mask.
+    """The time-aligned columns of a clip: video, audio, audio_present, snippet_mask; and ``windows`` (not a
+    column): the snippets' (start, end) seconds on the video's clock, [S, 2].
 
     ``audio_bytes`` (a wav/flac member) replaces the container's audio track; its t = 0 is the video's t = 0.
     """
@@ -262,7 +294,7 @@ def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *,
                                cfg.mel_frames)  # [S, M, T]
         mel[~plan.mask] = 0.0
     return {"video": frames, "audio": mel, "audio_present": np.bool_(pcm is not None),
-            "snippet_mask": plan.mask.copy()}
+            "snippet_mask": plan.mask.copy(), "windows": plan.windows}
 
 
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
@@ -291,6 +323,17 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
     av_columns = call_with_timeout(
         lambda: decode_av(video_bytes, audio_bytes, cfg, train=train, rng=local_rng, segment=segment),
         cfg.decode_timeout_s)
+    windows = av_columns.pop("windows")
+    grounded = []
+    for text in texts:  # a timestamped caption reads only its snippets; one outside the decoded span is dropped
+        if "seconds" in text:
+            text["text_span"] = snippet_span(windows, *text.pop("seconds")) & av_columns["snippet_mask"]
+            if not text["text_span"].any():
+                continue
+        grounded.append(text)
+    texts = grounded
+    if not texts:
+        return []
     key = str(sample.get("__key__", ""))
     K = cfg.max_texts
     clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key}

@@ -26,6 +26,9 @@ column             dtype      shape                  meaning
 ``option_mask``    bool       [K, O, Lt]             all False for absent options
 ``answer_idx``     int64      [K]                    correct option, -1 if not mcqa
 ``qtype``          int64      [K]                    the question's type code (:func:`qtype_index`; per-type metrics)
+``text_span``      bool       [K, S]                 the snippets the text is about: all True, except for a
+                                                     timestamped caption (``segments``), which the decoder reads
+                                                     from its snippets alone
 ``key``            str        []                     the clip's sample key
 =================  =========  =====================  ===========================================================
 
@@ -48,13 +51,15 @@ QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned
           # ActivityNet-QA's types 0-8 (8, "other", is above)
           "motion", "spatial_relation", "temporal_relation", "yes_no", "color", "object", "location", "number",
           # NExT-QA: causal why/how, temporal next/previous/current, descriptive count/location/other/binary
-          "CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO", "DB")
+          "CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO", "DB",
+          # a timestamped caption (a sample's ``segments``)
+          "segment")
 """Question types with a fixed code (their index here: rows carry it, so new names go at the end). Any other type
 name a dataset uses is scored under its own name too: see :func:`qtype_index`."""
 
 CLIP_COLUMNS = ("video", "audio", "audio_present", "snippet_mask", "label", "num_texts")
 TEXT_COLUMNS = ("text_mask", "text_index", "task", "prompt_ids", "prompt_mask", "target_ids", "target_mask",
-                "option_ids", "option_mask", "answer_idx", "qtype")
+                "option_ids", "option_mask", "answer_idx", "qtype", "text_span")
 """Columns with the K axis: one entry per text of the clip."""
 TENSOR_COLUMNS = CLIP_COLUMNS + TEXT_COLUMNS
 COLUMNS = TENSOR_COLUMNS + ("key",)
@@ -128,6 +133,7 @@ def text_spec(data_cfg) -> dict[str, tuple[tuple[int, ...], Any]]:
         "option_mask": ((d.max_options, d.max_target_len), np.bool_),
         "answer_idx": ((), np.int64),
         "qtype": ((), np.int64),
+        "text_span": ((d.num_snippets,), np.bool_),
     }
 
 

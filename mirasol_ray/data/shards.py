@@ -318,6 +318,23 @@ SEEK_MARGIN_S = 2.0
 margin covers audio packets muxed ahead of their video)."""
 
 
+def rebase_segments(segments: list, start: float, end: float) -> list:
+    """Timestamped captions (``segments``) of a video cut to seconds [start, end): on the cut's clock (0 = its first
+    frame), clipped to it; those wholly outside it are dropped, malformed ones kept as they are (the decode ignores
+    them)."""
+    out = []
+    for seg in segments:
+        try:
+            s, e = float(seg["start"]) - start, float(seg["end"]) - start
+        except (TypeError, KeyError, ValueError):
+            out.append(seg)
+            continue
+        s, e = max(s, 0.0), min(e, end - start)
+        if s < e:
+            out.append({**seg, "start": round(s, 6), "end": round(e, 6)})
+    return out
+
+
 def transcode_video(src: bytes | IO[bytes], height: int | None = None, gop: int = DEFAULT_GOP,
                     sample_rate: int = 16000, window: tuple[float, float] | None = None) -> bytes:
     """Re-encode a clip to H.264 at ``height`` (None: the source's; width keeps the aspect ratio, even) + AAC mono
@@ -619,6 +636,8 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
                 continue
             if rec.window is not None:
                 meta = dict(meta, cut=[round(rec.window[0], 6), round(rec.window[1], 6)])
+                if isinstance(meta.get("segments"), list):  # timestamped captions follow the cut's clock
+                    meta["segments"] = rebase_segments(meta["segments"], *rec.window)
                 cut += 1
             folder = rec.split if folders else ""
             writer.write(_sample_key(rec.key or rec.name, used),

@@ -215,6 +215,9 @@ def generate_clip(seed: int, index: int) -> tuple[bytes, dict]:
         "label": high["colour"], "source": "synthetic",
         "duration": round(duration, 4), "fps": round(float(fps), 4), "width": width, "height": height,
         "events": public,
+        # timestamped captions, one per segment (as ActivityNet Captions' or YouCook2's): grounded captions
+        "segments": [{"start": e["start"], "end": e["end"], "caption": f"a {e['colour']} {e['shape']}; {e['sound']}"}
+                     for e in events],
     }
     return encode_av(frames, fps, audio, sample_rate=SAMPLE_RATE, container="mp4"), meta
 

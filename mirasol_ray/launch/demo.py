@@ -22,7 +22,8 @@ from typing import Any
 from mirasol_ray import storage
 from mirasol_ray.config import load_config
 
-TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
+TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption",
+              "caption/segment")
 
 
 def results_plot(rows: list[dict[str, Any]], png: str, title: str = "mirasol demo: held-out clips",

@@ -28,7 +28,7 @@ from mirasol_ray.model.layers import init_weights
 from mirasol_ray.model.text_decoder import TextDecoder
 
 TEXT_KEYS = ("task", "prompt_ids", "prompt_mask", "target_ids", "target_mask", "option_ids", "option_mask",
-             "answer_idx", "qtype", "text_index")
+             "answer_idx", "qtype", "text_index", "text_span")
 
 
 def texts_of(batch: dict[str, Any]) -> dict[str, Tensor]:
@@ -107,6 +107,23 @@ class Mirasol(nn.Module):
         w = snippet_mask.to(h.dtype)[:, :, None, None]  # (B, S, 1, 1)
         return (h * w).sum(1, keepdim=True) / w.sum(1, keepdim=True).clamp(min=1)
 
+    @staticmethod
+    def text_context_mask(enc: dict[str, Tensor], clip: Tensor, span: Tensor | None) -> Tensor | None:
+        """Each text's view of its clip's context, (n, (S+1)*m), for texts about some snippets only (``span``
+        (n, S), :data:`~mirasol_ray.data.schema` ``text_span``); None when ``span`` is None (every text reads its
+        whole clip). A text whose span leaves out a valid snippet reads those snippets' tokens alone: not the clip
+        tokens, which average every snippet (so a timestamped caption's loss reaches the snippets it describes)."""
+        if span is None:
+            return None
+        context_mask = enc["context_mask"][clip]  # (n, (S+1)*m)
+        span = span.bool()
+        n, S = span.shape
+        m = context_mask.shape[1] // (S + 1)
+        valid = context_mask[:, m:].view(n, S, m)[..., 0]  # (n, S) the clip's valid snippets
+        whole = (span | ~valid).all(1, keepdim=True)  # (n, 1)
+        keep = torch.cat([whole.expand(n, m), repeat(span, "n s -> n (s m)", m=m)], dim=1)
+        return context_mask & keep
+
     def _pooled(self, h: Tensor, snippet_mask: Tensor) -> Tensor:
         """Mean of the latents of valid snippets: (B, D)."""
         return self._clip_tokens(h, snippet_mask).mean(2)[:, 0]
@@ -115,19 +132,23 @@ class Mirasol(nn.Module):
     # text path
 
     def _target_logits(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
-                       target_ids: Tensor, target_mask: Tensor, clip: Tensor | None = None) -> Tensor:
+                       target_ids: Tensor, target_mask: Tensor, clip: Tensor | None = None,
+                       text_mask: Tensor | None = None) -> Tensor:
         """Logits (n, Lt-1, V) predicting target[1:] from the prompt and target[:i+1], for n texts whose clips
-        are ``clip`` (n,) rows of ``context`` (None: row i is text i's)."""
+        are ``clip`` (n,) rows of ``context`` (None: row i is text i's); ``text_mask`` (n, N): each text's own
+        view of its context (:meth:`text_context_mask`)."""
         seq = torch.cat([prompt_ids, target_ids], dim=1).long()
         valid = torch.cat([prompt_mask, target_mask], dim=1)
-        h = self.text_decoder(seq, valid, context, context_mask, context_index=clip)  # (n, Lp + Lt, Dt)
+        h = self.text_decoder(seq, valid, context, context_mask, context_index=clip,
+                              text_context_mask=text_mask)  # (n, Lp + Lt, Dt)
         return self.text_decoder.logits(h[:, prompt_ids.shape[1]:-1]).float()
 
     def text_logits(self, batch: dict[str, Tensor]) -> Tensor:
         """Logits (n, Lt-1, V) of target[1:] of every text present, given its clip, its prompt and its prefix."""
         enc, t = self.encode(batch), texts_of(batch)
         return self._target_logits(enc["context"], enc["context_mask"], t["prompt_ids"], t["prompt_mask"],
-                                   t["target_ids"], t["target_mask"], t["clip"])
+                                   t["target_ids"], t["target_mask"], t["clip"],
+                                   self.text_context_mask(enc, t["clip"], t.get("text_span")))
 
     # ------------------------------------------------------------------------------------------------------------
     # training
@@ -144,7 +165,8 @@ class Mirasol(nn.Module):
         snippet_mask = batch["snippet_mask"]
         t = texts_of(batch)
         logits = self._target_logits(enc["context"], enc["context_mask"], t["prompt_ids"], t["prompt_mask"],
-                                     t["target_ids"], t["target_mask"], t["clip"])
+                                     t["target_ids"], t["target_mask"], t["clip"],
+                                     self.text_context_mask(enc, t["clip"], t.get("text_span")))
         labels = t["target_ids"][:, 1:].long().masked_fill(~t["target_mask"][:, 1:], -100)
         losses = {
             # sum / count rather than mean: a batch with no target tokens gives 0, not NaN
@@ -185,13 +207,14 @@ class Mirasol(nn.Module):
         included)."""
         enc, t = self.encode(batch), texts_of(batch)
         return self.score_options_from(enc, t["prompt_ids"], t["prompt_mask"], t["option_ids"], t["option_mask"],
-                                       t["clip"])
+                                       t["clip"], t.get("text_span"))
 
     @torch.no_grad()
     def score_options_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor,
-                           option_ids: Tensor, option_mask: Tensor, clip: Tensor) -> Tensor:
+                           option_ids: Tensor, option_mask: Tensor, clip: Tensor, span: Tensor | None = None
+                           ) -> Tensor:
         score = self._score_targets(enc["context"], enc["context_mask"], prompt_ids, prompt_mask, option_ids,
-                                    option_mask, clip)
+                                    option_mask, clip, self.text_context_mask(enc, clip, span))
         return score.masked_fill(~option_mask[..., 0], float("-inf"))
 
     @torch.no_grad()
@@ -201,31 +224,35 @@ class Mirasol(nn.Module):
         classification by scoring the whole label set (``cls_mode: score``)."""
         enc, t = self.encode(batch), texts_of(batch)
         return self.score_candidates_from(enc, t["prompt_ids"], t["prompt_mask"], t["clip"], cand_ids, cand_mask,
-                                          chunk)
+                                          chunk, t.get("text_span"))
 
     @torch.no_grad()
     def score_candidates_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
-                              cand_ids: Tensor, cand_mask: Tensor, chunk: int = 64) -> Tensor:
+                              cand_ids: Tensor, cand_mask: Tensor, chunk: int = 64, span: Tensor | None = None
+                              ) -> Tensor:
         """The same N candidates for each of n texts; they go through the decoder ``chunk`` at a time (memory
         grows with n x chunk)."""
         n = prompt_ids.shape[0]
+        text_mask = self.text_context_mask(enc, clip, span)
         scores = []
         for i in range(0, cand_ids.shape[0], chunk):
             ids, mask = cand_ids[i:i + chunk], cand_mask[i:i + chunk]
             scores.append(self._score_targets(enc["context"], enc["context_mask"], prompt_ids, prompt_mask,
                                               repeat(ids, "c l -> n c l", n=n), repeat(mask, "c l -> n c l", n=n),
-                                              clip))
+                                              clip, text_mask))
         return torch.cat(scores, dim=1) if scores else enc["context"].new_zeros(n, 0)
 
     def _score_targets(self, context: Tensor, context_mask: Tensor, prompt_ids: Tensor, prompt_mask: Tensor,
-                       target_ids: Tensor, target_mask: Tensor, clip: Tensor) -> Tensor:
+                       target_ids: Tensor, target_mask: Tensor, clip: Tensor, text_mask: Tensor | None = None
+                       ) -> Tensor:
         """Summed (or length-normalised) log-likelihood (n, K) of K targets (n, K, Lt) per text."""
         K = target_ids.shape[1]
         k_times = "n ... -> (n k) ..."
         flat_ids = rearrange(target_ids, "n k l -> (n k) l")
         logits = self._target_logits(
             context, context_mask, repeat(prompt_ids, k_times, k=K), repeat(prompt_mask, k_times, k=K),
-            flat_ids, rearrange(target_mask, "n k l -> (n k) l"), clip.repeat_interleave(K))
+            flat_ids, rearrange(target_mask, "n k l -> (n k) l"), clip.repeat_interleave(K),
+            None if text_mask is None else text_mask.repeat_interleave(K, dim=0))
         logp = logits.log_softmax(-1).gather(-1, flat_ids[:, 1:, None].long())
         mask = rearrange(target_mask[..., 1:], "n k l -> (n k) l")
         score = (logp[..., 0] * mask).sum(1)
@@ -244,21 +271,24 @@ class Mirasol(nn.Module):
         """
         enc, t = self.encode(batch), texts_of(batch)
         return self.generate_from(enc, t["prompt_ids"], t["prompt_mask"], t["clip"], max_new_tokens, beam_size,
-                                  use_cache)
+                                  use_cache, t.get("text_span"))
 
     @torch.no_grad()
     def generate_from(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
-                      max_new_tokens: int = 32, beam_size: int = 1, use_cache: bool = True) -> Tensor:
-        state, steps = self.start_decoding(enc, prompt_ids, prompt_mask, clip, max_new_tokens, beam_size, use_cache)
+                      max_new_tokens: int = 32, beam_size: int = 1, use_cache: bool = True,
+                      span: Tensor | None = None) -> Tensor:
+        state, steps = self.start_decoding(enc, prompt_ids, prompt_mask, clip, max_new_tokens, beam_size, use_cache,
+                                           span)
         cfg = self.config
         if beam_size == 1:
             return greedy_search(state, steps, cfg.pad_id, cfg.eos_id)
         return beam_search(state, steps, beam_size, cfg.pad_id, cfg.eos_id)
 
     def start_decoding(self, enc: dict[str, Tensor], prompt_ids: Tensor, prompt_mask: Tensor, clip: Tensor,
-                       max_new_tokens: int, beam_size: int = 1, use_cache: bool = True) -> tuple[Decoding, int]:
-        """The prompt + BOS of each text (each repeated ``beam_size`` times) over its encoded clip, and the steps
-        left."""
+                       max_new_tokens: int, beam_size: int = 1, use_cache: bool = True,
+                       span: Tensor | None = None) -> tuple[Decoding, int]:
+        """The prompt + BOS of each text (each repeated ``beam_size`` times) over its encoded clip (the snippets
+        of ``span`` alone, :meth:`text_context_mask`), and the steps left."""
         cfg = self.config
         n = prompt_mask.shape[0]
         bos = torch.full((n, 1), cfg.bos_id, dtype=torch.long, device=prompt_mask.device)
@@ -266,9 +296,11 @@ class Mirasol(nn.Module):
         valid = torch.cat([prompt_mask, prompt_mask.new_ones(n, 1)], dim=1)
         steps = min(max_new_tokens, cfg.max_text_len - int(valid.sum(1).max())) if n else 0
         k_times = "n ... -> (n k) ..."
+        text_mask = self.text_context_mask(enc, clip, span)
         return Decoding(self.text_decoder, enc["context"], enc["context_mask"],
                         repeat(seq, k_times, k=beam_size), repeat(valid, k_times, k=beam_size), use_cache,
-                        clip.repeat_interleave(beam_size)), steps
+                        clip.repeat_interleave(beam_size),
+                        None if text_mask is None else text_mask.repeat_interleave(beam_size, dim=0)), steps
 
 
 def greedy_search(state: Decoding, steps: int, pad_id: int, eos_id: int) -> Tensor:
@@ -318,8 +350,9 @@ class Decoding:
     reads context row ``clip[i]``."""
 
     def __init__(self, decoder: TextDecoder, context: Tensor, context_mask: Tensor, seq: Tensor, valid: Tensor,
-                 use_cache: bool, clip: Tensor | None = None):
+                 use_cache: bool, clip: Tensor | None = None, text_mask: Tensor | None = None):
         self.decoder, self.context, self.context_mask, self.clip = decoder, context, context_mask, clip
+        self.text_mask = text_mask  # (N, context length): each sequence's own view of its context, or None
         self.seq, self.valid = seq, valid  # (N, L)
         self.cache = decoder.new_cache() if use_cache else None
         self.unseen = seq  # tokens the cache has not processed yet
@@ -327,7 +360,8 @@ class Decoding:
     def next_logprobs(self) -> Tensor:
         """(N, V) log-probabilities of the next token."""
         ids = self.seq if self.cache is None else self.unseen
-        h = self.decoder(ids, self.valid, self.context, self.context_mask, self.cache, context_index=self.clip)
+        h = self.decoder(ids, self.valid, self.context, self.context_mask, self.cache, context_index=self.clip,
+                         text_context_mask=self.text_mask)
         return self.decoder.logits(h[:, -1]).float().log_softmax(-1)
 
     def append(self, tok: Tensor) -> None:
@@ -338,6 +372,8 @@ class Decoding:
     def reorder(self, index: Tensor) -> None:
         """Keep rows ``index`` (beam search); the cache's self-attention keys/values follow."""
         self.seq, self.valid = self.seq[index], self.valid[index]
+        if self.text_mask is not None:
+            self.text_mask = self.text_mask[index]
         if self.cache is not None:
             for layer in self.cache:
                 layer["self"] = {name: t[index] for name, t in layer["self"].items()}

@@ -84,14 +84,16 @@ class TextDecoder(nn.Module):
         return emb.cos(), emb.sin()
 
     def forward(self, ids: Tensor, valid: Tensor, context: Tensor | None = None, context_mask: Tensor | None = None,
-                cache: list[dict] | None = None, context_index: Tensor | None = None) -> Tensor:
+                cache: list[dict] | None = None, context_index: Tensor | None = None,
+                text_context_mask: Tensor | None = None) -> Tensor:
         """Hidden states (B, n, Dt) of the last n = ids.shape[1] tokens of the sequence.
 
         ids: (B, n) token ids, the whole sequence without a cache, only the tokens the cache has not seen with one;
         valid: (B, L) bool over the whole sequence so far; context: (C, N, D) latents, context_mask: (C, N), with
         C = B, or any C with ``context_index`` (B,) naming each sequence's context row (several texts of a clip
-        sharing its latents). Without a context the cross-attention is skipped: the decoder alone is a language
-        model.
+        sharing its latents). ``text_context_mask`` (B, N), when given, replaces ``context_mask[context_index]``:
+        each sequence's own view of its context (a timestamped caption reads its snippets alone). Without a context
+        the cross-attention is skipped: the decoder alone is a language model.
         """
         n = ids.shape[1]
         if valid.shape[1] > self.max_len:
@@ -103,7 +105,9 @@ class TextDecoder(nn.Module):
             x = x + self.pos(positions)
         else:
             rope = self._rope(positions)
-        if context_mask is not None and context_index is not None:
+        if text_context_mask is not None:
+            context_mask = text_context_mask  # (B, N)
+        elif context_mask is not None and context_index is not None:
             context_mask = context_mask[context_index]  # (B, N)
         return self.transformer(x, mask=text_mask(valid, n), context=context,
                                 context_mask=None if context_mask is None else context_mask[:, None, None, :],

@@ -70,7 +70,10 @@ def token_f1(pred: str, target: str) -> float:
 
 
 def metric_key(task: str, qtype: str) -> str:
-    """Where a record is scored: ``qa/<qtype>`` for questions, otherwise the task's name."""
+    """Where a record is scored: ``qa/<qtype>`` for questions, ``caption/segment`` for timestamped captions (a
+    clip's caption is ``caption``), otherwise the task's name."""
+    if task == "caption" and qtype == "segment":
+        return "caption/segment"
     return f"qa/{qtype}" if task == "qa" else task
 
 
@@ -83,10 +86,11 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for r in records:
         task = r["task"]
         score = token_f1(r["pred"], r["target"]) if task == "caption" else float(bool(r["correct"]))
-        for key in {metric_key(task, r.get("qtype", "other")), task}:
+        key = metric_key(task, r.get("qtype", "other"))
+        for key in {key, key if key == "caption/segment" else task}:  # a segment's caption is not the clip's
             sums[key] += score
             counts[key] += 1
-    return {k: {"metric": "token_f1" if k == "caption" else "accuracy", "value": sums[k] / counts[k],
+    return {k: {"metric": "token_f1" if k.startswith("caption") else "accuracy", "value": sums[k] / counts[k],
                 "count": counts[k]} for k in sorted(counts)}
 
 

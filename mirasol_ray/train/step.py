@@ -214,10 +214,29 @@ def _is_fsdp(model: nn.Module) -> bool:
     return isinstance(model, FSDPModule)
 
 
+def trim_text_padding(batch: dict[str, Any]) -> dict[str, Any]:
+    """The batch with the prompt columns that are padding in every text (prompts are left-padded) and the target
+    columns that are padding in every text (targets are right-padded) cut off. The training loss is the same
+    (positions count valid tokens; pads are masked), at the cost of the batch's longest prompt and target instead
+    of ``max_prompt_len`` and ``max_target_len``: a batch of short answers and timestamped captions beside one
+    long caption pays for that caption's length, not the limit's. Done here, outside the model, so the model keeps
+    fixed shapes where it is traced (FLOP counts on the meta device, ``torch.compile``)."""
+    out = dict(batch)
+    if "prompt_mask" in batch:
+        used = batch["prompt_mask"].reshape(-1, batch["prompt_mask"].shape[-1]).any(0)  # (Lp,)
+        first = int(used.int().argmax()) if bool(used.any()) else used.shape[0]
+        out["prompt_ids"], out["prompt_mask"] = batch["prompt_ids"][..., first:], batch["prompt_mask"][..., first:]
+    if "target_mask" in batch:
+        used = batch["target_mask"].reshape(-1, batch["target_mask"].shape[-1]).any(0)  # (Lt,)
+        last = max(int(used.nonzero().max()) + 1 if bool(used.any()) else 0, min(2, used.shape[0]))
+        out["target_ids"], out["target_mask"] = batch["target_ids"][..., :last], batch["target_mask"][..., :last]
+    return out
+
+
 def _forward_backward(model: nn.Module, micro: list[dict[str, Any]], cfg: TrainConfig, device: torch.device,
                       no_sync, parts: dict[str, float]) -> None:
     for i, batch in enumerate(micro):
-        batch = move_batch(batch, device)
+        batch = trim_text_padding(move_batch(batch, device))
         last = i == len(micro) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
@@ -268,9 +287,11 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
     ranked_cls = bool(is_cls.any()) and (mode == "head" or (mode == "score" and bool(label_set)))
     max_new = max_new_tokens or int(t["target_ids"].shape[1]) - 1
 
+    span = t.get("text_span")
+
     def sub(rows: list[int]) -> tuple[torch.Tensor, ...]:
         idx = torch.as_tensor(rows, dtype=torch.long, device=clip.device)
-        return t["prompt_ids"][idx], t["prompt_mask"][idx], clip[idx], idx
+        return t["prompt_ids"][idx], t["prompt_mask"][idx], clip[idx], idx, None if span is None else span[idx]
 
     gen_rows = [i for i in range(n) if int(task[i]) != TASK_MCQA and not (ranked_cls and bool(is_cls[i]))]
     mc_rows = [i for i in range(n) if int(task[i]) == TASK_MCQA]
@@ -279,19 +300,20 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
     with autocast(device, precision):
         enc = core.encode(batch) if n else None  # once per clip, for every task below
         if gen_rows:
-            ids, mask, c, _ = sub(gen_rows)
-            generated = core.generate_from(enc, ids, mask, c, max_new_tokens=max_new, beam_size=beam_size).cpu()
+            ids, mask, c, _, sp = sub(gen_rows)
+            generated = core.generate_from(enc, ids, mask, c, max_new_tokens=max_new, beam_size=beam_size,
+                                           span=sp).cpu()
         if mc_rows:
-            ids, mask, c, idx = sub(mc_rows)
-            mc = core.score_options_from(enc, ids, mask, t["option_ids"][idx], t["option_mask"][idx], c)
+            ids, mask, c, idx, sp = sub(mc_rows)
+            mc = core.score_options_from(enc, ids, mask, t["option_ids"][idx], t["option_mask"][idx], c, sp)
             scores = dict(zip(mc_rows, mc.float().cpu()))
         if cls_rows:
-            ids, mask, c, _ = sub(cls_rows)
+            ids, mask, c, _, sp = sub(cls_rows)
             if mode == "head":
                 logits = core.classify_from(enc, batch["snippet_mask"])[c]
             else:
                 cand, cand_mask = _label_targets(tok, label_set, int(t["target_ids"].shape[1]), device)
-                logits = core.score_candidates_from(enc, ids, mask, c, cand, cand_mask)
+                logits = core.score_candidates_from(enc, ids, mask, c, cand, cand_mask, span=sp)
             cls_scores = dict(zip(cls_rows, logits.float().cpu()))
     gen_at = {i: j for j, i in enumerate(gen_rows)}
     clip_of = clip.cpu().tolist()

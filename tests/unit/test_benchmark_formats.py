@@ -166,6 +166,40 @@ def test_activitynet_qa_aligns_questions_and_answers_by_id(tmp_path, clips):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# ActivityNet Captions
+
+
+def test_activitynet_captions_become_timestamped_captions_read_from_their_snippets(tmp_path, clips):
+    ann, videos = tmp_path / "captions", tmp_path / "ActivityNet" / "v1-3"
+    train = {"v_abc": {"duration": 6.0, "timestamps": [[3.0, 6.0], [0.0, 3.2], [9.0, 9.0]],
+                       "sentences": ["A tone starts. ", "It is quiet.", "empty span"]},
+             "v_gone": {"duration": 5.0, "timestamps": [[0, 1]], "sentences": ["x"]},
+             "v_bad": {"duration": 5.0, "timestamps": [[0, 1]], "sentences": []}}
+    _write(ann / "train.json", json.dumps(train))
+    _write(videos / "abc.mp4", clips["long"])  # a copy without the v_ prefix
+    m = build_shards("activitynet-captions", str(ann), str(videos), str(tmp_path / "out"), progress=False)
+    assert m["num_samples"] == 1 and m["skipped"] == {"malformed": 1, "missing_video": 1}
+    (sample,) = _samples(tmp_path / "out").values()
+    meta = _meta(sample)
+    assert meta["segments"] == [{"start": 0.0, "end": 3.2, "caption": "It is quiet."},
+                                {"start": 3.0, "end": 6.0, "caption": "A tone starts."}]
+    assert meta["caption"] == "It is quiet. A tone starts."
+    cfg = load_config("tiny", ["data.task=caption"]).data
+    texts = text_rows(meta, cfg)
+    assert [t["qtype"] for t in texts] == [QTYPES.index("caption"), QTYPES.index("segment"),
+                                           QTYPES.index("segment")]
+    from mirasol_ray.data.rows import decode_sample
+
+    (row,) = decode_sample({"__key__": "v_abc", "mp4": sample["mp4"], "json": sample["json"]}, cfg, train=False,
+                           rng=np.random.default_rng(0))
+    # 6 s in 4 windows of 1.5 s: 0-3.2 s covers the first two (and 0.2 s of the third), 3-6 s the last two
+    assert row["text_span"][:3].tolist() == [[True] * 4, [True, True, False, False], [False, False, True, True]]
+    # the tone starts at 2.5 s: the snippets of the second event are the loud ones
+    loud = row["audio"].max(axis=(1, 2))
+    assert loud[2:].min() > loud[0] + 5
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # NExT-QA
 
 

@@ -95,6 +95,37 @@ def perturb_snippet(batch: dict, s: int) -> dict:
     return out
 
 
+def test_padding_columns_every_text_leaves_unused_change_nothing_and_are_cut():
+    """A batch padded to longer ``max_prompt_len`` / ``max_target_len`` gives the same loss and the same gradients,
+    and the training step cuts those columns (``trim_text_padding``) back to the batch's longest text."""
+    from mirasol_ray.train.step import trim_text_padding
+
+    cfg = small_cfg()
+    model = model_for(cfg)
+    batch = make_batch(cfg)
+    wide = dict(batch)
+    B = batch["prompt_ids"].shape[0]
+    wide["prompt_ids"] = torch.cat([torch.zeros(B, 4, dtype=torch.int32), batch["prompt_ids"]], 1)
+    wide["prompt_mask"] = torch.cat([torch.zeros(B, 4, dtype=torch.bool), batch["prompt_mask"]], 1)
+    wide["target_ids"] = torch.cat([batch["target_ids"], torch.zeros(B, 5, dtype=torch.int32)], 1)
+    wide["target_mask"] = torch.cat([batch["target_mask"], torch.zeros(B, 5, dtype=torch.bool)], 1)
+    cut, ref = trim_text_padding(wide), trim_text_padding(batch)
+    assert cut["prompt_ids"].shape[1] == batch["prompt_ids"].shape[1]  # row 0's prompt fills its columns
+    assert cut["target_ids"].shape[1] == batch["target_ids"].shape[1] - 1  # every target ends one short of Lt
+    for name in ("prompt_ids", "prompt_mask", "target_ids", "target_mask"):
+        assert torch.equal(cut[name], ref[name])
+    grads = []
+    for b in (batch, wide, cut):
+        model.zero_grad()
+        loss = model(b)["loss"]
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    for other in grads[1:]:
+        torch.testing.assert_close(grads[0][0], other[0])
+        for a, b in zip(grads[0][1], other[1]):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # causality and memory
 

@@ -69,6 +69,9 @@ def test_metadata_answers_follow_events(clips):
         assert temporal["answer"] == ("high tone" if first is high else f"{other['colour']} {other['shape']}")
         assert m["caption"].startswith(f"a {ev[0]['colour']} {ev[0]['shape']}, then ")
         assert m["caption"].endswith("; " + ", ".join(e["sound"] for e in ev))
+        # one timestamped caption per segment, on the segment's times
+        assert [(s["start"], s["end"], s["caption"]) for s in m["segments"]] == [
+            (e["start"], e["end"], f"a {e['colour']} {e['shape']}; {e['sound']}") for e in ev]
 
 
 def _dominant_colour(rgb: np.ndarray) -> str:

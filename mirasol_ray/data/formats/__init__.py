@@ -8,7 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from mirasol_ray.data.formats import activitynet_qa, av_classes, epic_sounds, jsonl, msrvtt_qa, nextqa
+from mirasol_ray.data.formats import (
+    activitynet_captions,
+    activitynet_qa,
+    av_classes,
+    epic_sounds,
+    jsonl,
+    msrvtt_qa,
+    nextqa,
+)
 from mirasol_ray.data.formats.record import Converted, Record
 from mirasol_ray.data.formats.source import Source, VideoRoot
 
@@ -16,6 +24,7 @@ FORMATS: dict[str, Callable[[Source], Converted]] = {
     "jsonl": jsonl.convert,
     "msrvtt-qa": msrvtt_qa.convert,
     "activitynet-qa": activitynet_qa.convert,
+    "activitynet-captions": activitynet_captions.convert,
     "nextqa-mc": nextqa.convert_mc,
     "nextqa-oe": nextqa.convert_oe,
     "kinetics-sounds": av_classes.convert_kinetics_sounds,
