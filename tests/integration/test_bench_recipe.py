@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 from mirasol_ray.bench.recipe import README_COMMANDS
+from mirasol_ray.config import load_config
 
 TYPES = ("qa/number", "qa/motion", "qa/av_aligned", "qa/yes_no")
 
@@ -42,5 +43,6 @@ def test_bench_recipe_runs_the_readme_commands_and_reports_per_type(tmp_path):
     assert not any(v["cut"] for v in res["finetune"]["truncation"].values()), "no text is cut"
     assert set(res["seconds"]) >= {"generate", "build train", "pretrain", "fine-tune", "eval val", "all"}
     assert "qa/other" not in res["finetune"]["val"], "every question type is one the metrics know"
-    # 3 steps with the preset's freeze_av_steps (500): fine-tuning says the audio-video path never trains
-    assert "train.freeze_av_steps=500 >= train.steps=3: the audio-video path is held still" in proc.stderr
+    # 3 steps with the preset's freeze_av_steps: fine-tuning says the audio-video path never trains
+    held = load_config("demo").train.freeze_av_steps
+    assert f"train.freeze_av_steps={held} >= train.steps=3: the audio-video path is held still" in proc.stderr

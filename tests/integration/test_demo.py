@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 
-TASKS = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
+TASKS = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption", "caption/segment")
 
 
 def _demo(out: str, seed: int, pretrain: int, finetune: int, tmp: str) -> subprocess.CompletedProcess:
@@ -39,12 +39,14 @@ def test_demo_with_a_seed_runs_end_to_end(short_tmp):
     # fine-tuning started from the pretraining run's last checkpoint
     assert summary["pretrain"]["checkpoint"] in open(os.path.join(out, "runs", "finetune", "config.yaml")).read()
 
-    # every task of the held-out clips scored, with its chance level (the caption has none)
+    # every task of the held-out clips scored, with its chance level (captions have none); each clip has 4
+    # timestamped captions, one per segment
     val_clips = manifest["splits"]["val"]["num_samples"]
     assert set(summary["tasks"]) == set(TASKS)
     for task, row in summary["tasks"].items():
-        assert row["count"] == val_clips and 0.0 <= row["value"] <= 1.0, (task, row)
-        assert (row["chance"] is None) == (task == "caption"), task
+        per_clip = 4 if task == "caption/segment" else 1
+        assert row["count"] == per_clip * val_clips and 0.0 <= row["value"] <= 1.0, (task, row)
+        assert (row["chance"] is None) == task.startswith("caption"), task
     with open(os.path.join(out, "predictions.jsonl")) as fh:
         assert len({json.loads(line)["key"].split("#")[0] for line in fh}) == val_clips
     for name in ("results.png", "learning_curve_pretrain.png", "learning_curve_finetune.png"):

@@ -90,7 +90,7 @@ def test_fsdp2_and_ddp_train_alike_and_validate_on_every_rank(runs):
         assert b["loss"] == pytest.approx(a["loss"], rel=LOSS_TOL)
     for kind in ("ddp", "fsdp"):
         last = runs[kind]["records"][-1]
-        rows = last["val_rows"]  # 4 clips (each a row with its 7 texts: caption, 4 questions, multiple choice, label)
+        rows = last["val_rows"]  # 4 clips (each a row with its 11 texts)
         assert len(rows) == 2 and min(rows) > 0 and sum(rows) == 4
         assert {"caption", "qa", "mcqa", "cls"} <= set(last["val"])
         assert runs[kind]["summary"]["val"] == last["val"]
@@ -122,7 +122,7 @@ def test_validation_equals_one_evaluation_of_the_checkpoint(runs, data, kind):
 
     summary = runs[kind]["summary"]
     res = evaluate(summary["checkpoint"], data["val"], batch_size=4)
-    assert res["rows"] == 28
+    assert res["rows"] == 4 * 11  # 4 clips: a caption, 4 timestamped captions, 4 questions, multiple choice, label
     val = dict(summary["val"])
     # the validation loss (sweeps' val/loss), summed over both workers' shares: training's loss, which eval omits
     assert 0 < val.pop("loss") < 20

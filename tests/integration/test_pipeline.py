@@ -52,15 +52,17 @@ def test_local_shards_decode_to_the_contract(ray_local, synth_shards):
     for r in rows:
         check_row(r, CFG)
         tasks = r["task"][r["text_mask"]]
-        assert (tasks == 0).sum() == 1 and (tasks == 1).sum() >= 3 and int(r["num_texts"]) == len(tasks)
+        # captions: the clip's and its 4 timestamped ones (segments)
+        assert (tasks == 0).sum() == 1 + 4 and (tasks == 1).sum() >= 3 and int(r["num_texts"]) == len(tasks)
     assert all(r["audio_present"] for r in rows)
     assert all(r["video"].std() > 0 for r in rows)
     # the synthetic captions (93-112 bytes) do not fit tiny's 48 target tokens: cut, kept, counted; questions fit
     cut = snap["truncation"]
-    assert cut["caption_target"]["texts"] == cut["caption_target"]["cut"] == 12
+    assert cut["caption_target"]["texts"] == 12 * 5 and cut["caption_target"]["cut"] == 12  # the segments fit
     assert cut["caption_target"]["limit"] == 48 < cut["caption_target"]["longest"]
     assert cut["qa_prompt"]["texts"] == 48 and cut["qa_prompt"]["cut"] == 0
-    assert all(r["target_mask"][r["text_mask"] & (r["task"] == 0)].all() for r in rows)  # captions fill 48 tokens
+    # the clips' captions fill 48 tokens (their segments', shorter, do not)
+    assert all(r["target_mask"][r["text_mask"] & (r["task"] == 0) & r["text_span"].all(1)].all() for r in rows)
 
 
 def test_decode_tasks_hand_back_their_cpu_in_the_turn_their_block_arrives(ray_local, synth_shards, monkeypatch):
@@ -139,9 +141,10 @@ def test_inspect_cli_json_and_contact_sheet(synth_shards, tmp_path):
     assert report["decoded"] == synth_shards["num_clips"] + 1
     assert sum(report["skipped"].values()) == 4
     n = synth_shards["num_clips"] + 1
-    assert report["truncation"]["caption_target"]["cut"] == n
-    assert report["truncation_warning"].startswith(f"warning: {n} of {n} caption targets longer than "
-                                                   "data.max_target_len=48 tokens")
+    assert report["truncation"]["caption_target"]["cut"] == n  # the clips' captions; their segments' fit
+    texts = report["truncation"]["caption_target"]["texts"]
+    assert texts > n and report["truncation_warning"].startswith(
+        f"warning: {n} of {texts} caption targets longer than data.max_target_len=48 tokens")
     assert report["shapes"]["video"]["shape"] == [CFG.num_snippets, CFG.frames_per_snippet, CFG.height,
                                                   CFG.width, 3]
     assert report["shapes"]["video"]["dtype"] == "uint8"

@@ -47,12 +47,13 @@ def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path, capsys
     cfg = _cfg(synth_shards, tmp_path / "runs", "ddp-local", extra=("train.freeze_av_steps=2",))
     summary = run_training(cfg)
     assert summary["steps"] == 4
-    # 16 rows read of 12 clips (two epochs begun): each caption counted once; they are all longer than tiny's 48
-    # target tokens with the byte tokenizer, and the console says so in one line at the end
-    assert summary["truncation"]["caption_target"] | {"longest": 0} == {"texts": 12, "cut": 12, "longest": 0,
+    # 16 rows read of 12 clips (two epochs begun): each caption counted once, a clip's and its 4 timestamped ones;
+    # the clips' are all longer than tiny's 48 target tokens with the byte tokenizer, and the console says so in
+    # one line at the end
+    assert summary["truncation"]["caption_target"] | {"longest": 0} == {"texts": 60, "cut": 12, "longest": 0,
                                                                          "limit": 48}
     warnings = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
-    assert warnings == [f"warning: 12 of 12 caption targets longer than data.max_target_len=48 tokens with BOS/EOS "
+    assert warnings == [f"warning: 12 of 60 caption targets longer than data.max_target_len=48 tokens with BOS/EOS "
                         f"(longest {summary['truncation']['caption_target']['longest']}) were cut; raise "
                         "data.max_target_len (or learn a tokenizer from the text: mirasol shards build --tokenizer "
                         "learn)"]
@@ -283,13 +284,14 @@ def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path)
     assert f"{run}: its best checkpoint by lr (" in proc.stderr and ", max) at step 2: " in proc.stderr
     records = [json.loads(ln) for ln in rec_path.read_text().splitlines()]
     n = synth_shards["num_clips"]
-    assert res["rows"] == len(records) == n * 7  # caption + 4 questions + mcqa + cls per clip
+    assert res["rows"] == len(records) == n * 11  # caption + 4 timestamped captions + 4 questions + mcqa + cls
     assert res["metrics"] == json.loads(json.dumps(aggregate(records)))
     assert {"qa/video", "qa/audio", "qa/av_aligned", "mcqa", "cls", "caption"} <= set(res["metrics"])
     assert res["metrics"]["mcqa"]["count"] == n
     assert res["truncation"]["caption_target"]["cut"] == n  # the references scored are cut: said once, on stderr
     (warning,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("warning:")]
-    assert warning.startswith(f"warning: {n} of {n} caption targets longer than data.max_target_len=48 tokens")
+    # the clips' captions are cut; their timestamped captions fit
+    assert warning.startswith(f"warning: {n} of {5 * n} caption targets longer than data.max_target_len=48 tokens")
 
 
 def test_predict_cli_on_an_mp4(trained_run, synth_shards, tmp_path):
