@@ -86,8 +86,8 @@ def aggregate(records: Iterable[dict[str, Any]]) -> dict[str, dict[str, float]]:
     for r in records:
         task = r["task"]
         score = token_f1(r["pred"], r["target"]) if task == "caption" else float(bool(r["correct"]))
-        key = metric_key(task, r.get("qtype", "other"))
-        for key in {key, key if key == "caption/segment" else task}:  # a segment's caption is not the clip's
+        own = metric_key(task, r.get("qtype", "other"))
+        for key in {own, own if own == "caption/segment" else task}:  # a segment's caption is not the clip's
             sums[key] += score
             counts[key] += 1
     return {k: {"metric": "token_f1" if k.startswith("caption") else "accuracy", "value": sums[k] / counts[k],
