@@ -170,7 +170,8 @@ def train_step(model: nn.Module, micro_batches: Iterable[dict[str, Any]], opt: t
 
     Returns the mean of each loss part, the total loss, the gradient norm and the learning rate."""
     model.train()
-    micro = list(micro_batches)
+    # cut the padding no text uses before the batch leaves the host: less to copy, and no device sync to find it
+    micro = [trim_text_padding(b) for b in micro_batches]
     parts: dict[str, float] = {}
     # While freeze_av_steps holds the audio-video path at lr 0, it runs without autograd: no graph, no backward, no
     # activations kept for it. Not under FSDP2, whose hooks expect every sharded parameter's gradient. (DDP is
@@ -219,8 +220,9 @@ def trim_text_padding(batch: dict[str, Any]) -> dict[str, Any]:
     columns that are padding in every text (targets are right-padded) cut off. The training loss is the same
     (positions count valid tokens; pads are masked), at the cost of the batch's longest prompt and target instead
     of ``max_prompt_len`` and ``max_target_len``: a batch of short answers and timestamped captions beside one
-    long caption pays for that caption's length, not the limit's. Done here, outside the model, so the model keeps
-    fixed shapes where it is traced (FLOP counts on the meta device, ``torch.compile``)."""
+    long caption pays for that caption's length, not the limit's. Done by :func:`train_step` on the host batch,
+    before augmentation and the copy to the device (no device sync to find the columns), and outside the model, so
+    the model keeps fixed shapes where it is traced (FLOP counts on the meta device, ``torch.compile``)."""
     out = dict(batch)
     if "prompt_mask" in batch:
         used = batch["prompt_mask"].reshape(-1, batch["prompt_mask"].shape[-1]).any(0)  # (Lp,)
@@ -236,7 +238,7 @@ def trim_text_padding(batch: dict[str, Any]) -> dict[str, Any]:
 def _forward_backward(model: nn.Module, micro: list[dict[str, Any]], cfg: TrainConfig, device: torch.device,
                       no_sync, parts: dict[str, float]) -> None:
     for i, batch in enumerate(micro):
-        batch = trim_text_padding(move_batch(batch, device))
+        batch = move_batch(batch, device)
         last = i == len(micro) - 1
         ctx = no_sync() if (no_sync is not None and not last) else contextlib.nullcontext()
         with ctx:
