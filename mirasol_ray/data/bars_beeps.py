@@ -224,7 +224,8 @@ def generate_clip(seed: int, index: int) -> tuple[bytes, dict[str, Any]]:
     rng, fps, width, height, n_frames, plan, meta = _draw(seed, index)
     frames = render_video(rng, plan, n_frames, width, height)
     audio = render_audio(rng, plan, float(n_frames / fps))
-    return encode_av(frames, fps, audio, sample_rate=SAMPLE_RATE, container="mp4"), meta
+    return encode_av(frames, fps, audio, sample_rate=SAMPLE_RATE, container="mp4",
+                     preset="ultrafast"), meta
 
 
 def chance_levels(metas: list[dict[str, Any]]) -> dict[str, float]:

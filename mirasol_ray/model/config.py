@@ -55,6 +55,10 @@ class ModelConfig:
     features: on the demo's clips the tiny preset's 2-block ViT, trained from scratch to name each snippet's shape,
     reached 0.97 held-out in 200 steps on them and 0.52 on linear 16-pixel tubelets (docs/PERFORMANCE.md, "The
     demo"); +7% FLOPs a demo training step."""
+    video_max_token: bool = False
+    """Append one token per snippet to the video encoder's output: the channel-wise max of its tokens, so the
+    Combiner can read a feature wherever in the frame it fires (a max read named held-out shapes at 0.97 where a
+    mean read stayed at 0.41, docs/PERFORMANCE.md, "The demo"). Not in the paper; no parameters."""
     video_stem_channels: int = 16
     """Channels of the conv stem's first convolution; each next one doubles them, up to video_dim."""
     sparse_tubes: bool = False

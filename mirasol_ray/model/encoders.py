@@ -112,7 +112,8 @@ class VideoEncoder(_ViT):
                 self.time_pos = nn.Parameter(torch.zeros(F_ // cfg.tubelet_frames, D))
         else:
             self.pos = nn.Parameter(0.02 * torch.randn(n_tokens, D))
-        self.num_tokens = n_tokens + cfg.video_prefix_tokens
+        self.max_token = cfg.video_max_token
+        self.num_tokens = n_tokens + cfg.video_prefix_tokens + int(self.max_token)
         self.register_buffer("mean", torch.tensor(cfg.video_mean), persistent=False)
         self.register_buffer("std", torch.tensor(cfg.video_std), persistent=False)
 
@@ -139,7 +140,10 @@ class VideoEncoder(_ViT):
         else:
             tokens = self.tubelet(rearrange(x, "n (f pt) (h ph) (w pw) c -> n (f h w) (pt ph pw c)",
                                             pt=self.tubelet_frames, ph=p, pw=p))
-        return rearrange(self.encode(tokens + self._positions()), "(b s) n d -> b s n d", b=B)
+        out = self.encode(tokens + self._positions())
+        if self.max_token:
+            out = torch.cat([out, out.amax(dim=1, keepdim=True)], dim=1)
+        return rearrange(out, "(b s) n d -> b s n d", b=B)
 
 
 class AudioEncoder(_ViT):

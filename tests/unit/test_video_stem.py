@@ -128,3 +128,47 @@ def test_token_pools_start_as_tokenlearner_not_as_a_mean():
     x = torch.randn(4, 20, cfg.dim)
     weights = read.score(read.norm(x)).softmax(dim=1)  # (4, 20, r)
     assert weights.max() > 2.0 / 20  # some input counts at least twice the mean's share
+
+
+@pytest.mark.parametrize("stem", ["patch", "conv"])
+def test_max_token_is_the_channel_max_of_the_snippet_tokens_and_carries_gradient(stem):
+    plain = cfg_for(video_stem=stem, video_stem_channels=8)
+    with_max = dataclasses.replace(plain, video_max_token=True)
+    torch.manual_seed(0)
+    enc = VideoEncoder(with_max)
+    torch.manual_seed(0)
+    ref = VideoEncoder(plain)  # the same weights: the option adds no parameter
+    assert [n for n, _ in enc.named_parameters()] == [n for n, _ in ref.named_parameters()]
+    x = video(plain)
+    out, base = enc(x), ref(x)
+    n = base.shape[2]
+    assert out.shape == (*base.shape[:2], n + 1, base.shape[3]) and enc.num_tokens == ref.num_tokens + 1
+    torch.testing.assert_close(out[:, :, :n], base)
+    torch.testing.assert_close(out[:, :, n], base.amax(dim=2))
+    # the max token moves with whichever token holds each channel's max, wherever it is in the frame
+    out[:, :, n].sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in enc.vit.parameters())
+
+
+def test_a_whole_model_with_the_max_token_trains_and_fits_a_fixed_batch():
+    cfg = cfg_for(video_stem="conv", video_stem_channels=8, video_max_token=True)
+    torch.manual_seed(0)
+    model = build_model(cfg).train()
+    B, S = 2, cfg.max_snippets
+    batch = {"video": video(cfg), "audio": torch.randn(B, S, 16, 8), "audio_present": torch.ones(B, dtype=torch.bool),
+             "snippet_mask": torch.ones(B, S, dtype=torch.bool), "task": torch.zeros(B, dtype=torch.int64),
+             "prompt_ids": torch.randint(3, 40, (B, 4)), "prompt_mask": torch.ones(B, 4, dtype=torch.bool),
+             "target_ids": torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]]), "target_mask": torch.ones(B, 4, dtype=torch.bool)}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for step in range(40):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        if step == 0:
+            missing = [n for n, p in model.video_encoder.named_parameters()
+                       if p.grad is None or not p.grad.abs().sum() > 0]
+            assert missing == []
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses[::10]
