@@ -28,6 +28,15 @@ def video(cfg: ModelConfig, B: int = 2, seed: int = 0) -> torch.Tensor:
                          dtype=torch.uint8)
 
 
+
+def clip_batch(cfg: ModelConfig, targets: list[list[int]]) -> dict[str, torch.Tensor]:
+    """One text per clip, a clip per target (BOS ... EOS ids), every snippet present, random prompts."""
+    B, S = len(targets), cfg.max_snippets
+    return {"video": video(cfg, B), "audio": torch.randn(B, S, 16, 8), "audio_present": torch.ones(B, dtype=torch.bool),
+            "snippet_mask": torch.ones(B, S, dtype=torch.bool), "task": torch.zeros(B, dtype=torch.int64),
+            "prompt_ids": torch.randint(3, 40, (B, 4)), "prompt_mask": torch.ones(B, 4, dtype=torch.bool),
+            "target_ids": torch.tensor(targets), "target_mask": torch.ones(B, len(targets[0]), dtype=torch.bool)}
+
 def test_conv_stem_gives_the_same_tokens_as_the_patch_embedding():
     patch, conv = cfg_for(), cfg_for(video_stem="conv", video_stem_channels=8)
     torch.manual_seed(0)
@@ -85,11 +94,7 @@ def test_a_model_with_the_conv_stem_trains_every_stem_parameter():
     cfg = cfg_for(video_stem="conv", video_stem_channels=8)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    B, S = 2, cfg.max_snippets
-    batch = {"video": video(cfg), "audio": torch.randn(B, S, 16, 8), "audio_present": torch.ones(B, dtype=torch.bool),
-             "snippet_mask": torch.ones(B, S, dtype=torch.bool), "task": torch.zeros(B, dtype=torch.int64),
-             "prompt_ids": torch.randint(3, 40, (B, 4)), "prompt_mask": torch.ones(B, 4, dtype=torch.bool),
-             "target_ids": torch.tensor([[1, 5, 6, 2]] * B), "target_mask": torch.ones(B, 4, dtype=torch.bool)}
+    batch = clip_batch(cfg, [[1, 5, 6, 2]] * 2)
     model(batch)["loss"].backward()
     missing = [n for n, p in model.video_encoder.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
     assert missing == []
@@ -154,11 +159,7 @@ def test_a_whole_model_with_the_max_token_trains_and_fits_a_fixed_batch():
     cfg = cfg_for(video_stem="conv", video_stem_channels=8, video_max_token=True)
     torch.manual_seed(0)
     model = build_model(cfg).train()
-    B, S = 2, cfg.max_snippets
-    batch = {"video": video(cfg), "audio": torch.randn(B, S, 16, 8), "audio_present": torch.ones(B, dtype=torch.bool),
-             "snippet_mask": torch.ones(B, S, dtype=torch.bool), "task": torch.zeros(B, dtype=torch.int64),
-             "prompt_ids": torch.randint(3, 40, (B, 4)), "prompt_mask": torch.ones(B, 4, dtype=torch.bool),
-             "target_ids": torch.tensor([[1, 5, 6, 2], [1, 7, 8, 2]]), "target_mask": torch.ones(B, 4, dtype=torch.bool)}
+    batch = clip_batch(cfg, [[1, 5, 6, 2], [1, 7, 8, 2]])
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     losses = []
     for step in range(40):
