@@ -350,8 +350,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the main job: synth data, pretrain, fine-tune, evaluate (local Ray)")
     d.add_argument("--out", default="runs/demo", help="output folder")
     d.add_argument("--num-clips", type=int, default=960)
-    d.add_argument("--pretrain-steps", type=int, default=None)
-    d.add_argument("--finetune-steps", type=int, default=None)
+    d.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's train.steps (200)")
+    d.add_argument("--finetune-steps", type=int, default=None,
+                   help="default: 6.5 x the pretraining steps (1,300)")
     d.add_argument("--config", default="demo")
     d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     d.add_argument("--seed", type=int, default=0,

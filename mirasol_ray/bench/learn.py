@@ -49,7 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="train.* overrides for the pretraining stage alone (after --set), e.g. train.freeze_av_steps=0")
     p.add_argument("--seed", type=int, default=0, help="train.seed and data.seed (weights, order, frame positions)")
     p.add_argument("--pretrain-steps", type=int, default=-1, help="default: the config's train.steps")
-    p.add_argument("--finetune-steps", type=int, default=-1, help="default: 5 x the pretraining steps (the demo's)")
+    p.add_argument("--finetune-steps", type=int, default=-1, help="default: 6.5 x the pretraining steps (the demo's)")
     p.add_argument("--train-clips", type=int, default=0, help="use only the first N training clips (0: all)")
     p.add_argument("--val-clips", type=int, default=0, help="score only the first N held-out clips (0: all)")
     p.add_argument("--train-eval-clips", type=int, default=96, help="training clips scored beside the held-out")
@@ -343,6 +343,7 @@ def run(args: argparse.Namespace) -> int:
     from mirasol_ray.data.schema import manifest_qtypes, qtype_table
     from mirasol_ray.data.synthetic import synthesize
     from mirasol_ray.data.text import get_tokenizer
+    from mirasol_ray.launch.demo import FINETUNE_PER_PRETRAIN_STEP
     from mirasol_ray.train.parallel import build_on_rank
 
     torch.set_num_threads(args.threads)
@@ -367,7 +368,8 @@ def run(args: argparse.Namespace) -> int:
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
     tok = get_tokenizer(cfg.data.tokenizer)
     pre_steps = cfg.train.steps if args.pretrain_steps < 0 else args.pretrain_steps
-    ft_steps = 5 * pre_steps if args.finetune_steps < 0 else args.finetune_steps
+    ft_steps = (round(FINETUNE_PER_PRETRAIN_STEP * pre_steps) if args.finetune_steps < 0
+                else args.finetune_steps)
 
     t0 = time.perf_counter()
     train_rows = load_rows(cfg.data.train, cfg, args.train_clips, train=True)
