@@ -240,11 +240,14 @@ ROW_ORDER = ("qa/video", "qa/video:colour", "qa/video:shape", "qa/audio", "qa/av
              "caption/segment")
 
 
+def row_order(scores: dict[str, Any]) -> list[str]:
+    """The tasks of ``scores`` in :data:`ROW_ORDER`, then any others (another data set's question types) by name."""
+    return [k for k in ROW_ORDER if k in scores] + sorted(k for k in scores if k not in ROW_ORDER)
+
+
 def print_table(final: dict[str, Any], chance: dict[str, float]) -> None:
     print(f"\n{'task':<22}{'held-out':>9}{'train':>8}{'chance':>8}{'n':>6}")
-    for k in ROW_ORDER:
-        if k not in final["val"]:
-            continue
+    for k in row_order(final["val"]):
         v, tr = final["val"][k], final["train"].get(k, {}).get("value", float("nan"))
         c = chance.get(k)
         print(f"{k:<22}{v['value']:>9.3f}{tr:>8.3f}{(f'{c:.3f}' if c else '-'):>8}{v['count']:>6}")
@@ -405,7 +408,7 @@ def run(args: argparse.Namespace) -> int:
                  "train": score(predict(model, train_eval, cfg, tok, label_set, qtypes=qtypes))}
         res["history"].append(point)
         line = "  ".join(f"{k} {point['val'][k]['value']:.2f}/{point['train'].get(k, {}).get('value', 0):.2f}"
-                         for k in ROW_ORDER if k in point["val"] and ":" not in k)
+                         for k in row_order(point["val"]) if ":" not in k)
         print(f"  step {step} held-out/train: {line}", flush=True)
         return point
 

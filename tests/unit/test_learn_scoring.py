@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from mirasol_ray.bench.learn import MemorySource, answer_kind, score
+from mirasol_ray.bench.learn import MemorySource, answer_kind, row_order, score
 from mirasol_ray.config import DataConfig
 from mirasol_ray.data.index import ReadPosition, epoch_permutation
 from mirasol_ray.data.pipeline import train_batches
@@ -35,6 +35,16 @@ def test_score_splits_colour_and_shape_answers():
     assert (out["qa/video:shape"]["value"], out["qa/video:shape"]["count"]) == (0.5, 2)
     assert out["qa/temporal:tone"]["value"] == 1.0 and out["qa/temporal:shape"]["value"] == 0.0
     assert not any(k.startswith(("qa/audio:", "mcqa:")) for k in out)
+
+
+def test_row_order_lists_another_data_sets_question_types_too():
+    """bars and beeps (``bench recipe``'s data) asks number / motion / yes_no: printed, after the demo's own."""
+    recs = [_rec("number", "two", False), _rec("motion", "up", True), _rec("av_aligned", "chord", True),
+            _rec("yes_no", "no", True)]
+    order = row_order(score(recs))
+    assert order[0] == "qa/av_aligned"
+    assert {"qa/number", "qa/motion", "qa/yes_no"} <= set(order[1:])
+    assert order[1:] == sorted(order[1:])
 
 
 def test_memory_source_serves_the_pipelines_order():
