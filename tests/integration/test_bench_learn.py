@@ -47,3 +47,19 @@ def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
     assert res["probe_read"] == "combiner" and res["overrides"] == ["model.video_stem=conv", "train.batch_size=3"]
     final = res["probe_encoder"]["final"]
     assert final["step"] == 2 and all(0.0 <= final[s][k] <= 1.0 for s in ("val", "train") for k in ("colour", "shape"))
+
+    # the answer probe: the audio path trained directly on one question type's answers, on the same clips
+    probe = tmp_path / "answers.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "audio",
+         "--probe-steps", "2", "--set", "train.batch_size=3", "--json-out", str(probe)],
+        capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(probe.read_text())["probe_answers"]
+    assert res["qtype"] == "audio" and len(res["classes"]) >= 2 and 0.0 < res["val_majority"] <= 1.0
+    assert res["final"]["step"] == 2 and all(0.0 <= res["final"][s] <= 1.0 for s in ("val", "train"))
+    # a question type these clips do not ask: one line that names it, and a non-zero exit
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "number",
+         "--probe-steps", "2"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode != 0 and "--probe-answers number" in proc.stderr, proc.stderr
