@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "give the answer of its QTYPE question (e.g. number: how many beeps), for --probe-steps "
                         "steps; held-out accuracy")
     p.add_argument("--probe-steps", type=int, default=600, help="steps of --probe-answers")
+    p.add_argument("--probe-audio-first", type=int, default=0, metavar="STEPS",
+                   help="with --probe-answers and --probe-read combiner: first train the audio encoder alone on the "
+                        "answers for STEPS steps, then freeze it and train the rest")
     p.add_argument("--probe-read", choices=("mean", "max", "combiner"), default="mean",
                    help="how --probe-encoder / --probe-answers read a snippet: the mean or the max of its video "
                         "(audio) tokens, or the model's own read (video and audio encoders, then the Combiner; the "
@@ -360,14 +363,16 @@ def answer_labels(rows: dict[str, Any], tok, qtype: str) -> list[str | None]:
     return out
 
 
-def probe_answers(cfg, train_rows, val_rows, tok, qtype: str, steps: int, seed: int,
-                  read: str = "mean") -> dict[str, Any]:
+def probe_answers(cfg, train_rows, val_rows, tok, qtype: str, steps: int, seed: int, read: str = "mean",
+                  audio_first: int = 0) -> dict[str, Any]:
     """Can the model's audio path give the answer of a question type, supervised directly? The audio encoder of
     ``cfg.model`` (``read`` ``mean`` / ``max`` of each snippet's tokens), or the video and audio encoders and the
     Combiner (``combiner``: the mean of each snippet's m tokens), built and initialised as in training, trained
     from scratch with a two-layer head over the clip's snippets (their reads side by side) to name the answer of
     the clip's ``qtype`` question (classes: the training clips' answers); batches of ``train.batch_size`` clips
-    in a seeded order. Held-out and training accuracy five times over the run."""
+    in a seeded order. Held-out and training accuracy five times over the run. ``audio_first`` steps (with
+    ``combiner``): first train the audio encoder alone (mean read, a head of its own) on the same answers, then
+    freeze it: can the Combiner pass on what the encoder already knows?"""
     from torch import nn
 
     from mirasol_ray.model.mirasol import Mirasol
@@ -378,57 +383,77 @@ def probe_answers(cfg, train_rows, val_rows, tok, qtype: str, steps: int, seed: 
     if len(classes) < 2:
         raise SystemExit(f"error: --probe-answers {qtype}: the training clips have {len(classes)} distinct answers "
                          f"to that question type (need 2 or more)")
+    if audio_first and read != "combiner":
+        raise SystemExit("error: --probe-audio-first needs --probe-read combiner")
     y_tr = torch.tensor([classes.index(a) if a in classes else -1 for a in tr_answers])
     y_va = torch.tensor([classes.index(a) if a in classes else -1 for a in va_answers])
     seed_everything(seed)
     model = Mirasol(cfg.model)
-    enc = nn.ModuleList([model.audio_encoder] + ([model.video_encoder, model.combiner] if read == "combiner" else []))
     S = train_rows["audio"].shape[1]
-    width = cfg.model.dim if read == "combiner" else cfg.model.audio_dim
-    head = nn.Sequential(nn.Linear(S * width, 128), nn.GELU(), nn.Linear(128, len(classes)))
-    params = [*enc.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+    def head(width: int) -> nn.Module:
+        return nn.Sequential(nn.Linear(S * width, 128), nn.GELU(), nn.Linear(128, len(classes)))
+
+    def fit(logits, modules: nn.ModuleList, steps: int, g: torch.Generator, label: str) -> list[dict[str, Any]]:
+        params = list(modules.parameters())
+        opt = torch.optim.AdamW(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+        def accuracy(rows, y) -> float:
+            modules.eval()
+            hits = []
+            with torch.no_grad():
+                for lo in range(0, len(y), 32):
+                    idx = torch.arange(lo, min(lo + 32, len(y)))
+                    ok = y[idx] >= 0
+                    hits.append((logits(rows, idx).argmax(-1) == y[idx])[ok].float())
+            modules.train()
+            return float(torch.cat(hits).mean())
+
+        n, bs = len(y_tr), cfg.train.batch_size
+        history, order, lo, t0 = [], torch.randperm(n, generator=g), 0, time.perf_counter()
+        for step in range(1, steps + 1):
+            if lo + bs > n:
+                order, lo = torch.randperm(n, generator=g), 0
+            idx = order[lo:lo + bs]
+            lo += bs
+            loss = nn.functional.cross_entropy(logits(train_rows, idx), y_tr[idx], ignore_index=-1)
+            opt.zero_grad()
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
+            opt.step()
+            if step % max(1, steps // 5) == 0 or step == steps:
+                point = {"step": step, "loss": float(loss.detach()), "val": accuracy(val_rows, y_va),
+                         "train": accuracy(train_rows, y_tr)}
+                history.append(point)
+                print(f"  answer probe ({qtype}, {label}) step {step}/{steps}: loss {point['loss']:.3f}; held-out "
+                      f"{point['val']:.3f}, train {point['train']:.3f} "
+                      f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+        return history
+
+    g = torch.Generator().manual_seed(seed)
+    out: dict[str, Any] = {"qtype": qtype, "classes": classes}
+    if audio_first:
+        first = head(cfg.model.audio_dim)
+        out["audio_first"] = fit(lambda rows, idx: first(model.audio_encoder(rows["audio"][idx]).mean(2).flatten(1)),
+                                 nn.ModuleList([model.audio_encoder, first]), audio_first, g,
+                                 "audio encoder alone, read mean")
+        model.audio_encoder.requires_grad_(False)
+    last = head(cfg.model.dim if read == "combiner" else cfg.model.audio_dim)
 
     def logits(rows, idx):
         tokens = model.audio_encoder(rows["audio"][idx])  # (B, S, Na, Da)
         if read == "combiner":
             tokens = model.combiner(model.video_encoder(rows["video"][idx]), tokens, rows["audio_present"][idx])
-        return head((tokens.amax(2) if read == "max" else tokens.mean(2)).flatten(1))
+        return last((tokens.amax(2) if read == "max" else tokens.mean(2)).flatten(1))
 
-    def accuracy(rows, y) -> float:
-        enc.eval()
-        hits = []
-        with torch.no_grad():
-            for lo in range(0, len(y), 32):
-                idx = torch.arange(lo, min(lo + 32, len(y)))
-                ok = y[idx] >= 0
-                hits.append((logits(rows, idx).argmax(-1) == y[idx])[ok].float())
-        enc.train()
-        return float(torch.cat(hits).mean())
-
-    g = torch.Generator().manual_seed(seed)
-    n, bs = len(y_tr), cfg.train.batch_size
-    history, order, lo, t0 = [], torch.randperm(n, generator=g), 0, time.perf_counter()
-    for step in range(1, steps + 1):
-        if lo + bs > n:
-            order, lo = torch.randperm(n, generator=g), 0
-        idx = order[lo:lo + bs]
-        lo += bs
-        loss = nn.functional.cross_entropy(logits(train_rows, idx), y_tr[idx], ignore_index=-1)
-        opt.zero_grad()
-        loss.backward()
-        nn.utils.clip_grad_norm_(params, cfg.train.grad_clip)
-        opt.step()
-        if step % max(1, steps // 5) == 0 or step == steps:
-            point = {"step": step, "loss": float(loss.detach()), "val": accuracy(val_rows, y_va),
-                     "train": accuracy(train_rows, y_tr)}
-            history.append(point)
-            print(f"  answer probe ({qtype}, read {read}) step {step}/{steps}: loss {point['loss']:.3f}; held-out "
-                  f"{point['val']:.3f}, train {point['train']:.3f} "
-                  f"({(time.perf_counter() - t0) / step:.2f} s/step)", flush=True)
+    trained = ([] if audio_first else [model.audio_encoder]) + (
+        [model.video_encoder, model.combiner] if read == "combiner" else [])
+    out["history"] = fit(logits, nn.ModuleList([*trained, last]), steps, g,
+                         f"read {read}" + (", audio encoder frozen" if audio_first else ""))
+    out["final"] = out["history"][-1]
     counts = {c: sum(a == c for a in va_answers) for c in classes}
-    return {"qtype": qtype, "classes": classes, "val_majority": max(counts.values()) / max(1, len(va_answers)),
-            "history": history, "final": history[-1]}
+    out["val_majority"] = max(counts.values()) / max(1, len(va_answers))
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
@@ -481,7 +506,7 @@ def run(args: argparse.Namespace) -> int:
         res = {"data": data, "config": args.config, "overrides": args.set, "seed": args.seed,
                "probe_read": args.probe_read,
                "probe_answers": probe_answers(cfg, train_rows, val_rows, tok, args.probe_answers, args.probe_steps,
-                                              args.seed, args.probe_read)}
+                                              args.seed, args.probe_read, args.probe_audio_first)}
         print(f"held-out majority answer: {res['probe_answers']['val_majority']:.3f}")
         if args.json_out:
             with open(args.json_out, "w") as fh:

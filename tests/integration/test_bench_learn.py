@@ -58,6 +58,16 @@ def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
     res = json.loads(probe.read_text())["probe_answers"]
     assert res["qtype"] == "audio" and len(res["classes"]) >= 2 and 0.0 < res["val_majority"] <= 1.0
     assert res["final"]["step"] == 2 and all(0.0 <= res["final"][s] <= 1.0 for s in ("val", "train"))
+    # the audio encoder trained alone first, then frozen under the Combiner: both stages run and are reported
+    probe = tmp_path / "answers_first.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "audio",
+         "--probe-read", "combiner", "--probe-audio-first", "2", "--probe-steps", "1", "--set", "train.batch_size=3",
+         "--json-out", str(probe)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr
+    res = json.loads(probe.read_text())["probe_answers"]
+    assert [h["step"] for h in res["audio_first"]] == [1, 2] and res["final"]["step"] == 1
+    assert "audio encoder frozen" in proc.stdout and "audio encoder alone" in proc.stdout
     # a question type these clips do not ask: one line that names it, and a non-zero exit
     proc = subprocess.run(
         [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "number",
