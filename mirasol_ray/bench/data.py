@@ -206,6 +206,11 @@ class CpuTree:
         self._thread.start()
         return self
 
+    def exclude(self, seconds: float) -> None:
+        """Leave out ``seconds`` of CPU this process spent measuring (another thread's), like the polling's own."""
+        with self._lock:
+            self._poll_cpu += seconds
+
     def _run(self) -> None:
         while not self._done.wait(self.interval):
             t0 = time.thread_time()
@@ -261,15 +266,6 @@ class CpuTree:
             self.by_role["exited"] = exited
         self.total = sum(self.by_role.values())
         return self
-
-
-def tree_cpu_seconds(pid: int | None = None) -> float:
-    """CPU seconds (user + system) used so far by process ``pid`` (default: this one) and all its descendants,
-    live ones and those already reaped, from /proc (Linux). Ray's processes (GCS, raylet, its workers) and a
-    DataLoader's workers all descend from the process that started them, so this counts everything a variant
-    runs, whatever else the machine is doing: the load-robust figure beside wall-clock throughput."""
-    stats = _proc_table()
-    return sum(stats[p][1] + stats[p][2] for p in _tree(stats, pid or os.getpid()))
 
 
 class _Timer:

@@ -10,6 +10,14 @@ Both decode every step's clips afresh (no ``data.cache``), both measure with the
 (:class:`~mirasol_ray.train.metrics.Throughput`): a first window of ``--steps`` steps is the warm-up, the second
 is the figure (samples/s: clips; data-wait: the fraction of the window spent waiting for the next batch). Each
 round runs every variant once; ``--repeats`` rounds interleave them and the ratios are taken within a round.
+
+Beside it, the CPU each variant's whole process tree used over the measured window, by process
+(:class:`~mirasol_ray.bench.data.CpuTree`, which also counts the Ray workers the kernel reaps): where a variant's
+CPU goes when the machine is full, which decides samples/s on a small one. For the torch loop the window is
+exact (steps ``--steps`` to ``2 * --steps``); for Ray it runs from the first step report at or past the warm-up's
+last step to the first at or past the last step, as rank 0 reports them to the run's counter actor (read every
+0.5 s, as often as the console reads it, by a thread whose own CPU is left out; the
+counter actor's CPU for those reads, ~1 ms each, is not).
 """
 
 from __future__ import annotations
@@ -46,25 +54,126 @@ def _cfg(args: argparse.Namespace, root: str, name: str):
         f"storage.name={name}", "scaling.num_workers=1", "scaling.cpus_per_worker=1"])
 
 
-def bench_ray(args: argparse.Namespace, root: str, name: str) -> dict[str, float]:
+def process_group(proc: dict[str, Any], driver: str = "driver") -> str:
+    """Which part of a variant a process of :class:`~mirasol_ray.bench.data.CpuTree` is: ``trainer`` (the torch
+    loop's own process, named by ``driver``, or Ray Train's worker), ``decode`` (the DataLoader's workers, or Ray Data's decode tasks),
+    ``idle_ray_workers``, one of Ray's daemons or Ray Data's actors by role, or a Ray actor by class name (Ray
+    Train's controller and helpers, our skip counter)."""
+    role, title = proc["role"], proc["title"]
+    if role == "driver":
+        return driver
+    if role == "child":
+        return "decode"
+    if role != "worker":
+        return role
+    if title.startswith("ray::RayTrainWorker"):
+        return "trainer"
+    if "decode_items" in title or "DecodeItems" in title:
+        return "decode"
+    if title.startswith("ray::IDLE"):
+        return "idle_ray_workers"
+    return title[5:].split(".", 1)[0].strip() if title.startswith("ray::") else "worker"
+
+
+def window_cpu(tree, samples: int, seconds: float, driver: str = "driver") -> dict[str, Any]:
+    """A stopped :class:`~mirasol_ray.bench.data.CpuTree` over a window of ``samples`` samples and ``seconds``:
+    CPUs busy on average and CPU ms per sample, in all and by :func:`process_group`."""
+    groups: dict[str, float] = {}
+    for proc in tree.processes:
+        g = process_group(proc, driver)
+        groups[g] = groups.get(g, 0.0) + proc["cpu_s"]
+    if tree.by_role.get("exited"):
+        groups["exited"] = tree.by_role["exited"]
+    per = 1000 / max(samples, 1)
+    return {"window_s": seconds, "window_samples": samples, "cpus_busy": tree.total / max(seconds, 1e-9),
+            "cpu_ms_per_sample": tree.total * per,
+            "cpu_ms_per_sample_by_group": {k: v * per for k, v in sorted(groups.items(), key=lambda kv: -kv[1])}}
+
+
+class _RayWindow:
+    """:class:`~mirasol_ray.bench.data.CpuTree` over the steps ``lo`` to ``hi`` of the run that
+    :func:`~mirasol_ray.launch.train.run_training` is driving in this process, found by its counter actor's step
+    reports (``mirasol-skips-*``; rank 0 reports every step)."""
+
+    def __init__(self, lo: int, hi: int, batch_size: int):
+        self.lo, self.hi, self.batch_size = lo, hi, batch_size
+        self.result: dict[str, Any] | None = None
+        self.error = ""
+        self._counter = None
+
+    def start(self) -> _RayWindow:
+        import threading
+
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ray-window", daemon=True)
+        self._thread.start()
+        return self
+
+    def _step(self) -> int:
+        import ray
+
+        if self._counter is None:  # looked up once: a lookup a poll would add to the GCS's CPU in the window
+            names = [n for n in ray.util.list_named_actors() if n.startswith("mirasol-skips-")]
+            if not names:
+                return -1
+            self._counter = ray.get_actor(names[-1])
+        status = ray.get(self._counter.status.remote(), timeout=10)
+        return int((status.get("progress") or {}).get("step", -1))
+
+    def _run(self) -> None:
+        import time
+
+        from mirasol_ray.bench.data import CpuTree
+
+        tree, own, first = None, 0.0, (0, 0.0)
+        while not self._done.wait(0.5):
+            t0 = time.thread_time()
+            try:
+                step = self._step()
+            except Exception as e:  # the run is ending (or Ray with it): no window
+                self.error = f"{type(e).__name__}: {e}"
+                step = -1
+            if tree is None and step >= self.hi:  # the whole window passed between two reads
+                self.error = f"steps {self.lo}-{self.hi} passed between two reads 0.5 s apart: raise --steps"
+                return
+            if tree is None and step >= self.lo:
+                tree, first = CpuTree().start(), (step, time.perf_counter())
+            elif tree is not None and step >= self.hi:
+                tree.exclude(own + time.thread_time() - t0)  # this thread's reads of the counter
+                tree.stop()
+                samples = (step - first[0]) * self.batch_size
+                self.result = {**window_cpu(tree, samples, time.perf_counter() - first[1]),
+                               "window_steps": [first[0], step]}
+                return
+            if tree is not None:
+                own += time.thread_time() - t0
+
+    def stop(self) -> dict[str, Any] | None:
+        self._done.set()
+        self._thread.join()
+        return self.result
+
+
+def bench_ray(args: argparse.Namespace, root: str, name: str) -> dict[str, Any]:
     import ray
 
-    from mirasol_ray.bench.data import tree_cpu_seconds
     from mirasol_ray.launch.train import read_metrics, run_training
 
     cfg = _cfg(args, root, name)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
-        cpu0 = tree_cpu_seconds()
+        window = _RayWindow(args.steps, 2 * args.steps, args.batch_size).start()
         run_training(cfg)
-        cpu = tree_cpu_seconds() - cpu0
+        cpu = window.stop()
     finally:
         ray.shutdown()
     records = [r for r in read_metrics(os.path.join(root, name)) if "samples_per_s" in r]
     measured = records[-1]
+    if cpu is None:
+        raise RuntimeError(f"the Ray run's measured window was not seen ({window.error or 'no step report'})")
     return {"samples_per_s": measured["samples_per_s"], "data_wait_fraction": measured["data_wait_fraction"],
             "step_time_s": measured["step_time_s"], "warmup_samples_per_s": records[0]["samples_per_s"],
-            "cpu_s_whole_run": cpu}
+            "cpu": cpu}
 
 
 class _Clips(torch.utils.data.IterableDataset):
@@ -100,10 +209,10 @@ def _collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return to_torch(stack_rows(rows, DataConfig()))  # the config only shapes empty batches
 
 
-def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, float]:
+def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, Any]:
     import time
 
-    from mirasol_ray.bench.data import tree_cpu_seconds
+    from mirasol_ray.bench.data import CpuTree
     from mirasol_ray.data.pipeline import expand_shard_urls
     from mirasol_ray.model.mirasol import build_model
     from mirasol_ray.train.metrics import Throughput
@@ -112,8 +221,8 @@ def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, float]:
     cfg = _cfg(args, tempfile.gettempdir(), "unused")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    tree, t_window = None, 0.0
     try:
-        cpu0 = tree_cpu_seconds()
         torch.manual_seed(cfg.train.seed)
         model = build_model(cfg.model)
         opt, device = make_optimizer(model, cfg.train), torch.device("cpu")
@@ -130,12 +239,15 @@ def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, float]:
             meter.step()
             if step % args.steps == 0:
                 windows.append(meter.read())
+                if tree is None:
+                    tree, t_window = CpuTree().start(), time.perf_counter()
+        tree.stop()
+        cpu = window_cpu(tree, args.steps * args.batch_size, time.perf_counter() - t_window, driver="trainer")
         del stream, dl
-        cpu = tree_cpu_seconds() - cpu0
     finally:
         torch.set_num_threads(threads)
     return {**{k: windows[-1][k] for k in ("samples_per_s", "data_wait_fraction", "step_time_s")},
-            "warmup_samples_per_s": windows[0]["samples_per_s"], "cpu_s_whole_run": cpu}
+            "warmup_samples_per_s": windows[0]["samples_per_s"], "cpu": cpu}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -162,6 +274,15 @@ def run(args: argparse.Namespace) -> int:
         print(f"{k:<24}{med['samples_per_s']:>10.2f}{med['data_wait_fraction']:>11.2f}{med['step_time_s']:>9.3f}")
     for k, v in res["ratios"].items():
         print(f"{k:<36}{v['median']:>7.2f}   ({v['min']:.2f}-{v['max']:.2f})")
+    print(f"\nCPU over the measured window (median of {len(rounds)}): CPUs busy, CPU ms per sample, by process")
+    for k in rounds[0]:
+        cpus = statistics.median(r[k]["cpu"]["cpus_busy"] for r in rounds)
+        total = statistics.median(r[k]["cpu"]["cpu_ms_per_sample"] for r in rounds)
+        groups = rounds[0][k]["cpu"]["cpu_ms_per_sample_by_group"]
+        med = {g: statistics.median(r[k]["cpu"]["cpu_ms_per_sample_by_group"].get(g, 0.0) for r in rounds)
+               for g in groups}
+        print(f"{k:<24}{cpus:>5.2f} CPUs {total:>7.1f} ms/sample: "
+              + ", ".join(f"{g} {v:.1f}" for g, v in sorted(med.items(), key=lambda kv: -kv[1]) if v >= 0.05))
     print(f"load average at the end: {' '.join(f'{x:.1f}' for x in res['load_average'])}")
     if args.json_out:
         with open(args.json_out, "w") as f:
