@@ -16,8 +16,8 @@ Beside it, the CPU each variant's whole process tree used over the measured wind
 CPU goes when the machine is full, which decides samples/s on a small one. For the torch loop the window is
 exact (steps ``--steps`` to ``2 * --steps``); for Ray it runs from the first step report at or past the warm-up's
 last step to the first at or past the last step, as rank 0 reports them to the run's counter actor (read every
-0.5 s, as often as the console reads it, by a thread whose own CPU is left out; the
-counter actor's CPU for those reads, ~1 ms each, is not).
+0.1 s until the window starts, then every 0.5 s, as often as the console reads it, by a thread whose own CPU is left
+out; the counter actor's CPU for those reads, ~1 ms each, is not).
 """
 
 from __future__ import annotations
@@ -126,7 +126,9 @@ class _RayWindow:
         from mirasol_ray.bench.data import CpuTree
 
         tree, own, first = None, 0.0, (0, 0.0)
-        while not self._done.wait(0.5):
+        # every 0.1 s until the window starts (so that a short one is not missed), then every 0.5 s, as often as
+        # the console reads the counter, so the reads add little to the counter actor's CPU in the window
+        while not self._done.wait(0.1 if tree is None else 0.5):
             t0 = time.thread_time()
             try:
                 step = self._step()
@@ -134,7 +136,7 @@ class _RayWindow:
                 self.error = f"{type(e).__name__}: {e}"
                 step = -1
             if tree is None and step >= self.hi:  # the whole window passed between two reads
-                self.error = f"steps {self.lo}-{self.hi} passed between two reads 0.5 s apart: raise --steps"
+                self.error = f"steps {self.lo}-{self.hi} passed between two reads 0.1 s apart: raise --steps"
                 return
             if tree is None and step >= self.lo:
                 tree, first = CpuTree().start(), (step, time.perf_counter())
