@@ -56,8 +56,8 @@ def _cfg(args: argparse.Namespace, root: str, name: str):
 
 def process_group(proc: dict[str, Any], driver: str = "driver") -> str:
     """Which part of a variant a process of :class:`~mirasol_ray.bench.data.CpuTree` is: ``trainer`` (the torch
-    loop's own process, named by ``driver``, or Ray Train's worker), ``decode`` (the DataLoader's workers, or Ray Data's decode tasks),
-    ``idle_ray_workers``, one of Ray's daemons or Ray Data's actors by role, or a Ray actor by class name (Ray
+    loop's own process, named by ``driver``, or Ray Train's worker), ``decode`` (the DataLoader's workers, or Ray
+    Data's decode tasks), ``idle_ray_workers``, one of Ray's daemons or Ray Data's actors by role, or a Ray actor by class name (Ray
     Train's controller and helpers, our skip counter)."""
     role, title = proc["role"], proc["title"]
     if role == "driver":
@@ -93,7 +93,7 @@ def window_cpu(tree, samples: int, seconds: float, driver: str = "driver") -> di
 class _RayWindow:
     """:class:`~mirasol_ray.bench.data.CpuTree` over the steps ``lo`` to ``hi`` of the run that
     :func:`~mirasol_ray.launch.train.run_training` is driving in this process, found by its counter actor's step
-    reports (``mirasol-skips-*``; rank 0 reports every step)."""
+    reports (``mirasol-skips-*``; rank 0 reports its step at most every 0.25 s, and always the last one)."""
 
     def __init__(self, lo: int, hi: int, batch_size: int):
         self.lo, self.hi, self.batch_size = lo, hi, batch_size
