@@ -36,7 +36,7 @@ test: venv sysdeps
 	$(BIN)/python -m pytest -q -ra tests
 
 lint: venv
-	$(BIN)/ruff check mirasol_ray tests jobs
+	$(BIN)/ruff check mirasol_ray benchmarks tests jobs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "activitynet-captions", "nextqa-mc", "nextqa-oe",
                 "kinetics-sounds", "vggsound", "epic-sounds")
@@ -225,6 +226,10 @@ def _add_sweep_commands(sub) -> None:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    if not hasattr(args, "bench_run"):
+        raise RuntimeError(f"mirasol bench {args.bench_cmd} is a research tool: it lives in the repository's "
+                           f"benchmarks/ folder, not in the installed package (in a checkout: python -m "
+                           f"benchmarks.{args.bench_cmd}, or mirasol bench after pip install -e .)")
     return args.bench_run(args)
 
 
@@ -452,11 +457,20 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("train", "mirasol_ray.bench.train",
                                  "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
                                 ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step"),
-                                ("learn", "mirasol_ray.bench.learn",
+                                # research tools: the checkout's benchmarks/ folder, not the package
+                                ("learn", "benchmarks.learn",
                                  "the demo's recipe in plain torch on clips in memory: accuracy per task and kind"),
-                                ("recipe", "mirasol_ray.bench.recipe",
+                                ("recipe", "benchmarks.recipe",
                                  "the README's recipe for your own data, run through the CLI on a task of its own "
-                                 "it was never tuned on: held-out accuracy per question type against chance")):
+                                 "it was never tuned on: held-out accuracy per question type against chance"),
+                                ("lucidrains", "benchmarks.lucidrains",
+                                 "forward+backward time against lucidrains' mirasol-pytorch at matched dimensions")):
+        if module.startswith("benchmarks.") and benchmarks_dir() is None:
+            # a wheel install: the name stays, and any use of it (--help too) says where the tool lives
+            stub = bench.add_parser(name, help=help_, add_help=False, prefix_chars="\0")
+            stub.add_argument("args", nargs="*")
+            stub.set_defaults(func=_cmd_bench)
+            continue
         bp = bench.add_parser(name, help=help_)
         mod = _lazy(module)
         if mod is not None:
@@ -465,9 +479,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def benchmarks_dir(package_file: str | None = None) -> Path | None:
+    """The repository's ``benchmarks/`` (research tools) when ``mirasol_ray`` (``package_file``: its
+    ``__init__.py``) is imported from a checkout, e.g. ``pip install -e .``; ``None`` in a wheel install."""
+    if package_file is None:
+        import mirasol_ray
+
+        package_file = mirasol_ray.__file__
+    root = Path(package_file).resolve().parents[1]
+    found = root / "benchmarks"
+    return found if (found / "__init__.py").is_file() and (root / "pyproject.toml").is_file() else None
+
+
 def _lazy(module: str):
     import importlib
 
+    if module.startswith("benchmarks."):  # the checkout's root on the path: the tool's spawned processes import it too
+        root = str(benchmarks_dir().parent)
+        if root not in sys.path:
+            sys.path.append(root)
     try:
         return importlib.import_module(module)
     except ModuleNotFoundError as e:

@@ -9,8 +9,8 @@ FLOPs come from ``torch.utils.flop_counter``; activation memory is the bytes aut
 stays alive at the forward/backward boundary, parameters excluded), counted by storage through
 ``saved_tensors_hooks``: on a GPU this is what dominates peak memory, and it is measurable on a CPU.
 
-``--compare-lucidrains`` times lucidrains' mirasol-pytorch 0.0.16 (a separate venv, see lucidrains_venv.sh) and
-ours at matched dimensions in the same run. ``--params --preset NAME`` prints the per-component parameter count.
+The comparison with lucidrains' mirasol-pytorch is a research tool of the repository (``python -m
+benchmarks.lucidrains``). ``--params --preset NAME`` prints the per-component parameter count.
 ``--memory --preset NAME --gpus N [--fsdp] [--batch-size B]`` prints the memory a training step needs per GPU
 (parameters, gradients, AdamW state, activations with and without checkpointing) and whether it fits an H100 or
 an H200, all counted on the meta device (:mod:`mirasol_ray.bench.plan`).
@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -39,8 +37,6 @@ from mirasol_ray.model.layers import Transformer, init_weights
 from mirasol_ray.model.mirasol import Mirasol, param_breakdown
 from mirasol_ray.model.text_decoder import TextDecoder
 
-REPO = Path(__file__).resolve().parents[2]
-LUCIDRAINS_PYTHON = REPO / ".venv-lucidrains" / "bin" / "python"
 PROMPT_LEN = TARGET_LEN = 16  # a question and a short answer: QA-sized text
 
 
@@ -48,9 +44,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", help="model preset whose dimensions are measured (small)")
     parser.add_argument("--snippets", type=int, nargs="+", default=[4, 8, 16, 32], help="snippet counts")
     parser.add_argument("--params", action="store_true", help="print the preset's parameters per component, exit")
-    parser.add_argument("--compare-lucidrains", action="store_true",
-                        help="also time lucidrains' mirasol-pytorch (needs .venv-lucidrains: lucidrains_venv.sh)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed repetitions for the lucidrains comparison")
     parser.add_argument("--out", default="", help="folder for model_bench.json and model_scaling.png")
     parser.add_argument("--memory", action="store_true",
                         help="print the preset's memory per GPU for a training step (meta device), exit")
@@ -81,8 +74,6 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"preset": args.preset, "config": cfg.to_dict(), "text_tokens": PROMPT_LEN + TARGET_LEN,
                               "threads": torch.get_num_threads(), "scaling": rows, "targets": targets(rows)}
     print_scaling(rows, report["targets"])
-    if args.compare_lucidrains:
-        report["lucidrains"] = compare_lucidrains(cfg, args.repeats)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -262,62 +253,6 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# lucidrains' mirasol-pytorch at matched dimensions
-
-
-def lucidrains_dims(cfg: ModelConfig, snippets: int) -> ModelConfig:
-    """Our config at dimensions their code accepts: one width everywhere (theirs has one), divisible by 6 (their
-    3D sin-cos position embedding breaks otherwise, FIELD_NOTES), 64-wide heads, square frames, the Transformer
-    Combiner (they have no TTM). Their audio chunking (``'b f (t tc) -> b tc f t'``, tc = frames per snippet)
-    interleaves time and only yields the shapes it asserts when mel frames per snippet == snippets: so be it."""
-    width, heads = 192, 3
-    return dataclasses.replace(cfg, video_dim=width, audio_dim=width, dim=width, text_dim=width, video_heads=heads,
-                               audio_heads=heads, heads=heads, text_heads=heads, combiner="transformer",
-                               sparse_tubes=False, image_size=(cfg.image_size[0], cfg.image_size[0]),
-                               mel_frames=snippets, audio_patch=(cfg.audio_patch[0], snippets // 2),
-                               max_snippets=max(cfg.max_snippets, snippets))
-
-
-def compare_lucidrains(cfg: ModelConfig, repeats: int, batch_size: int = 2, snippets: int = 8) -> dict[str, Any]:
-    """Median forward+backward seconds of both at matched dims, ours timed here, theirs in their venv."""
-    if not LUCIDRAINS_PYTHON.exists():
-        msg = f"{LUCIDRAINS_PYTHON} missing: run bash mirasol_ray/bench/lucidrains_venv.sh"
-        print(f"lucidrains comparison skipped: {msg}")
-        return {"error": msg}
-    cfg = lucidrains_dims(cfg, snippets)
-    dims = {"dim": cfg.dim, "heads": cfg.heads, "vocab_size": cfg.vocab_size, "image_size": cfg.image_size[0],
-            "frames_per_snippet": cfg.frames_per_snippet, "n_mels": cfg.n_mels, "mel_frames": cfg.mel_frames,
-            "audio_patch": list(cfg.audio_patch), "patch_size": cfg.patch_size, "tubelet_frames": cfg.tubelet_frames,
-            "video_depth": cfg.video_depth, "audio_depth": cfg.audio_depth, "depth": cfg.depth,
-            "text_depth": cfg.text_depth, "combiner_depth": cfg.combiner_depth,
-            "combiner_tokens": cfg.combiner_tokens, "text_len": PROMPT_LEN + TARGET_LEN, "batch": batch_size,
-            "snippets": snippets, "warmup": 1, "repeats": repeats, "threads": torch.get_num_threads()}
-    model, batch = Mirasol(cfg).train(), synthetic_batch(cfg, batch_size, snippets)
-    times = []
-    for i in range(1 + repeats):
-        t0 = time.perf_counter()
-        model(batch)["loss"].backward()
-        if i:
-            times.append(time.perf_counter() - t0)
-    ours = statistics.median(times)
-    proc = subprocess.run([str(LUCIDRAINS_PYTHON), "-W", "ignore", str(Path(__file__).with_name(
-        "_lucidrains_runner.py")), json.dumps(dims)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        print(f"lucidrains comparison failed: {err}")
-        return {"dims": dims, "ours_fwd_bwd_s": ours, "error": err}
-    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
-    ratio = ours / theirs["fwd_bwd_s"]
-    print(f"lucidrains mirasol-pytorch 0.0.16 at width {cfg.dim}, batch {batch_size} x {snippets} snippets: "
-          f"ours {ours:.3f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), theirs "
-          f"{theirs['fwd_bwd_s']:.3f} s ({theirs['params'] / 1e6:.1f}M params); ours/theirs = {ratio:.2f} "
-          f"(target <= 1.0: {'ok' if ratio <= 1.0 else 'MISSED'})")
-    return {"dims": dims, "ours_fwd_bwd_s": ours, "ours_times_s": times, "theirs_fwd_bwd_s": theirs["fwd_bwd_s"],
-            "theirs_times_s": theirs["times_s"], "theirs_params": theirs["params"], "ratio": ratio,
-            "ok": ratio <= 1.0}
 
 
 def main() -> int:

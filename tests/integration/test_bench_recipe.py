@@ -7,7 +7,7 @@ import json
 import subprocess
 import sys
 
-from mirasol_ray.bench.recipe import README_COMMANDS
+from benchmarks.recipe import README_COMMANDS
 from mirasol_ray.config import load_config
 
 TYPES = ("qa/number", "qa/motion", "qa/av_aligned", "qa/yes_no")

@@ -12,9 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol_ray.bench.recipe import README_COMMANDS, commands
-from mirasol_ray.config import load_config
-from mirasol_ray.data.bars_beeps import (
+from benchmarks.bars_beeps import (
     BEEP_HZ,
     NUMBERS,
     QUESTIONS,
@@ -24,6 +22,8 @@ from mirasol_ray.data.bars_beeps import (
     generate_clip,
     write_dataset,
 )
+from benchmarks.recipe import README_COMMANDS, commands
+from mirasol_ray.config import load_config
 from mirasol_ray.data.decode import decode_audio
 from mirasol_ray.data.rows import decode_av
 from mirasol_ray.data.synthetic import generate_clip as demo_clip

@@ -1,4 +1,5 @@
-"""The pieces of ``mirasol bench learn``: scoring by answer kind, and rows in memory in the pipeline's order."""
+"""The pieces of ``mirasol bench learn``: scoring by answer kind, rows in memory in the pipeline's order, and the
+probes' own order of clips."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from mirasol_ray.bench.learn import MemorySource, answer_kind, row_order, score
-from mirasol_ray.config import DataConfig
+from benchmarks import learn
+from benchmarks.learn import MemorySource, answer_kind, row_order, score
+from mirasol_ray.config import DataConfig, load_config
 from mirasol_ray.data.index import ReadPosition, epoch_permutation
 from mirasol_ray.data.pipeline import train_batches
 from mirasol_ray.data.schema import row_spec
+from mirasol_ray.model import mirasol
 
 
 def _rec(qtype, target, correct, task="qa"):
@@ -57,3 +60,31 @@ def test_memory_source_serves_the_pipelines_order():
     got = [int(x) // 10 for _ in range(5) for x in next(stream)["label"]]  # 15 rows: two epochs and a bit
     want = np.concatenate([epoch_permutation(n, 5, e) for e in range(3)])[:15]
     assert got == want.tolist()
+
+
+@pytest.mark.parametrize("clips", [8, 10])
+def test_the_encoder_probe_reshuffles_the_clips_every_epoch(monkeypatch, clips):
+    """Batches of 4 clips: each epoch (two batches) shows 8 different clips, and each epoch in a new order,
+    whether or not the batch size divides the number of clips."""
+    cfg = load_config("tiny", ["train.batch_size=4"])
+    (S, F, H, W, C), _ = row_spec(cfg.data)["video"]
+    # clip i's every pixel is i: the batches the video encoder sees name their clips
+    video = torch.arange(clips, dtype=torch.uint8).view(-1, 1, 1, 1, 1, 1).expand(clips, S, F, H, W, C).clone()
+    rows = {"video": video, "audio": torch.zeros(clips, *row_spec(cfg.data)["audio"][0]),
+            "audio_present": torch.ones(clips, dtype=torch.bool), "key": [f"c{i}" for i in range(clips)]}
+    monkeypatch.setattr(learn, "snippet_labels",
+                        lambda rows, tok: (torch.zeros(len(rows["key"]), S, dtype=torch.long),) * 2)
+    seen: list[list[int]] = []
+
+    class Recorded(mirasol.Mirasol):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.video_encoder.register_forward_pre_hook(
+                lambda m, inp: seen.append(inp[0][:, 0, 0, 0, 0, 0].tolist()) if m.training else None)
+
+    monkeypatch.setattr(mirasol, "Mirasol", Recorded)
+    learn.probe_encoder(cfg, rows, rows, None, steps=6, seed=0)
+    assert len(seen) == 6 and all(len(b) == 4 for b in seen)
+    epochs = [seen[0] + seen[1], seen[2] + seen[3], seen[4] + seen[5]]
+    assert all(len(set(e)) == 8 for e in epochs), epochs  # no clip twice in an epoch
+    assert len({tuple(e) for e in epochs}) == 3, epochs  # a new order each epoch

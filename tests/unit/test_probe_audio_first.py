@@ -8,7 +8,7 @@ import copy
 import numpy as np
 import torch
 
-from mirasol_ray.bench import learn
+from benchmarks import learn
 from mirasol_ray.config import load_config
 from mirasol_ray.data.schema import row_spec
 from mirasol_ray.model import mirasol

@@ -1,9 +1,9 @@
-"""``mirasol bench recipe``: the README's recipe for "Your own data", run as a user runs it, on a task it was never
-tuned on.
+"""The README's recipe for "Your own data", run as a user runs it, on a task it was never tuned on.
 
-It writes a user's data (MP4 files and JSONL annotations) of a task of its own, unlike the demo's
-(:mod:`mirasol_ray.data.bars_beeps`: a bar moving up or down, the screen dark for one half, chords, buzzes,
-sweeps and beeps; "how many beeps?", "which sound plays while the screen is dark?"), then runs the README's
+``python -m benchmarks.recipe`` from the repository's root, or ``mirasol bench recipe`` in a checkout. It
+writes a user's data (MP4 files and JSONL annotations) of a task of its own, unlike the demo's
+(:mod:`benchmarks.bars_beeps`: a bar moving up or down, the screen dark for one half, chords, buzzes, sweeps and
+beeps; "how many beeps?", "which sound plays while the screen is dark?"), then runs the README's
 commands (:data:`README_COMMANDS`, the "Your own data" block word for word) in that folder as separate ``mirasol``
 processes: ``shards build --format jsonl ... --tokenizer learn``, ``train --config demo`` (pretraining),
 ``train`` fine-tuning with ``data.task=all`` and ``train.init_from``, ``eval``. The only additions: a third
@@ -15,8 +15,8 @@ It reports held-out accuracy per question type against chance (``test``, and ``v
 gap between training clips and held-out ones (the fine-tuning run's ``train_eval`` beside its ``val``), the time
 of each command and the load average, into ``OUT/recipe.json`` and ``OUT/recipe.png``::
 
-    mirasol bench recipe --out /tmp/recipe --seed 0                       # the README's recipe as written
-    mirasol bench recipe --out /tmp/recipe2 --set train.steps=400         # a departure, said in recipe.json
+    python -m benchmarks.recipe --out /tmp/recipe --seed 0                # the README's recipe as written
+    python -m benchmarks.recipe --out /tmp/recipe2 --set train.steps=400  # a departure, said in recipe.json
 
 Ray: each ``mirasol`` command starts its own local Ray (all CPUs) unless ``RAY_ADDRESS`` is set, as a user's do.
 """
@@ -139,7 +139,7 @@ def predicted_answers(records: str) -> dict[str, dict[str, int]]:
 
 
 def qa_types() -> list[str]:
-    from mirasol_ray.data.bars_beeps import CHANCE_BY_ANSWER_SPACE
+    from benchmarks.bars_beeps import CHANCE_BY_ANSWER_SPACE
 
     return list(CHANCE_BY_ANSWER_SPACE)
 
@@ -162,7 +162,7 @@ def table(res: dict[str, Any]) -> str:
 def run_recipe(out: str, *, seed: int = 0, train_clips: int = 480, val_clips: int = 96, test_clips: int = -1,
                both: list[str] | None = None, finetune: list[str] | None = None, progress: bool = True
                ) -> dict[str, Any]:
-    from mirasol_ray.data.bars_beeps import AUDIO_VIDEO_TYPES, write_dataset
+    from benchmarks.bars_beeps import AUDIO_VIDEO_TYPES, write_dataset
     from mirasol_ray.launch.demo import results_plot
 
     both, finetune = list(both or []), list(finetune or [])
@@ -250,3 +250,13 @@ def run(args: argparse.Namespace) -> int:
           + f"); load average {load['start'][0]} at the start, {load['end'][0]} at the end, {res['cpus']} CPUs")
     print(f"wrote {os.path.join(os.path.abspath(args.out), 'recipe.json')}, recipe.png, recipe.log")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import run_as_script
+
+    return run_as_script("python -m benchmarks.recipe", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Creates .venv-lucidrains: lucidrains' mirasol-pytorch 0.0.16, the peer that `mirasol bench model
-# --compare-lucidrains` times against ours. A separate venv because it needs x-transformers<1.29
+# Creates .venv-lucidrains: lucidrains' mirasol-pytorch 0.0.16, the peer that `python -m
+# benchmarks.lucidrains` times against ours. A separate venv because it needs x-transformers<1.29
 # (it fails to build against current x-transformers, FIELD_NOTES); x-transformers 1.28 imports `packaging`
 # without declaring it.
 #
-#   bash mirasol_ray/bench/lucidrains_venv.sh [VENV_DIR]
+#   bash benchmarks/lucidrains_venv.sh [VENV_DIR]
 #
 # torch is pinned first, alone: otherwise pip resolves mirasol-pytorch's bare `torch` requirement to the
 # multi-GB CUDA build.
 set -euo pipefail
-here="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${1:-$here/.venv-lucidrains}"
 python="${PYTHON:-python3}"
 "$python" -m venv "$venv"

@@ -1,6 +1,7 @@
-"""``mirasol bench learn``: the demo's recipe in plain torch, on clips decoded once into memory, to see what it learns.
+"""The demo's recipe in plain torch, on clips decoded once into memory, to see what it learns.
 
-What ``mirasol demo`` runs through Ray, without Ray: the same shards (synthesised as the demo does, or any
+``python -m benchmarks.learn`` from the repository's root, or ``mirasol bench learn`` in a checkout. What
+``mirasol demo`` runs through Ray, without Ray: the same shards (synthesised as the demo does, or any
 folder with ``train/`` and ``val/``), the same decode (:func:`mirasol_ray.bench.rows.decode_clips`, i.e.
 :func:`~mirasol_ray.data.rows.decode_sample_safe` with the training frame positions of epoch 0, as ``data.cache``
 holds them; held-out clips with the evaluation ones), the same order (:func:`~mirasol_ray.data.pipeline.
@@ -14,9 +15,9 @@ It prints held-out and training-clip accuracy per task, and for the questions wh
 shape (``qa/video``, ``qa/av_aligned``) the two kinds apart, so that "shapes are not learnt" is a number; for
 ``qa/temporal``, the questions whose answer is the tone apart from those whose answer is the shape::
 
-    mirasol bench learn --data runs/demo-data --seed 0                       # the demo's recipe
-    mirasol bench learn --data runs/demo-data --finetune-steps 500 --set model.patch_size=8   # a quick probe
-    mirasol bench learn --data runs/demo-data --frames-png frames.png        # what the model sees
+    python -m benchmarks.learn --data runs/demo-data --seed 0                # the demo's recipe
+    python -m benchmarks.learn --data runs/demo-data --finetune-steps 500 --set model.patch_size=8   # a quick probe
+    python -m benchmarks.learn --data runs/demo-data --frames-png frames.png # what the model sees
 
 One process, one torch thread (``--threads``): the figures are those of the demo's single Train worker.
 """
@@ -28,6 +29,7 @@ import json
 import os
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -284,6 +286,18 @@ def snippet_labels(rows: dict[str, Any], tok) -> tuple[torch.Tensor, torch.Tenso
     return out[0], out[1]
 
 
+def shuffled_batches(n: int, batch_size: int, g: torch.Generator) -> Iterator[torch.Tensor]:
+    """Batches of ``batch_size`` clip indices out of ``n``, without end: each epoch a new permutation drawn from
+    ``g``, its last incomplete batch left out (with ``n < batch_size``: all ``n`` clips, reshuffled every step). A
+    new epoch starts wherever the batches run out, whether or not ``batch_size`` divides ``n``."""
+    order, lo = torch.randperm(n, generator=g), 0
+    while True:
+        if lo + batch_size > n:
+            order, lo = torch.randperm(n, generator=g), 0
+        yield order[lo:lo + batch_size]
+        lo += batch_size
+
+
 def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int, read: str = "mean") -> dict[str, Any]:
     """The video encoder of ``cfg.model``, trained from scratch to name each snippet's colour and shape (two linear
     heads), batches of ``train.batch_size`` clips in a seeded order: can this encoder, at this resolution and patch
@@ -325,12 +339,9 @@ def probe_encoder(cfg, train_rows, val_rows, tok, steps: int, seed: int, read: s
         enc.train()
         return {k: float(torch.cat(v).mean()) for k, v in hits.items()}
 
-    history, order, t0 = [], torch.randperm(n, generator=g), time.perf_counter()
+    history, batches, t0 = [], shuffled_batches(n, bs, g), time.perf_counter()
     for step in range(1, steps + 1):
-        lo = ((step - 1) * bs) % n
-        if lo + bs > n:
-            order, lo = torch.randperm(n, generator=g), 0
-        idx = order[lo:lo + bs]
+        idx = next(batches)
         lc, ls = logits({k: train_rows[k][idx] for k in ("video", "audio", "audio_present")}, 0, len(idx))
         y_c, y_s = tr_c[idx], tr_s[idx]
         loss = nn.functional.cross_entropy(lc.flatten(0, 1), y_c.flatten(), ignore_index=-1) + \
@@ -409,13 +420,9 @@ def probe_answers(cfg, train_rows, val_rows, tok, qtype: str, steps: int, seed: 
             modules.train()
             return float(torch.cat(hits).mean())
 
-        n, bs = len(y_tr), cfg.train.batch_size
-        history, order, lo, t0 = [], torch.randperm(n, generator=g), 0, time.perf_counter()
+        history, batches, t0 = [], shuffled_batches(len(y_tr), cfg.train.batch_size, g), time.perf_counter()
         for step in range(1, steps + 1):
-            if lo + bs > n:
-                order, lo = torch.randperm(n, generator=g), 0
-            idx = order[lo:lo + bs]
-            lo += bs
+            idx = next(batches)
             loss = nn.functional.cross_entropy(logits(train_rows, idx), y_tr[idx], ignore_index=-1)
             opt.zero_grad()
             loss.backward()
@@ -570,3 +577,13 @@ def run(args: argparse.Namespace) -> int:
         with open(args.json_out, "w") as fh:
             json.dump(res, fh, indent=1, default=float)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from benchmarks import run_as_script
+
+    return run_as_script("python -m benchmarks.learn", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,6 +1,6 @@
 """A second synthetic audio-visual task, unlike the demo's, written as a user's own data: MP4 files + JSONL.
 
-``mirasol bench recipe`` trains on it with the README's recipe for "Your own data" to see whether that recipe
+``python -m benchmarks.recipe`` trains on it with the README's recipe for "Your own data" to see whether that recipe
 learns a task nobody tuned it on. Nothing here is shared with :mod:`mirasol_ray.data.synthetic` (the demo's clips)
 but the encoder: other pictures, other sounds, other questions, other answers, other clip lengths and sizes.
 

@@ -1,9 +1,9 @@
 """Times lucidrains' mirasol-pytorch 0.0.16 forward+backward; run by .venv-lucidrains's python, prints JSON.
 
-    .venv-lucidrains/bin/python mirasol_ray/bench/_lucidrains_runner.py '{"dim": 256, ...}'
+    .venv-lucidrains/bin/python benchmarks/_lucidrains_runner.py '{"dim": 256, ...}'
 
-Called by ``mirasol bench model --compare-lucidrains`` with the dimensions our side uses (see
-``mirasol_ray.bench.model.lucidrains_dims``). Imports nothing from this project: it runs in the other venv.
+Called by ``python -m benchmarks.lucidrains`` with the dimensions our side uses (see
+:func:`benchmarks.lucidrains.lucidrains_dims`). Imports nothing from this project: it runs in the other venv.
 """
 
 from __future__ import annotations
