@@ -210,8 +210,9 @@ class ModelConfig:
     activation_checkpointing: bool = False
     """Recompute each block's activations in backward (training only): less memory, ~1/3 more compute."""
     init_strict: bool = True
-    """A missing, unexpected or mis-shaped tensor in a pretrained checkpoint (video_init, audio_init, text_init) is
-    an error; false reports it and leaves that part as initialised."""
+    """A missing, unexpected or mis-shaped tensor in a pretrained checkpoint (video_init, audio_init, text_init) or
+    in the checkpoint ``train.init_from`` names (the classification head excepted: it is the fine-tuning run's own)
+    is an error; false reports it and leaves that part as initialised. Resuming a run is always strict."""
 
     @property
     def embed_rows(self) -> int:

@@ -76,6 +76,64 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
+HEAD_PREFIX = "cls_head."
+"""The classification head (``model.cls_mode=head``): sized by the fine-tuning run's label set, so the checkpoint
+``train.init_from`` names may lack it or hold it for another set; it then starts as initialised."""
+
+
+class CheckpointMismatch(ValueError):
+    """A checkpoint's tensors are not the model's (by name or shape): the message names them in one line."""
+
+
+Shapes = dict[str, tuple[int, ...] | None]
+"""Tensor name -> shape (None: a value that is not a tensor, e.g. a module's extra state)."""
+
+
+def shapes_of(state: dict[str, Any]) -> Shapes:
+    """Names and shapes of a state dict's entries (a DTensor's shape is the whole tensor's, not this rank's part)."""
+    return {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in state.items()}
+
+
+def compare_tensors(saved: Shapes, own: Shapes) -> dict[str, list[str]]:
+    """``{"missing": the model's tensors the checkpoint lacks, "unexpected": the checkpoint's the model lacks,
+    "mismatched": both hold, with other shapes}``, each sorted by name."""
+    return {"missing": sorted(set(own) - set(saved)), "unexpected": sorted(set(saved) - set(own)),
+            "mismatched": sorted(k for k in set(own) & set(saved) if saved[k] != own[k])}
+
+
+def describe_differences(diff: dict[str, list[str]], saved: Shapes, own: Shapes, limit: int = 4) -> str:
+    """``missing a.w, a.b; unexpected c.w; c.b is (3, 4) in the checkpoint, (5, 4) in the model (and 2 more)``: the
+    first ``limit`` differences of :func:`compare_tensors`, in one line."""
+    items = ([f"missing {k}" for k in diff["missing"]] + [f"unexpected {k}" for k in diff["unexpected"]]
+             + [f"{k} is {saved[k]} in the checkpoint, {own[k]} in the model" for k in diff["mismatched"]])
+    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
+    return "; ".join(items[:limit]) + more
+
+
+def require_same_tensors(source: str, saved: Shapes, own: Shapes) -> None:
+    """Raise :class:`CheckpointMismatch` naming the differences when checkpoint ``source`` does not hold exactly
+    the model's tensors, with their shapes (resume: a tensor silently left as initialised would be a wrong run)."""
+    diff = compare_tensors(saved, own)
+    if any(diff.values()):
+        raise CheckpointMismatch(f"checkpoint {source} does not match the model: "
+                                 f"{describe_differences(diff, saved, own)}")
+
+
+def init_plan(source: str, saved: Shapes, own: Shapes, strict: bool) -> dict[str, list[str]]:
+    """Which tensors ``train.init_from`` takes from checkpoint ``source``: ``{"load": names, "missing": the model's
+    tensors left as initialised, "unexpected": the checkpoint's not loaded}``. The classification head
+    (:data:`HEAD_PREFIX`) may differ; any other difference raises :class:`CheckpointMismatch` naming it when
+    ``strict`` (``model.init_strict``, as for pretrained parts), else that tensor is left as initialised."""
+    diff = compare_tensors(saved, own)
+    other = {part: [k for k in names if not k.startswith(HEAD_PREFIX)] for part, names in diff.items()}
+    if strict and any(other.values()):
+        raise CheckpointMismatch(f"train.init_from {source}: {describe_differences(other, saved, own)}; set "
+                                 "model.init_strict=false to load the rest and leave these as initialised")
+    return {"load": sorted(k for k in set(own) & set(saved) if saved[k] == own[k]),
+            "missing": sorted(diff["missing"] + diff["mismatched"]),
+            "unexpected": sorted(diff["unexpected"] + diff["mismatched"])}
+
+
 def _full_options():
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -92,15 +150,19 @@ def gather_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
             get_optimizer_state_dict(m, optimizer, options=_full_options()))
 
 
-def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: dict) -> None:
-    """Load what :func:`gather_state` saved into a (possibly sharded) model and its optimiser."""
+def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: dict,
+                  source: str = "(model.pt)") -> None:
+    """Load what :func:`gather_state` saved into a (possibly sharded) model and its optimiser. The model's tensors
+    must be the checkpoint's (:func:`require_same_tensors`: ``source`` names the checkpoint in the error)."""
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
+        get_model_state_dict,
         set_model_state_dict,
         set_optimizer_state_dict,
     )
 
     m = unwrap(model)
+    require_same_tensors(source, shapes_of(model_sd), shapes_of(get_model_state_dict(m)))
     set_model_state_dict(m, model_sd, options=StateDictOptions(full_state_dict=True))
     # A parameter that has had no gradient yet (the audio-video path while train.freeze_av_steps holds it) has no
     # AdamW state to save. Loading is therefore not strict, and the state the loader makes up for such a parameter
@@ -445,21 +507,25 @@ def load_model_from(uri: str, endpoint_url: str = ""):
     return load_model(load_model_state(resolve_checkpoint(uri, endpoint_url), endpoint_url))
 
 
-def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "") -> dict[str, list[str]]:
-    """Initialise ``model`` from a checkpoint's weights (finetune from pretrain). Parameters whose shapes differ
-    (e.g. a classification head sized for another label set) are left as initialised and reported. From a
-    sharded checkpoint every rank reads only what it holds (a collective under a process group)."""
+def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "",
+                      strict: bool = True) -> dict[str, list[str]]:
+    """Initialise ``model`` from a checkpoint's weights (``train.init_from``: finetune from pretrain) and return
+    ``{"missing", "unexpected"}``: the model's tensors left as initialised, the checkpoint's not loaded. The
+    classification head may be absent or sized for another label set; any other difference is an error naming it
+    when ``strict`` (``model.init_strict``), see :func:`init_plan`. From a sharded checkpoint every rank reads only
+    what it holds (a collective under a process group)."""
     model_uri = resolve_checkpoint(uri, endpoint_url)
     state = load_torch(model_uri, endpoint_url)
     if is_sharded_state(state):
         from mirasol_ray.train import sharded
 
-        return sharded.load_weights_into(model, _folder(model_uri), endpoint_url)
+        return sharded.load_weights_into(model, _folder(model_uri), endpoint_url, strict=strict)
     state = state["model"]
-    own = unwrap(model).state_dict()
-    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    result = unwrap(model).load_state_dict(keep, strict=False)
-    return {"missing": list(result.missing_keys), "unexpected": sorted(set(state) - set(keep))}
+    plan = init_plan(model_uri, shapes_of(state), shapes_of(unwrap(model).state_dict()), strict)
+    result = unwrap(model).load_state_dict({k: state[k] for k in plan["load"]}, strict=False)
+    assert sorted(result.missing_keys) == plan["missing"], "init_plan and load_state_dict disagree"
+    return {"missing": plan["missing"], "unexpected": plan["unexpected"]}
+
 
 
 

@@ -275,7 +275,7 @@ def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any
     if ckpt.is_sharded_state(model_file):
         sharded.load(folder, model, opt, endpoint_url)
     else:
-        ckpt.restore_state(model, opt, model_file["model"], state["optimizer"])
+        ckpt.restore_state(model, opt, model_file["model"], state["optimizer"], source=folder)
     sched.load_state_dict(state["scheduler"])
     return state
 
@@ -307,7 +307,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # a checkpoint written just before a run was stopped (Ctrl-C at step 15 resumed at 10, losing 5 steps).
     latest = ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
     if latest is None and cfg.train.init_from:
-        info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url)
+        info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url, strict=cfg.model.init_strict)
         if rank == 0:
             _say(config["counter"], f"initialised from {cfg.train.init_from}; new: {info['missing']}")
     elif latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mirasol_ray import storage
+from mirasol_ray.train import checkpoint as ckpt
 
 METADATA = ".metadata"
 
@@ -63,32 +64,39 @@ def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, endpoi
     """Load a sharded checkpoint into ``model`` and ``optimizer``, however they are now sharded (FSDP2 over any
     number of ranks, or a plain model). A collective under a process group.
 
-    A parameter the checkpoint holds no optimiser state for (one that had no gradient yet: the audio-video path
-    while ``train.freeze_av_steps`` holds it) keeps none, as in the run that wrote it: AdamW starts it at its first
-    gradient."""
+    The model's tensors must be the checkpoint's, by name and shape: a difference raises
+    :class:`~mirasol_ray.train.checkpoint.CheckpointMismatch` naming it, before anything is read. The one optional
+    part is a parameter's optimiser state: one that had no gradient yet (the audio-video path while
+    ``train.freeze_av_steps`` holds it) has none in the checkpoint and keeps none, as in the run that wrote it:
+    AdamW starts it at its first gradient. Everything else is read strictly (DCP raises on a key it lacks)."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
 
     reader = _reader(folder, endpoint_url)
-    prefix = "optimizer.state."
-    with_state = {k[len(prefix):].rsplit(".", 1)[0] for k in reader.read_metadata().state_dict_metadata
-                  if k.startswith(prefix)}
+    meta = reader.read_metadata().state_dict_metadata
     states = _states(model, optimizer)  # the optimiser's state is created (zeros) so that DCP can fill it
-    dcp.load(states, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+    ckpt.require_same_tensors(folder, saved_model_shapes(meta), ckpt.shapes_of(states["model"]))
+    prefix = "optimizer.state."
+    with_state = {k[len(prefix):].rsplit(".", 1)[0] for k in meta if k.startswith(prefix)}
+    states["optimizer"]["state"] = {k: v for k, v in states["optimizer"]["state"].items() if k in with_state}
+    dcp.load(states, storage_reader=reader)
     set_model_state_dict(model, states["model"])
-    set_optimizer_state_dict(model, optimizer, states["optimizer"])
-    by_name = dict(model.named_parameters())
-    for name in set(states["optimizer"]["state"]) - with_state:
-        optimizer.state.pop(by_name[_param_name(name, by_name)], None)
+    # not strict: the parameters left out above have no state to set, and the optimiser's load_state_dict leaves
+    # them none (the zeros _states made for them are replaced)
+    set_optimizer_state_dict(model, optimizer, states["optimizer"], options=StateDictOptions(strict=False))
 
 
-def _param_name(fqn: str, by_name: dict[str, nn.Parameter]) -> str:
-    """The optimiser state's key (a clean parameter name) -> the name under ``model.named_parameters()`` (a DDP
-    or activation-checkpointing wrapper adds a prefix)."""
-    if fqn in by_name:
-        return fqn
-    return next(n for n in by_name if n.replace("_checkpoint_wrapped_module.", "").removeprefix("module.") == fqn)
+def saved_model_shapes(meta: dict[str, Any]) -> ckpt.Shapes:
+    """The model's tensor names and shapes in a DCP checkpoint's metadata (``read_metadata().state_dict_metadata``:
+    keys ``model.<name>``; None: a value stored as bytes, not a tensor)."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    return {k.removeprefix("model."): tuple(m.size) if isinstance(m, TensorStorageMetadata) else None
+            for k, m in meta.items() if k.startswith("model.")}
 
 
 def model_weights(folder: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
@@ -103,13 +111,12 @@ def model_weights(folder: str, endpoint_url: str = "") -> dict[str, torch.Tensor
     return state["model"]
 
 
-def load_weights_into(model: nn.Module, folder: str, endpoint_url: str = "") -> dict[str, list[str]]:
-    """Initialise ``model`` (plain, DDP or FSDP2) from a sharded checkpoint's weights (``train.init_from``).
-    Parameters the checkpoint lacks or holds with another shape (e.g. a classification head sized for another
-    label set) are left as initialised and reported. A collective under a process group."""
+def load_weights_into(model: nn.Module, folder: str, endpoint_url: str = "", strict: bool = True) -> dict[str, list[str]]:
+    """Initialise ``model`` (plain, DDP or FSDP2) from a sharded checkpoint's weights (``train.init_from``), by the
+    rule of :func:`mirasol_ray.train.checkpoint.init_plan` (the classification head may differ; another difference
+    is an error naming it when ``strict``), and return ``{"missing", "unexpected"}``. Reads the model's tensors
+    only: the optimiser's state in the checkpoint is not wanted. A collective under a process group."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     from torch.distributed.checkpoint.state_dict import (
         StateDictOptions,
         get_model_state_dict,
@@ -117,14 +124,12 @@ def load_weights_into(model: nn.Module, folder: str, endpoint_url: str = "") -> 
     )
 
     reader = _reader(folder, endpoint_url)
-    meta = reader.read_metadata().state_dict_metadata
     own = get_model_state_dict(model)
-    keep = {k: v for k, v in own.items() if isinstance(meta.get(f"model.{k}"), TensorStorageMetadata)
-            and tuple(meta[f"model.{k}"].size) == tuple(v.shape)}
-    states = {"model": keep}
+    plan = ckpt.init_plan(folder, saved_model_shapes(reader.read_metadata().state_dict_metadata),
+                          ckpt.shapes_of(own), strict)
+    states = {"model": {k: own[k] for k in plan["load"]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without a process group DCP says it loads into this process alone
-        dcp.load(states, storage_reader=reader, planner=DefaultLoadPlanner(allow_partial_load=True))
+        dcp.load(states, storage_reader=reader)  # every key is in the checkpoint (init_plan): strict
     set_model_state_dict(model, states["model"], options=StateDictOptions(strict=False))
-    saved = {k.removeprefix("model.") for k in meta if k.startswith("model.")}
-    return {"missing": sorted(set(own) - set(keep)), "unexpected": sorted(saved - set(keep))}
+    return {"missing": plan["missing"], "unexpected": plan["unexpected"]}

@@ -256,3 +256,94 @@ def test_lower_is_better_for_a_loss_and_an_unscored_run_takes_its_newest(trained
     assert ckpt.best_checkpoint_dir(str(plain)) is None
     chosen = ckpt.choose_checkpoint(str(plain), "best")
     assert (chosen["choice"], chosen["step"], chosen["metric"]) == ("last", 4, None)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# strict loads: a tensor the checkpoint lacks, one it holds that the model lacks, or one of another shape is an error
+# naming it (resume, always; train.init_from unless model.init_strict=false), never a tensor silently left as
+# initialised
+
+
+def _altered(state: dict, change: str) -> dict:
+    """``state`` (a model state dict) with one tensor left out, one added, or one of another shape."""
+    state = dict(state)
+    if change == "missing":
+        del state["text_decoder.embed.weight"]
+    elif change == "unexpected":
+        state["text_decoder.extra.weight"] = torch.zeros(3)
+    else:
+        state["text_decoder.embed.weight"] = state["text_decoder.embed.weight"][:-1]
+    return state
+
+
+NAMED = {"missing": "missing text_decoder.embed.weight", "unexpected": "unexpected text_decoder.extra.weight",
+         "mismatched": r"text_decoder.embed.weight is \(\d+, \d+\) in the checkpoint, \(\d+, \d+\) in the model"}
+
+
+def _sharded_checkpoint(folder, model, opt, sched, cfg, change: str | None = None) -> str:
+    """A sharded checkpoint folder written by DCP in this process (no process group), its model state altered."""
+    import torch.distributed.checkpoint as dcp
+
+    from mirasol_ray.train import sharded
+
+    states = sharded._states(model, opt)
+    if change:
+        states["model"] = _altered(states["model"], change)
+    dcp.save(states, storage_writer=dcp.FileSystemWriter(str(folder)))
+    ckpt.write_checkpoint(str(folder), model, None, None, sched, step=2, run_config=cfg.to_dict(), sharded=True)
+    assert ckpt.mark_complete(str(folder), ckpt.local_files(str(folder)), 2)
+    return str(folder)
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "mismatched"])
+def test_a_sharded_checkpoint_that_differs_from_the_model_fails_to_load_naming_the_tensor(
+        trained, tmp_path, fresh_training, change):
+    from mirasol_ray.train import sharded
+
+    cfg, model, opt, sched, *_ = trained
+    folder = _sharded_checkpoint(tmp_path / "checkpoint_2", model, opt, sched, cfg, change)
+    fresh, fresh_opt, _ = fresh_training(cfg)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ckpt.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
+        sharded.load(folder, fresh, fresh_opt)
+    with pytest.raises(ckpt.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}.*init_strict=false"):
+        ckpt.load_weights_into(fresh, folder)
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # nothing was loaded
+    info = ckpt.load_weights_into(fresh, folder, strict=False)  # model.init_strict=false: the rest loads
+    left = [] if change == "unexpected" else ["text_decoder.embed.weight"]
+    assert info["missing"] == left
+    assert all(torch.equal(fresh.state_dict()[k], v) for k, v in model.state_dict().items() if k not in left)
+    assert not torch.equal(fresh.state_dict()["video_encoder.pos"], before["video_encoder.pos"])  # trained: it moved
+
+
+def test_a_matching_sharded_checkpoint_resumes_model_and_optimiser(trained, tmp_path, fresh_training):
+    """The strict check lets the checkpoint of the same model through: weights and AdamW moments come back."""
+    from mirasol_ray.train import sharded
+
+    cfg, model, opt, sched, *_ = trained
+    folder = _sharded_checkpoint(tmp_path / "checkpoint_2", model, opt, sched, cfg)
+    fresh, fresh_opt, _ = fresh_training(cfg)
+    sharded.load(folder, fresh, fresh_opt)
+    for name, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], value), name
+    by_name = dict(fresh.named_parameters())
+    for name, p in model.named_parameters():
+        if p in opt.state:
+            assert torch.equal(fresh_opt.state[by_name[name]]["exp_avg"], opt.state[p]["exp_avg"]), name
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected", "mismatched"])
+def test_a_full_checkpoint_that_differs_from_the_model_fails_to_load_naming_the_tensor(
+        trained, tmp_path, fresh_training, change):
+    cfg, model, opt, sched, *_ = trained
+    model_sd, optim_sd = ckpt.gather_state(model, opt)
+    folder = tmp_path / "checkpoint_2"
+    ckpt.write_checkpoint(str(folder), model, _altered(model_sd, change), optim_sd, sched, step=2,
+                          run_config=cfg.to_dict())
+    assert ckpt.mark_complete(str(folder), ckpt.local_files(str(folder)), 2)
+    fresh, fresh_opt, _ = fresh_training(cfg)
+    saved = ckpt.load_torch(str(folder / ckpt.MODEL_FILE))["model"]
+    with pytest.raises(ckpt.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
+        ckpt.restore_state(fresh, fresh_opt, saved, optim_sd, source=str(folder))
+    with pytest.raises(ckpt.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}"):
+        ckpt.load_weights_into(fresh, str(folder))
