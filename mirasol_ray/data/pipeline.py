@@ -175,23 +175,40 @@ def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
     batch read the counter for its error line ("skipped: none")."""
     import ray
 
-    actor = _COUNTERS.get(counter_name)
-    if actor is None:
-        if not ray.is_initialized():  # a bare run of the function, outside Ray: no counter, and no Ray to start
-            return
-        try:
-            actor = _COUNTERS[counter_name] = ray.get_actor(counter_name)
-        except ValueError:  # no counter (e.g. a bare run of the function): nothing to report to
-            return
+    actor = counter_actor(counter_name)
+    if actor is None:  # e.g. a bare run of the function: nothing to report to
+        return
     try:
         ray.get(actor.add.remote(decoded, rows, skipped, examples, texts), timeout=120)
     except Exception:  # the driver (and its counter) is gone, or the cluster is stalled: counts are informative
-        _COUNTERS.pop(counter_name, None)  # looked up afresh next time
+        forget_counter(counter_name)
+
+
+def counter_actor(counter_name: str) -> Any:
+    """The :class:`SkipCounter` actor named ``counter_name`` (decode tasks count skips into it, training's rank 0
+    reports its step and events to it), looked up in the GCS once per process, not once per block or step; None
+    when there is none (outside Ray, where no Ray is started for it, or no such actor). The counter is
+    informative: a caller whose call on it fails calls :func:`forget_counter` and carries on."""
+    import ray
+
+    actor = _COUNTERS.get(counter_name)
+    if actor is None:
+        if not ray.is_initialized():
+            return None
+        try:
+            actor = _COUNTERS[counter_name] = ray.get_actor(counter_name)
+        except Exception:  # no such actor (ValueError), or the GCS unreachable
+            return None
+    return actor
+
+
+def forget_counter(counter_name: str) -> None:
+    """Drop the handle :func:`counter_actor` keeps: the next call looks the actor up afresh."""
+    _COUNTERS.pop(counter_name, None)
 
 
 _COUNTERS: dict[str, Any] = {}
-"""Counter handles by name, per process: a decode task's process looks its counter up in the GCS once, not once
-per block."""
+"""Counter handles by name, per process (see :func:`counter_actor`)."""
 
 
 def describe_skips(snap: dict[str, Any]) -> str:

@@ -24,6 +24,7 @@ from typing import Any
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
+from mirasol_ray.data.pipeline import counter_actor, forget_counter
 from mirasol_ray.data.schema import qtype_table
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.pretrained import load_pretrained, startup_table
@@ -137,9 +138,11 @@ class RunLog:
 def _snapshot(counter_name: str) -> dict[str, Any]:
     import ray
 
+    actor = counter_actor(counter_name)
     try:
-        return ray.get(ray.get_actor(counter_name).snapshot.remote(), timeout=10)
+        return ray.get(actor.snapshot.remote(), timeout=10) if actor is not None else {}
     except Exception:  # the counter is informative: never fail training for it
+        forget_counter(counter_name)
         return {}
 
 
@@ -154,21 +157,14 @@ def _skips(counter_name: str) -> dict[str, int]:
 
 
 def _progress(counter_name: str, progress: dict[str, Any] | None, event: str = "") -> None:
-    """Rank 0's step (and an event line such as a resume) to the counter actor, which the driver draws. The actor
-    is looked up in the GCS once per process, not once per step."""
-    import ray
-
+    """Rank 0's step (and an event line such as a resume) to the counter actor, which the driver draws."""
+    actor = counter_actor(counter_name)
     try:
-        actor = _PROGRESS_ACTORS.get(counter_name)
-        if actor is None:
-            actor = _PROGRESS_ACTORS[counter_name] = ray.get_actor(counter_name)
-        actor.report_step.remote(progress, event)
+        if actor is not None:
+            actor.report_step.remote(progress, event)
     except Exception:  # informative only
-        _PROGRESS_ACTORS.pop(counter_name, None)
+        forget_counter(counter_name)
 
-
-_PROGRESS_ACTORS: dict[str, Any] = {}
-"""Counter handles by name, per process (see :func:`_progress`)."""
 
 PROGRESS_EVERY_S = 0.25
 """Rank 0 reports its step to the counter actor at most this often: a report per step costs the actor's process
