@@ -33,7 +33,7 @@ run: venv
 	$(BIN)/mirasol demo --out $(OUT)
 
 test: venv sysdeps
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=15 tests
 
 lint: venv
 	$(BIN)/ruff check mirasol_ray benchmarks tests jobs
