@@ -55,7 +55,8 @@ def lucidrains_dims(cfg: ModelConfig, snippets: int) -> ModelConfig:
 
 def compare_lucidrains(cfg: ModelConfig, repeats: int, batch_size: int = 2, snippets: int = 8,
                        python: Path = LUCIDRAINS_PYTHON) -> dict[str, Any]:
-    """Median forward+backward seconds of both at matched dims, ours timed here, theirs by ``python``."""
+    """Median forward+backward seconds of both at matched dims: theirs by ``python`` (first: a peer that fails
+    ends the run before ours is timed), then ours here."""
     if not Path(python).exists():
         raise FileNotFoundError(f"{python} missing: run bash benchmarks/lucidrains_venv.sh")
     cfg = lucidrains_dims(cfg, snippets)
@@ -66,6 +67,12 @@ def compare_lucidrains(cfg: ModelConfig, repeats: int, batch_size: int = 2, snip
             "text_depth": cfg.text_depth, "combiner_depth": cfg.combiner_depth,
             "combiner_tokens": cfg.combiner_tokens, "text_len": PROMPT_LEN + TARGET_LEN, "batch": batch_size,
             "snippets": snippets, "warmup": 1, "repeats": repeats, "threads": torch.get_num_threads()}
+    proc = subprocess.run([str(python), "-W", "ignore", str(HERE / "_lucidrains_runner.py"), json.dumps(dims)],
+                          capture_output=True, text=True)
+    if proc.returncode != 0:
+        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeError(f"lucidrains' mirasol-pytorch failed: {err}")
+    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     model, batch = Mirasol(cfg).train(), synthetic_batch(cfg, batch_size, snippets)
     times = []
     for i in range(1 + repeats):
@@ -74,12 +81,6 @@ def compare_lucidrains(cfg: ModelConfig, repeats: int, batch_size: int = 2, snip
         if i:
             times.append(time.perf_counter() - t0)
     ours = statistics.median(times)
-    proc = subprocess.run([str(python), "-W", "ignore", str(HERE / "_lucidrains_runner.py"), json.dumps(dims)],
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        raise RuntimeError(f"lucidrains' mirasol-pytorch failed: {err}")
-    theirs = json.loads(proc.stdout.strip().splitlines()[-1])
     ratio = ours / theirs["fwd_bwd_s"]
     print(f"lucidrains mirasol-pytorch 0.0.16 at width {cfg.dim}, batch {batch_size} x {snippets} snippets: "
           f"ours {ours:.3f} s ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params), theirs "
@@ -91,12 +92,12 @@ def compare_lucidrains(cfg: ModelConfig, repeats: int, batch_size: int = 2, snip
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.config import load_config
+    from mirasol_ray.train.prepare import load_prepared
 
     if args.repeats < 1 or args.batch_size < 1 or args.snippets < 2:
         raise ValueError("--repeats and --batch-size must be positive, --snippets at least 2")
     torch.manual_seed(0)
-    cfg = dataclasses.replace(load_config(args.preset).model, dropout=0.0)
+    cfg = dataclasses.replace(load_prepared(args.preset).model, dropout=0.0)
     res = {"preset": args.preset, **compare_lucidrains(cfg, args.repeats, args.batch_size, args.snippets,
                                                        Path(args.python))}
     if args.json_out:

@@ -6,10 +6,27 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from mirasol_ray.cli import main
+
 TASKS = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption")
 
 
-def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
+def _bench_learn(capsys, *argv: str) -> tuple[int, str]:
+    """``mirasol bench learn ARGV`` through the command's own ``main`` in this process (a process costs a torch
+    import; the recipe's run is one, the probes' are not): its exit status and stdout. The tool's ``--threads`` is
+    put back afterwards."""
+    threads = torch.get_num_threads()
+    try:
+        rc = main(["bench", "learn", *argv])
+    finally:
+        torch.set_num_threads(threads)
+    return rc, capsys.readouterr().out
+
+
+def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path, capsys):
     data, out = tmp_path / "data", tmp_path / "learn.json"
     proc = subprocess.run(
         [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--clips", "10",
@@ -38,11 +55,9 @@ def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
 
     # the encoder probe, read through the model's own Combiner, on the same clips
     probe = tmp_path / "probe.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-encoder", "2",
-         "--probe-read", "combiner", "--set", "model.video_stem=conv", "--set", "train.batch_size=3",
-         "--json-out", str(probe)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    rc, _ = _bench_learn(capsys, "--data", str(data), "--probe-encoder", "2", "--probe-read", "combiner",
+                         "--set", "model.video_stem=conv", "--set", "train.batch_size=3", "--json-out", str(probe))
+    assert rc == 0
     res = json.loads(probe.read_text())
     assert res["probe_read"] == "combiner" and res["overrides"] == ["model.video_stem=conv", "train.batch_size=3"]
     final = res["probe_encoder"]["final"]
@@ -50,26 +65,22 @@ def test_bench_learn_runs_the_recipe_and_scores_every_task_and_kind(tmp_path):
 
     # the answer probe: the audio path trained directly on one question type's answers, on the same clips
     probe = tmp_path / "answers.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "audio",
-         "--probe-steps", "2", "--set", "train.batch_size=3", "--json-out", str(probe)],
-        capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    rc, _ = _bench_learn(capsys, "--data", str(data), "--probe-answers", "audio", "--probe-steps", "2",
+                         "--set", "train.batch_size=3", "--json-out", str(probe))
+    assert rc == 0
     res = json.loads(probe.read_text())["probe_answers"]
     assert res["qtype"] == "audio" and len(res["classes"]) >= 2 and 0.0 < res["val_majority"] <= 1.0
     assert res["final"]["step"] == 2 and all(0.0 <= res["final"][s] <= 1.0 for s in ("val", "train"))
     # the audio encoder trained alone first, then frozen under the Combiner: both stages run and are reported
     probe = tmp_path / "answers_first.json"
-    proc = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "audio",
-         "--probe-read", "combiner", "--probe-audio-first", "2", "--probe-steps", "1", "--set", "train.batch_size=3",
-         "--json-out", str(probe)], capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr
+    rc, out = _bench_learn(capsys, "--data", str(data), "--probe-answers", "audio", "--probe-read", "combiner",
+                           "--probe-audio-first", "2", "--probe-steps", "1", "--set", "train.batch_size=3",
+                           "--json-out", str(probe))
+    assert rc == 0
     res = json.loads(probe.read_text())["probe_answers"]
     assert [h["step"] for h in res["audio_first"]] == [1, 2] and res["final"]["step"] == 1
-    assert "audio encoder frozen" in proc.stdout and "audio encoder alone" in proc.stdout
-    # a question type these clips do not ask: one line that names it, and a non-zero exit
-    proc = subprocess.run(
-        [sys.executable, "-m", "mirasol_ray.cli", "bench", "learn", "--data", str(data), "--probe-answers", "number",
-         "--probe-steps", "2"], capture_output=True, text=True, timeout=900)
-    assert proc.returncode != 0 and "--probe-answers number" in proc.stderr, proc.stderr
+    assert "audio encoder frozen" in out and "audio encoder alone" in out
+    # a question type these clips do not ask: the command ends with one line that names it (a non-zero exit)
+    with pytest.raises(SystemExit, match="--probe-answers number") as e:
+        _bench_learn(capsys, "--data", str(data), "--probe-answers", "number", "--probe-steps", "2")
+    assert len(str(e.value.code).splitlines()) == 1
