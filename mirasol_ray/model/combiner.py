@@ -1,8 +1,9 @@
 """Combiners: fuse one snippet's video and audio tokens into m tokens (Mirasol3B section 3.2).
 
 Both take the encoders' outputs, (B, S, Nv, Dv) and (B, S, Na, Da), and return (B, S, m, D). The Transformer
-Combiner sees each snippet alone; the Token Turing Machine Combiner carries k memory tokens from snippet to snippet,
-so a snippet's output can depend on earlier snippets (never on later ones).
+Combiner sees each snippet alone (its m tokens: m learned queries' outputs, or, as in the paper, its last m outputs:
+``model.combiner_readout``); the Token Turing Machine Combiner carries k memory tokens from snippet to snippet, so a
+snippet's output can depend on earlier snippets (never on later ones).
 """
 
 from __future__ import annotations
@@ -35,24 +36,51 @@ class _Inputs(nn.Module):
 
 
 class TransformerCombiner(nn.Module):
-    """m learned output tokens join the snippet's tokens in a transformer; their outputs are the snippet's."""
+    """A transformer over one snippet's tokens at a time; ``cfg.combiner_readout`` says which m outputs are the
+    snippet's:
+
+    - "queries": m learned tokens join the snippet's [video, audio] tokens; their outputs.
+    - "last" (the paper's, sec. 3.2): the last m outputs over the snippet's concatenated [video, audio] tokens,
+      i.e. the last m tokens the clip has (the last m video tokens for a clip without audio, whose audio tokens
+      are masked out).
+
+    Attention within a snippet is bidirectional in both: nothing is predicted inside a snippet (the time-aligned
+    model's autoregression is over snippets), and the paper describes no causal mask there (nor does the one public
+    implementation, lucidrains/mirasol-pytorch, whose combiner is an unmasked encoder). So every one of the m
+    outputs depends on every token the snippet has, and on nothing of other snippets.
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        self.m = cfg.combiner_tokens
         self.inputs = _Inputs(cfg)
-        self.out_tokens = nn.Parameter(0.02 * torch.randn(cfg.combiner_tokens, cfg.dim))
+        if cfg.combiner_readout == "queries":
+            self.out_tokens = nn.Parameter(0.02 * torch.randn(cfg.combiner_tokens, cfg.dim))
+        else:
+            self.register_parameter("out_tokens", None)
         self.transformer = Transformer(cfg.dim, cfg.combiner_depth, cfg.heads, cfg.mlp_ratio, cfg.dropout,
                                        checkpointing=cfg.activation_checkpointing)
 
     def forward(self, video: Tensor, audio: Tensor, audio_present: Tensor) -> Tensor:
         x, keep = self.inputs(video, audio, audio_present)  # (B, S, N, D), (B, N)
-        B, S = x.shape[:2]
-        m = self.out_tokens.shape[0]
-        x = torch.cat([repeat(self.out_tokens, "m d -> (b s) m d", b=B, s=S),
-                       rearrange(x, "b s n d -> (b s) n d")], dim=1)
-        keep = torch.cat([keep.new_ones(B, m), keep], dim=1)
+        B, S, N, D = x.shape
+        Nv, m = video.shape[2], self.m
+        x = rearrange(x, "b s n d -> (b s) n d")
+        if self.out_tokens is not None:
+            x = torch.cat([repeat(self.out_tokens, "m d -> bs m d", bs=B * S), x], dim=1)  # (B*S, m + N, D)
+            keep = torch.cat([keep.new_ones(B, m), keep], dim=1)  # (B, m + N)
         mask = repeat(keep, "b n -> (b s) 1 1 n", s=S)  # key mask, same for every query
-        out = self.transformer(x, mask=mask)[:, :m]
+        out = self.transformer(x, mask=mask)  # (B*S, [m +] N, D)
+        if self.out_tokens is not None:
+            out = out[:, :m]  # (B*S, m, D)
+        else:
+            if m > Nv:
+                raise ValueError(f"model.combiner_tokens {m} is more than the snippet's {Nv} video tokens: the last-m "
+                                 "readout of a clip without audio keeps m of them")
+            end = torch.where(audio_present, N, Nv)  # (B,): one past the clip's last kept token
+            idx = end[:, None] - m + torch.arange(m, device=end.device)  # (B, m)
+            idx = repeat(idx, "b m -> (b s) m d", s=S, d=D)
+            out = out.gather(1, idx)  # (B*S, m, D)
         return rearrange(out, "(b s) m d -> b s m d", b=B)
 
 

@@ -131,6 +131,12 @@ class ModelConfig:
     """Blocks of the combiner's transformer (the TTM's process unit)."""
     combiner_tokens: int = 4
     """m: output tokens per snippet."""
+    combiner_readout: str = "queries"
+    """How the Transformer Combiner (``combiner: transformer``) reads out its m tokens. "queries": m learned query
+    tokens join the snippet's tokens and their outputs are the snippet's (this implementation's own form). "last":
+    the paper's (Mirasol3B sec. 3.2): a transformer over the snippet's concatenated video and audio tokens, its last
+    m outputs kept (the last m tokens the clip has: its video's when it has no audio). The two hold different
+    tensors (only "queries" has ``combiner.out_tokens``), so a checkpoint of one does not load into the other."""
     ttm_memory: int = 16
     """k: memory tokens the TTM carries from snippet to snippet."""
     ttm_read: int = 8
@@ -253,6 +259,11 @@ class ModelConfig:
             _check(getattr(self, width) % getattr(self, heads) == 0, width,
                    f"{getattr(self, width)} must be divisible by {heads} {getattr(self, heads)}")
         _check(self.combiner in ("transformer", "ttm"), "combiner", f"must be transformer|ttm, got {self.combiner!r}")
+        _check(self.combiner_readout in ("queries", "last"), "combiner_readout",
+               f"must be queries|last, got {self.combiner_readout!r}")
+        _check(self.combiner_readout == "queries" or self.combiner == "transformer", "combiner_readout",
+               f"{self.combiner_readout!r} is the Transformer Combiner's (model.combiner=transformer), not the "
+               f"{self.combiner!r} one's")
         _check(self.latent_loss in ("l2", "cosine"), "latent_loss", f"must be l2|cosine, got {self.latent_loss!r}")
         _check(self.cls_mode in ("generate", "score", "head"), "cls_mode",
                f"must be generate|score|head, got {self.cls_mode!r}")
