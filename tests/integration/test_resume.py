@@ -18,7 +18,7 @@ from mirasol_ray.launch.train import run_training
 # 12 good clips + a shard of 5 samples of which 4 fail to decode: failures use positions and give no rows, so the
 # two workers drift apart in the stream (what the resume must account for). Epochs of 17 positions; each step
 # takes 2 rows per worker.
-BATCH, STOP, END = 2, 4, 7
+BATCH, STOP, END = 2, 4, 6
 BAD = {"corrupt", "empty", "truncated", "nojson"}
 
 
