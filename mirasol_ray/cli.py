@@ -17,6 +17,8 @@ from pathlib import Path
 FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "activitynet-captions", "nextqa-mc", "nextqa-oe",
                 "kinetics-sounds", "vggsound", "epic-sounds")
 """``shards build`` formats (the help lists them without importing the converters)."""
+STORAGE_SET_HELP = "the S3 endpoint to read and write with (default: AWS_ENDPOINT_URL from the environment)"
+"""``--set`` of the commands that have no config of their own (``results``, ``export``)."""
 OVERWRITE_HELP = ("replace the shards already in --out (by default a folder holding shards is refused); the old "
                   "build's files the new one does not rewrite are deleted")
 
@@ -142,9 +144,11 @@ def _cmd_predict(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import configure_storage
     from mirasol_ray.train.checkpoint import export
 
-    res = export(args.checkpoint, args.out, os.environ.get("AWS_ENDPOINT_URL", ""))
+    configure_storage(args.set, only_storage=True)
+    res = export(args.checkpoint, args.out)
     if args.json:
         print(json.dumps(res))
     else:
@@ -178,8 +182,10 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def _cmd_results(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch import configure_storage
     from mirasol_ray.launch.results import print_results, results, to_json
 
+    configure_storage(args.set, only_storage=True)
     res = results(args.url, out=args.out, metric=args.metric, mode=args.mode)
     if args.json:
         print(json.dumps(to_json(res)))
@@ -222,6 +228,7 @@ def _add_sweep_commands(sub) -> None:
     r.add_argument("--out", default="", help="folder for the PNGs (default: ./NAME-results)")
     r.add_argument("--metric", default="", help="rank by this metric (default: the sweep's, or the run's main one)")
     r.add_argument("--mode", choices=("max", "min"), default="")
+    r.add_argument("--set", action="append", default=[], metavar="storage.endpoint_url=URL", help=STORAGE_SET_HELP)
     r.set_defaults(func=_cmd_results)
 
 
@@ -443,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model file (local/s3)")
     x.add_argument("--out", required=True, help="the file to write (local path or s3:// URI)")
     x.add_argument("--json", action="store_true")
+    x.add_argument("--set", action="append", default=[], metavar="storage.endpoint_url=URL", help=STORAGE_SET_HELP)
     x.set_defaults(func=_cmd_export)
 
     _add_sweep_commands(sub)

@@ -1,9 +1,11 @@
 """The one place that turns URIs into filesystems, and the run-directory layout.
 
-Accepted: a local path, ``file:///abs/path``, ``s3://bucket/prefix``. S3 endpoint and credentials come from the
-standard AWS variables (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_DEFAULT_REGION``) or an explicit ``endpoint_url`` from the config; never from code. No object made here
-holds a credential: each process resolves its own from its environment.
+Accepted: a local path, ``file:///abs/path``, ``s3://bucket/prefix``. The S3 endpoint and region are set once per
+process with :func:`configure` (the driver from its config, each Ray worker from the plain settings the driver
+sends it: :func:`settings`); what is left empty falls back to the standard AWS variables (``AWS_ENDPOINT_URL_S3``,
+``AWS_ENDPOINT_URL``; ``AWS_DEFAULT_REGION``, ``AWS_REGION``). Every read and write below uses that setting: no
+function takes an endpoint. Credentials never come from here: no object made here holds one, and each process
+resolves its own from its environment.
 """
 
 from __future__ import annotations
@@ -47,28 +49,59 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def endpoint(endpoint_url: str = "") -> str:
-    return endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or ""
+_settings: dict[str, str] = {"endpoint_url": "", "region": ""}
+"""This process's storage settings as configured; empty values fall back to the environment when resolved."""
 
 
-def fsspec_fs(uri: str, endpoint_url: str = "") -> fsspec.AbstractFileSystem:
+def configure(endpoint_url: str = "", region: str = "") -> None:
+    """Set this process's S3 endpoint and region (empty: the AWS variables of the environment, read when used).
+
+    The driver calls it once its config is loaded (``storage.endpoint_url``); each Ray worker that reads or writes
+    storage calls it with the :func:`settings` the driver sent it. Calling it again replaces the setting."""
+    if endpoint_url and urlparse(endpoint_url).scheme not in ("http", "https"):
+        raise ValueError(f"storage.endpoint_url must be an http:// or https:// URL, got {endpoint_url!r}")
+    _settings.update(endpoint_url=endpoint_url, region=region)  # fsspec caches filesystems by these options
+
+
+def settings() -> dict[str, str]:
+    """``{"endpoint_url": ..., "region": ...}`` as configured: what a driver sends its workers in their plain config
+    (neither is a credential), for them to :func:`configure` with."""
+    return dict(_settings)
+
+
+def endpoint() -> str:
+    """The S3 endpoint this process uses: the configured one, else ``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``; "" for the AWS default."""
+    return (_settings["endpoint_url"] or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            or "")
+
+
+def region() -> str:
+    """The S3 region this process uses: the configured one, else ``AWS_DEFAULT_REGION``, else ``AWS_REGION``."""
+    return _settings["region"] or os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION") or ""
+
+
+def s3fs_options() -> dict:
+    """Keyword arguments for an fsspec ``s3`` filesystem (s3fs) with this process's endpoint and region."""
+    client: dict[str, str] = {}
+    if endpoint():
+        client["endpoint_url"] = endpoint()
+    if region():
+        client["region_name"] = region()
+    return {"client_kwargs": client} if client else {}
+
+
+def fsspec_fs(uri: str) -> fsspec.AbstractFileSystem:
     """An fsspec filesystem for ``uri`` (s3fs for s3://, local otherwise). Use with :func:`strip_scheme` paths."""
     if is_s3(uri):
-        ep = endpoint(endpoint_url)
         # no listing cache: other processes (Ray workers, another driver) write the same run folders
-        kwargs: dict = {"use_listings_cache": False}
-        if ep:
-            kwargs["client_kwargs"] = {"endpoint_url": ep}
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs.setdefault("client_kwargs", {})["region_name"] = region
-        return fsspec.filesystem("s3", **kwargs)
+        return fsspec.filesystem("s3", use_listings_cache=False, **s3fs_options())
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"unsupported storage URI {uri!r}: use a local path, file:// or s3://")
     return fsspec.filesystem("file")
 
 
-def pyarrow_fs(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
+def pyarrow_fs(uri: str) -> tuple[pafs.FileSystem, str]:
     """A pyarrow filesystem and the path inside it (no scheme), as Ray Train/Data want them.
 
     The filesystem carries the endpoint and region only, never credentials: Ray pickles it into its tasks and
@@ -78,15 +111,13 @@ def pyarrow_fs(uri: str, endpoint_url: str = "") -> tuple[pafs.FileSystem, str]:
     """
     path = strip_scheme(uri)
     if is_s3(uri):
-        ep = endpoint(endpoint_url)
         kwargs = {}
-        if ep:
-            parsed = urlparse(ep)
+        if endpoint():
+            parsed = urlparse(endpoint())
             kwargs["endpoint_override"] = parsed.netloc or parsed.path
             kwargs["scheme"] = parsed.scheme or "https"
-        region = os.environ.get("AWS_DEFAULT_REGION") or os.environ.get("AWS_REGION")
-        if region:
-            kwargs["region"] = region
+        if region():
+            kwargs["region"] = region()
         return pafs.S3FileSystem(**kwargs), path
     return pafs.LocalFileSystem(), path
 
@@ -96,12 +127,12 @@ def bucket(uri: str) -> str:
     return strip_scheme(uri).split("/", 1)[0]
 
 
-def check_bucket(uri: str, endpoint_url: str = "") -> None:
+def check_bucket(uri: str) -> None:
     """FileNotFoundError naming the bucket when an ``s3://`` URI's bucket does not exist (no-op otherwise)."""
     if not is_s3(uri):
         return
     name = bucket(uri)
-    fs = fsspec_fs(uri, endpoint_url)
+    fs = fsspec_fs(uri)
     try:
         fs.info(name)
     except FileNotFoundError:
@@ -110,15 +141,15 @@ def check_bucket(uri: str, endpoint_url: str = "") -> None:
         pass  # no ListBucket/HeadBucket right: the operation itself will say what it cannot do
 
 
-def check_output(uri: str, kind: str = "file", endpoint_url: str = "") -> None:
+def check_output(uri: str, kind: str = "file") -> None:
     """Fail before any work, naming the location, when ``uri`` cannot be written: ``kind`` is ``file`` (must not be
     an existing folder) or ``dir`` (must not be an existing file). Local parents are created, and a probe file
     shows the folder is writable; on S3 the bucket must exist and a probe object is written and removed."""
     if kind not in ("file", "dir"):
         raise ValueError(f"kind must be file or dir, got {kind!r}")
     if is_remote(uri):
-        check_bucket(uri, endpoint_url)
-        fs = fsspec_fs(uri, endpoint_url)
+        check_bucket(uri)
+        fs = fsspec_fs(uri)
         path = strip_scheme(uri)
         if kind == "dir" and fs.isfile(path):
             raise FileExistsError(f"{uri} is an existing file, not a folder")
@@ -145,15 +176,15 @@ def check_output(uri: str, kind: str = "file", endpoint_url: str = "") -> None:
         raise PermissionError(f"cannot write to {uri}: {e.strerror or e}") from None
 
 
-def exists(uri: str, endpoint_url: str = "") -> bool:
-    return fsspec_fs(uri, endpoint_url).exists(strip_scheme(uri))
+def exists(uri: str) -> bool:
+    return fsspec_fs(uri).exists(strip_scheme(uri))
 
 
-def read_bytes(uri: str, endpoint_url: str = "") -> bytes:
-    fs = fsspec_fs(uri, endpoint_url)
+def read_bytes(uri: str) -> bytes:
+    fs = fsspec_fs(uri)
     path = strip_scheme(uri)
     if not fs.exists(path):
-        check_bucket(uri, endpoint_url)
+        check_bucket(uri)
         raise FileNotFoundError(f"not found: {uri}")
     if fs.isdir(path):
         raise IsADirectoryError(f"{uri} is a folder, not a file")
@@ -168,13 +199,13 @@ def _umask() -> int:
     return mask
 
 
-def write_bytes(uri: str, data: bytes, endpoint_url: str = "") -> None:
+def write_bytes(uri: str, data: bytes) -> None:
     """Write ``uri`` whole. A reader never sees it half-written: an object store's PUT replaces the object at once,
     and a local file is written beside its place and renamed over it (a lease read mid-heartbeat, a crash
     mid-write)."""
     path = strip_scheme(uri)
     if is_remote(uri):
-        with fsspec_fs(uri, endpoint_url).open(path, "wb") as f:
+        with fsspec_fs(uri).open(path, "wb") as f:
             f.write(data)
         return
     folder = os.path.dirname(path) or "."
@@ -191,17 +222,17 @@ def write_bytes(uri: str, data: bytes, endpoint_url: str = "") -> None:
         raise
 
 
-def read_text(uri: str, endpoint_url: str = "") -> str:
-    return read_bytes(uri, endpoint_url).decode("utf-8")
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
 
 
-def write_text(uri: str, text: str, endpoint_url: str = "") -> None:
-    write_bytes(uri, text.encode("utf-8"), endpoint_url)
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
 
 
-def listdir(uri: str, endpoint_url: str = "", dirs_only: bool = False) -> list[str]:
+def listdir(uri: str, dirs_only: bool = False) -> list[str]:
     """Names (not paths) directly under ``uri`` (only folders with ``dirs_only``); empty if it does not exist."""
-    fs = fsspec_fs(uri, endpoint_url)
+    fs = fsspec_fs(uri)
     path = strip_scheme(uri)
     if not fs.exists(path):
         return []

@@ -58,6 +58,16 @@ class S3Server:
         return "s3://" + "/".join([self.bucket, *parts])
 
 
+@pytest.fixture(autouse=True)
+def _storage_settings():
+    """Each test starts from the storage settings the one before it found (a test may configure its own)."""
+    from mirasol_ray import storage
+
+    before = storage.settings()
+    yield
+    storage.configure(**before)
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS (`weed server -s3`) on free loopback ports, a fresh bucket, AWS_* variables set; stopped after."""

@@ -74,11 +74,11 @@ def _expand_braces(pattern: str) -> list[str]:
     return list(braceexpand(pattern))
 
 
-def _read_json(uri: str, endpoint_url: str) -> dict[str, Any] | None:
+def _read_json(uri: str) -> dict[str, Any] | None:
     try:
-        if not storage.exists(uri, endpoint_url):
+        if not storage.exists(uri):
             return None
-        value = json.loads(storage.read_text(uri, endpoint_url))
+        value = json.loads(storage.read_text(uri))
     except (OSError, ValueError):
         return None
     return value if isinstance(value, dict) else None
@@ -93,20 +93,20 @@ def _folder_of(url: str) -> str:
     return posixpath.dirname(base) if base.endswith(".tar") else base
 
 
-def find_manifest(url: str, endpoint_url: str = "") -> dict[str, Any] | None:
+def find_manifest(url: str) -> dict[str, Any] | None:
     """The manifest describing the shards at ``url``: the folder's own ``manifest.json``, or for a split folder
     without one, its parent's narrowed to that split (its shards, sample count and summary)."""
     folder = _folder_of(url)
     if not folder:
         return None
-    own = _read_json(storage.join(folder, MANIFEST), endpoint_url)
+    own = _read_json(storage.join(folder, MANIFEST))
     if own is not None:
         return own
     parent = posixpath.dirname(folder.rstrip("/"))
     name = posixpath.basename(folder.rstrip("/"))
     if not parent or parent == folder:
         return None
-    up = _read_json(storage.join(parent, MANIFEST), endpoint_url)
+    up = _read_json(storage.join(parent, MANIFEST))
     if up is None:
         return None
     split = next((k for k, v in (up.get("splits") or {}).items() if isinstance(v, dict) and v.get("path") == name),
@@ -126,15 +126,15 @@ def _split_folders(manifest: dict[str, Any]) -> list[str]:
     return sorted({str(s["name"]).split("/", 1)[0] for s in manifest.get("shards", []) if "/" in str(s["name"])})
 
 
-def resolve_shards(url: str, endpoint_url: str = "") -> ShardList:
+def resolve_shards(url: str) -> ShardList:
     """A folder, a glob, a brace list (``shard-{000..009}.tar``) or a single tar, local or ``s3://``, to its
     shards (see the module docstring for the rules). Raises FileNotFoundError naming the URL when nothing is
     there, or the first shard a manifest lists that is missing; ValueError for a folder of several splits."""
-    storage.check_bucket(url, endpoint_url)  # a missing bucket is named as such, not as "no shards"
-    fs = storage.fsspec_fs(url, endpoint_url)
+    storage.check_bucket(url)  # a missing bucket is named as such, not as "no shards"
+    fs = storage.fsspec_fs(url)
     s3 = storage.is_s3(url)
     if not any(c in url for c in "*?[{") and not url.rstrip("/").endswith(".tar"):
-        return _resolve_folder(url, fs, endpoint_url)
+        return _resolve_folder(url, fs)
     found: list[str] = []
     for pattern in _expand_braces(url):
         path = storage.strip_scheme(pattern)
@@ -145,12 +145,12 @@ def resolve_shards(url: str, endpoint_url: str = "") -> ShardList:
                 raise FileNotFoundError(f"shard not found: {pattern}")
             found.append(path)
         else:
-            found += _resolve_folder(pattern, fs, endpoint_url).paths
+            found += _resolve_folder(pattern, fs).paths
     if not found:
         raise FileNotFoundError(f"no .tar shards found at {url}")
     paths = sorted(dict.fromkeys(p.lstrip("/") if s3 else p for p in found))
     # sizes and offsets from the folder's manifest when it lists these very files
-    manifest = find_manifest(url, endpoint_url)
+    manifest = find_manifest(url)
     listed: dict[str, dict[str, Any]] = {}
     if manifest is not None:
         folder = storage.strip_scheme(_folder_of(url))
@@ -160,12 +160,12 @@ def resolve_shards(url: str, endpoint_url: str = "") -> ShardList:
                      [listed.get(p, {}).get("offsets") for p in paths], manifest)
 
 
-def _resolve_folder(url: str, fs, endpoint_url: str) -> ShardList:
+def _resolve_folder(url: str, fs) -> ShardList:
     s3 = storage.is_s3(url)
     folder = storage.strip_scheme(url)
     if not fs.isdir(folder):
         raise FileNotFoundError(f"no shards at {url}")
-    manifest = find_manifest(url, endpoint_url)
+    manifest = find_manifest(url)
     present = {p.lstrip("/") if s3 else p for p in fs.ls(folder, detail=False)}
     base = folder.lstrip("/") if s3 else folder
     if manifest is not None and "shards" in manifest:
@@ -331,16 +331,16 @@ class SampleIndex:
                    {k: tuple(v) for k, v in (d.get("bad_shards") or {}).items()})
 
 
-def scan_shard(url: str, path: str, endpoint_url: str = "") -> tuple[list[int], BaseException | None, int]:
+def scan_shard(url: str, path: str) -> tuple[list[int], BaseException | None, int]:
     """:func:`scan_tar_until_failure` of one shard (``path`` as in :class:`ShardList`). On object storage each
     header is one small ranged read (no block read-ahead: the member data between headers is never fetched)."""
-    fs = storage.fsspec_fs(url, endpoint_url)
+    fs = storage.fsspec_fs(url)
     kwargs = {"block_size": 4096, "cache_type": "none"} if storage.is_s3(url) else {}
     with fs.open(path, "rb", **kwargs) as f:
         return scan_tar_until_failure(f)
 
 
-def build_index(shards: ShardList, endpoint_url: str = "",
+def build_index(shards: ShardList,
                 map_fn: Callable[[Callable[[str], Any], list[str]], Iterable[Any]] = map) -> SampleIndex:
     """The sample index of ``shards``: offsets from the manifest where it has them, otherwise each shard's
     headers are scanned (``map_fn`` maps the scan over those shards: the built-in ``map``, or a parallel one).
@@ -349,7 +349,7 @@ def build_index(shards: ShardList, endpoint_url: str = "",
     todo = [p for p, o in zip(shards.paths, shards.offsets) if o is None]
     scanned: dict[str, Any] = {}
     if todo:
-        scanned = dict(zip(todo, map_fn(_ScanOne(shards.url, endpoint_url), todo)))
+        scanned = dict(zip(todo, map_fn(_ScanOne(shards.url), todo)))
     shard_ids, starts, ends, bad = [], [], [], {}
     for i, (path, offsets) in enumerate(zip(shards.paths, shards.offsets)):
         if offsets is None:
@@ -371,14 +371,16 @@ def _cat(parts: list[np.ndarray], dtype) -> np.ndarray:
 
 class _ScanOne:
     """Picklable scan of one shard: (offsets of its complete samples, None or the :data:`SHARD_REASONS` key of
-    why it is not read whole, a one-line message)."""
+    why it is not read whole, a one-line message). It may run in a Ray task: it carries the storage settings of the
+    process that made it."""
 
-    def __init__(self, url: str, endpoint_url: str):
-        self.url, self.endpoint_url = url, endpoint_url
+    def __init__(self, url: str):
+        self.url, self.storage = url, storage.settings()
 
     def __call__(self, path: str) -> tuple[list[int], str | None, str]:
+        storage.configure(**self.storage)
         try:
-            offsets, failure, members = scan_shard(self.url, path, self.endpoint_url)
+            offsets, failure, members = scan_shard(self.url, path)
         except (tarfile.TarError, OSError, EOFError, ValueError) as e:  # could not even open it
             offsets, failure, members = [0], e, 0
         if failure is None:
@@ -388,11 +390,10 @@ class _ScanOne:
         return offsets, shard_failure(failure, members), cut_message(str(failure) or type(failure).__name__)
 
 
-def read_samples(url: str, shards: list[str], refs: dict[str, np.ndarray], endpoint_url: str = ""
-                 ) -> list[dict[str, Any] | Exception]:
+def read_samples(url: str, shards: list[str], refs: dict[str, np.ndarray]) -> list[dict[str, Any] | Exception]:
     """The samples at ``refs`` (columns shard, start, end), one ranged read each, fetched together; a sample
     that cannot be read or parsed comes back as its exception."""
-    fs = storage.fsspec_fs(url, endpoint_url)
+    fs = storage.fsspec_fs(url)
     paths = [shards[int(s)] for s in refs["shard"]]
     starts, ends = [int(x) for x in refs["start"]], [int(x) for x in refs["end"]]
     try:

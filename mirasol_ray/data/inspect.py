@@ -79,6 +79,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
     from mirasol_ray.launch.train import ensure_ray
 
     cfg = load_config(config, overrides)
+    storage.configure(cfg.storage.endpoint_url)
     shards = expand_shard_urls(url)  # a clear error before Ray starts if there is nothing there
     if png:
         storage.check_output(png, "file")  # before the work, not after it

@@ -35,6 +35,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
+from mirasol_ray import storage
 from mirasol_ray.config import DataConfig
 from mirasol_ray.data.index import (
     SHARD_REASONS,
@@ -54,9 +55,9 @@ __all__ = ["expand_shard_urls", "find_manifest", "sample_index", "decoded_datase
            "to_torch", "stack_rows"]
 
 
-def expand_shard_urls(url: str, endpoint_url: str = "") -> list[str]:
+def expand_shard_urls(url: str) -> list[str]:
     """The shard paths of ``url`` (see :func:`~mirasol_ray.data.index.resolve_shards`)."""
-    return resolve_shards(url, endpoint_url).paths
+    return resolve_shards(url).paths
 
 
 def _apply(fn, x):
@@ -73,9 +74,9 @@ def _ray_map(fn, items: list) -> list:
     return ray.get([task.remote(fn, x) for x in items])
 
 
-def sample_index(url: str, endpoint_url: str = "") -> SampleIndex:
+def sample_index(url: str) -> SampleIndex:
     """The sample index of the dataset at ``url``: from the manifest, or by scanning shards (in Ray tasks)."""
-    return build_index(resolve_shards(url, endpoint_url), endpoint_url, map_fn=_ray_map)
+    return build_index(resolve_shards(url), map_fn=_ray_map)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -265,13 +266,14 @@ def stack_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> dict[str, np.ndar
 
 
 def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], shards: list[str], url: str,
-                 endpoint_url: str, data_cfg: dict[str, Any], train: bool, label_set: list[str] | None,
-                 counter_name: str) -> Iterator[dict[str, np.ndarray]]:
+                 storage_settings: dict[str, str], data_cfg: dict[str, Any], train: bool,
+                 label_set: list[str] | None, counter_name: str) -> Iterator[dict[str, np.ndarray]]:
     """``map_batches`` function: the item ids of a block (``batch["id"]``) -> decoded rows.
 
     ``items`` holds, per item: ``sample``, ``shard``, ``start``, ``end`` (where to read it), ``pos`` (its
     stream position, carried to the rows) and ``epoch`` (for the sample's random choices). Only plain values
-    come in (arrays, a config dict, the counter's name): no closures, no objects. The rows are yielded, nothing
+    come in (arrays, a config dict, the counter's name, the :func:`mirasol_ray.storage.settings` of the process
+    that built the dataset): no closures, no objects. The rows are yielded, nothing
     when every sample of the block is skipped (an empty batch has no shape Arrow can store its tensor columns in).
     """
     import torch
@@ -279,13 +281,14 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
     from mirasol_ray.data.decode import cut_message
     from mirasol_ray.data.rows import count_lengths, decode_sample_safe
 
+    storage.configure(**storage_settings)  # this task's process reads the shards as the dataset's builder does
     cfg = DataConfig(**data_cfg)
     # One intra-op thread per decode task: the task holds a fraction of a CPU, and torch's default pool (one
     # thread per core) makes the log-mel step crawl when several tasks share the cores.
     torch.set_num_threads(max(1, int(cfg.decode_cpus)))
     ids = np.asarray(batch["id"], dtype=np.int64)
     refs = {k: items[k][ids] for k in ("shard", "start", "end")}
-    samples = read_samples(url, shards, refs, endpoint_url)
+    samples = read_samples(url, shards, refs)
     rows: list[dict[str, Any]] = []
     skipped: dict[str, int] = {}
     examples: dict[str, list[str]] = {}
@@ -436,7 +439,7 @@ def _complete_tasks_inline() -> None:
 
 
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
-                   counter_name: str, label_set: list[str] | None, endpoint_url: str):
+                   counter_name: str, label_set: list[str] | None):
     """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
     import ray
 
@@ -448,7 +451,7 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
     # CPUs the read could never start (a sweep of 2 trials on 2 CPUs hung).
     ids = _item_ids(n, decode_block(cfg))
     ds = ray.data.read_datasource(ids, num_cpus=cfg.decode_cpus, override_num_blocks=max(1, len(ids.bounds) - 1))
-    kwargs = {"items": items, "shards": index.shards, "url": index.url, "endpoint_url": endpoint_url,
+    kwargs = {"items": items, "shards": index.shards, "url": index.url, "storage_settings": storage.settings(),
               "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
     if cfg.decode_actors:
         return ds.map_batches(DecodeItems, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
@@ -459,7 +462,7 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
 
 
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
-                    endpoint_url: str = "", limit: int = 0, index: SampleIndex | None = None):
+                    limit: int = 0, index: SampleIndex | None = None):
     """The Ray Data pipeline in the dataset's canonical order: shards at ``url`` (or ``index``) -> rows per
     :mod:`mirasol_ray.data.schema`, each with ``pos`` = the sample's index. ``limit``: the first N samples. Bad
     shards (found while indexing ``url``; a caller passing ``index`` counts its own) and samples are skipped and
@@ -470,15 +473,14 @@ def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str
     workers are never starved on small machines (FIELD_NOTES: the silent-hang trap).
     """
     if index is None:
-        index = sample_index(url, endpoint_url)
+        index = sample_index(url)
         count_bad_shards(index, counter_name)
     if label_set is None:
-        label_set = (find_manifest(url, endpoint_url) or {}).get("label_set")
+        label_set = (find_manifest(url) or {}).get("label_set")
     n = min(len(index), limit) if limit else len(index)
     samples = np.arange(n, dtype=np.int64)
     items = {**index.refs(samples), "pos": samples, "epoch": np.zeros(n, np.int64)}
-    return _items_dataset(index, items, cfg, train=train, counter_name=counter_name, label_set=label_set,
-                          endpoint_url=endpoint_url)
+    return _items_dataset(index, items, cfg, train=train, counter_name=counter_name, label_set=label_set)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -496,9 +498,9 @@ class DecodeSource:
     """:func:`train_batches` gives one call of :meth:`batches` whole epochs until they hold this many samples."""
 
     def __init__(self, index: SampleIndex, cfg: DataConfig, *, counter_name: str, label_set: list[str] | None,
-                 endpoint_url: str, cpu_limit: float = 0.0):
+                 cpu_limit: float = 0.0):
         self.index, self.cfg, self.counter_name = index, cfg, counter_name
-        self.label_set, self.endpoint_url, self.cpu_limit = label_set, endpoint_url, cpu_limit
+        self.label_set, self.cpu_limit = label_set, cpu_limit
 
     def __len__(self) -> int:
         return len(self.index)
@@ -515,7 +517,7 @@ class DecodeSource:
             ctx.execution_options.resource_limits = ExecutionResources(cpu=self.cpu_limit)
         items = {**self.index.refs(samples), "pos": positions, "epoch": epochs}  # each sample's epoch
         ds = _items_dataset(self.index, items, self.cfg, train=True, counter_name=self.counter_name,
-                            label_set=self.label_set, endpoint_url=self.endpoint_url)
+                            label_set=self.label_set)
         yield from ds.iter_batches(batch_size=batch_size, batch_format="numpy", prefetch_batches=prefetch_batches)
 
 

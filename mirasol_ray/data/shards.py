@@ -85,14 +85,13 @@ class ShardWriter:
     written under ``out``'s parent or siblings. ``out`` is checked (writable, not an existing file) on creation.
     """
 
-    def __init__(self, out: str, shard_size: int, endpoint_url: str = "", overwrite: bool = False) -> None:
+    def __init__(self, out: str, shard_size: int, overwrite: bool = False) -> None:
         if shard_size <= 0:
             raise ValueError(f"shard_size must be positive, got {shard_size}")
-        storage.check_output(out, "dir", endpoint_url)  # before any sample is made
+        storage.check_output(out, "dir")  # before any sample is made
         self.out = out
         self.shard_size = shard_size
-        self.endpoint_url = endpoint_url
-        self.fs = storage.fsspec_fs(out, endpoint_url)
+        self.fs = storage.fsspec_fs(out)
         self.remote = storage.is_remote(out)
         self._old = self._previous_build()
         if self._old and not overwrite:
@@ -179,9 +178,8 @@ class ShardWriter:
                                  splits={name: manifest["splits"][name]}, split=name, **split_extra.get(name, {}))
                 if "tokenizer" in extra:  # the same file, named from the split's folder
                     per_split["tokenizer"] = f"../{extra['tokenizer']}"
-                storage.write_text(storage.join(s.uri, MANIFEST), json.dumps(per_split, indent=1),
-                                   self.endpoint_url)
-        storage.write_text(storage.join(self.out, MANIFEST), json.dumps(manifest, indent=1), self.endpoint_url)
+                storage.write_text(storage.join(s.uri, MANIFEST), json.dumps(per_split, indent=1))
+        storage.write_text(storage.join(self.out, MANIFEST), json.dumps(manifest, indent=1))
         self._remove_stale({sh["name"] for sh in shards} | {f"{s.path}/{MANIFEST}" for s in self._splits.values()
                                                            if s.path} | {MANIFEST, extra.get("tokenizer")})
         self._cleanup()
@@ -198,7 +196,7 @@ class ShardWriter:
         if self.fs.exists(f"{root}/{MANIFEST}"):
             found.append(MANIFEST)
             try:
-                old = json.loads(storage.read_text(storage.join(self.out, MANIFEST), self.endpoint_url))
+                old = json.loads(storage.read_text(storage.join(self.out, MANIFEST)))
             except (OSError, ValueError):
                 old = None
         folders = {""}
@@ -270,8 +268,8 @@ class ShardWriter:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
 
 
-def write_tokenizer(out: str, metas: list[Mapping[str, Any]], vocab_size: int = DEFAULT_VOCAB_SIZE,
-                    endpoint_url: str = "") -> dict[str, Any]:
+def write_tokenizer(out: str, metas: list[Mapping[str, Any]], vocab_size: int = DEFAULT_VOCAB_SIZE
+                    ) -> dict[str, Any]:
     """Learn a byte-level BPE tokenizer (:func:`~mirasol_ray.data.text.train_bpe_tokenizer`) from every text of the
     samples ``metas`` (:func:`~mirasol_ray.data.rows.sample_texts`) and the default task prompts, and write it to
     ``out/tokenizer.json``; returns what the manifest records of it (pass it to :meth:`ShardWriter.close`).
@@ -285,7 +283,7 @@ def write_tokenizer(out: str, metas: list[Mapping[str, Any]], vocab_size: int = 
     check_vocab_size(vocab_size)
     corpus = [t for m in metas for t in sample_texts(dict(m))] + [DataConfig.caption_prompt, DataConfig.cls_prompt]
     text = train_bpe_tokenizer(corpus, vocab_size)
-    storage.write_text(storage.join(out, TOKENIZER_FILE), text, endpoint_url)
+    storage.write_text(storage.join(out, TOKENIZER_FILE), text)
     return {"tokenizer": TOKENIZER_FILE, "tokenizer_vocab_size": len(json.loads(text)["model"]["vocab"])}
 
 
@@ -295,10 +293,10 @@ def check_vocab_size(vocab_size: int) -> None:
                          f"back on and 3 specials), got {vocab_size}")
 
 
-def read_manifest(url: str, endpoint_url: str = "") -> dict:
+def read_manifest(url: str) -> dict:
     """The manifest of a shard folder (or the ``manifest.json`` URI itself)."""
     uri = url if url.rstrip("/").endswith(".json") else storage.join(url, MANIFEST)
-    return json.loads(storage.read_text(uri, endpoint_url))
+    return json.loads(storage.read_text(uri))
 
 
 def probe_video(src: bytes | IO[bytes]) -> None:
@@ -542,7 +540,7 @@ def _sample_key(name: str, used: set[str]) -> str:
 
 def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: int = 100,
                  transcode: int | None = None, gop: int | None = None, progress: bool = True,
-                 sample_rate: int = 16000, endpoint_url: str = "", split: str = "",
+                 sample_rate: int = 16000, split: str = "",
                  labels: list[str] | None = None, answer_vocab: int = 0, overwrite: bool = False,
                  tokenizer: str = "", vocab_size: int = DEFAULT_VOCAB_SIZE) -> dict:
     """Convert a dataset on disk (or object storage) into shards under ``out``; returns the root manifest.
@@ -571,9 +569,9 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown format {fmt!r}: choose from {', '.join(sorted(FORMATS))}")
-    if not storage.exists(annotations, endpoint_url):
+    if not storage.exists(annotations):
         raise FileNotFoundError(f"annotations not found: {annotations}")
-    vfs = storage.fsspec_fs(videos, endpoint_url)
+    vfs = storage.fsspec_fs(videos)
     if not vfs.isdir(storage.strip_scheme(videos)):
         raise FileNotFoundError(f"videos folder not found: {videos}")
     if gop is not None and transcode is None:
@@ -587,9 +585,9 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     if tokenizer:
         check_vocab_size(vocab_size)
     gop = gop or DEFAULT_GOP
-    storage.check_output(out, "dir", endpoint_url)  # before any annotation or video is read
-    root = VideoRoot(videos, endpoint_url)
-    conv = FORMATS[fmt](Source(annotations, root, split, labels, endpoint_url))
+    storage.check_output(out, "dir")  # before any annotation or video is read
+    root = VideoRoot(videos)
+    conv = FORMATS[fmt](Source(annotations, root, split, labels))
     records = conv.records
     names = sorted({r.split for r in records if r.split})  # a malformed line may not know its split
     folders = len(names) > 1  # several splits: one folder each
@@ -608,7 +606,7 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
     written: dict[str, list[Mapping[str, Any]]] = {}  # split -> the metadata of its samples (for a tokenizer)
     used: set[str] = set()
     cut = 0
-    with ShardWriter(out, shard_size, endpoint_url, overwrite=overwrite) as writer:
+    with ShardWriter(out, shard_size, overwrite=overwrite) as writer:
         for rec in tqdm(records, desc=f"build {fmt}", unit="clip", disable=not progress):
             if rec.skip:
                 writer.skip(rec.name, rec.skip)
@@ -647,7 +645,7 @@ def build_shards(fmt: str, annotations: str, videos: str, out: str, shard_size: 
                 written.setdefault(rec.split, []).append(meta)
         if tokenizer:
             extra.update(write_tokenizer(out, written.get("train") or [m for ms in written.values() for m in ms],
-                                         vocab_size, endpoint_url))
+                                         vocab_size))
         transcoded = {"height": transcode, "gop": gop, "sample_rate": sample_rate} if transcode else None
         split_extra = {folder: st.summary(vocab) for folder, st in stats.items()}
         return writer.close({**extra, "transcode": transcoded, "cut": cut}, split_extra)

@@ -28,7 +28,7 @@ RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "
 CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
 
 
-def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpoint_url: str = "",
+def checkpoint_config(checkpoint: str, overrides: list[str] | None = None,
                       choice: str = "best") -> tuple[str, Config, list[str] | None]:
     """(model.pt URI, the run's Config with ``--set`` overrides, label set) for a checkpoint URI (a run folder: its
     ``choice`` checkpoint, best or last, named on the console). A checkpoint whose model file is empty or cut
@@ -36,9 +36,10 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpo
     load it.
 
     The tokenizer is the checkpoint's own copy (see :mod:`mirasol_ray.train.checkpoint`), not the path the run was
-    trained with, which need not exist here."""
+    trained with, which need not exist here. The checkpoint is read with the overrides' ``storage.endpoint_url``
+    (:func:`~mirasol_ray.launch.configure_storage`): the run's own config is inside what is read."""
     from mirasol_ray.config import _deep_update
-    from mirasol_ray.launch import console
+    from mirasol_ray.launch import configure_storage, console
     from mirasol_ray.train.checkpoint import (
         check_model_file,
         describe_choice,
@@ -47,15 +48,16 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpo
         tokenizer_spec,
     )
 
-    model_uri, chosen = resolve_choice(checkpoint, endpoint_url, choice)
+    configure_storage(overrides)
+    model_uri, chosen = resolve_choice(checkpoint, choice)
     if chosen is not None:
         console.say(f"{checkpoint}: its {describe_choice(chosen)}")
-    check_model_file(model_uri, endpoint_url)
-    meta = require_meta(model_uri, endpoint_url)
+    check_model_file(model_uri)
+    meta = require_meta(model_uri)
     raw = meta["run_config"]
     raw = json.loads(json.dumps(raw))  # a deep copy
     if "tokenizer" in meta:  # checkpoints from before tokenizers travelled with them keep the run's path
-        raw.setdefault("data", {})["tokenizer"] = tokenizer_spec(model_uri, meta, endpoint_url)
+        raw.setdefault("data", {})["tokenizer"] = tokenizer_spec(model_uri, meta)
     _deep_update(raw, parse_overrides(overrides))
     return model_uri, from_dict(raw), meta.get("label_set")
 
@@ -63,15 +65,16 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None, endpo
 class Predictor:
     """Actor for ``map_batches``: loads the model once, turns decoded rows into prediction records."""
 
-    def __init__(self, model_uri: str, endpoint_url: str, data_cfg: dict[str, Any], precision: str,
+    def __init__(self, model_uri: str, storage_settings: dict[str, str], data_cfg: dict[str, Any], precision: str,
                  label_set: list[str] | None, beam_size: int = 1, qtypes: list[str] | None = None):
         import torch
 
         from mirasol_ray.data.text import get_tokenizer
         from mirasol_ray.train.checkpoint import load_model_from
 
+        storage.configure(**storage_settings)  # the driver's: this actor reads the model and the tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = load_model_from(model_uri, endpoint_url).to(self.device).eval()
+        self.model = load_model_from(model_uri).to(self.device).eval()
         self.tok = get_tokenizer(data_cfg["tokenizer"])
         from mirasol_ray.data.schema import qtype_table
 
@@ -137,14 +140,13 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     from mirasol_ray.launch.train import ensure_ray
     from mirasol_ray.train.checkpoint import metric_value, read_meta
 
-    endpoint_url = os.environ.get("AWS_ENDPOINT_URL", "")
-    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, endpoint_url, choice)
-    expand_shard_urls(data_url, endpoint_url)
+    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)
+    expand_shard_urls(data_url)
     if records_out:
-        storage.check_output(records_out, "file", endpoint_url)
+        storage.check_output(records_out, "file")
     if out:
-        storage.check_output(out, "dir", endpoint_url)
-    manifest = find_manifest(data_url, endpoint_url) or {}
+        storage.check_output(out, "dir")
+    manifest = find_manifest(data_url) or {}
     source = source or str(manifest.get("source") or "")
     total = manifest.get("num_samples")
     with console.quiet_libraries() as logs:
@@ -158,7 +160,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
                 use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
                 preds = ds.map_batches(
                     Predictor,
-                    fn_constructor_kwargs={"model_uri": model_uri, "endpoint_url": endpoint_url,
+                    fn_constructor_kwargs={"model_uri": model_uri, "storage_settings": storage.settings(),
                                            "data_cfg": dataclasses.asdict(cfg.data),
                                            "precision": cfg.train.precision, "label_set": label_set,
                                            "beam_size": beam_size, "qtypes": manifest_qtypes(manifest)},
@@ -183,8 +185,8 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     if truncation_warning(skips["truncation"], cfg.data.tokenizer):  # the scores are of cut references
         console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
     if records_out:
-        storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records), endpoint_url)
-    meta = read_meta(model_uri, endpoint_url)
+        storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records))
+    meta = read_meta(model_uri)
     results = benchmark_results(records, source, normalize)
     model = model_name(model_uri, meta)
     score = meta.get("score") or {}  # the run's checkpoint scoring, and this checkpoint's value (None: unscored)
@@ -195,7 +197,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
            "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
            "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"], "truncation": skips["truncation"]}
     if out:
-        write_results(res, out, endpoint_url)
+        write_results(res, out)
     return res
 
 
@@ -209,16 +211,16 @@ def model_name(model_uri: str, meta: dict[str, Any]) -> str:
     return f"{name} (step {step})" if step is not None else name
 
 
-def write_results(res: dict[str, Any], out: str, endpoint_url: str = "") -> None:
+def write_results(res: dict[str, Any], out: str) -> None:
     """``results.json`` (all of ``res``) and ``results.csv`` (its table rows) in the folder ``out``."""
-    storage.write_text(storage.join(out, "results.json"), json.dumps(res, indent=1), endpoint_url)
+    storage.write_text(storage.join(out, "results.json"), json.dumps(res, indent=1))
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, lineterminator="\n")
     w.writeheader()
     for row in res["table"]:
         w.writerow({k: ("" if row[k] is None else round(row[k], 4) if isinstance(row[k], float) else row[k])
                     for k in CSV_COLUMNS})
-    storage.write_text(storage.join(out, "results.csv"), buf.getvalue(), endpoint_url)
+    storage.write_text(storage.join(out, "results.csv"), buf.getvalue())
 
 
 def format_table(res: dict[str, Any]) -> str:

@@ -52,19 +52,19 @@ def _alive(holder: dict[str, Any], now: float) -> bool:
     return now - float(holder.get("heartbeat", 0)) < STALE_S
 
 
-def read_lease(run_uri: str, endpoint_url: str = "") -> dict[str, Any] | None:
+def read_lease(run_uri: str) -> dict[str, Any] | None:
     uri = storage.join(run_uri, LEASE_FILE)
     try:
-        return json.loads(storage.read_text(uri, endpoint_url))
+        return json.loads(storage.read_text(uri))
     except FileNotFoundError:
         return None
     except ValueError:  # cut short by a crash mid-write: nobody's
         return None
 
 
-def lease_token(run_uri: str, endpoint_url: str = "") -> str:
+def lease_token(run_uri: str) -> str:
     """The token of the run folder's current lease holder ("" when none)."""
-    lease = read_lease(run_uri, endpoint_url)
+    lease = read_lease(run_uri)
     return str(lease.get("token", "")) if lease else ""
 
 
@@ -72,8 +72,8 @@ class RunLease:
     """``with RunLease(uri):`` holds the run folder for this process; raises :class:`RunInUseError` when another
     live run holds it."""
 
-    def __init__(self, run_uri: str, endpoint_url: str = "", heartbeat_s: float = HEARTBEAT_S):
-        self.run_uri, self.endpoint_url, self.heartbeat_s = run_uri, endpoint_url, heartbeat_s
+    def __init__(self, run_uri: str, heartbeat_s: float = HEARTBEAT_S):
+        self.run_uri, self.heartbeat_s = run_uri, heartbeat_s
         self.token = uuid.uuid4().hex
         self.uri = storage.join(run_uri, LEASE_FILE)
         self.taken_over: dict[str, Any] | None = None
@@ -85,10 +85,10 @@ class RunLease:
                 "started": _started(os.getpid()), "heartbeat": time.time()}
 
     def _write(self) -> None:
-        storage.write_text(self.uri, json.dumps(self._record()), self.endpoint_url)
+        storage.write_text(self.uri, json.dumps(self._record()))
 
     def acquire(self) -> RunLease:
-        holder = read_lease(self.run_uri, self.endpoint_url)
+        holder = read_lease(self.run_uri)
         if holder and holder.get("token") != self.token and _alive(holder, time.time()):
             age = time.time() - float(holder.get("heartbeat", 0))
             raise RunInUseError(
@@ -106,7 +106,7 @@ class RunLease:
                 json.dump(self._record(), f)
         else:
             self._write()
-        if lease_token(self.run_uri, self.endpoint_url) != self.token:
+        if lease_token(self.run_uri) != self.token:
             raise RunInUseError(f"run folder {self.run_uri} was taken by another run starting at the same time")
         self.taken_over = holder
         self._thread = threading.Thread(target=self._beat, name="mirasol-lease", daemon=True)
@@ -116,7 +116,7 @@ class RunLease:
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             try:
-                if lease_token(self.run_uri, self.endpoint_url) != self.token:
+                if lease_token(self.run_uri) != self.token:
                     return  # taken over: the workers see it and stop marking checkpoints
                 self._write()
             except Exception:  # a missed beat is not fatal; the next one may get through
@@ -127,8 +127,8 @@ class RunLease:
         if self._thread is not None:
             self._thread.join(timeout=30)
         try:
-            if lease_token(self.run_uri, self.endpoint_url) == self.token:
-                fs = storage.fsspec_fs(self.uri, self.endpoint_url)
+            if lease_token(self.run_uri) == self.token:
+                fs = storage.fsspec_fs(self.uri)
                 fs.rm(storage.strip_scheme(self.uri))
         except Exception:  # the next run takes a dead holder's lease over anyway
             pass

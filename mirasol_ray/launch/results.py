@@ -80,7 +80,7 @@ def _number(v: Any) -> float | None:
 # Reading
 
 
-def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: int | None = None) -> dict[str, Any]:
+def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict[str, Any]:
     """One run folder: its curve of ``metric`` over steps, steps done, best and last value (and the last value of
     the same metric on training clips, ``train_last``), the complete checkpoint holding the best value
     (``checkpoint``: the newest one when no checkpoint carries the metric) and the newest complete checkpoint
@@ -89,7 +89,7 @@ def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: in
     from mirasol_ray.launch.train import read_metrics
     from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
 
-    records = [r for r in read_metrics(uri, endpoint_url) if until is None or r.get("step", 0) <= until]
+    records = [r for r in read_metrics(uri) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
     best_step, best = None, None
     for step, v in curve:
@@ -97,7 +97,7 @@ def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: in
             best_step, best = step, v
     twin = train_counterpart(metric)
     train_curve = [v for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
-    _, found = scored_checkpoints(uri, endpoint_url)
+    _, found = scored_checkpoints(uri)
     # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
     checkpoints = [c for c in found if until is None or c["step"] <= until] or found
     pick = None
@@ -118,43 +118,43 @@ def read_run(uri: str, metric: str, mode: str, endpoint_url: str = "", until: in
     }
 
 
-def _run_config(uri: str, endpoint_url: str) -> Config | None:
+def _run_config(uri: str) -> Config | None:
     import yaml
 
     path = storage.join(uri, "config.yaml")
-    if not storage.exists(path, endpoint_url):
+    if not storage.exists(path):
         return None
-    return from_dict(yaml.safe_load(storage.read_text(path, endpoint_url)))
+    return from_dict(yaml.safe_load(storage.read_text(path)))
 
 
-def read_results(url: str, metric: str = "", mode: str = "", endpoint_url: str = "") -> dict[str, Any]:
+def read_results(url: str, metric: str = "", mode: str = "") -> dict[str, Any]:
     """A sweep folder (it has ``sweep.json``) or a single run folder (``metrics.jsonl``/``config.yaml``), local or
     ``s3://``, as one dict: trials best first, the best trial, the command that evaluates its checkpoint."""
     if not storage.is_remote(url) and not url.startswith("file://"):
         url = os.path.abspath(url)
-    storage.fsspec_fs(url, endpoint_url).invalidate_cache()  # a long-lived process sees files written since
+    storage.fsspec_fs(url).invalidate_cache()  # a long-lived process sees files written since
     sweep_path = storage.join(url, SWEEP_FILE)
-    if storage.exists(sweep_path, endpoint_url):
-        sweep = json.loads(storage.read_text(sweep_path, endpoint_url))
+    if storage.exists(sweep_path):
+        sweep = json.loads(storage.read_text(sweep_path))
         metric = metric or sweep["metric"]
         mode = mode or (sweep["mode"] if metric == sweep["metric"] else default_mode(metric))
         trials = []
         for tid, t in sweep.get("trials", {}).items():
             until = t.get("steps") if t.get("status") == "stopped" else None
-            run = read_run(storage.join(url, TRIALS_DIR, tid), metric, mode, endpoint_url, until)
+            run = read_run(storage.join(url, TRIALS_DIR, tid), metric, mode, until)
             trials.append({"trial_id": tid, "config": t.get("config", {}), "status": t.get("status", "unknown"),
                            **run})
         kind, name, space = "sweep", sweep.get("name", ""), sweep.get("space", {})
         max_steps = sweep.get("max_steps")
-    elif storage.exists(storage.join(url, "config.yaml"), endpoint_url) or storage.exists(
-            storage.join(url, "metrics.jsonl"), endpoint_url):
-        cfg = _run_config(url, endpoint_url)
+    elif storage.exists(storage.join(url, "config.yaml")) or storage.exists(
+            storage.join(url, "metrics.jsonl")):
+        cfg = _run_config(url)
         metric = metric or ((cfg.train.checkpoint_metric or main_metric(cfg)) if cfg else "loss")
         mode = mode or default_mode(metric)
-        run = read_run(url, metric, mode, endpoint_url)
+        run = read_run(url, metric, mode)
         max_steps = cfg.train.steps if cfg else None
         finished = run["steps"] >= max_steps if max_steps else storage.exists(
-            storage.join(url, "summary.json"), endpoint_url)
+            storage.join(url, "summary.json"))
         name = url.rstrip("/").rsplit("/", 1)[-1]
         trials = [{"trial_id": name, "config": {}, "status": "finished" if finished else "incomplete", **run}]
         kind, space = "run", {}
@@ -166,9 +166,11 @@ def read_results(url: str, metric: str = "", mode: str = "", endpoint_url: str =
     best = trials[0] if trials and trials[0]["best"] is not None else None
     command = None
     if best and best["checkpoint"]:
-        cfg = _run_config(best["run"], endpoint_url)
+        cfg = _run_config(best["run"])
         data = (cfg.data.val or cfg.data.train) if cfg else "SHARDS"
         command = f"mirasol eval --checkpoint {best['checkpoint']} --data {data}"
+        if cfg and cfg.storage.endpoint_url:  # the run's own S3 endpoint, which the environment may not give
+            command += f" --set storage.endpoint_url={cfg.storage.endpoint_url}"
     return {
         "kind": kind, "url": url, "name": name, "metric": metric, "mode": mode, "space": space,
         "max_steps": max_steps,
@@ -209,7 +211,7 @@ def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
     return "\n".join(lines)
 
 
-def write_plots(res: dict[str, Any], out: str, endpoint_url: str = "") -> list[str]:
+def write_plots(res: dict[str, Any], out: str) -> list[str]:
     """``learning_curves.png`` (the metric against step, every trial on one plot) and, for a sweep,
     ``hyperparameters.png`` (each trial's best value against each swept hyperparameter, one panel each, a log axis
     for log-uniform ones)."""
@@ -237,7 +239,7 @@ def write_plots(res: dict[str, Any], out: str, endpoint_url: str = "") -> list[s
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = storage.join(out, "learning_curves.png")
-    storage.write_bytes(path, _png_bytes(fig), endpoint_url)
+    storage.write_bytes(path, _png_bytes(fig))
     plt.close(fig)
     written.append(path)
 
@@ -264,7 +266,7 @@ def write_plots(res: dict[str, Any], out: str, endpoint_url: str = "") -> list[s
             ax.set_ylabel(f"best {m}")
         fig.tight_layout()
         path = storage.join(out, "hyperparameters.png")
-        storage.write_bytes(path, _png_bytes(fig), endpoint_url)
+        storage.write_bytes(path, _png_bytes(fig))
         plt.close(fig)
         written.append(path)
     return written
@@ -282,12 +284,12 @@ def default_out(res: dict[str, Any]) -> str:
     return out
 
 
-def results(url: str, *, out: str = "", metric: str = "", mode: str = "", endpoint_url: str = "") -> dict[str, Any]:
+def results(url: str, *, out: str = "", metric: str = "", mode: str = "") -> dict[str, Any]:
     """Everything ``mirasol results`` shows, with the PNGs written to ``out`` (default :func:`default_out`)."""
     if metric:
         check_metric(metric)
-    res = read_results(url, metric, mode, endpoint_url)
-    res["plots"] = write_plots(res, out or default_out(res), endpoint_url)
+    res = read_results(url, metric, mode)
+    res["plots"] = write_plots(res, out or default_out(res))
     return res
 
 

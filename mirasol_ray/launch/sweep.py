@@ -212,6 +212,7 @@ def _trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
 
     from mirasol_ray.launch.train import build_trainer, run_uri, training_error
 
+    storage.configure(**spec["storage"])  # the driver's, before the config is read (it may name s3:// files)
     trial_id = tune.get_context().get_trial_id()
     raw = copy.deepcopy(spec["config"])
     raw["storage"]["root"], raw["storage"]["name"] = spec["trials_uri"], trial_id
@@ -253,7 +254,7 @@ def trainable(spec: dict[str, Any], resources: dict[str, float]):
     """The trial function with what it needs of the spec bound to it (a plain dict in the object store)."""
     from ray import tune
 
-    need = {k: spec[k] for k in ("config", "trials_uri", "metric", "mode")}
+    need = {k: spec[k] for k in ("config", "trials_uri", "metric", "mode", "storage")}
     return tune.with_resources(tune.with_parameters(_trial, spec=need), resources)
 
 
@@ -281,17 +282,17 @@ def error_reason(trace: str) -> str:
 # Progress: one line per trial event, a table now and then; the trials' states kept in sweep.json
 
 
-def _ledger_write(uri: str, ledger: dict[str, Any], endpoint_url: str) -> None:
-    storage.write_text(storage.join(uri, SWEEP_FILE), json.dumps(ledger, indent=1), endpoint_url)
+def _ledger_write(uri: str, ledger: dict[str, Any]) -> None:
+    storage.write_text(storage.join(uri, SWEEP_FILE), json.dumps(ledger, indent=1))
 
 
 class SweepProgress(Callback):
     """Prints a line when a trial starts, reports, is stopped early, finishes or fails, and a table of all
     trials every ``table_every_s``; records each trial's status in ``sweep.json``."""
 
-    def __init__(self, uri: str, endpoint_url: str, keys: list[str], metric: str, mode: str, max_steps: int,
+    def __init__(self, uri: str, keys: list[str], metric: str, mode: str, max_steps: int,
                  scheduler: str, table_every_s: float = 60.0):
-        self.uri, self.endpoint_url, self.keys = uri, endpoint_url, keys
+        self.uri, self.keys = uri, keys
         self.metric, self.mode, self.max_steps, self.scheduler = metric, mode, max_steps, scheduler
         self.table_every_s = table_every_s
 
@@ -300,7 +301,7 @@ class SweepProgress(Callback):
         self.t0 = self.last_table = time.time()
         self.steps_here = 0  # steps trained since this driver started: the rate behind the ETA
         self.live: dict[str, dict[str, Any]] = {}
-        self.ledger = json.loads(storage.read_text(storage.join(self.uri, SWEEP_FILE), self.endpoint_url))
+        self.ledger = json.loads(storage.read_text(storage.join(self.uri, SWEEP_FILE)))
 
     # -- helpers
     def _say(self, text: str) -> None:
@@ -314,7 +315,7 @@ class SweepProgress(Callback):
 
     def _save(self) -> None:
         try:
-            _ledger_write(self.uri, self.ledger, self.endpoint_url)
+            _ledger_write(self.uri, self.ledger)
         except Exception as e:  # never fail a sweep for its progress file; the next event writes it again
             logging.getLogger(__name__).warning("could not write %s: %s", SWEEP_FILE, e)
 
@@ -467,6 +468,7 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     from mirasol_ray.launch.train import check_inputs
 
     cfg = load_config(config, overrides)
+    storage.configure(cfg.storage.endpoint_url)
     check_inputs(cfg)
     metric = metric or main_metric(cfg)
     check_metric(metric)
@@ -499,7 +501,7 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     name = name or f"sweep-{base_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     return {
         "name": name, "root": root, "uri": storage.join(root, name), "config_name": config,
-        "overrides": list(overrides or []), "config": base, "endpoint_url": cfg.storage.endpoint_url,
+        "overrides": list(overrides or []), "config": base, "storage": storage.settings(),
         "space": {p.key: p.to_json() for p in params}, "metric": metric, "mode": mode, "scheduler": scheduler,
         "num_samples": num_samples, "grace_period": grace, "reduction_factor": reduction_factor,
         "max_steps": cfg.train.steps, "created": time.strftime("%Y-%m-%d %H:%M:%S"), "trials": {},
@@ -514,9 +516,9 @@ def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concur
 
     from mirasol_ray.launch.train import ensure_ray
 
-    uri, endpoint_url = spec["uri"], spec["endpoint_url"]
+    uri = spec["uri"]
     cfg = from_dict(spec["config"])
-    fs, root_path = storage.pyarrow_fs(spec["root"], endpoint_url)
+    fs, root_path = storage.pyarrow_fs(spec["root"])
     remote = storage.is_remote(spec["root"])
     # The dashboard stays on (127.0.0.1): Ray Train's cleaner of a stopped trial's placement group asks the State
     # API whether the trial's controller is still alive (ray#54305); without it, freed workers never come back.
@@ -536,8 +538,8 @@ def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concur
               f"{cfg.train.checkpoint_every})\n  logs: this driver's {driver_log}; the trials' (Ray's workers) "
               f"{logs}", file=sys.stderr, flush=True)
         if not resume:
-            _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)}, endpoint_url)
-        progress = SweepProgress(uri, endpoint_url, keys, spec["metric"], spec["mode"], spec["max_steps"],
+            _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)})
+        progress = SweepProgress(uri, keys, spec["metric"], spec["mode"], spec["max_steps"],
                                  spec["scheduler"], table_every_s)
         resources = {"CPU": TRIAL_DRIVER_CPUS}
         tune_path = root_path.rstrip("/") + "/" + spec["name"] if remote else os.path.join(root_path, spec["name"])
@@ -594,32 +596,35 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
     if resume:
         if not name:
             raise ValueError("--resume needs the sweep's --name (and its --storage)")
-        root = storage_url or (load_config(config, overrides).storage.root if config else "runs")
+        cfg = load_config(config, overrides) if config else None
+        if cfg is not None:
+            storage.configure(cfg.storage.endpoint_url)
+        root = storage_url or (cfg.storage.root if cfg is not None else "runs")
         if not storage.is_remote(root) and not root.startswith("file://"):
             root = os.path.abspath(root)
         uri = storage.join(root, name)
         if not storage.exists(storage.join(uri, SWEEP_FILE)):
             raise FileNotFoundError(f"no sweep to resume at {uri} ({SWEEP_FILE} not found)")
         spec = json.loads(storage.read_text(storage.join(uri, SWEEP_FILE)))
-        spec["root"], spec["uri"] = root, uri
+        # where it is now, read with this process's storage settings (the trials get the same)
+        spec["root"], spec["uri"], spec["storage"] = root, uri, storage.settings()
     else:
         spec = prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url, name=name,
                        scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
                        reduction_factor=reduction_factor)
         uri = spec["uri"]
-        if storage.exists(storage.join(uri, SWEEP_FILE), spec["endpoint_url"]):
+        if storage.exists(storage.join(uri, SWEEP_FILE)):
             raise ValueError(f"a sweep named {spec['name']} already exists at {uri}: --resume it, or pick "
                              "another --name")
-    endpoint_url = spec["endpoint_url"]
     spec["trials_uri"] = storage.join(uri, TRIALS_DIR)
 
-    with RunLease(uri, endpoint_url), console.quiet_libraries() as logs:  # one live driver per sweep folder
+    with RunLease(uri), console.quiet_libraries() as logs:  # one live driver per sweep folder
         driver_log = os.path.join(tempfile.gettempdir(), "mirasol", f"{spec['name']}-driver.log")
         logs.attach(driver_log)
         _raylet_messages_to_log()
         elapsed, progress = _fit(spec, resume, num_cpus=num_cpus, max_concurrent=max_concurrent,
                                  table_every_s=table_every_s, driver_log=driver_log)
-    res = read_results(uri, endpoint_url=endpoint_url)
+    res = read_results(uri)
     unfinished = [t["trial_id"] for t in res["trials"] if t["status"] in ("running", "pending")]
     unfinished += ["not started"] * max(0, getattr(progress, "total", 0) - len(res["trials"]))
     print(f"\nsweep {'stopped' if unfinished else 'done'} after {elapsed / 60:.1f} min")

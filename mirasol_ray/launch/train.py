@@ -71,10 +71,11 @@ def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None
     index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
     ``{"cache": object refs of the decoded rows, "num_samples": N}``. ``score``: the checkpoints' scoring
     (``{"metric", "mode"}``, or None), which goes into each checkpoint's meta.json. ``qtypes``: the question type
-    names the train and val manifests list, for per-type validation metrics."""
+    names the train and val manifests list, for per-type validation metrics. ``storage``: this process's
+    :func:`~mirasol_ray.storage.settings`, which each worker configures before it reads anything."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
             "has_train_eval": has_train_eval, "train_data": train_data, "pid_dir": pid_dir, "lease": lease,
-            "scratch": scratch, "score": score, "qtypes": qtypes or []}
+            "scratch": scratch, "score": score, "qtypes": qtypes or [], "storage": storage.settings()}
 
 
 def train_eval_index(index, cfg: Config):
@@ -158,11 +159,11 @@ def _png_bytes(fig) -> bytes:
     return buf.getvalue()
 
 
-def read_metrics(uri: str, endpoint_url: str = "") -> list[dict[str, Any]]:
+def read_metrics(uri: str) -> list[dict[str, Any]]:
     path = storage.join(uri, "metrics.jsonl")
-    if not storage.exists(path, endpoint_url):
+    if not storage.exists(path):
         return []
-    return [json.loads(ln) for ln in storage.read_text(path, endpoint_url).splitlines() if ln.strip()]
+    return [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]
 
 
 def check_inputs(cfg: Config) -> None:
@@ -202,14 +203,13 @@ def check_inputs(cfg: Config) -> None:
             raise ValueError(f"train.checkpoint_metric: {e}") from None
         if metric.startswith(("val/", "train_eval/")) and not cfg.data.val:
             raise ValueError(f"train.checkpoint_metric={metric} is measured at validation passes: set data.val=URL")
-    ep = cfg.storage.endpoint_url
-    expand_shard_urls(cfg.data.train, ep)
+    expand_shard_urls(cfg.data.train)
     if cfg.data.val:
-        expand_shard_urls(cfg.data.val, ep)
+        expand_shard_urls(cfg.data.val)
     if cfg.train.init_from:
         given = cfg.train.init_from
-        cfg.train.init_from, chosen = resolve_choice(given, ep)
-        check_model_file(cfg.train.init_from, ep)
+        cfg.train.init_from, chosen = resolve_choice(given)
+        check_model_file(cfg.train.init_from)
         if chosen is not None:  # a run folder: say which of its checkpoints
             console.say(f"train.init_from={given}: its {describe_choice(chosen)}")
 
@@ -273,13 +273,12 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     from mirasol_ray.launch import console
     from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta
 
-    ep = cfg.storage.endpoint_url
-    manifest = find_manifest(cfg.data.train, ep) or {}
+    manifest = find_manifest(cfg.data.train) or {}
     label_set = manifest.get("label_set")
     qtypes = sorted(set(manifest_qtypes(manifest))
-                    | set(manifest_qtypes(find_manifest(cfg.data.val, ep) if cfg.data.val else None)))
+                    | set(manifest_qtypes(find_manifest(cfg.data.val) if cfg.data.val else None)))
     counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
-    index = sample_index(cfg.data.train, ep)
+    index = sample_index(cfg.data.train)
     count_bad_shards(index, counter_name)
     if not len(index):
         raise ValueError(f"no shard of {cfg.data.train} could be read: {describe_skips(read_skips(counter))}")
@@ -288,13 +287,13 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     datasets = {}
     if cfg.data.val:
         datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
-                                          label_set=label_set, endpoint_url=ep)
+                                          label_set=label_set)
         subset = train_eval_index(index, cfg)
         if subset is not None:  # scored beside validation, decoded as validation is
             datasets["train_eval"] = decoded_dataset(cfg.data.train, cfg.data, train=False, counter_name=counter_name,
-                                                     label_set=label_set, endpoint_url=ep, index=subset)
-    last = latest_checkpoint_dir(uri, ep)
-    done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
+                                                     label_set=label_set, index=subset)
+    last = latest_checkpoint_dir(uri)
+    done = read_meta(storage.join(last, "model.pt")).get("step", 0) if last else 0
     if cfg.data.cache and done >= cfg.train.steps:
         console.say(f"run {name} is already at step {done} of {cfg.train.steps}: nothing to decode")
         train_data = {"cache": [], "num_samples": len(index)}
@@ -304,13 +303,13 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
         # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by sample
         # index in each epoch's order
         cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
-                                 label_set=label_set, endpoint_url=ep, index=index)
+                                 label_set=label_set, index=index)
         train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
         datasets = {k: ds.materialize() for k, ds in datasets.items()}
         rows = read_skips(counter)["rows"]
         console.say(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s")
-    fs, root_path = storage.pyarrow_fs(cfg.storage.root, ep)
-    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml(), ep)
+    fs, root_path = storage.pyarrow_fs(cfg.storage.root)
+    storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml())
     resources = {"CPU": cfg.scaling.cpus_per_worker}
     if checkpoint_config is None:
         checkpoint_config = checkpoint_retention(cfg)
@@ -359,18 +358,18 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         read_meta,
     )
 
+    storage.configure(cfg.storage.endpoint_url)
     check_inputs(cfg)
-    ep = cfg.storage.endpoint_url
     name = run_name(cfg, config_name)
     uri = run_uri(cfg, name)
-    storage.check_output(uri, "dir", ep)
+    storage.check_output(uri, "dir")
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    with RunLease(uri, ep) as lease, scratch_folder() as scratch, console.quiet_libraries() as logs:
+    with RunLease(uri) as lease, scratch_folder() as scratch, console.quiet_libraries() as logs:
         local_log = storage.join(uri, "logs", f"driver-{stamp}.log")
         logs.attach(os.path.join(scratch, "driver.log") if storage.is_remote(uri) else storage.strip_scheme(local_log))
-        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)  # leftovers of a run stopped mid-upload
-        last = latest_checkpoint_dir(uri, ep)
-        done = read_meta(storage.join(last, "model.pt"), ep).get("step", 0) if last else 0
+        prune_checkpoints(uri, cfg.train.keep_checkpoints)  # leftovers of a run stopped mid-upload
+        last = latest_checkpoint_dir(uri)
+        done = read_meta(storage.join(last, "model.pt")).get("step", 0) if last else 0
         console.say(f"run {uri}: {cfg.train.stage}, {cfg.train.steps} steps on {cfg.scaling.num_workers} worker(s)"
                     + (f", from its checkpoint at step {done}" if last else "") + f"; logs: {local_log}")
         started = ensure_ray(num_cpus)
@@ -400,14 +399,14 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
                 ray.shutdown()
             if storage.is_remote(uri) and os.path.exists(os.path.join(scratch, "driver.log")):
                 try:
-                    storage.write_bytes(local_log, open(os.path.join(scratch, "driver.log"), "rb").read(), ep)
+                    storage.write_bytes(local_log, open(os.path.join(scratch, "driver.log"), "rb").read())
                 except Exception:  # the log is a convenience: never mask the run's own outcome
                     pass
-        prune_checkpoints(uri, cfg.train.keep_checkpoints, ep)
-        records = read_metrics(uri, ep)
+        prune_checkpoints(uri, cfg.train.keep_checkpoints)
+        records = read_metrics(uri)
         plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
         last = records[-1] if records else {}
-        best = best_checkpoint_dir(uri, ep)
+        best = best_checkpoint_dir(uri)
         summary = {
             "run": uri,
             "stage": cfg.train.stage,
@@ -415,7 +414,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "final_loss": last.get("loss"),
             "val": (result.metrics or {}).get("val", {}),
             "train_eval": (result.metrics or {}).get("train_eval", {}),
-            "checkpoint": latest_checkpoint_dir(uri, ep),
+            "checkpoint": latest_checkpoint_dir(uri),
             "best_checkpoint": best,
             "decoded": skips["decoded"],
             "skipped": skips["skipped"],
@@ -424,7 +423,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "learning_curve": plot,
             "log": local_log,
         }
-        storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2), ep)
+        storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))
     return summary
 
 

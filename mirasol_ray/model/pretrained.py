@@ -69,31 +69,31 @@ class Checkpoint:
     folder: str = ""
 
 
-def _is_dir(uri: str, endpoint_url: str) -> bool:
-    return storage.fsspec_fs(uri, endpoint_url).isdir(storage.strip_scheme(uri))
+def _is_dir(uri: str) -> bool:
+    return storage.fsspec_fs(uri).isdir(storage.strip_scheme(uri))
 
 
-def locate(setting: str, uri: str, endpoint_url: str = "") -> Checkpoint:
+def locate(setting: str, uri: str) -> Checkpoint:
     """The weight files and config of ``uri`` (a file or a folder); a hub name or a missing path is refused."""
-    if not storage.exists(uri, endpoint_url):
+    if not storage.exists(uri):
         if not storage.is_remote(uri) and _HUB_NAME.match(uri) and not uri.startswith((".", "/")):
             name = re.sub(r"^hf[-_]hub:", "", uri)
             raise PretrainedError(
                 f"model.{setting} {uri!r} is not a file or folder. mirasol-ray never downloads weights: download "
                 f"it first (e.g. `hf download {name} --local-dir /weights/{name.split('/')[-1]}`) and pass that path")
         raise PretrainedError(f"model.{setting}: no such file or folder: {uri}")
-    if not _is_dir(uri, endpoint_url):
+    if not _is_dir(uri):
         if not uri.endswith((".safetensors", *_TORCH_SUFFIXES)):
             raise PretrainedError(f"model.{setting} {uri}: expected a .safetensors or .pth/.pt/.bin state dict, or a "
                                   "folder holding one")
         return Checkpoint(setting, uri, [uri], {})
     cfg_uri = storage.join(uri, "config.json")
-    config = json.loads(storage.read_text(cfg_uri, endpoint_url)) if storage.exists(cfg_uri, endpoint_url) else {}
+    config = json.loads(storage.read_text(cfg_uri)) if storage.exists(cfg_uri) else {}
     for name in _WEIGHT_FILES:
         f = storage.join(uri, name)
-        if storage.exists(f, endpoint_url):
+        if storage.exists(f):
             if name.endswith(".index.json"):
-                weight_map = json.loads(storage.read_text(f, endpoint_url))["weight_map"]
+                weight_map = json.loads(storage.read_text(f))["weight_map"]
                 return Checkpoint(setting, uri, [storage.join(uri, s) for s in sorted(set(weight_map.values()))],
                                   config, uri)
             return Checkpoint(setting, uri, [f], config, uri)
@@ -105,9 +105,9 @@ _ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, 
               "BOOL": torch.bool}
 
 
-def _safetensors_header(uri: str, endpoint_url: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+def _safetensors_header(uri: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """{name: (shape, dtype)} from a safetensors file's header, without reading its data."""
-    fs = storage.fsspec_fs(uri, endpoint_url)
+    fs = storage.fsspec_fs(uri)
     with fs.open(storage.strip_scheme(uri), "rb") as f:
         (n,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(n))
@@ -115,13 +115,13 @@ def _safetensors_header(uri: str, endpoint_url: str) -> dict[str, tuple[tuple[in
             for k, v in header.items() if k != "__metadata__"}
 
 
-def _torch_state(setting: str, uri: str, endpoint_url: str) -> dict[str, torch.Tensor]:
+def _torch_state(setting: str, uri: str) -> dict[str, torch.Tensor]:
     """A pickled state dict through ``torch.load(weights_only=True)``: tensors and plain containers only."""
     import pickle
 
     try:
         if storage.is_remote(uri):
-            obj = torch.load(io.BytesIO(storage.read_bytes(uri, endpoint_url)), map_location="cpu",
+            obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
                              weights_only=True)
         else:
             path = storage.strip_scheme(uri)
@@ -149,16 +149,16 @@ class TensorSource:
     """A checkpoint's tensors by name, read on first use. With ``meta``, only their shapes and dtypes (from the
     safetensors headers: no data is read) as meta tensors, enough to rehearse a load."""
 
-    def __init__(self, ckpt: Checkpoint, endpoint_url: str = "", meta: bool = False):
-        self.ckpt, self.endpoint_url, self.meta = ckpt, endpoint_url, meta
+    def __init__(self, ckpt: Checkpoint, meta: bool = False):
+        self.ckpt, self.meta = ckpt, meta
         self._where: dict[str, str] = {}  # raw name -> file
         self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._loaded: dict[str, dict[str, torch.Tensor]] = {}
         for f in ckpt.weights:
             if f.endswith(".safetensors"):
-                info = _safetensors_header(f, endpoint_url)
+                info = _safetensors_header(f)
             else:
-                self._loaded[f] = _torch_state(ckpt.setting, f, endpoint_url)
+                self._loaded[f] = _torch_state(ckpt.setting, f)
                 info = {k: (tuple(v.shape), v.dtype) for k, v in self._loaded[f].items()}
             self._info.update(info)
             self._where.update({k: f for k in info})
@@ -187,7 +187,7 @@ class TensorSource:
         if f not in self._loaded:
             from safetensors.torch import load, load_file
 
-            self._loaded[f] = (load(storage.read_bytes(f, self.endpoint_url)) if storage.is_remote(f)
+            self._loaded[f] = (load(storage.read_bytes(f)) if storage.is_remote(f)
                                else load_file(storage.strip_scheme(f)))
         return self._loaded[f][raw]
 
@@ -657,8 +657,7 @@ def _apply(model: torch.nn.Module, rep: PartReport, entries: list[Entry], src: T
                 own[name].copy_(value)
 
 
-def load_pretrained(model: torch.nn.Module, cfg: ModelConfig, endpoint_url: str = "",
-                    meta: bool = False) -> list[PartReport]:
+def load_pretrained(model: torch.nn.Module, cfg: ModelConfig, meta: bool = False) -> list[PartReport]:
     """Load every ``*_init`` checkpoint of ``cfg`` into ``model`` (built from the resolved ``cfg``). With ``meta``
     nothing is read but the files' headers and nothing is copied: a rehearsal that raises what the load would."""
     reports = []
@@ -666,8 +665,8 @@ def load_pretrained(model: torch.nn.Module, cfg: ModelConfig, endpoint_url: str 
         uri = getattr(cfg, setting)
         if not uri:
             continue
-        ckpt = locate(setting, uri, endpoint_url)
-        src = TensorSource(ckpt, endpoint_url, meta=meta)
+        ckpt = locate(setting, uri)
+        src = TensorSource(ckpt, meta=meta)
         if part == "text_decoder":
             src.strip_prefix("model.", "transformer.")
             arch = lm_arch(ckpt, cfg.max_text_len)
@@ -734,10 +733,10 @@ def _summarise(names: list[str]) -> str:
 # resolving a config (driver side)
 
 
-def _tokenizer_in(folder: str, endpoint_url: str) -> str:
+def _tokenizer_in(folder: str) -> str:
     for name in ("tokenizer.json", "tokenizer.model"):
         uri = storage.join(folder, name)
-        if storage.exists(uri, endpoint_url):
+        if storage.exists(uri):
             return uri
     return ""
 
@@ -747,11 +746,10 @@ def resolve_pretrained(raw: dict[str, Any]) -> dict[str, Any]:
     follow its ``*_init`` checkpoints, and whose ``data.tokenizer`` is the LM's unless one was set. Works on the raw
     dict, before the config is built and validated, because a preset's sizes (patch size, heads) may only fit once
     the checkpoint's replace them."""
-    from mirasol_ray.config import DataConfig, StorageConfig, _build
+    from mirasol_ray.config import DataConfig, _build
 
     model = dict(raw.get("model") or {})
     data = _build(DataConfig, raw.get("data") or {}, "data.")
-    ep = _build(StorageConfig, raw.get("storage") or {}, "storage.").endpoint_url
     defaults = ModelConfig()
     out = {**raw, "model": model, "data": dict(raw.get("data") or {})}
     for setting, part in PARTS.items():
@@ -759,11 +757,11 @@ def resolve_pretrained(raw: dict[str, Any]) -> dict[str, Any]:
         if not uri:
             continue
         uri = str(uri)
-        ckpt = locate(setting, uri, ep)
+        ckpt = locate(setting, uri)
         if part == "text_decoder":
             model.update(lm_arch(ckpt, data.max_prompt_len + data.max_target_len).fields)
             if data.tokenizer in ("", "byte"):
-                tok = _tokenizer_in(ckpt.folder, ep) if ckpt.folder else ""
+                tok = _tokenizer_in(ckpt.folder) if ckpt.folder else ""
                 if not tok:
                     raise PretrainedError(f"model.text_init {uri}: no tokenizer.json (or tokenizer.model) in the "
                                           "folder: set data.tokenizer to the LM's tokenizer")
@@ -771,7 +769,7 @@ def resolve_pretrained(raw: dict[str, Any]) -> dict[str, Any]:
             continue
         kind = part.split("_")[0]
         heads = int(model.get(f"{kind}_heads", getattr(defaults, f"{kind}_heads")))
-        arch = vit_arch(ckpt, TensorSource(ckpt, ep, meta=True), heads)
+        arch = vit_arch(ckpt, TensorSource(ckpt, meta=True), heads)
         sides = (data.height, data.width) if kind == "video" else (data.n_mels, data.mel_frames)
         if any(side % arch.patch for side in sides):
             what = "data.height x data.width" if kind == "video" else "data.n_mels x data.mel_frames"
@@ -788,4 +786,4 @@ def rehearse_load(cfg) -> None:
 
     with torch.device("meta"):
         model = build_model(cfg.model)
-    load_pretrained(model, cfg.model, cfg.storage.endpoint_url, meta=True)
+    load_pretrained(model, cfg.model, meta=True)

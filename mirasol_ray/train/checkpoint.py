@@ -63,13 +63,13 @@ TOKENIZER_FILES = {".json": "tokenizer.json", ".model": "tokenizer.model"}
 """A tokenizer's name inside a checkpoint, by the suffix of the file it came from."""
 
 
-def tokenizer_payload(spec: str, endpoint_url: str = "") -> dict[str, Any] | None:
+def tokenizer_payload(spec: str) -> dict[str, Any] | None:
     """``{"name", "data"}``: the bytes of the tokenizer file ``data.tokenizer`` names, to store in checkpoints;
     None for the built-in byte tokenizer."""
     if spec in ("", "byte"):
         return None
     suffix = os.path.splitext(spec)[1]
-    return {"name": TOKENIZER_FILES[suffix], "data": storage.read_bytes(spec, endpoint_url)}
+    return {"name": TOKENIZER_FILES[suffix], "data": storage.read_bytes(spec)}
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -218,8 +218,8 @@ def local_files(folder: str) -> dict[str, int]:
     return out
 
 
-def _stored_files(ckpt_uri: str, endpoint_url: str = "") -> dict[str, int]:
-    fs = storage.fsspec_fs(ckpt_uri, endpoint_url)
+def _stored_files(ckpt_uri: str) -> dict[str, int]:
+    fs = storage.fsspec_fs(ckpt_uri)
     root = storage.strip_scheme(ckpt_uri).rstrip("/")
     try:
         found = fs.find(root, detail=True)
@@ -228,44 +228,43 @@ def _stored_files(ckpt_uri: str, endpoint_url: str = "") -> dict[str, int]:
     return {p.lstrip("/")[len(root.lstrip("/")) + 1:]: int(info.get("size") or 0) for p, info in found.items()}
 
 
-def mark_complete(ckpt_uri: str, files: dict[str, int], step: int, endpoint_url: str = "") -> bool:
+def mark_complete(ckpt_uri: str, files: dict[str, int], step: int) -> bool:
     """Write ``complete.json`` into a stored checkpoint once every one of ``files`` is there at its size; False
     (nothing written) when one is missing or short."""
-    stored = _stored_files(ckpt_uri, endpoint_url)
+    stored = _stored_files(ckpt_uri)
     if any(stored.get(name) != size for name, size in files.items()):
         return False
-    storage.write_text(storage.join(ckpt_uri, COMPLETE_FILE), json.dumps({"step": step, "files": files}),
-                       endpoint_url)
+    storage.write_text(storage.join(ckpt_uri, COMPLETE_FILE), json.dumps({"step": step, "files": files}))
     return True
 
 
-def complete_step(ckpt_uri: str, endpoint_url: str = "") -> int | None:
+def complete_step(ckpt_uri: str) -> int | None:
     """The step of a complete checkpoint folder, None if it is not complete (see the module docstring)."""
     try:
-        marker = json.loads(storage.read_text(storage.join(ckpt_uri, COMPLETE_FILE), endpoint_url))
+        marker = json.loads(storage.read_text(storage.join(ckpt_uri, COMPLETE_FILE)))
         files, step = dict(marker["files"]), int(marker["step"])
     except (OSError, KeyError, TypeError, ValueError):
         return None
-    stored = _stored_files(ckpt_uri, endpoint_url)
+    stored = _stored_files(ckpt_uri)
     if any(stored.get(name) != size for name, size in files.items()):
         return None
     return step
 
 
-def checkpoint_dirs(run_uri: str, endpoint_url: str = "") -> list[str]:
+def checkpoint_dirs(run_uri: str) -> list[str]:
     """Names of the ``checkpoint_*`` folders of a run folder, newest name first."""
-    return sorted((n for n in storage.listdir(run_uri, endpoint_url, dirs_only=True) if n.startswith(PREFIX)),
+    return sorted((n for n in storage.listdir(run_uri, dirs_only=True) if n.startswith(PREFIX)),
                   reverse=True)
 
 
-def latest_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> str | None:
+def latest_checkpoint_dir(run_uri: str) -> str | None:
     """The newest **complete** checkpoint folder of a run folder (highest step; the newest folder among equal
     steps), or None. Judged from the folder alone, not from Ray Train's record: a checkpoint a run wrote just
     before it was stopped is complete on disk though Ray Train never registered it."""
     best, best_step = None, -1
-    for name in checkpoint_dirs(run_uri, endpoint_url):
+    for name in checkpoint_dirs(run_uri):
         uri = storage.join(run_uri, name)
-        step = complete_step(uri, endpoint_url)
+        step = complete_step(uri)
         if step is not None and step > best_step:
             best, best_step = uri, step
     return best
@@ -288,18 +287,18 @@ def better(a: float, b: float | None, mode: str) -> bool:
     return b is None or (a > b if mode == "max" else a < b)
 
 
-def scored_checkpoints(run_uri: str, endpoint_url: str = "") -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
+def scored_checkpoints(run_uri: str) -> tuple[dict[str, str] | None, list[dict[str, Any]]]:
     """The run's scoring (``{"metric", "mode"}`` from its newest complete checkpoint's meta.json, None when
     unscored) and its complete checkpoints, newest first: ``{"uri", "step", "value", "metrics"}`` each, ``value``
     the checkpoint's score (None when it was not evaluated at its step)."""
     found = []
-    for name in checkpoint_dirs(run_uri, endpoint_url):
+    for name in checkpoint_dirs(run_uri):
         uri = storage.join(run_uri, name)
-        step = complete_step(uri, endpoint_url)
+        step = complete_step(uri)
         if step is None:
             continue
         try:
-            meta = json.loads(storage.read_text(storage.join(uri, META_FILE), endpoint_url))
+            meta = json.loads(storage.read_text(storage.join(uri, META_FILE)))
         except (OSError, ValueError):
             continue
         found.append({"uri": uri, "step": step, "metrics": meta.get("metrics") or {}, "score": meta.get("score")})
@@ -311,10 +310,10 @@ def scored_checkpoints(run_uri: str, endpoint_url: str = "") -> tuple[dict[str, 
     return score, found
 
 
-def best_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> dict[str, Any] | None:
+def best_checkpoint_dir(run_uri: str) -> dict[str, Any] | None:
     """The run's best complete checkpoint by its score (the newest among equal values), as
     ``{"uri", "step", "value", "metric", "mode"}``; None when the run has no scored checkpoint."""
-    score, found = scored_checkpoints(run_uri, endpoint_url)
+    score, found = scored_checkpoints(run_uri)
     best = None
     for c in found:
         if c["value"] is not None and (best is None or better(c["value"], best["value"], score["mode"])):
@@ -327,7 +326,7 @@ def best_checkpoint_dir(run_uri: str, endpoint_url: str = "") -> dict[str, Any] 
 CHOICES = ("best", "last")
 
 
-def choose_checkpoint(run_uri: str, choice: str = "best", endpoint_url: str = "") -> dict[str, Any] | None:
+def choose_checkpoint(run_uri: str, choice: str = "best") -> dict[str, Any] | None:
     """The checkpoint folder a run folder stands for: ``best`` (:func:`best_checkpoint_dir`; the newest when
     nothing is scored) or ``last`` (:func:`latest_checkpoint_dir`). ``{"uri", "step", "choice": what was taken,
     "metric", "mode", "value"}`` (the score of the taken checkpoint, None when unscored), or None when the folder
@@ -335,11 +334,11 @@ def choose_checkpoint(run_uri: str, choice: str = "best", endpoint_url: str = ""
     a score."""
     if choice not in CHOICES:
         raise ValueError(f"checkpoint choice must be {' or '.join(CHOICES)}, got {choice!r}")
-    score, found = scored_checkpoints(run_uri, endpoint_url)
+    score, found = scored_checkpoints(run_uri)
     if not found:
         return None
     info = {"metric": score["metric"] if score else None, "mode": score["mode"] if score else None}
-    best = best_checkpoint_dir(run_uri, endpoint_url) if choice == "best" else None
+    best = best_checkpoint_dir(run_uri) if choice == "best" else None
     if best is not None:
         return {**best, "choice": "best"}
     newest = found[0]
@@ -354,13 +353,13 @@ def describe_choice(chosen: dict[str, Any]) -> str:
     return f"{what} at step {chosen['step']}: {chosen['uri']}"
 
 
-def _ray_registered(run_uri: str, endpoint_url: str = "") -> set[str] | None:
+def _ray_registered(run_uri: str) -> set[str] | None:
     """Checkpoint folder names Ray Train's snapshot refers to; None when it cannot be read (then nothing may go)."""
     uri = storage.join(run_uri, RAY_SNAPSHOT)
     try:
-        if not storage.exists(uri, endpoint_url):
+        if not storage.exists(uri):
             return set()
-        snapshot = json.loads(storage.read_text(uri, endpoint_url))
+        snapshot = json.loads(storage.read_text(uri))
     except (OSError, ValueError):
         return None
     names: set[str] = set()
@@ -380,23 +379,23 @@ def _ray_registered(run_uri: str, endpoint_url: str = "") -> set[str] | None:
     return names
 
 
-def prune_checkpoints(run_uri: str, keep: int, endpoint_url: str = "") -> list[str]:
+def prune_checkpoints(run_uri: str, keep: int) -> list[str]:
     """Delete the checkpoint folders Ray Train's retention can never reach: ones it never registered (written just
     before a run was stopped, or left half-uploaded), except the newest ``keep`` complete ones and the best one
     (:func:`best_checkpoint_dir`). Folders Ray Train registered stay for its own ``num_to_keep`` (it refuses to
     restore a run whose snapshot names a missing one). Only the run's lease holder may call this. Returns the
     deleted URIs."""
-    registered = _ray_registered(run_uri, endpoint_url)
+    registered = _ray_registered(run_uri)
     if registered is None:
         return []
-    _, complete = scored_checkpoints(run_uri, endpoint_url)
-    best = best_checkpoint_dir(run_uri, endpoint_url)
+    _, complete = scored_checkpoints(run_uri)
+    best = best_checkpoint_dir(run_uri)
     kept = {c["uri"].rstrip("/").rsplit("/", 1)[-1] for c in complete[:keep]} | registered
     if best is not None:
         kept.add(best["uri"].rstrip("/").rsplit("/", 1)[-1])
-    fs = storage.fsspec_fs(run_uri, endpoint_url)
+    fs = storage.fsspec_fs(run_uri)
     deleted = []
-    for name in checkpoint_dirs(run_uri, endpoint_url):
+    for name in checkpoint_dirs(run_uri):
         if name not in kept:
             uri = storage.join(run_uri, name)
             fs.rm(storage.strip_scheme(uri), recursive=True)
@@ -404,16 +403,16 @@ def prune_checkpoints(run_uri: str, keep: int, endpoint_url: str = "") -> list[s
     return deleted
 
 
-def check_model_file(uri: str, endpoint_url: str = "") -> None:
+def check_model_file(uri: str) -> None:
     """Raise naming ``uri`` when it is not a loadable torch checkpoint file: empty, truncated, or not torch's zip
     format. Reads only the zip's directory at the end of the file (a few KiB, also on S3), so a driver can check
     a checkpoint before it starts workers that would load it."""
     import zipfile
 
-    fs = storage.fsspec_fs(uri, endpoint_url)
+    fs = storage.fsspec_fs(uri)
     path = storage.strip_scheme(uri)
     if not fs.exists(path):
-        storage.check_bucket(uri, endpoint_url)
+        storage.check_bucket(uri)
         raise FileNotFoundError(f"checkpoint not found: {uri}")
     if fs.isdir(path):
         raise IsADirectoryError(f"checkpoint {uri} is a folder, not a model file")
@@ -430,7 +429,7 @@ def check_model_file(uri: str, endpoint_url: str = "") -> None:
         raise ValueError(f"checkpoint file {uri} is truncated ({size} bytes, its index needs {end})")
 
 
-def load_torch(uri: str, endpoint_url: str = "") -> Any:
+def load_torch(uri: str) -> Any:
     """``torch.load(weights_only=True)`` of a local file (memory-mapped: loading it again, or reading only its
     small entries, costs little) or of an object in storage; a file that is empty, cut short or not a checkpoint
     is a ValueError naming it."""
@@ -441,7 +440,7 @@ def load_torch(uri: str, endpoint_url: str = "") -> Any:
             raise FileNotFoundError(f"not found: {uri}")
         empty = os.path.getsize(path) == 0
     else:
-        data = storage.read_bytes(uri, endpoint_url)
+        data = storage.read_bytes(uri)
         empty = not data
     if empty:
         raise ValueError(f"checkpoint file {uri} is empty (0 bytes)")
@@ -455,29 +454,29 @@ def load_torch(uri: str, endpoint_url: str = "") -> Any:
                          f"{first[:200]}") from None
 
 
-def resolve_checkpoint(uri: str, endpoint_url: str = "", choice: str = "best") -> str:
+def resolve_checkpoint(uri: str, choice: str = "best") -> str:
     """The ``model.pt`` URI behind a file, checkpoint folder or run folder (its ``choice`` checkpoint:
     :func:`choose_checkpoint`); FileNotFoundError names the URI."""
-    return resolve_choice(uri, endpoint_url, choice)[0]
+    return resolve_choice(uri, choice)[0]
 
 
-def resolve_choice(uri: str, endpoint_url: str = "", choice: str = "best") -> tuple[str, dict[str, Any] | None]:
+def resolve_choice(uri: str, choice: str = "best") -> tuple[str, dict[str, Any] | None]:
     """:func:`resolve_checkpoint`, and for a run folder which checkpoint it took (:func:`choose_checkpoint`'s
     dict; None for a file or a checkpoint folder, which name themselves)."""
     if choice not in CHOICES:
         raise ValueError(f"checkpoint choice must be {' or '.join(CHOICES)}, got {choice!r}")
     if uri.endswith(".pt"):
-        if not storage.exists(uri, endpoint_url):
-            storage.check_bucket(uri, endpoint_url)
+        if not storage.exists(uri):
+            storage.check_bucket(uri)
             raise FileNotFoundError(f"checkpoint not found: {uri}")
         return uri, None
     direct = storage.join(uri, MODEL_FILE)
-    if storage.exists(direct, endpoint_url):
+    if storage.exists(direct):
         return direct, None
-    chosen = choose_checkpoint(uri, choice, endpoint_url)
+    chosen = choose_checkpoint(uri, choice)
     if chosen is None:
-        storage.check_bucket(uri, endpoint_url)
-        partial = checkpoint_dirs(uri, endpoint_url)
+        storage.check_bucket(uri)
+        partial = checkpoint_dirs(uri)
         if partial:
             raise FileNotFoundError(f"no complete checkpoint at {uri} ({len(partial)} incomplete folder(s), "
                                     f"e.g. {partial[0]}: no {COMPLETE_FILE}, or files missing)")
@@ -490,36 +489,36 @@ def is_sharded_state(state: dict[str, Any]) -> bool:
     return bool(state.get(SHARDED))
 
 
-def load_model_state(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+def load_model_state(model_uri: str) -> dict[str, Any]:
     """``{"config", "model", ...}`` of a resolved ``model.pt`` with the whole model's weights, also for a sharded
     checkpoint (read from its shards in this process: the model's, not the optimiser's)."""
-    state = load_torch(model_uri, endpoint_url)
+    state = load_torch(model_uri)
     if is_sharded_state(state):
         from mirasol_ray.train import sharded
 
-        state = {**state, "model": sharded.model_weights(_folder(model_uri), endpoint_url)}
+        state = {**state, "model": sharded.model_weights(_folder(model_uri))}
         state.pop(SHARDED)
     return state
 
 
-def load_model_from(uri: str, endpoint_url: str = ""):
+def load_model_from(uri: str):
     """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder; sharded or not)."""
-    return load_model(load_model_state(resolve_checkpoint(uri, endpoint_url), endpoint_url))
+    return load_model(load_model_state(resolve_checkpoint(uri)))
 
 
-def load_weights_into(model: torch.nn.Module, uri: str, endpoint_url: str = "",
+def load_weights_into(model: torch.nn.Module, uri: str,
                       strict: bool = True) -> dict[str, list[str]]:
     """Initialise ``model`` from a checkpoint's weights (``train.init_from``: finetune from pretrain) and return
     ``{"missing", "unexpected"}``: the model's tensors left as initialised, the checkpoint's not loaded. The
     classification head may be absent or sized for another label set; any other difference is an error naming it
     when ``strict`` (``model.init_strict``), see :func:`init_plan`. From a sharded checkpoint every rank reads only
     what it holds (a collective under a process group)."""
-    model_uri = resolve_checkpoint(uri, endpoint_url)
-    state = load_torch(model_uri, endpoint_url)
+    model_uri = resolve_checkpoint(uri)
+    state = load_torch(model_uri)
     if is_sharded_state(state):
         from mirasol_ray.train import sharded
 
-        return sharded.load_weights_into(model, _folder(model_uri), endpoint_url, strict=strict)
+        return sharded.load_weights_into(model, _folder(model_uri), strict=strict)
     state = state["model"]
     plan = init_plan(model_uri, shapes_of(state), shapes_of(unwrap(model).state_dict()), strict)
     result = unwrap(model).load_state_dict({k: state[k] for k in plan["load"]}, strict=False)
@@ -535,26 +534,26 @@ def _folder(uri: str) -> str:
     return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
 
 
-def read_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+def read_meta(model_uri: str) -> dict[str, Any]:
     """meta.json beside a resolved ``model.pt``; an exported file's own ``meta``; {} if neither."""
     uri = storage.join(_folder(model_uri), META_FILE)
-    if storage.exists(uri, endpoint_url):
-        return json.loads(storage.read_text(uri, endpoint_url))
+    if storage.exists(uri):
+        return json.loads(storage.read_text(uri))
     if model_uri.endswith(".pt"):
-        return load_torch(model_uri, endpoint_url).get("meta") or {}
+        return load_torch(model_uri).get("meta") or {}
     return {}
 
 
-def tokenizer_spec(model_uri: str, meta: dict[str, Any], endpoint_url: str = "") -> str:
+def tokenizer_spec(model_uri: str, meta: dict[str, Any]) -> str:
     """A ``data.tokenizer`` value for the tokenizer a checkpoint carries: the file in its folder, or (an exported
     file) its bytes written to a temporary file that lives as long as this process; "byte" when it has none."""
     name = meta.get("tokenizer")
     if not name:
         return "byte"
     beside = storage.join(_folder(model_uri), name)
-    if storage.exists(beside, endpoint_url):
+    if storage.exists(beside):
         return beside
-    embedded = load_torch(model_uri, endpoint_url).get("tokenizer")
+    embedded = load_torch(model_uri).get("tokenizer")
     if not embedded:
         raise FileNotFoundError(f"checkpoint {model_uri} names tokenizer {name} but does not hold it")
     return _temporary_file(embedded["name"], embedded["data"])
@@ -573,30 +572,30 @@ def _temporary_file(name: str, data: bytes) -> str:
     return path
 
 
-def export(checkpoint: str, out: str, endpoint_url: str = "") -> dict[str, Any]:
+def export(checkpoint: str, out: str) -> dict[str, Any]:
     """One self-contained file (weights, model config, run config, label set, tokenizer bytes) from a checkpoint
     (file, checkpoint folder or run folder; local or ``s3://``), written to ``out`` (local or ``s3://``)."""
-    model_uri = resolve_checkpoint(checkpoint, endpoint_url)
-    state = load_model_state(model_uri, endpoint_url)
-    meta = read_meta(model_uri, endpoint_url)
-    tok = tokenizer_spec(model_uri, meta, endpoint_url)
+    model_uri = resolve_checkpoint(checkpoint)
+    state = load_model_state(model_uri)
+    meta = read_meta(model_uri)
+    tok = tokenizer_spec(model_uri, meta)
     state = {"config": state["config"], "model": state["model"], "meta": meta,
              "tokenizer": None if tok == "byte" else {"name": meta["tokenizer"],
-                                                      "data": storage.read_bytes(tok, endpoint_url)}}
+                                                      "data": storage.read_bytes(tok)}}
     buf = io.BytesIO()
     torch.save(state, buf)
-    storage.write_bytes(out, buf.getvalue(), endpoint_url)
+    storage.write_bytes(out, buf.getvalue())
     return {"checkpoint": model_uri, "out": out, "step": meta.get("step"), "bytes": buf.tell(),
             "parameters": sum(v.numel() for v in state["model"].values())}
 
 
-def require_meta(model_uri: str, endpoint_url: str = "") -> dict[str, Any]:
+def require_meta(model_uri: str) -> dict[str, Any]:
     """:func:`read_meta`, but a checkpoint without a readable meta.json (its run config, label set) is an error
     naming it: without them a model would run with a default config and answer nonsense."""
     folder = _folder(model_uri)
     uri = storage.join(folder, META_FILE)
     try:
-        meta = read_meta(model_uri, endpoint_url)
+        meta = read_meta(model_uri)
     except ValueError as e:
         raise ValueError(f"{uri} is not valid JSON: {e}") from None
     if not meta:

@@ -93,13 +93,13 @@ class RunLog:
     """Rank 0's metrics.jsonl and TensorBoard events: written locally, copied into the run folder (local or
     S3) at every checkpoint and at the end, so an object store never sees partial appends."""
 
-    def __init__(self, run_uri: str, endpoint_url: str, resume_step: int, scratch: str | None = None):
-        self.run_uri, self.endpoint_url = run_uri, endpoint_url
+    def __init__(self, run_uri: str, resume_step: int, scratch: str | None = None):
+        self.run_uri = run_uri
         self.local = tempfile.mkdtemp(prefix="mirasol-log-", dir=scratch)
         self.metrics_path = os.path.join(self.local, "metrics.jsonl")
         previous = storage.join(run_uri, "metrics.jsonl")
-        if storage.exists(previous, endpoint_url):  # resume: keep history up to the checkpoint's step
-            lines = storage.read_text(previous, endpoint_url).splitlines()
+        if storage.exists(previous):  # resume: keep history up to the checkpoint's step
+            lines = storage.read_text(previous).splitlines()
             kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             with open(self.metrics_path, "w") as f:
                 f.write("".join(ln + "\n" for ln in kept))
@@ -120,7 +120,7 @@ class RunLog:
 
     def sync(self) -> None:
         self.tb.flush()
-        fs = storage.fsspec_fs(self.run_uri, self.endpoint_url)
+        fs = storage.fsspec_fs(self.run_uri)
         dest = storage.strip_scheme(self.run_uri)
         fs.makedirs(dest, exist_ok=True)
         fs.put(self.metrics_path, dest + "/metrics.jsonl")
@@ -230,17 +230,15 @@ def _train_source(config: dict[str, Any], cfg: Config):
     if "cache" in data:
         return CacheSource(data["cache"], data["num_samples"])
     return DecodeSource(SampleIndex.from_dict(data["index"]), cfg.data, counter_name=config["counter"],
-                        label_set=config.get("label_set"), endpoint_url=cfg.storage.endpoint_url,
-                        cpu_limit=float(data.get("cpu_limit", 0.0)))
+                        label_set=config.get("label_set"), cpu_limit=float(data.get("cpu_limit", 0.0)))
 
 
 class SampleLog:
     """``train.sample_log``: this worker's samples per step, appended locally (in the scratch folder) and copied to
     ``samples/<start step>-rank<r>.jsonl`` in the run folder at every checkpoint."""
 
-    def __init__(self, run_uri: str, endpoint_url: str, start_step: int, rank: int, scratch: str | None = None):
+    def __init__(self, run_uri: str, start_step: int, rank: int, scratch: str | None = None):
         self.uri = storage.join(run_uri, "samples", f"{start_step:08d}-rank{rank}.jsonl")
-        self.endpoint_url = endpoint_url
         fd, self.local = tempfile.mkstemp(prefix="mirasol-samples-", suffix=".jsonl", dir=scratch)
         os.close(fd)
 
@@ -251,7 +249,7 @@ class SampleLog:
 
     def sync(self) -> None:
         with open(self.local, "rb") as f:
-            storage.write_bytes(self.uri, f.read(), self.endpoint_url)
+            storage.write_bytes(self.uri, f.read())
 
     def close(self, sync: bool = True) -> None:
         try:
@@ -261,15 +259,15 @@ class SampleLog:
             os.remove(self.local)
 
 
-def _restore(folder: str, endpoint_url: str, model, opt, sched) -> dict[str, Any]:
+def _restore(folder: str, model, opt, sched) -> dict[str, Any]:
     """Load a checkpoint folder (local, or a URI in the run folder) into the parallelised model, its optimiser and
     scheduler, and return its training state (``step``, ``epoch``, ``data_position``). A sharded checkpoint is
     read shard by shard onto however many ranks there are now (resharding); a full one is loaded on every rank. A
     collective under FSDP2."""
-    model_file = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE), endpoint_url)
-    state = ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE), endpoint_url)
+    model_file = ckpt.load_torch(storage.join(folder, ckpt.MODEL_FILE))
+    state = ckpt.load_torch(storage.join(folder, ckpt.STATE_FILE))
     if ckpt.is_sharded_state(model_file):
-        sharded.load(folder, model, opt, endpoint_url)
+        sharded.load(folder, model, opt)
     else:
         ckpt.restore_state(model, opt, model_file["model"], state["optimizer"], source=folder)
     sched.load_state_dict(state["scheduler"])
@@ -282,8 +280,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     from mirasol_ray.data.index import ReadPosition
 
+    # the driver's storage settings, before anything is read (the config itself may name an s3:// tokenizer)
+    storage.configure(**config["storage"])
     cfg: Config = from_dict(config["cfg"])
-    run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
+    run_uri = config["run_uri"]
     label_set = config.get("label_set")
     die_with_raylet()
     ctx = ray.train.get_context()
@@ -301,13 +301,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     # After a dead worker (Ray Train restarts the group) or with the same run name again, continue from the run
     # folder's newest complete checkpoint. Not ray.train.get_checkpoint(): that is Ray Train's record, which lacks
     # a checkpoint written just before a run was stopped (Ctrl-C at step 15 resumed at 10, losing 5 steps).
-    latest = ckpt.latest_checkpoint_dir(run_uri, endpoint_url)
+    latest = ckpt.latest_checkpoint_dir(run_uri)
     if latest is None and cfg.train.init_from:
-        info = ckpt.load_weights_into(model, cfg.train.init_from, endpoint_url, strict=cfg.model.init_strict)
+        info = ckpt.load_weights_into(model, cfg.train.init_from, strict=cfg.model.init_strict)
         if rank == 0:
             _say(config["counter"], f"initialised from {cfg.train.init_from}; new: {info['missing']}")
     elif latest is None and (cfg.model.video_init or cfg.model.audio_init or cfg.model.text_init):
-        reports = load_pretrained(model, cfg.model, endpoint_url)
+        reports = load_pretrained(model, cfg.model)
         if rank == 0:
             _say(config["counter"], startup_table(reports, model))
     if cfg.train.freeze:  # on resume too: the optimiser's groups must be the ones the checkpoint saved
@@ -319,7 +319,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     model = parallelize(model, cfg, device)
     opt = make_optimizer(model, cfg.train)
     sched = make_scheduler(opt, cfg.train)
-    st = _restore(latest, endpoint_url, model, opt, sched) if latest is not None else None
+    st = _restore(latest, model, opt, sched) if latest is not None else None
     if st is not None:
         start_step, position = st["step"], ReadPosition.from_dict(st.get("data_position"))
         if rank == 0:
@@ -334,8 +334,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _say(config["counter"], f"{world} worker(s) on {len(set(nodes))} node(s): {' '.join(n[:12] for n in nodes)}")
     tok = get_tokenizer(cfg.data.tokenizer)
     scratch = scratch_dir(config)
-    log = RunLog(run_uri, endpoint_url, start_step, scratch) if rank == 0 else None
-    samples_log = SampleLog(run_uri, endpoint_url, start_step, rank, scratch) if cfg.train.sample_log else None
+    log = RunLog(run_uri, start_step, scratch) if rank == 0 else None
+    samples_log = SampleLog(run_uri, start_step, rank, scratch) if cfg.train.sample_log else None
     finished = False
     try:
         _train(model, opt, sched, cfg, config, rank, world, device, tok, log, samples_log, scratch, start_step,
@@ -361,7 +361,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     label_set = config.get("label_set")
     qtypes = qtype_table(config.get("qtypes"))
     # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
-    tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer, cfg.storage.endpoint_url) if rank == 0 else None
+    tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer) if rank == 0 else None
     source = _train_source(config, cfg)
     batches = train_batches(source, position, rank=rank, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
                             shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches)
@@ -475,7 +475,7 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
 
     from mirasol_ray.launch.lease import lease_token
 
-    run_uri, endpoint_url = config["run_uri"], cfg.storage.endpoint_url
+    run_uri = config["run_uri"]
     by_shards = is_fsdp(model)
     model_sd = optim_sd = None
     if rank == 0 and not by_shards:
@@ -509,7 +509,7 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     files = {k: v for part in gather_objects(files) for k, v in part.items()}
     if rank == 0:
         token = config.get("lease") or ""
-        if token and lease_token(run_uri, endpoint_url) != token:
+        if token and lease_token(run_uri) != token:
             raise RuntimeError(f"run folder {run_uri} was taken over by another run (its lease.json): stopping "
                                "without marking this checkpoint complete")
-        ckpt.mark_complete(storage.join(run_uri, name), files, step, endpoint_url)
+        ckpt.mark_complete(storage.join(run_uri, name), files, step)

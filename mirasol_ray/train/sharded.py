@@ -25,20 +25,19 @@ from mirasol_ray.train import checkpoint as ckpt
 METADATA = ".metadata"
 
 
-def is_sharded(folder: str, endpoint_url: str = "") -> bool:
+def is_sharded(folder: str) -> bool:
     """Whether a checkpoint folder (local or ``s3://``) holds a DCP checkpoint."""
-    return storage.exists(storage.join(folder, METADATA), endpoint_url)
+    return storage.exists(storage.join(folder, METADATA))
 
 
-def _reader(folder: str, endpoint_url: str = ""):
+def _reader(folder: str):
     import torch.distributed.checkpoint as dcp
 
     if storage.is_s3(folder):
         # torch 2.13 no longer exports FsspecReader from the package (it reads through fsspec: s3fs, ranged GETs)
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
 
-        ep = storage.endpoint(endpoint_url)
-        return FsspecReader(folder, **({"client_kwargs": {"endpoint_url": ep}} if ep else {}))
+        return FsspecReader(folder, **storage.s3fs_options())
     return dcp.FileSystemReader(storage.strip_scheme(folder))
 
 
@@ -60,7 +59,7 @@ def save(local_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     dcp.save(_states(model, optimizer), storage_writer=dcp.FileSystemWriter(local_dir))
 
 
-def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, endpoint_url: str = "") -> None:
+def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Load a sharded checkpoint into ``model`` and ``optimizer``, however they are now sharded (FSDP2 over any
     number of ranks, or a plain model). A collective under a process group.
 
@@ -76,7 +75,7 @@ def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer, endpoi
         set_optimizer_state_dict,
     )
 
-    reader = _reader(folder, endpoint_url)
+    reader = _reader(folder)
     meta = reader.read_metadata().state_dict_metadata
     states = _states(model, optimizer)  # the optimiser's state is created (zeros) so that DCP can fill it
     ckpt.require_same_tensors(folder, saved_model_shapes(meta), ckpt.shapes_of(states["model"]))
@@ -99,7 +98,7 @@ def saved_model_shapes(meta: dict[str, Any]) -> ckpt.Shapes:
             for k, m in meta.items() if k.startswith("model.")}
 
 
-def model_weights(folder: str, endpoint_url: str = "") -> dict[str, torch.Tensor]:
+def model_weights(folder: str) -> dict[str, torch.Tensor]:
     """The whole model's weights from a sharded checkpoint, as one plain state dict in this process (evaluation,
     prediction, export). Reads the model's shards only, not the optimiser's. Call it outside a process group (or
     from every rank of one)."""
@@ -107,11 +106,11 @@ def model_weights(folder: str, endpoint_url: str = "") -> dict[str, torch.Tensor
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading into this process", which is the point
-        state = _load_state_dict_from_keys({"model"}, storage_reader=_reader(folder, endpoint_url))
+        state = _load_state_dict_from_keys({"model"}, storage_reader=_reader(folder))
     return state["model"]
 
 
-def load_weights_into(model: nn.Module, folder: str, endpoint_url: str = "", strict: bool = True) -> dict[str, list[str]]:
+def load_weights_into(model: nn.Module, folder: str, strict: bool = True) -> dict[str, list[str]]:
     """Initialise ``model`` (plain, DDP or FSDP2) from a sharded checkpoint's weights (``train.init_from``), by the
     rule of :func:`mirasol_ray.train.checkpoint.init_plan` (the classification head may differ; another difference
     is an error naming it when ``strict``), and return ``{"missing", "unexpected"}``. Reads the model's tensors
@@ -123,7 +122,7 @@ def load_weights_into(model: nn.Module, folder: str, endpoint_url: str = "", str
         set_model_state_dict,
     )
 
-    reader = _reader(folder, endpoint_url)
+    reader = _reader(folder)
     own = get_model_state_dict(model)
     plan = ckpt.init_plan(folder, saved_model_shapes(reader.read_metadata().state_dict_metadata),
                           ckpt.shapes_of(own), strict)

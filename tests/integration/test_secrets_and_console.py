@@ -1,5 +1,7 @@
 """A sentinel secret through `mirasol train` to S3 and `mirasol data inspect`: it appears nowhere (Ray's session
-folder with its logs and runtime-env files, the run folder, any output), and the console shows a person's view."""
+folder with its logs and runtime-env files, the run folder, any output), and the console shows a person's view.
+The S3 endpoint is given only in the config: every read and write, the driver's and the workers', takes it from
+there."""
 
 from __future__ import annotations
 
@@ -36,10 +38,14 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
     fs.put(synth_shards["dir"] + "/", f"{base}/shards/", recursive=True)
     for name in ("good.tar", "notatar.tar", "truncated.tar", "odd.tar"):  # a batch in which every sample fails too
         fs.put_file(os.path.join(fault_shards["mixed"], name), f"{base}/mixed/{name}")
-    # the only credentials the commands get are the sentinel identity's: every write to S3 proves they were used
+    # the only credentials the commands get are the sentinel identity's: every write to S3 proves they were used.
+    # The endpoint is not in their environment (nor their Ray workers'), only in --set storage.endpoint_url: a read
+    # or write that ignored the config would go to AWS and fail.
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")} | s3_server.env(sentinel=True) | {
         "TMPDIR": short_tmp}
-    train = _cli(["train", "--json", "--config", "tiny", "--set", f"data.train=s3://{base}/shards",
+    del env["AWS_ENDPOINT_URL"]
+    endpoint = ["--set", f"storage.endpoint_url={s3_server.endpoint}"]
+    train = _cli(["train", "--json", "--config", "tiny", *endpoint, "--set", f"data.train=s3://{base}/shards",
                   "--set", f"storage.root=s3://{base}/runs", "--set", "storage.name=secret", "--set", "train.steps=2",
                   "--set", "train.checkpoint_every=2", "--set", "train.batch_size=2", "--set", "train.log_every=1",
                   "--set", "data.decode_cpus=0.25", "--set", "data.task=mcqa", "--set", "scaling.cpus_per_worker=1"],
@@ -48,13 +54,13 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
     summary = json.loads(train.stdout)  # --json: one JSON object and nothing else on stdout
     assert summary["steps"] == 2 and summary["checkpoint"].startswith(f"s3://{base}/runs/secret/checkpoint_")
     inspect = _cli(["data", "inspect", f"s3://{base}/mixed", "--json", "--png", os.path.join(short_tmp, "s.png"),
-                    "--set", "data.task=mcqa"], env)
+                    "--set", "data.task=mcqa", *endpoint], env)
     assert inspect.returncode == 0, inspect.stderr[-3000:]
     report = json.loads(inspect.stdout)
     assert report["shards_skipped"] == {"not_a_tar": 1, "truncated_shard": 1} and report["decoded"] == 5
     # evaluation's actor pool: Ray's C++ core worker notes its constructor arguments (ray#53727) on fd 2
     evaluate = _cli(["eval", "--json", "--checkpoint", f"s3://{base}/runs/secret", "--data", f"s3://{base}/shards",
-                     "--set", "data.task=mcqa", "--num-actors", "1", "--batch-size", "4"], env)
+                     "--set", "data.task=mcqa", "--num-actors", "1", "--batch-size", "4", *endpoint], env)
     assert evaluate.returncode == 0, evaluate.stderr[-3000:]
     assert json.loads(evaluate.stdout)["rows"] == synth_shards["num_clips"]
 

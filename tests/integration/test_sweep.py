@@ -57,6 +57,12 @@ def _tune_rows(uri, trial_id):
 
 def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_tmp, tmp_path, capsys,
                                                     monkeypatch):
+    # The S3 endpoint is given only in the config (--set storage.endpoint_url): no process here has it in its
+    # environment (the credentials stay there), so a read or write that ignored the config would go to AWS and fail.
+    ep = s3_server.endpoint
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    storage.configure(ep)  # this test's own reads
     # grid over both keys: 4 trials, 2 at once. A learning rate of 1e-6 leaves the model as it started, clearly worse
     # on the validation loss than 3e-3 after 2 steps; the last trial to start has it and meets recorded results of
     # better trials at the first rung, so ASHA stops it whatever the order the others arrived in.
@@ -64,8 +70,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     space.write_text("train.lr: {grid: [3.0e-3, 1.0e-6]}\ntrain.weight_decay: {grid: [0.0, 0.1]}\n")
     root = s3_server.url("sweeps")
     uri = storage.join(root, "asha")
-    proc = subprocess.run(_sweep_cmd(synth_shards, root, "asha", space, "--metric", "val/loss"),
-                          capture_output=True, text=True, timeout=900, env=_env(ray_tmp))
+    cmd = _sweep_cmd(synth_shards, root, "asha", space, "--metric", "val/loss", "--set", f"storage.endpoint_url={ep}")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=_env(ray_tmp))
     out, err = proc.stdout, proc.stderr  # progress on stderr, the results on stdout
     assert proc.returncode == 0, (out + err)[-4000:]
     assert "up to 2 at once" in err
@@ -87,11 +93,19 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
         assert rows and all("checkpoint_path" in r for r in rows)
         assert (rows[-1]["step"] == 6) == (t["status"] == "finished")
 
+    # resuming it (its folder, the ledger and Tune's state, all in S3) finds nothing left to run
+    proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=_env(ray_tmp))
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert "resuming" in proc.stderr and " started " not in proc.stderr
+    assert {tid: t["status"] for tid, t in json.loads(storage.read_text(storage.join(uri, "sweep.json")))[
+        "trials"].items()} == statuses
+
     # Ray is gone (the driver shut it down at its end) and so is its session folder: read everything back
     shutil.rmtree(ray_tmp)
     res_dir = tmp_path / "plots"
     proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", "results", uri, "--json", "--out",
-                           str(res_dir)], capture_output=True, text=True, timeout=300, env=_env(ray_tmp))
+                           str(res_dir), "--set", f"storage.endpoint_url={ep}"], capture_output=True, text=True,
+                          timeout=300, env=_env(ray_tmp))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not os.path.exists(ray_tmp), "mirasol results started Ray"
     res = json.loads(proc.stdout)
@@ -111,7 +125,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     assert res["best"] == {"trial_id": best["trial_id"], "metric": "val/loss", "value": best["best"],
                            "step": best["best_step"], "checkpoint": best["checkpoint"]}
     assert best["config"]["train.lr"] == pytest.approx(3e-3)
-    assert res["eval_command"] == f"mirasol eval --checkpoint {best['checkpoint']} --data {_val_shard(synth_shards)}"
+    assert res["eval_command"] == (f"mirasol eval --checkpoint {best['checkpoint']} --data {_val_shard(synth_shards)}"
+                                   f" --set storage.endpoint_url={ep}")  # the runs' endpoint, from their config
     for png in ("learning_curves.png", "hyperparameters.png"):
         assert (res_dir / png).stat().st_size > 10_000
 
@@ -119,7 +134,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     from mirasol_ray.cli import main
 
     monkeypatch.chdir(tmp_path)
-    assert main(["results", uri]) == 0
+    storage.configure()  # as a new process starts: the endpoint comes from --set
+    assert main(["results", uri, "--set", f"storage.endpoint_url={ep}"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].split()[:2] == ["trial", "train.lr"]
     assert lines[2].split()[0] == best["trial_id"]

@@ -151,7 +151,7 @@ def test_an_unexpected_error_keeps_its_message(tmp_path):
     items = {**index.refs(np.arange(1)), "pos": np.zeros(1, np.int64), "epoch": np.zeros(1, np.int64)}
     had_ray = ray.is_initialized()
     assert list(decode_items({"id": np.zeros(1, np.int64)}, items=items, shards=index.shards, url=index.url,
-                             endpoint_url="", data_cfg=asdict(cfg), train=False, label_set=None,
+                             storage_settings=storage.settings(), data_cfg=asdict(cfg), train=False, label_set=None,
                              counter_name="none")) == []
     # outside Ray there is no skip counter to report to, and no Ray is started to look for one (a default Ray left
     # in the process by a bare call took every CPU and sent its workers' logs to the console of later runs)

@@ -65,7 +65,7 @@ def _records(src: Source, rows: list[tuple[str, int, int, str, str]], fmt: str) 
 def convert_kinetics_sounds(src: Source) -> Converted:
     paths = [src.annotations]
     if is_dir(src, src.annotations):
-        fs = storage.fsspec_fs(src.annotations, src.endpoint_url)
+        fs = storage.fsspec_fs(src.annotations)
         base = storage.strip_scheme(src.annotations)
         paths = [storage.join(src.annotations, posixpath.basename(p)) for p in sorted(fs.ls(base, detail=False))
                  if str(p).endswith(".csv")]

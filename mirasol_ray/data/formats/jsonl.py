@@ -18,7 +18,7 @@ def convert(src: Source) -> Converted:
     """Records in file order; bad JSON and objects without a ``video`` string are skipped records, not errors."""
     name = short(src.annotations)
     records = []
-    fs = storage.fsspec_fs(src.annotations, src.endpoint_url)
+    fs = storage.fsspec_fs(src.annotations)
     with fs.open(storage.strip_scheme(src.annotations), "rt", encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():

@@ -27,10 +27,9 @@ VIDEO_EXTS = ("mp4", "webm", "mkv", "avi", "mov")
 class VideoRoot:
     """The dataset's video folder (local path, ``file://`` or ``s3://``)."""
 
-    def __init__(self, root: str, endpoint_url: str = "") -> None:
+    def __init__(self, root: str) -> None:
         self.root = root.rstrip("/") or root
-        self.endpoint_url = endpoint_url
-        self.fs = storage.fsspec_fs(root, endpoint_url)
+        self.fs = storage.fsspec_fs(root)
         self._by_stem: dict[str, list[str]] | None = None
 
     def join(self, rel: str) -> str:
@@ -99,19 +98,18 @@ class Source:
     videos: VideoRoot
     split: str = ""
     labels: list[str] | None = None
-    endpoint_url: str = ""
 
 
 def read_text(src: Source, path: str) -> str:
-    return storage.read_text(path, src.endpoint_url)
+    return storage.read_text(path)
 
 
 def exists(src: Source, path: str) -> bool:
-    return storage.exists(path, src.endpoint_url)
+    return storage.exists(path)
 
 
 def is_dir(src: Source, path: str) -> bool:
-    fs = storage.fsspec_fs(path, src.endpoint_url)
+    fs = storage.fsspec_fs(path)
     return fs.isdir(storage.strip_scheme(path))
 
 
