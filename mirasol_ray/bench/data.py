@@ -31,6 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch.utils.data
 
+from mirasol_ray import storage
 from mirasol_ray.config import DataConfig, load_config
 
 
@@ -451,6 +452,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.url:
         raise ValueError("give a shard URL, or --make DIR")
     cfg = load_config(args.config, args.set)
+    storage.configure(cfg.storage.endpoint_url)
     cfg.data.decode_threads = 1
     urls = bench_shards(args.url, args.limit)
     turls = bench_shards(args.transcoded, args.limit) if args.transcoded else []
