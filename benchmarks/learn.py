@@ -465,12 +465,12 @@ def probe_answers(cfg, train_rows, val_rows, tok, qtype: str, steps: int, seed: 
 
 def run(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
-    from mirasol_ray.config import load_config
     from mirasol_ray.data.schema import manifest_qtypes, qtype_table
     from mirasol_ray.data.synthetic import synthesize
     from mirasol_ray.data.text import get_tokenizer
     from mirasol_ray.launch.demo import FINETUNE_PER_PRETRAIN_STEP
     from mirasol_ray.train.parallel import build_on_rank
+    from mirasol_ray.train.prepare import load_prepared
 
     torch.set_num_threads(args.threads)
     data = os.path.abspath(args.data)
@@ -485,12 +485,12 @@ def run(args: argparse.Namespace) -> int:
               f"data.seed={args.seed}"]
     if manifest.get("tokenizer"):
         common.append(f"data.tokenizer={data}/{manifest['tokenizer']}")
-    cfg = load_config(args.config, common + args.set)
+    cfg = load_prepared(args.config, common + args.set)
     bad = [kv for kv in args.pretrain_set if not kv.startswith("train.")]
     if bad:
         raise SystemExit(f"error: --pretrain-set takes train.* keys only (the model is the same in both stages): "
                          f"{bad[0]}")
-    pre_cfg = load_config(args.config, common + args.set + args.pretrain_set)
+    pre_cfg = load_prepared(args.config, common + args.set + args.pretrain_set)
     cfg.model.num_classes = len(label_set) if label_set else cfg.model.num_classes
     tok = get_tokenizer(cfg.data.tokenizer)
     pre_steps = cfg.train.steps if args.pretrain_steps < 0 else args.pretrain_steps

@@ -80,10 +80,10 @@ def _cmd_data_inspect(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mirasol_ray.config import load_config
     from mirasol_ray.launch.train import run_training
+    from mirasol_ray.train.prepare import load_prepared
 
-    cfg = load_config(args.config, args.set)
+    cfg = load_prepared(args.config, args.set)
     summary = run_training(cfg, args.config)
     if args.json:
         print(json.dumps(summary))

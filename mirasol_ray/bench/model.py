@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.layers import Transformer, init_weights
 from mirasol_ray.model.mirasol import Mirasol, param_breakdown
 from mirasol_ray.model.text_decoder import TextDecoder
@@ -55,11 +55,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.config import load_config
+    from mirasol_ray.train.prepare import load_prepared
 
     if args.memory:
         return _memory(args)
-    cfg = load_config(args.preset).model
+    cfg = load_prepared(args.preset).model
     if args.params:
         counts = param_breakdown(cfg)
         for name, n in counts.items():
@@ -85,11 +85,11 @@ def run(args: argparse.Namespace) -> int:
 
 def _memory(args: argparse.Namespace) -> int:
     from mirasol_ray.bench.plan import memory_plan, print_plan
-    from mirasol_ray.config import load_config
+    from mirasol_ray.train.prepare import load_prepared
 
     if args.gpus <= 0 or args.batch_size < 0:
         raise ValueError("--gpus must be positive and --batch-size >= 0")
-    cfg = load_config(args.preset)
+    cfg = load_prepared(args.preset)
     plan = memory_plan(cfg, args.gpus, args.fsdp, args.batch_size or cfg.train.batch_size)
     plan["preset"] = args.preset
     if args.json:

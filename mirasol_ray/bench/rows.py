@@ -135,16 +135,16 @@ def steps_per_s(model, opt, sched, cfg, batch: dict[str, Any], steps: int) -> fl
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.config import load_config
     from mirasol_ray.data.pipeline import stack_rows, to_torch
     from mirasol_ray.model.mirasol import build_model
+    from mirasol_ray.train.prepare import load_prepared
     from mirasol_ray.train.step import make_optimizer, make_scheduler
 
     if args.make_msrvtt:
         args.url = make_msrvtt(args.make_msrvtt, args.clips, args.questions)
     if not args.url:
         raise ValueError("give a shard URL, or --make-msrvtt DIR")
-    cfg = load_config(args.config, args.set)
+    cfg = load_prepared(args.config, args.set)
     torch.set_num_threads(1)
     rows = decode_clips(args.url, cfg, args.clips)
     if len(rows) < args.batch_size:

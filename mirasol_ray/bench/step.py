@@ -20,8 +20,8 @@ import time
 import numpy as np
 import torch
 
-from mirasol_ray.config import load_config
 from mirasol_ray.train.parallel import bf16_compute
+from mirasol_ray.train.prepare import load_prepared
 
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
              "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from mirasol_ray.train.parallel import parallelize
     from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, train_step
 
-    cfg = load_config(args.preset, args.set)
+    cfg = load_prepared(args.preset, args.set)
     if args.compile:
         cfg.train.compile = True
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else

@@ -45,9 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(args: argparse.Namespace, root: str, name: str):
-    from mirasol_ray.config import load_config
+    from mirasol_ray.train.prepare import load_prepared
 
-    return load_config(args.config, [
+    return load_prepared(args.config, [
         *args.set, f"data.train={args.url}", "data.cache=false", "data.decode_threads=1",
         f"train.batch_size={args.batch_size}", f"train.steps={2 * args.steps}", f"train.log_every={args.steps}",
         f"train.checkpoint_every={2 * args.steps}", "train.eval_every=0", f"storage.root={root}",

@@ -14,6 +14,7 @@ from typing import Protocol
 import numpy as np
 
 from mirasol_ray import storage
+from mirasol_ray.config import BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE, is_byte_tokenizer
 
 
 class Tokenizer(Protocol):
@@ -28,11 +29,13 @@ class Tokenizer(Protocol):
 
 
 class ByteTokenizer:
-    """UTF-8 bytes shifted past three specials: PAD=0, BOS=1, EOS=2; byte b -> b + 3. Vocabulary 259."""
+    """UTF-8 bytes shifted past three specials: PAD=0, BOS=1, EOS=2; byte b -> b + 3. Vocabulary 259. The
+    constants are the config's (:data:`mirasol_ray.config.BYTE_VOCAB_SIZE`), which fills the model's vocabulary
+    without building a tokenizer."""
 
-    pad_id, bos_id, eos_id = 0, 1, 2
+    pad_id, bos_id, eos_id = BYTE_PAD_ID, BYTE_BOS_ID, BYTE_EOS_ID
     offset = 3
-    vocab_size = 256 + 3
+    vocab_size = BYTE_VOCAB_SIZE
 
     def encode(self, text: str) -> list[int]:
         return [b + self.offset for b in text.encode("utf-8")]
@@ -137,7 +140,7 @@ def train_bpe_tokenizer(texts, vocab_size: int = 512) -> str:
 def get_tokenizer(spec: str = "byte") -> Tokenizer:
     """``byte``, or a path or URI (``s3://``: read into memory once per process, so every Ray worker of a cluster
     can load it) to a ``tokenizer.json`` / a sentencepiece ``.model``."""
-    if spec in ("", "byte"):
+    if is_byte_tokenizer(spec):
         return ByteTokenizer()
     suffix = Path(spec).suffix
     if suffix not in (".json", ".model"):

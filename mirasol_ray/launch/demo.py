@@ -20,7 +20,7 @@ import time
 from typing import Any
 
 from mirasol_ray import storage
-from mirasol_ray.config import load_config
+from mirasol_ray.train.prepare import load_prepared
 
 TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption",
               "caption/segment")
@@ -104,8 +104,8 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
         common = [f"data.train={data}/train", f"data.val={data}/val", f"storage.root={out}/runs",
                   f"data.tokenizer={data}/{manifest['tokenizer']}", f"train.seed={seed}", f"data.seed={seed}",
                   *(overrides or [])]
-        pre = load_config(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
-                          + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
+        pre = load_prepared(config, common + ["train.stage=pretrain", "data.task=caption", "storage.name=pretrain"]
+                            + ([f"train.steps={pretrain_steps}"] if pretrain_steps else []))
         print(f"[2/4] pretraining ({pre.train.steps} steps: captions + latent prediction)", flush=True)
         pre_summary = run_training(pre, config)
         # Fine-tuning keeps the captions in the mix: they say what each snippet shows and sounds like, in order,
@@ -114,9 +114,9 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
         # The demo's held-out clips are also its validation split, so it takes each run's last checkpoint, never
         # one picked by its score on them: the figures stay held out.
         pre_last = pre_summary["checkpoint"]  # the newest (summary.json: "checkpoint" last, "best_checkpoint")
-        ft = load_config(config, common + ["train.stage=finetune", "data.task=all", "storage.name=finetune",
-                                           f"train.init_from={pre_last}"]
-                         + [f"train.steps={finetune_steps or round(FINETUNE_PER_PRETRAIN_STEP * pre.train.steps)}"])
+        ft = load_prepared(config, common + ["train.stage=finetune", "data.task=all", "storage.name=finetune",
+                                             f"train.init_from={pre_last}"]
+                           + [f"train.steps={finetune_steps or round(FINETUNE_PER_PRETRAIN_STEP * pre.train.steps)}"])
         print(f"[3/4] fine-tuning ({ft.train.steps} steps: QA, multiple choice, classification, with captions)",
               flush=True)
         ft_summary = run_training(ft, config)

@@ -46,6 +46,8 @@ from mirasol_ray.launch.results import (
     flatten,
     main_metric,
 )
+from mirasol_ray.train.prepare import load_prepared
+from mirasol_ray.train.prepare import prepare as prepare_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice", "grid")
 TRIAL_DRIVER_CPUS = 0.01
@@ -175,12 +177,13 @@ def apply_params(base: dict[str, Any], values: dict[str, Any]) -> Config:
 
 
 def validate_space(params: list[Param], base: dict[str, Any], source: str = "space") -> None:
-    """Build the config at every range end and every choice: an unknown key or a value the key cannot take is a
-    ConfigError naming the key, before anything starts."""
+    """Build and prepare the config at every range end and every choice: an unknown key or a value the key cannot
+    take (a ``train.freeze`` pattern that matches no parameter, say) is a ConfigError naming the key, before anything
+    starts. The trials then take the prepared config with their values as they are."""
     for p in params:
         for value in p.probe_values():
             try:
-                apply_params(base, {p.key: value})
+                prepare_config(apply_params(base, {p.key: value}))  # e.g. train.freeze patterns: against the model
             except ConfigError as e:
                 raise ConfigError(f"{source}: {p.key}: {e}") from None
 
@@ -467,7 +470,7 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     """Check everything a sweep needs before anything starts, and return its spec (what ``sweep.json`` holds)."""
     from mirasol_ray.launch.train import check_inputs
 
-    cfg = load_config(config, overrides)
+    cfg = load_prepared(config, overrides)
     storage.configure(cfg.storage.endpoint_url)
     check_inputs(cfg)
     metric = metric or main_metric(cfg)

@@ -189,6 +189,9 @@ def check_inputs(cfg: Config) -> None:
     if cfg.data.tokenizer not in ("", "byte") and "://" not in cfg.data.tokenizer \
             and not os.path.isfile(cfg.data.tokenizer):
         raise FileNotFoundError(f"data.tokenizer: no such file {cfg.data.tokenizer}")
+    if cfg.tokenizer_unread():  # the workers would build a model without a vocabulary
+        raise ValueError(f"{cfg.tokenizer_unread()[0]} is unread: the config was not prepared "
+                         "(mirasol_ray.train.prepare.prepare reads data.tokenizer before a run starts)")
     cfg.check_start()
     t = cfg.train
     if t.stage == "finetune" and t.freeze_av_steps >= t.steps > 0:

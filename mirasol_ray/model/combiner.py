@@ -12,7 +12,7 @@ import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.layers import TokenPool, Transformer
 
 

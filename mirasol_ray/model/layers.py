@@ -18,7 +18,7 @@ from einops import rearrange
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from mirasol_ray.model.config import ACTIVATIONS
+from mirasol_ray.config import ACTIVATIONS
 
 
 class QuickGELU(nn.Module):

@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import Tensor, nn
 
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.av_model import TimeAlignedModel, latent_loss
 from mirasol_ray.model.combiner import build_combiner
-from mirasol_ray.model.config import ModelConfig
 from mirasol_ray.model.encoders import AudioEncoder, VideoEncoder
 from mirasol_ray.model.layers import init_weights
 from mirasol_ray.model.text_decoder import TextDecoder
@@ -380,25 +380,12 @@ class Decoding:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# building, checkpoints, sizes
+# building, sizes
 
 
 def build_model(cfg: ModelConfig | dict[str, Any]) -> Mirasol:
     """A model from a :class:`ModelConfig` or its dict form (as stored in a checkpoint)."""
     return Mirasol(cfg if isinstance(cfg, ModelConfig) else ModelConfig.from_dict(cfg))
-
-
-def model_state(model: Mirasol) -> dict[str, Any]:
-    """{"config": plain-python config, "model": state_dict}: loadable with ``torch.load(weights_only=True)``."""
-    model = getattr(model, "module", model)  # DDP
-    return {"config": model.config.to_dict(), "model": model.state_dict()}
-
-
-def load_model(state: dict[str, Any]) -> Mirasol:
-    """Rebuild a model from :func:`model_state`'s output alone."""
-    model = build_model(state["config"])
-    model.load_state_dict(state["model"])
-    return model
 
 
 def param_breakdown(cfg: ModelConfig | dict[str, Any]) -> dict[str, int]:

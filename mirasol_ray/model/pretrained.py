@@ -1,40 +1,31 @@
-"""Pretrained weights: timm ViTs for the snippet encoders, a Hugging Face causal LM for the text decoder.
+"""Pretrained weights, converted: timm ViTs for the snippet encoders, a Hugging Face causal LM for the text decoder.
 
-``model.video_init`` / ``model.audio_init`` name a timm ViT (a ``.safetensors`` or ``.pth`` state dict with timm's
-names, or a folder with timm's ``config.json``); ``model.text_init`` a transformers folder (``config.json`` +
-``model.safetensors`` or its shards, and the LM's ``tokenizer.json``). Paths or ``s3://`` URIs; nothing is ever
-downloaded. Neither timm nor transformers is imported: their names and configs are read here.
+Pure functions on a checkpoint's tensors (by name) and its ``config.json`` (a dict): nothing here reads a file.
+Finding and reading the files (``model.video_init``, ``audio_init``, ``text_init``: paths or ``s3://`` URIs) is
+:mod:`mirasol_ray.train.weights`, which hands its tensors over as a :class:`Tensors`. Neither timm nor transformers
+is imported: their names and configs are read here.
 
-Two steps, one code path:
-
-* :func:`resolve_pretrained` (driver, when the config is loaded): each checkpoint's architecture replaces the
-  matching ``model`` options (width, depth, heads, MLP, norm, positions, ...), the LM's tokenizer becomes the run's,
-  and the load is rehearsed on the meta device from the files' headers alone, so that a missing key or a shape
-  that does not fit fails at once, naming the tensor. The resolved config is what checkpoints store: a model
-  rebuilds from it without the pretrained files.
-* :func:`load_pretrained` (each worker, on a fresh start): the tensors are read, converted (fused qkv split,
-  GPT-2's Conv1D weights transposed, position grids interpolated, 2D patch embeddings inflated to tubelets, new
-  vocabulary rows) and copied in; each decoder block's new cross-attention gets a zero output projection, so the
-  decoder starts as the LM. :func:`startup_table` says what was loaded, adapted, new and ignored.
-
-Loaders are safe only: ``safetensors``, or ``torch.load(weights_only=True)``; a pickle that needs more is refused.
+* :func:`vit_arch`, :func:`lm_arch`: what a checkpoint is (width, depth, heads, MLP, norm, positions, ...), and
+  :func:`vit_fields` / ``LMArch.fields``: the ``model`` options that follow from it (the driver's prepare step
+  writes them into the config, so a model rebuilds from the config alone).
+* :func:`load_part`: the tensors converted (fused qkv split, GPT-2's Conv1D weights transposed, position grids
+  interpolated, 2D patch embeddings inflated to tubelets, new vocabulary rows) and copied in; each decoder block's
+  new cross-attention gets a zero output projection, so the decoder starts as the LM. On meta tensors it is a
+  rehearsal that raises what the load would, naming the tensor. :func:`startup_table` says what was loaded,
+  adapted, new and ignored.
 """
 
 from __future__ import annotations
 
-import io
-import json
 import math
 import re
-import struct
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from mirasol_ray import storage
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 
 
 class PretrainedError(ValueError):
@@ -46,162 +37,25 @@ PARTS = {"video_init": "video_encoder", "audio_init": "audio_encoder", "text_ini
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# ----------------------------------------------------------------------------------------------------------------
-# finding and reading checkpoint files
 
-_WEIGHT_FILES = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-                 "pytorch_model.bin")
-_TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
-# a Hugging Face hub id ("org/name", "timm/vit_base_patch16_224.augreg_in21k", "hf-hub:org/name")
-_HUB_NAME = re.compile(r"^(hf[-_]hub:)?[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
+class Tensors(Protocol):
+    """A checkpoint's tensors by name, as the conversions read them (:class:`mirasol_ray.train.weights.TensorSource`
+    reads them from files, or gives meta tensors from the files' headers)."""
 
+    names: dict[str, str]
+    """Our view of each name (a DDP ``module.`` or a transformers ``model.`` prefix dropped) -> the file's."""
 
-@dataclass
-class Checkpoint:
-    """Where one pretrained part's files are."""
+    def keys(self) -> list[str]: ...
 
-    setting: str
-    uri: str
-    weights: list[str]
-    """Weight files (URIs): one, or the shards of an index."""
-    config: dict[str, Any]
-    """Its config.json ({} for a bare state dict)."""
-    folder: str = ""
+    def __contains__(self, name: str) -> bool: ...
 
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
-def _is_dir(uri: str) -> bool:
-    return storage.fsspec_fs(uri).isdir(storage.strip_scheme(uri))
+    def get(self, name: str) -> torch.Tensor: ...
 
+    def strip_prefix(self, *prefixes: str) -> None: ...
 
-def locate(setting: str, uri: str) -> Checkpoint:
-    """The weight files and config of ``uri`` (a file or a folder); a hub name or a missing path is refused."""
-    if not storage.exists(uri):
-        if not storage.is_remote(uri) and _HUB_NAME.match(uri) and not uri.startswith((".", "/")):
-            name = re.sub(r"^hf[-_]hub:", "", uri)
-            raise PretrainedError(
-                f"model.{setting} {uri!r} is not a file or folder. mirasol-ray never downloads weights: download "
-                f"it first (e.g. `hf download {name} --local-dir /weights/{name.split('/')[-1]}`) and pass that path")
-        raise PretrainedError(f"model.{setting}: no such file or folder: {uri}")
-    if not _is_dir(uri):
-        if not uri.endswith((".safetensors", *_TORCH_SUFFIXES)):
-            raise PretrainedError(f"model.{setting} {uri}: expected a .safetensors or .pth/.pt/.bin state dict, or a "
-                                  "folder holding one")
-        return Checkpoint(setting, uri, [uri], {})
-    cfg_uri = storage.join(uri, "config.json")
-    config = json.loads(storage.read_text(cfg_uri)) if storage.exists(cfg_uri) else {}
-    for name in _WEIGHT_FILES:
-        f = storage.join(uri, name)
-        if storage.exists(f):
-            if name.endswith(".index.json"):
-                weight_map = json.loads(storage.read_text(f))["weight_map"]
-                return Checkpoint(setting, uri, [storage.join(uri, s) for s in sorted(set(weight_map.values()))],
-                                  config, uri)
-            return Checkpoint(setting, uri, [f], config, uri)
-    raise PretrainedError(f"model.{setting} {uri}: no weights in the folder (looked for {', '.join(_WEIGHT_FILES)})")
-
-
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-              "BOOL": torch.bool}
-
-
-def _safetensors_header(uri: str) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """{name: (shape, dtype)} from a safetensors file's header, without reading its data."""
-    fs = storage.fsspec_fs(uri)
-    with fs.open(storage.strip_scheme(uri), "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return {k: (tuple(v["shape"]), _ST_DTYPES.get(v["dtype"], torch.float32))
-            for k, v in header.items() if k != "__metadata__"}
-
-
-def _torch_state(setting: str, uri: str) -> dict[str, torch.Tensor]:
-    """A pickled state dict through ``torch.load(weights_only=True)``: tensors and plain containers only."""
-    import pickle
-
-    try:
-        if storage.is_remote(uri):
-            obj = torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu",
-                             weights_only=True)
-        else:
-            path = storage.strip_scheme(uri)
-            try:
-                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as e:  # a file in torch's legacy (pre-zip) format cannot be memory-mapped
-                if "mmap" not in str(e):
-                    raise
-                obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise PretrainedError(
-            f"model.{setting} {uri}: refused: this pickle needs torch.load(weights_only=False), which can run "
-            f"arbitrary code ({str(e).splitlines()[-1][:120].strip()}). Save its state dict as safetensors with "
-            "code you trust, and pass that") from None
-    for key in ("state_dict", "model", "module"):  # training checkpoints nest the weights
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not torch.is_tensor(obj.get(key)):
-            obj = obj[key]
-            break
-    if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
-        raise PretrainedError(f"model.{setting} {uri}: not a state dict (name -> tensor)")
-    return obj
-
-
-class TensorSource:
-    """A checkpoint's tensors by name, read on first use. With ``meta``, only their shapes and dtypes (from the
-    safetensors headers: no data is read) as meta tensors, enough to rehearse a load."""
-
-    def __init__(self, ckpt: Checkpoint, meta: bool = False):
-        self.ckpt, self.meta = ckpt, meta
-        self._where: dict[str, str] = {}  # raw name -> file
-        self._info: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._loaded: dict[str, dict[str, torch.Tensor]] = {}
-        for f in ckpt.weights:
-            if f.endswith(".safetensors"):
-                info = _safetensors_header(f)
-            else:
-                self._loaded[f] = _torch_state(ckpt.setting, f)
-                info = {k: (tuple(v.shape), v.dtype) for k, v in self._loaded[f].items()}
-            self._info.update(info)
-            self._where.update({k: f for k in info})
-        self.names = {self._normal(k): k for k in self._info}  # our view of a name -> the file's
-        self.prefix = ""
-
-    @staticmethod
-    def _normal(name: str) -> str:
-        return name.removeprefix("module.")
-
-    def keys(self) -> list[str]:
-        return list(self.names)
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.names
-
-    def shape(self, name: str) -> tuple[int, ...]:
-        return self._info[self.names[name]][0]
-
-    def get(self, name: str) -> torch.Tensor:
-        raw = self.names[name]
-        shape, dtype = self._info[raw]
-        if self.meta:
-            return torch.empty(shape, dtype=dtype, device="meta")
-        f = self._where[raw]
-        if f not in self._loaded:
-            from safetensors.torch import load, load_file
-
-            self._loaded[f] = (load(storage.read_bytes(f)) if storage.is_remote(f)
-                               else load_file(storage.strip_scheme(f)))
-        return self._loaded[f][raw]
-
-    def strip_prefix(self, *prefixes: str) -> None:
-        """Drop the first of ``prefixes`` that the names carry (transformers' ``model.`` / ``transformer.``)."""
-        for prefix in prefixes:
-            if any(k.startswith(prefix) for k in self.names):
-                self.names = {k.removeprefix(prefix): v for k, v in self.names.items()}
-                self.prefix = prefix
-                return
-
-    def file_name(self, name: str) -> str:
-        """The name as the file spells it (also for a name it lacks)."""
-        return self.names.get(name) or self.prefix + name
+    def file_name(self, name: str) -> str: ...
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -255,18 +109,20 @@ def _square(n: int) -> int:
     return r if r * r == n else 0
 
 
-def vit_arch(ckpt: Checkpoint, src: TensorSource, fallback_heads: int) -> VitArch:
-    setting = ckpt.setting
+def vit_arch(setting: str, uri: str, config: dict[str, Any], src: Tensors, fallback_heads: int) -> VitArch:
+    """What a timm ViT checkpoint is (``uri``, for messages), from its tensors' names and shapes and its
+    ``config.json`` (``config``; {} for a bare state dict): a timm state dict does not record heads, so they come
+    from the architecture's name, else ``fallback_heads``."""
     for key in ("patch_embed.proj.weight", "pos_embed", "blocks.0.attn.qkv.weight", "blocks.0.mlp.fc1.weight"):
         if key not in src:
-            raise PretrainedError(f"model.{setting} {ckpt.uri}: not a timm VisionTransformer with learned absolute "
+            raise PretrainedError(f"model.{setting} {uri}: not a timm VisionTransformer with learned absolute "
                                   f"positions (no {key})")
     dim, in_chans, ph, pw = src.shape("patch_embed.proj.weight")
     if ph != pw:
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: non-square patches {ph}x{pw} are not supported")
+        raise PretrainedError(f"model.{setting} {uri}: non-square patches {ph}x{pw} are not supported")
     keys = set(src.keys())
     depth = 1 + max(int(k.split(".")[1]) for k in keys if k.startswith("blocks."))
-    cfg = ckpt.config
+    cfg = config
     args, pcfg, name = cfg.get("model_args") or {}, cfg.get("pretrained_cfg") or {}, cfg.get("architecture", "")
     notes = []
     size = re.match(r"^(?:vit|deit3?)_([a-z0-9]+)_", name)
@@ -275,12 +131,12 @@ def vit_arch(ckpt: Checkpoint, src: TensorSource, fallback_heads: int) -> VitArc
         heads = fallback_heads
         notes.append(f"heads: {heads}, from the config (a state dict does not record them)")
     if dim % heads:
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: width {dim} is not divisible by {heads} heads: set the "
+        raise PretrainedError(f"model.{setting} {uri}: width {dim} is not divisible by {heads} heads: set the "
                               f"model's heads for this checkpoint")
     act = args.get("act_layer") if isinstance(args.get("act_layer"), str) else None
     act = act or ("quick_gelu" if "quickgelu" in name else "gelu")
     if act not in ("gelu", "gelu_tanh", "quick_gelu", "silu", "relu"):
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: activation {act!r} is not supported")
+        raise PretrainedError(f"model.{setting} {uri}: activation {act!r} is not supported")
     # timm's ViTs use LayerNorm(eps=1e-6); its CLIP ViTs nn.LayerNorm's 1e-5
     eps = 1e-5 if "clip" in name else 1e-6
     if not name:
@@ -306,11 +162,11 @@ def vit_arch(ckpt: Checkpoint, src: TensorSource, fallback_heads: int) -> VitArc
         elif _square(n_pos):
             grid = (_square(n_pos), _square(n_pos))
         else:
-            raise PretrainedError(f"model.{setting} {ckpt.uri}: cannot tell the position grid from pos_embed's "
+            raise PretrainedError(f"model.{setting} {uri}: cannot tell the position grid from pos_embed's "
                                   f"{n_pos} rows: add timm's config.json (model_args.img_size)")
     final = "norm" if "norm.weight" in keys else "fc_norm" if "fc_norm.weight" in keys else ""
     if not final:
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: ViTs without a final norm are not supported")
+        raise PretrainedError(f"model.{setting} {uri}: ViTs without a final norm are not supported")
     if final == "fc_norm":
         notes.append("fc_norm (a norm after pooling in timm) is applied to every token as the final norm")
     mean, std = tuple(pcfg.get("mean") or IMAGENET_MEAN), tuple(pcfg.get("std") or IMAGENET_STD)
@@ -378,10 +234,11 @@ def _rope(cfg: dict[str, Any], setting: str) -> tuple[float, str, tuple[float, .
     raise PretrainedError(f"model.{setting}: RoPE scaling {kind!r} is not supported (default, linear, llama3 are)")
 
 
-def lm_arch(ckpt: Checkpoint, max_text_len: int) -> LMArch:
-    cfg, setting = ckpt.config, ckpt.setting
+def lm_arch(setting: str, uri: str, config: dict[str, Any], max_text_len: int) -> LMArch:
+    """What a transformers causal LM is, from its ``config.json`` (``config``); ``uri`` for messages."""
+    cfg = config
     if not cfg:
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: a transformers folder with config.json is needed")
+        raise PretrainedError(f"model.{setting} {uri}: a transformers folder with config.json is needed")
     mt = cfg.get("model_type", "")
     act = _HF_ACT.get(cfg.get("hidden_act", cfg.get("activation_function", "")))
     if mt in _LLAMA_LIKE:
@@ -418,7 +275,7 @@ def lm_arch(ckpt: Checkpoint, max_text_len: int) -> LMArch:
             raise PretrainedError(f"model.{setting}: the LM has {n_positions} positions, fewer than max_text_len "
                                   f"{max_text_len}")
     else:
-        raise PretrainedError(f"model.{setting} {ckpt.uri}: model_type {mt!r} is not supported (llama, mistral, "
+        raise PretrainedError(f"model.{setting} {uri}: model_type {mt!r} is not supported (llama, mistral, "
                               "qwen2, gpt2 are)")
     if act is None:
         raise PretrainedError(f"model.{setting}: activation {cfg.get('hidden_act', cfg.get('activation_function'))!r} "
@@ -621,7 +478,7 @@ class PartReport:
         return out
 
 
-def _apply(model: torch.nn.Module, rep: PartReport, entries: list[Entry], src: TensorSource,
+def _apply(model: torch.nn.Module, rep: PartReport, entries: list[Entry], src: Tensors,
            ignorable: Callable[[str], bool], strict: bool, meta: bool) -> None:
     own = {k: v for k, v in model.state_dict(keep_vars=True).items() if k.startswith(rep.part + ".")}
     used: set[str] = set()
@@ -657,37 +514,32 @@ def _apply(model: torch.nn.Module, rep: PartReport, entries: list[Entry], src: T
                 own[name].copy_(value)
 
 
-def load_pretrained(model: torch.nn.Module, cfg: ModelConfig, meta: bool = False) -> list[PartReport]:
-    """Load every ``*_init`` checkpoint of ``cfg`` into ``model`` (built from the resolved ``cfg``). With ``meta``
-    nothing is read but the files' headers and nothing is copied: a rehearsal that raises what the load would."""
-    reports = []
-    for setting, part in PARTS.items():
-        uri = getattr(cfg, setting)
-        if not uri:
-            continue
-        ckpt = locate(setting, uri)
-        src = TensorSource(ckpt, meta=meta)
-        if part == "text_decoder":
-            src.strip_prefix("model.", "transformer.")
-            arch = lm_arch(ckpt, cfg.max_text_len)
-            rep = PartReport(part, setting, uri, arch.describe())
-            _apply(model, rep, _lm_entries(cfg, arch), src, _lm_ignorable(cfg), cfg.init_strict, meta)
-            cross = [n for n in rep.new if ".cross_attn." in n or ".norm_x." in n]
-            if cross:
-                rep.notes.append(f"cross-attention in {cfg.text_depth} blocks is new; its output projections start "
-                                 "at zero, so the decoder starts as the LM")
-                if not meta:
-                    with torch.no_grad():
-                        for blk in model.text_decoder.transformer.blocks:
-                            blk.cross_attn.to_out.weight.zero_()
-                            blk.cross_attn.to_out.bias.zero_()
-        else:
-            kind = part.split("_")[0]
-            arch = vit_arch(ckpt, src, getattr(cfg, f"{kind}_heads"))
-            rep = PartReport(part, setting, uri, arch.describe(), notes=list(arch.notes))
-            _apply(model, rep, _vit_entries(kind, cfg, arch), src, _vit_ignorable, cfg.init_strict, meta)
-        reports.append(rep)
-    return reports
+def load_part(model: torch.nn.Module, cfg: ModelConfig, setting: str, uri: str, config: dict[str, Any],
+              src: Tensors, meta: bool = False) -> PartReport:
+    """Convert the tensors of the checkpoint ``setting`` names (``src``, its ``config.json`` as ``config``) and copy
+    them into their part of ``model`` (built from the resolved ``cfg``). With ``meta`` nothing is copied: a
+    rehearsal on meta tensors that raises what the load would."""
+    part = PARTS[setting]
+    if part == "text_decoder":
+        src.strip_prefix("model.", "transformer.")
+        arch = lm_arch(setting, uri, config, cfg.max_text_len)
+        rep = PartReport(part, setting, uri, arch.describe())
+        _apply(model, rep, _lm_entries(cfg, arch), src, _lm_ignorable(cfg), cfg.init_strict, meta)
+        cross = [n for n in rep.new if ".cross_attn." in n or ".norm_x." in n]
+        if cross:
+            rep.notes.append(f"cross-attention in {cfg.text_depth} blocks is new; its output projections start "
+                             "at zero, so the decoder starts as the LM")
+            if not meta:
+                with torch.no_grad():
+                    for blk in model.text_decoder.transformer.blocks:
+                        blk.cross_attn.to_out.weight.zero_()
+                        blk.cross_attn.to_out.bias.zero_()
+        return rep
+    kind = part.split("_")[0]
+    arch = vit_arch(setting, uri, config, src, getattr(cfg, f"{kind}_heads"))
+    rep = PartReport(part, setting, uri, arch.describe(), notes=list(arch.notes))
+    _apply(model, rep, _vit_entries(kind, cfg, arch), src, _vit_ignorable, cfg.init_strict, meta)
+    return rep
 
 
 def startup_table(reports: list[PartReport], model: torch.nn.Module) -> str:
@@ -727,63 +579,3 @@ def _summarise(names: list[str]) -> str:
         if n not in folded:
             folded.append(n)
     return ", ".join(folded)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# resolving a config (driver side)
-
-
-def _tokenizer_in(folder: str) -> str:
-    for name in ("tokenizer.json", "tokenizer.model"):
-        uri = storage.join(folder, name)
-        if storage.exists(uri):
-            return uri
-    return ""
-
-
-def resolve_pretrained(raw: dict[str, Any]) -> dict[str, Any]:
-    """A raw config (YAML + overrides, as :func:`mirasol_ray.config.load_config` reads it) whose ``model`` options
-    follow its ``*_init`` checkpoints, and whose ``data.tokenizer`` is the LM's unless one was set. Works on the raw
-    dict, before the config is built and validated, because a preset's sizes (patch size, heads) may only fit once
-    the checkpoint's replace them."""
-    from mirasol_ray.config import DataConfig, _build
-
-    model = dict(raw.get("model") or {})
-    data = _build(DataConfig, raw.get("data") or {}, "data.")
-    defaults = ModelConfig()
-    out = {**raw, "model": model, "data": dict(raw.get("data") or {})}
-    for setting, part in PARTS.items():
-        uri = model.get(setting)
-        if not uri:
-            continue
-        uri = str(uri)
-        ckpt = locate(setting, uri)
-        if part == "text_decoder":
-            model.update(lm_arch(ckpt, data.max_prompt_len + data.max_target_len).fields)
-            if data.tokenizer in ("", "byte"):
-                tok = _tokenizer_in(ckpt.folder) if ckpt.folder else ""
-                if not tok:
-                    raise PretrainedError(f"model.text_init {uri}: no tokenizer.json (or tokenizer.model) in the "
-                                          "folder: set data.tokenizer to the LM's tokenizer")
-                out["data"]["tokenizer"] = tok
-            continue
-        kind = part.split("_")[0]
-        heads = int(model.get(f"{kind}_heads", getattr(defaults, f"{kind}_heads")))
-        arch = vit_arch(ckpt, TensorSource(ckpt, meta=True), heads)
-        sides = (data.height, data.width) if kind == "video" else (data.n_mels, data.mel_frames)
-        if any(side % arch.patch for side in sides):
-            what = "data.height x data.width" if kind == "video" else "data.n_mels x data.mel_frames"
-            raise PretrainedError(f"model.{setting}: its {arch.patch}-pixel patches do not divide {what} "
-                                  f"{sides[0]}x{sides[1]}: use multiples of {arch.patch}")
-        model.update({k: list(v) if isinstance(v, tuple) else v for k, v in vit_fields(kind, arch).items()})
-    return out
-
-
-def rehearse_load(cfg) -> None:
-    """The load of ``cfg``'s checkpoints on the meta device, from the files' headers: raises now what the workers'
-    load would (a missing key, a shape that does not fit), naming the tensor."""
-    from mirasol_ray.model.mirasol import build_model
-
-    with torch.device("meta"):
-        model = build_model(cfg.model)
-    load_pretrained(model, cfg.model, meta=True)

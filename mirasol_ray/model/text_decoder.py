@@ -18,7 +18,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.layers import BlockOptions, Transformer
 
 

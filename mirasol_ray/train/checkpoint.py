@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from mirasol_ray import storage
-from mirasol_ray.model.mirasol import load_model
+from mirasol_ray.model.mirasol import Mirasol, build_model
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -501,7 +501,21 @@ def load_model_state(model_uri: str) -> dict[str, Any]:
     return state
 
 
-def load_model_from(uri: str):
+def model_state(model: torch.nn.Module) -> dict[str, Any]:
+    """``model.pt``'s content for a whole model: {"config": plain-python config, "model": state_dict}, loadable with
+    ``torch.load(weights_only=True)``."""
+    model = unwrap(model)
+    return {"config": model.config.to_dict(), "model": model.state_dict()}
+
+
+def load_model(state: dict[str, Any]) -> Mirasol:
+    """Rebuild a model from :func:`model_state`'s output (or :func:`load_model_state`'s) alone."""
+    model = build_model(state["config"])
+    model.load_state_dict(state["model"])
+    return model
+
+
+def load_model_from(uri: str) -> Mirasol:
     """Rebuild a model from a checkpoint alone (file, checkpoint folder or run folder; sharded or not)."""
     return load_model(load_model_state(resolve_checkpoint(uri)))
 

@@ -27,7 +27,7 @@ from mirasol_ray.config import Config, from_dict
 from mirasol_ray.data.pipeline import counter_actor, forget_counter
 from mirasol_ray.data.schema import qtype_table
 from mirasol_ray.data.text import get_tokenizer
-from mirasol_ray.model.pretrained import load_pretrained, startup_table
+from mirasol_ray.model.pretrained import startup_table
 from mirasol_ray.train import checkpoint as ckpt
 from mirasol_ray.train import sharded
 from mirasol_ray.train.metrics import Throughput, aggregate
@@ -49,6 +49,7 @@ from mirasol_ray.train.step import (
     predict_batch,
     train_step,
 )
+from mirasol_ray.train.weights import load_pretrained
 
 LOSS_PARTS = ("loss", "text", "latent", "cls")
 """Loss parts logged as their mean over the ranks."""

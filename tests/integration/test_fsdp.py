@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mirasol_ray.config import load_config
 from mirasol_ray.launch.train import read_metrics, run_training
+from mirasol_ray.train.prepare import load_prepared
 
 RUN = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1", "train.min_lr_ratio=1.0",
        "train.checkpoint_every=2", "data.decode_cpus=0.25", "data.decode_batch_size=2", "scaling.num_workers=2",
@@ -50,9 +50,9 @@ def data(synth_shards, tmp_path_factory):
 
 
 def _cfg(data, name, *extra, root=None):
-    return load_config("tiny", [f"data.train={data['train']}", f"data.val={data['val']}",
-                                f"data.tokenizer={data['tokenizer']}", f"storage.root={root or data['root'] / 'runs'}",
-                                f"storage.name={name}", *RUN, *extra])
+    return load_prepared("tiny", [f"data.train={data['train']}", f"data.val={data['val']}",
+                                  f"data.tokenizer={data['tokenizer']}",
+                                  f"storage.root={root or data['root'] / 'runs'}", f"storage.name={name}", *RUN, *extra])
 
 
 SHARDS = [".metadata", "__0_0.distcp", "__1_0.distcp"]

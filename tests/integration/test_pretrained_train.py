@@ -8,12 +8,12 @@ import shutil
 import torch
 
 from mirasol_ray import storage
-from mirasol_ray.config import load_config
 from mirasol_ray.data.shards import TOKENIZER_FILE
 from mirasol_ray.launch.train import read_metrics, run_training
 from mirasol_ray.model.mirasol import build_model
-from mirasol_ray.model.pretrained import load_pretrained
 from mirasol_ray.train.checkpoint import latest_checkpoint_dir, load_torch, resolve_checkpoint
+from mirasol_ray.train.prepare import load_prepared
+from mirasol_ray.train.weights import load_pretrained
 
 
 def _weights(timm, transformers, synth_shards, s3_server, tmp_path):
@@ -37,7 +37,7 @@ def _weights(timm, transformers, synth_shards, s3_server, tmp_path):
 def test_finetune_from_pretrained_weights_loss_falls_frozen_parts_stay(ray_local, synth_shards, s3_server, timm,
                                                                        transformers, tmp_path):
     vit, lm = _weights(timm, transformers, synth_shards, s3_server, tmp_path)
-    cfg = load_config("tiny", [
+    cfg = load_prepared("tiny", [
         f"data.train={synth_shards['dir']}", f"storage.root={tmp_path / 'runs'}", "storage.name=pretrained",
         f"model.video_init={vit}", f"model.text_init={lm}", "train.freeze=[video_encoder.*]",
         "train.lr_mult={audio_encoder.*: 0.5}", "train.steps=10", "train.lr=2e-3", "train.warmup_steps=1",

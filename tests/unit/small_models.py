@@ -3,7 +3,7 @@ a new ModelConfig field or a changed default reaches every test that builds a mo
 
 from __future__ import annotations
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 
 SMALL = dict(max_snippets=3, frames_per_snippet=2, image_size=(32, 32), n_mels=16, mel_frames=8, max_text_len=24,
              vocab_size=40, video_dim=32, video_depth=1, video_heads=2, tubelet_frames=2, patch_size=16,

@@ -8,8 +8,8 @@ import torch
 from small_models import small_model_config
 
 from mirasol_ray.bench.rows import text_rows_of
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.data.text import get_tokenizer
-from mirasol_ray.model.config import ModelConfig
 from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train.step import TASK_CAPTION, TASK_CLS, TASK_MCQA, TASK_QA, predict_batch
 

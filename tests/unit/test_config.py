@@ -137,3 +137,57 @@ def test_evaluation_counts_are_not_negative():
     with pytest.raises(ConfigError, match="train.eval_train_batches must be >= 0"):
         load_config("tiny", ["train.eval_train_batches=-1"])
     assert load_config("tiny", ["train.eval_train_batches=0"]).train.eval_train_batches == 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the vocabulary: the byte tokenizer's is known to the config; a tokenizer file's is read by the driver's prepare
+
+
+@pytest.fixture
+def bpe_file(tmp_path):
+    from mirasol_ray.data.text import get_tokenizer, train_bpe_tokenizer
+
+    path = tmp_path / "tokenizer.json"
+    path.write_text(train_bpe_tokenizer(["a red square moves left", "what colour is the shape?"] * 4, 300))
+    return str(path), get_tokenizer(str(path))
+
+
+def test_the_byte_tokenizer_vocabulary_is_filled_without_a_tokenizer():
+    from mirasol_ray.data.text import ByteTokenizer
+
+    m = load_config("tiny").model
+    tok = ByteTokenizer()
+    assert (m.vocab_size, m.pad_id, m.bos_id, m.eos_id) == (tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+
+
+def test_a_tokenizer_file_is_read_by_prepare_not_by_load_config(bpe_file, tmp_path):
+    from mirasol_ray.config import UNREAD, from_dict
+    from mirasol_ray.model.mirasol import build_model
+    from mirasol_ray.train.prepare import prepare
+
+    cfg = load_config("tiny", [f"data.tokenizer={tmp_path / 'absent.json'}"])  # not read: no error yet
+    assert cfg.tokenizer_unread() == ["model.vocab_size", "model.pad_id", "model.bos_id", "model.eos_id"]
+    with pytest.raises(FileNotFoundError, match="tokenizer file not found"):
+        prepare(cfg)
+    with pytest.raises(ConfigError, match="model.vocab_size is unread: data.tokenizer has not been read yet"):
+        build_model(cfg.model)  # a model never silently takes a stand-in vocabulary
+    path, tok = bpe_file
+    unprepared = load_config("tiny", [f"data.tokenizer={path}"])
+    assert unprepared.model.vocab_size == UNREAD
+    assert from_dict(unprepared.to_dict()) == unprepared
+    cfg = prepare(unprepared)
+    assert (cfg.model.vocab_size, cfg.model.pad_id, cfg.model.bos_id, cfg.model.eos_id) == (
+        tok.vocab_size, tok.pad_id, tok.bos_id, tok.eos_id)
+    assert from_dict(cfg.to_dict()) == cfg and prepare(cfg) == cfg  # a worker's rebuild; preparing again
+
+
+def test_a_vocabulary_that_contradicts_the_tokenizer_is_an_error_naming_it(bpe_file):
+    from mirasol_ray.train.prepare import load_prepared
+
+    path, tok = bpe_file
+    with pytest.raises(ConfigError) as err:
+        load_prepared("tiny", [f"data.tokenizer={path}", "model.vocab_size=500"])
+    assert str(err.value) == (f"model.vocab_size=500 cannot be set: it follows data.tokenizer ({tok.vocab_size} "
+                              "here); set data.tokenizer instead")
+    same = load_prepared("tiny", [f"data.tokenizer={path}", f"model.eos_id={tok.eos_id}"])  # the same value: fine
+    assert same.model.eos_id == tok.eos_id

@@ -9,13 +9,11 @@ import pytest
 import torch
 from small_models import small_model_config
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.mirasol import (
     Mirasol,
     beam_search,
     build_model,
-    load_model,
-    model_state,
     param_breakdown,
 )
 
@@ -316,6 +314,8 @@ def test_multiple_choice_scoring_picks_the_trained_option(trained):
 
 
 def test_checkpoint_rebuilds_the_model_from_its_state_alone(tmp_path):
+    from mirasol_ray.train.checkpoint import load_model, model_state
+
     cfg = small_cfg(combiner="transformer", sparse_tubes=True, audio_patch=(16, 4))
     model, batch = model_for(cfg), make_batch(cfg)
     torch.save(model_state(model), tmp_path / "m.pt")

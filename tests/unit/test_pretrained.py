@@ -15,8 +15,11 @@ import torch
 
 from mirasol_ray.config import load_config
 from mirasol_ray.data.text import get_tokenizer, train_bpe_tokenizer
-from mirasol_ray.model.mirasol import build_model, load_model, model_state
-from mirasol_ray.model.pretrained import PretrainedError, load_pretrained, startup_table
+from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.model.pretrained import PretrainedError, startup_table
+from mirasol_ray.train.checkpoint import load_model, model_state
+from mirasol_ray.train.prepare import load_prepared, prepare
+from mirasol_ray.train.weights import load_pretrained
 
 VIT = dict(patch_size=8, embed_dim=48, depth=2, num_heads=4, num_classes=5)
 TEXTS = ["a red square moves left while a low tone plays", "the blue circle grows", "what colour is the shape?",
@@ -54,7 +57,7 @@ def vit_dir(timm, tmp_path_factory):
 
 
 def _vit_cfg(vit_path, *extra):
-    return load_config("tiny", [f"model.video_init={vit_path}", f"model.audio_init={vit_path}",
+    return load_prepared("tiny", [f"model.video_init={vit_path}", f"model.audio_init={vit_path}",
                                 "data.frames_per_snippet=1", "model.tubelet_frames=1", "model.audio_patch_norm=false",
                                 *extra])
 
@@ -148,7 +151,7 @@ def test_bare_state_dicts_safetensors_and_pth(timm, vit_dir, tmp_path):
     torch.save({"state_dict": sd}, tmp_path / "vit.pth")  # nested, as training scripts save
     frames = _frames(1, 32, 32)
     for name in ("vit.safetensors", "vit.pth"):
-        cfg = load_config("tiny", [f"model.video_init={tmp_path / name}", "data.frames_per_snippet=1",
+        cfg = load_prepared("tiny", [f"model.video_init={tmp_path / name}", "data.frames_per_snippet=1",
                                    "model.tubelet_frames=1", "data.height=32", "data.width=32", "model.video_heads=4"])
         model = build_model(cfg.model).eval()
         reports = load_pretrained(model, cfg.model)
@@ -168,9 +171,9 @@ def test_missing_key_fails_naming_it(timm, vit_dir, tmp_path):
     args = [f"model.video_init={tmp_path / 'vit.safetensors'}", "data.height=32", "data.width=32",
             "model.video_heads=4"]
     with pytest.raises(PretrainedError, match=r"missing key blocks\.1\.mlp\.fc2\.weight"):
-        load_config("tiny", args)
+        load_prepared("tiny", args)
     # allowed: the rest loads, the missing one stays as initialised and is reported
-    cfg = load_config("tiny", args + ["model.init_strict=false"])
+    cfg = load_prepared("tiny", args + ["model.init_strict=false"])
     model = build_model(cfg.model)
     reports = load_pretrained(model, cfg.model)
     assert "skipped: missing key blocks.1.mlp.fc2.weight" in startup_table(reports, model)
@@ -185,14 +188,14 @@ def test_pickle_needing_weights_only_false_is_refused(vit_dir, tmp_path):
     _, ref = vit_dir
     torch.save({"state_dict": ref.state_dict(), "args": Opaque()}, tmp_path / "train.pth")
     with pytest.raises(PretrainedError, match="refused: this pickle needs torch.load"):
-        load_config("tiny", [f"model.video_init={tmp_path / 'train.pth'}", "model.video_heads=4"])
+        load_prepared("tiny", [f"model.video_init={tmp_path / 'train.pth'}", "model.video_heads=4"])
 
 
 def test_a_hub_name_is_refused_with_how_to_download():
     with pytest.raises(PretrainedError, match="never downloads weights: download it first .* and pass that path"):
-        load_config("tiny", ["model.text_init=Qwen/Qwen2.5-0.5B"])
+        load_prepared("tiny", ["model.text_init=Qwen/Qwen2.5-0.5B"])
     with pytest.raises(PretrainedError, match="no such file or folder"):
-        load_config("tiny", ["model.video_init=/nonexistent/vit.safetensors"])
+        load_prepared("tiny", ["model.video_init=/nonexistent/vit.safetensors"])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -261,7 +264,7 @@ def test_text_decoder_reproduces_the_lm(lm_dirs, family):
     """Our decoder with the LM's weights gives the LM's logits: with no context, and with one (the new
     cross-attention starts as identity); step by step with the key/value cache too."""
     path, hf = lm_dirs[family]
-    cfg = load_config("tiny", [f"model.text_init={path}"])
+    cfg = load_prepared("tiny", [f"model.text_init={path}"])
     assert cfg.data.tokenizer == str(path / "tokenizer.json")
     torch.manual_seed(0)
     model = build_model(cfg.model).eval()
@@ -289,7 +292,7 @@ def test_text_decoder_reproduces_the_lm(lm_dirs, family):
 
 def test_the_lm_tokenizer_becomes_the_runs_and_round_trips(transformers, lm_dirs):
     path, _ = lm_dirs["llama-gqa-untied"]
-    cfg = load_config("tiny", [f"model.text_init={path}"])
+    cfg = load_prepared("tiny", [f"model.text_init={path}"])
     tok = get_tokenizer(cfg.data.tokenizer)
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"))
     assert cfg.model.vocab_size == tok.vocab_size and cfg.model.embed_rows == 320
@@ -304,7 +307,7 @@ def test_a_model_built_from_pretrained_round_trips_without_the_files(lm_dirs, vi
     path, _ = lm_dirs["qwen2-bias-tied"]
     copy = tmp_path / "lm"
     shutil.copytree(path, copy)
-    cfg = load_config("tiny", [f"model.text_init={copy}", f"model.video_init={vit_dir[0]}"])
+    cfg = load_prepared("tiny", [f"model.text_init={copy}", f"model.video_init={vit_dir[0]}"])
     model = build_model(cfg.model).eval()
     load_pretrained(model, cfg.model)
     torch.save(model_state(model), tmp_path / "model.pt")
@@ -327,4 +330,36 @@ def test_lm_missing_key_names_it(lm_dirs, tmp_path):
     del sd["model.layers.1.mlp.down_proj.weight"]
     save_file(sd, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
     with pytest.raises(PretrainedError, match=r"missing key model\.layers\.1\.mlp\.down_proj\.weight"):
-        load_config("tiny", [f"model.text_init={tmp_path}"])
+        load_prepared("tiny", [f"model.text_init={tmp_path}"])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the split: loading a config reads nothing; the driver's prepare step reads the files
+
+
+def test_loading_a_config_reads_no_checkpoint_prepare_does(lm_dirs, tmp_path):
+    """load_config parses and validates only: a checkpoint that is not there is the prepare step's error."""
+    cfg = load_config("tiny", ["model.video_init=/nonexistent/vit.safetensors"])
+    assert cfg.model.video_init == "/nonexistent/vit.safetensors"
+    with pytest.raises(PretrainedError, match="no such file or folder"):
+        prepare(cfg)
+
+
+def test_prepare_resolves_an_lm_from_a_loaded_config_and_is_stable(lm_dirs, tmp_path):
+    """From a built Config (byte tokenizer, preset sizes) as from the raw mapping: the LM's architecture and its
+    tokenizer's vocabulary; preparing a prepared config changes nothing; a worker rebuilds it from its dict with
+    the files gone."""
+    path, hf = lm_dirs["qwen2-bias-tied"]
+    copy = tmp_path / "lm"
+    shutil.copytree(path, copy)
+    loaded = load_config("tiny", [f"model.text_init={copy}"])
+    assert loaded.data.tokenizer == "byte" and loaded.model.text_dim != hf.config.hidden_size
+    cfg = prepare(loaded)
+    assert cfg == load_prepared("tiny", [f"model.text_init={copy}"]) == prepare(cfg)
+    tok = get_tokenizer(cfg.data.tokenizer)
+    assert cfg.model.text_dim == hf.config.hidden_size
+    assert (cfg.model.vocab_size, cfg.model.pad_id, cfg.model.eos_id) == (tok.vocab_size, tok.pad_id, tok.eos_id)
+    shutil.rmtree(copy)
+    from mirasol_ray.config import from_dict
+
+    assert from_dict(cfg.to_dict()) == cfg  # what each worker does: no file is read

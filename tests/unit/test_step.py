@@ -183,8 +183,10 @@ def test_freeze_patterns_keep_parameters_and_lr_mult_scales_groups():
 
 def test_a_pattern_matching_nothing_is_an_error():
     from mirasol_ray.config import ConfigError
+    from mirasol_ray.train.prepare import load_prepared
 
     with pytest.raises(ConfigError, match="train.freeze pattern 'video_encodr.*' matches no parameter"):
-        load_config("tiny", ["train.freeze=[video_encodr.*]"])
+        load_prepared("tiny", ["train.freeze=[video_encodr.*]"])
     with pytest.raises(ConfigError, match="train.lr_mult pattern 'decoder.*' matches no parameter"):
-        load_config("tiny", ["train.lr_mult={decoder.*: 0.1}"])
+        load_prepared("tiny", ["train.lr_mult={decoder.*: 0.1}"])
+    load_config("tiny", ["train.freeze=[video_encodr.*]"])  # parsing alone builds no model: the driver's step does

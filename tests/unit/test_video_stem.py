@@ -9,7 +9,7 @@ import torch
 from einops import rearrange
 from small_models import small_model_config
 
-from mirasol_ray.model.config import ModelConfig
+from mirasol_ray.config import ModelConfig
 from mirasol_ray.model.encoders import ConvStem, VideoEncoder
 from mirasol_ray.model.mirasol import Mirasol, build_model
 

@@ -1,0 +1,92 @@
+"""The driver's prepare step: what a config needs from files beyond its YAML, done once, before a run starts.
+
+:func:`mirasol_ray.config.load_config` only parses and validates. Before a config trains, evaluates or builds a
+model, the driver runs :func:`prepare` (or :func:`load_prepared`, from a preset name or YAML path), which
+
+* resolves the pretrained checkpoints (``model.video_init``, ``audio_init``, ``text_init``): their architectures
+  replace the matching ``model`` options, the LM's tokenizer becomes the run's (:mod:`mirasol_ray.train.weights`);
+* reads ``data.tokenizer`` when it is a file: its vocabulary and special ids go into ``model.vocab_size``,
+  ``pad_id``, ``bos_id``, ``eos_id`` (given ones must agree);
+* rehearses the pretrained load on the meta device, from the files' headers, so that a missing or mis-shaped
+  tensor fails now, naming it;
+* checks that every ``train.freeze`` / ``train.lr_mult`` pattern matches a parameter of the model.
+
+Each failure is a one-line error naming the setting. The result is a config that needs no file to build its
+model: the workers get it as a plain dict (``Config.to_dict``) and rebuild it with
+:func:`mirasol_ray.config.from_dict`, reading nothing; checkpoints store it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from mirasol_ray import storage
+from mirasol_ray.config import (
+    UNREAD,
+    VOCAB_FIELDS,
+    Config,
+    ConfigError,
+    from_dict,
+    is_byte_tokenizer,
+    read_config,
+)
+
+# torch (model, weights, patterns) and tokenizers are imported only when a config needs them: a driver that trains
+# from scratch with the byte tokenizer imports neither here.
+
+
+def load_prepared(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """:func:`mirasol_ray.config.load_config`, then :func:`prepare`: the config a driver runs."""
+    return prepare(read_config(name_or_path, overrides))
+
+
+def prepare(cfg: Config | dict[str, Any]) -> Config:
+    """The config ready to run: ``cfg`` (a :class:`Config`, or the raw mapping of a YAML with its overrides) with
+    its pretrained architectures resolved, its tokenizer's vocabulary read and its patterns checked (see the module
+    docstring). A prepared config passes through unchanged (the files are read again and must agree).
+
+    From the raw mapping, a preset's sizes that only fit once a checkpoint's replace them (a ViT's patch size,
+    say) are not an error: the mapping is validated after they are replaced."""
+    raw = cfg.to_dict() if isinstance(cfg, Config) else cfg
+    _configure_storage(raw)
+    pretrained = any((raw.get("model") or {}).get(k) for k in ("video_init", "audio_init", "text_init"))
+    if pretrained:
+        from mirasol_ray.train.weights import resolve_pretrained
+
+        raw = resolve_pretrained(raw)
+    out = from_dict(raw)
+    read_vocabulary(out)
+    if pretrained:
+        from mirasol_ray.train.weights import rehearse_load
+
+        rehearse_load(out)
+    if out.train.freeze or out.train.lr_mult:
+        from mirasol_ray.train.step import check_patterns
+
+        check_patterns(out)
+    return out
+
+
+def _configure_storage(raw: dict[str, Any]) -> None:
+    """This process's storage settings from the config's ``storage`` section, before any file it names is read
+    (``s3://`` checkpoints and tokenizers)."""
+    section = raw.get("storage") if isinstance(raw.get("storage"), dict) else {}
+    storage.configure(**{k: str(v or "") for k, v in section.items() if k in ("endpoint_url", "region")})
+
+
+def read_vocabulary(cfg: Config) -> None:
+    """Fill ``cfg.model``'s vocabulary fields from the tokenizer file ``data.tokenizer`` names (nothing to do for the
+    byte tokenizer: the config knows its vocabulary). A field already set must be the tokenizer's."""
+    if is_byte_tokenizer(cfg.data.tokenizer):
+        return
+    from mirasol_ray.data.text import get_tokenizer
+
+    tok = get_tokenizer(cfg.data.tokenizer)
+    for key in VOCAB_FIELDS:
+        value, given = getattr(tok, key), getattr(cfg.model, key)
+        if given not in (UNREAD, value):
+            raise ConfigError(f"model.{key}={given!r} cannot be set: it follows data.tokenizer ({value!r} here); set "
+                              "data.tokenizer instead")
+        setattr(cfg.model, key, value)
+    dataclasses.replace(cfg.model, num_classes=max(cfg.model.num_classes, 1)).validate()  # the ids in the vocabulary
