@@ -62,7 +62,7 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
 
 
 def _cmd_data_inspect(args: argparse.Namespace) -> int:
-    from mirasol_ray.data.inspect import inspect_dataset, print_report
+    from mirasol_ray.launch.inspect import inspect_dataset, print_report
 
     report = inspect_dataset(args.url, config=args.config, overrides=args.set, limit=args.limit,
                              png=args.png, num_cpus=args.num_cpus)

@@ -20,8 +20,10 @@ import uuid
 from typing import Any
 
 from mirasol_ray import storage
+from mirasol_ray.train.checkpoint import LEASE_FILE, lease_token, read_lease
 
-LEASE_FILE = "lease.json"
+__all__ = ["LEASE_FILE", "RunInUseError", "RunLease", "lease_token", "read_lease"]
+
 HEARTBEAT_S = 10.0
 STALE_S = 60.0
 """A holder on another machine whose heartbeat is older than this is taken to be gone."""
@@ -50,22 +52,6 @@ def _alive(holder: dict[str, Any], now: float) -> bool:
             return False
         return abs(started - float(holder.get("started") or 0)) < 2.0  # the same process, not a reused pid
     return now - float(holder.get("heartbeat", 0)) < STALE_S
-
-
-def read_lease(run_uri: str) -> dict[str, Any] | None:
-    uri = storage.join(run_uri, LEASE_FILE)
-    try:
-        return json.loads(storage.read_text(uri))
-    except FileNotFoundError:
-        return None
-    except ValueError:  # cut short by a crash mid-write: nobody's
-        return None
-
-
-def lease_token(run_uri: str) -> str:
-    """The token of the run folder's current lease holder ("" when none)."""
-    lease = read_lease(run_uri)
-    return str(lease.get("token", "")) if lease else ""
 
 
 class RunLease:

@@ -72,6 +72,28 @@ def tokenizer_payload(spec: str) -> dict[str, Any] | None:
     return {"name": TOKENIZER_FILES[suffix], "data": storage.read_bytes(spec)}
 
 
+LEASE_FILE = "lease.json"
+"""The run folder's lease (:mod:`mirasol_ray.launch.lease` holds it): a worker marks a checkpoint complete only
+while the lease's token is its run's (:func:`lease_token`), so a run that lost its folder stops writing."""
+
+
+def read_lease(run_uri: str) -> dict[str, Any] | None:
+    """The run folder's lease record, or None (no lease, or one cut short by a crash mid-write: nobody's)."""
+    uri = storage.join(run_uri, LEASE_FILE)
+    try:
+        return json.loads(storage.read_text(uri))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None
+
+
+def lease_token(run_uri: str) -> str:
+    """The token of the run folder's current lease holder ("" when none)."""
+    lease = read_lease(run_uri)
+    return str(lease.get("token", "")) if lease else ""
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 

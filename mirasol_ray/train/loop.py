@@ -474,8 +474,6 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     kept only while it is the newest."""
     import ray.train
 
-    from mirasol_ray.launch.lease import lease_token
-
     run_uri = config["run_uri"]
     by_shards = is_fsdp(model)
     model_sd = optim_sd = None
@@ -510,7 +508,7 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     files = {k: v for part in gather_objects(files) for k, v in part.items()}
     if rank == 0:
         token = config.get("lease") or ""
-        if token and lease_token(run_uri) != token:
+        if token and ckpt.lease_token(run_uri) != token:
             raise RuntimeError(f"run folder {run_uri} was taken over by another run (its lease.json): stopping "
                                "without marking this checkpoint complete")
         ckpt.mark_complete(storage.join(run_uri, name), files, step)
