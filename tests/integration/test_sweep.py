@@ -24,7 +24,7 @@ TINY_SWEEP = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
               "train.finetune_from_scratch=true"]
 
 
-def _sweep_cmd(synth_shards, storage_url, name, space, *extra, steps=6):
+def _sweep_cmd(synth_shards, storage_url, name, space, *extra, steps=4):
     sets = [f"data.train={synth_shards['dir']}", f"data.val={_val_shard(synth_shards)}", f"train.steps={steps}",
             *TINY_SWEEP]
     return [sys.executable, "-m", "mirasol_ray.cli", "sweep", "--config", "tiny", "--space", str(space),
@@ -65,7 +65,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     storage.configure(ep)  # this test's own reads
     # grid over both keys: 4 trials, 2 at once. A learning rate of 1e-6 leaves the model as it started, clearly worse
     # on the validation loss than 3e-3 after 2 steps; the last trial to start has it and meets recorded results of
-    # better trials at the first rung, so ASHA stops it whatever the order the others arrived in.
+    # better trials at the first rung, so ASHA stops it whatever the order the others arrived in. 4 steps, evaluated
+    # every 2: one rung (step 2) before the end, all a stop needs.
     space = tmp_path / "space.yaml"
     space.write_text("train.lr: {grid: [3.0e-3, 1.0e-6]}\ntrain.weight_decay: {grid: [0.0, 0.1]}\n")
     root = s3_server.url("sweeps")
@@ -91,7 +92,7 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     for tid, t in sweep["trials"].items():
         rows = _tune_rows(uri, tid)  # Tune's own record of every report
         assert rows and all("checkpoint_path" in r for r in rows)
-        assert (rows[-1]["step"] == 6) == (t["status"] == "finished")
+        assert (rows[-1]["step"] == 4) == (t["status"] == "finished")
 
     # resuming it (its folder, the ledger and Tune's state, all in S3) finds nothing left to run
     proc = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, timeout=600, env=_env(ray_tmp))
