@@ -470,8 +470,7 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     """Check everything a sweep needs before anything starts, and return its spec (what ``sweep.json`` holds)."""
     from mirasol_ray.launch.train import check_inputs
 
-    cfg = load_prepared(config, overrides)
-    storage.configure(cfg.storage.endpoint_url)
+    cfg = load_prepared(config, overrides)  # configures this process's storage from the config
     check_inputs(cfg)
     metric = metric or main_metric(cfg)
     check_metric(metric)

@@ -26,20 +26,26 @@ def test_local_paths_and_file_uris(tmp_path):
     assert storage.join("s3://b/p/", "q", "r") == "s3://b/p/q/r"
 
 
-def test_tokenizer_from_s3_equals_the_local_file(s3_server, tmp_path):
-    """data.tokenizer may be an s3:// URI: every worker of a cluster reads it, none needs a shared disk."""
+def test_tokenizer_from_s3_equals_the_local_file(s3_server, tmp_path, monkeypatch):
+    """data.tokenizer may be an s3:// URI: every worker of a cluster reads it, none needs a shared disk. The endpoint
+    here is the config's alone (none in the environment): the driver's prepare step reads the vocabulary with it."""
     import pytest
 
     from mirasol_ray.data.text import get_tokenizer, train_bpe_tokenizer
+    from mirasol_ray.train.prepare import load_prepared
 
     text = train_bpe_tokenizer(["a red circle, then a blue square; low, high", "which came first?"] * 10, 300)
     local = tmp_path / "tokenizer.json"
     local.write_text(text)
     uri = s3_server.url("tok", "tokenizer.json")
     storage.write_text(uri, text)
-    remote, ref = get_tokenizer(uri), get_tokenizer(str(local))
+    for var in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(var, raising=False)
+    storage.configure()  # as a new process starts
+    cfg = load_prepared("tiny", [f"storage.endpoint_url={s3_server.endpoint}", f"data.tokenizer={uri}"])
+    remote, ref = get_tokenizer(cfg.data.tokenizer), get_tokenizer(str(local))
     sample = "a blue circle, then which came first? Ünseen"
-    assert remote.encode(sample) == ref.encode(sample) and remote.vocab_size == ref.vocab_size
+    assert remote.encode(sample) == ref.encode(sample) and remote.vocab_size == ref.vocab_size == cfg.model.vocab_size
     assert remote.decode(remote.encode(sample)) == sample
     with pytest.raises(FileNotFoundError, match="tokenizer file not found: s3://.*/missing.json"):
         get_tokenizer(s3_server.url("tok", "missing.json"))

@@ -45,7 +45,9 @@ def test_no_secret_anywhere_and_a_console_for_a_person(s3_server, synth_shards, 
         "TMPDIR": short_tmp}
     del env["AWS_ENDPOINT_URL"]
     endpoint = ["--set", f"storage.endpoint_url={s3_server.endpoint}"]
+    # the tokenizer too is read from the bucket: by the driver, and by the workers into the checkpoint
     train = _cli(["train", "--json", "--config", "tiny", *endpoint, "--set", f"data.train=s3://{base}/shards",
+                  "--set", f"data.tokenizer=s3://{base}/shards/tokenizer.json",
                   "--set", f"storage.root=s3://{base}/runs", "--set", "storage.name=secret", "--set", "train.steps=2",
                   "--set", "train.checkpoint_every=2", "--set", "train.batch_size=2", "--set", "train.log_every=1",
                   "--set", "data.decode_cpus=0.25", "--set", "data.task=mcqa", "--set", "scaling.cpus_per_worker=1"],
