@@ -28,7 +28,9 @@ REPO = Path(__file__).resolve().parents[2]
 MIRASOL = [sys.executable, "-m", "mirasol_ray.cli"]
 JOB_TIMEOUT_S = 600
 
-FINETUNE = ["train.steps=4", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
+JOB_STEPS = 2
+"""Each fine-tuning job's steps: one checkpoint, at the last (the node-lost job takes more, to be killed mid-run)."""
+FINETUNE = [f"train.steps={JOB_STEPS}", "train.batch_size=2", "train.log_every=1", "train.checkpoint_every=2",
             "train.warmup_steps=1", "data.decode_cpus=0.25", "data.decode_batch_size=2", "scaling.num_workers=2",
             "scaling.cpus_per_worker=0.5", "scaling.placement_strategy=STRICT_SPREAD"]
 """Two train workers, one per node (STRICT_SPREAD), a few steps."""
@@ -97,7 +99,7 @@ def _finetune_args(c, name, extra=()):
                                         f"storage.root={c['runs']}", f"storage.name={name}", *FINETUNE, *extra])]
 
 
-def _check_finetune_run(c, name, nodes, steps=4):
+def _check_finetune_run(c, name, nodes, steps=JOB_STEPS):
     uri = storage.join(c["runs"], name)
     records = read_metrics(uri)
     assert [r["step"] for r in records] == list(range(1, steps + 1))
@@ -292,7 +294,7 @@ def test_results_read_back_with_the_cluster_down(local_cluster):
     for name in ("ray-cli", "mirasol-submit"):
         uri = storage.join(c["runs"], name)
         summary = json.loads(storage.read_text(storage.join(uri, "summary.json")))
-        assert summary["steps"] == 4 and summary["stage"] == "finetune"
+        assert summary["steps"] == JOB_STEPS and summary["stage"] == "finetune"
         model = load_model_from(uri)
         assert sum(p.numel() for p in model.parameters()) > 0
         assert storage.exists(storage.join(uri, "plots", "learning_curve.png"))
