@@ -542,8 +542,7 @@ def load_model_from(uri: str) -> Mirasol:
     return load_model(load_model_state(resolve_checkpoint(uri)))
 
 
-def load_weights_into(model: torch.nn.Module, uri: str,
-                      strict: bool = True) -> dict[str, list[str]]:
+def load_weights_into(model: torch.nn.Module, uri: str, strict: bool = True) -> dict[str, list[str]]:
     """Initialise ``model`` from a checkpoint's weights (``train.init_from``: finetune from pretrain) and return
     ``{"missing", "unexpected"}``: the model's tensors left as initialised, the checkpoint's not loaded. The
     classification head may be absent or sized for another label set; any other difference is an error naming it
@@ -560,7 +559,6 @@ def load_weights_into(model: torch.nn.Module, uri: str,
     result = unwrap(model).load_state_dict({k: state[k] for k in plan["load"]}, strict=False)
     assert sorted(result.missing_keys) == plan["missing"], "init_plan and load_state_dict disagree"
     return {"missing": plan["missing"], "unexpected": plan["unexpected"]}
-
 
 
 
