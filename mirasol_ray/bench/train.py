@@ -159,7 +159,8 @@ class _RayWindow:
 def bench_ray(args: argparse.Namespace, root: str, name: str) -> dict[str, Any]:
     import ray
 
-    from mirasol_ray.launch.train import read_metrics, run_training
+    from mirasol_ray.launch.results import read_metrics
+    from mirasol_ray.launch.train import run_training
 
     cfg = _cfg(args, root, name)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)

@@ -77,7 +77,9 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
     is another run from scratch on other data."""
     from mirasol_ray.data.synthetic import synthesize
     from mirasol_ray.launch.evaluate import evaluate
-    from mirasol_ray.launch.train import ensure_ray, plot_curves, read_metrics, run_training
+    from mirasol_ray.launch.plots import plot_curves
+    from mirasol_ray.launch.results import read_metrics
+    from mirasol_ray.launch.train import ensure_ray, run_training
 
     if storage.is_remote(out):
         raise ValueError("mirasol demo writes to a local folder (--out DIR)")

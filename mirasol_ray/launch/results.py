@@ -18,6 +18,7 @@ from typing import Any
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
+from mirasol_ray.launch.plots import png_bytes
 from mirasol_ray.train.metrics import flatten
 
 SWEEP_FILE = "sweep.json"
@@ -34,6 +35,13 @@ open-ended QA accuracy."""
 TRAIN_METRICS = ("loss", "text", "latent", "cls", "grad_norm", "lr", "samples_per_s", "tokens_per_s",
                  "data_wait_fraction", "step_time_s")
 VAL_METRICS = ("loss", "caption", "qa", "mcqa", "cls")
+
+
+def read_metrics(uri: str) -> list[dict[str, Any]]:
+    path = storage.join(uri, "metrics.jsonl")
+    if not storage.exists(path):
+        return []
+    return [json.loads(ln) for ln in storage.read_text(path).splitlines() if ln.strip()]
 
 
 def main_metric(cfg: Config) -> str:
@@ -86,7 +94,6 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
     (``checkpoint``: the newest one when no checkpoint carries the metric) and the newest complete checkpoint
     (``last_checkpoint``). ``until``: read it up to that step only (a trial ASHA stopped: its workers may train a
     few steps more before they are gone)."""
-    from mirasol_ray.launch.train import read_metrics
     from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
 
     records = [r for r in read_metrics(uri) if until is None or r.get("step", 0) <= until]
@@ -220,7 +227,6 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from mirasol_ray.launch.train import _png_bytes
 
     written = []
     m, best_id = res["metric"], (res["best"] or {}).get("trial_id")
@@ -239,7 +245,7 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
         ax.legend(fontsize=7)
     fig.tight_layout()
     path = storage.join(out, "learning_curves.png")
-    storage.write_bytes(path, _png_bytes(fig))
+    storage.write_bytes(path, png_bytes(fig))
     plt.close(fig)
     written.append(path)
 
@@ -266,7 +272,7 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
             ax.set_ylabel(f"best {m}")
         fig.tight_layout()
         path = storage.join(out, "hyperparameters.png")
-        storage.write_bytes(path, _png_bytes(fig))
+        storage.write_bytes(path, png_bytes(fig))
         plt.close(fig)
         written.append(path)
     return written
