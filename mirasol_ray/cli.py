@@ -299,7 +299,13 @@ def _cmd_cluster(args: argparse.Namespace) -> int:
     return 0 if st["running"] else 1
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``mirasol`` parser for ``argv`` (default: this process's arguments). The one place imports are kept off
+    a CLI path on purpose: each command's modules (Ray, torch, the pipeline) are imported when that command runs,
+    and a ``mirasol bench`` tool's module (which defines its own options) only when ``argv`` names that tool, so
+    ``--help`` and the light commands start without loading torch."""
+    argv = sys.argv[1:] if argv is None else argv
+    wanted_bench = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     p = argparse.ArgumentParser(prog="mirasol", description="Mirasol3B-style multimodal models on Ray.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -480,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
             stub.set_defaults(func=_cmd_bench)
             continue
         bp = bench.add_parser(name, help=help_)
-        mod = _lazy(module)
+        mod = _lazy(module) if name == wanted_bench else None
         if mod is not None:
             mod.add_arguments(bp)
             bp.set_defaults(func=_cmd_bench, bench_run=mod.run)
@@ -545,7 +551,7 @@ def _terminate(signum, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     import signal
 
-    parser = build_parser()
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):
         parser.print_help()

@@ -25,14 +25,24 @@ import io
 import json
 import os
 import statistics
+import threading
 import time
 from typing import Any, Iterator
 
+import av
 import numpy as np
+import ray
 import torch.utils.data
+import torch.utils.data as tud
+import webdataset as wds
 
 from mirasol_ray import storage
 from mirasol_ray.config import DataConfig, load_config
+from mirasol_ray.data.encode import encode_av
+from mirasol_ray.data.index import SampleIndex, build_index, resolve_shards, sample_rng
+from mirasol_ray.data.pipeline import decoded_dataset, make_skip_counter, read_skips
+from mirasol_ray.data.rows import VIDEO_EXTENSIONS, decode_sample_safe
+from mirasol_ray.data.shards import build_shards
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +69,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def bench_shards(url: str, limit: int) -> list[str]:
     """The shard paths of ``url``, the first ones holding at least ``limit`` samples (all: 0)."""
-    from mirasol_ray.data.index import build_index, resolve_shards
 
     shards = resolve_shards(url)
     if not limit:
@@ -77,7 +86,6 @@ def bench_shards(url: str, limit: int) -> list[str]:
 
 def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
     """Raw samples (member bytes by extension) from local tars, as webdataset groups them."""
-    import webdataset as wds
 
     ds = wds.WebDataset(urls, shardshuffle=False, empty_check=False)
     for s in ds:
@@ -86,8 +94,6 @@ def iter_samples(urls: list[str]) -> Iterator[dict[str, Any]]:
 
 def decode_one(sample: dict[str, Any], cfg: DataConfig) -> bool:
     """The decode every variant runs: the training decode of the Ray pipeline, epoch 0. True when it decoded."""
-    from mirasol_ray.data.index import sample_rng
-    from mirasol_ray.data.rows import decode_sample_safe
 
     _, reason, _ = decode_sample_safe(sample, cfg, train=True, rng=sample_rng(cfg.seed, 0, str(sample["__key__"])))
     return reason is None
@@ -195,8 +201,6 @@ class CpuTree:
         self.interval = interval
 
     def start(self) -> CpuTree:
-        import threading
-
         self._seen: dict[int, dict[str, Any]] = {}  # pid -> what the last sighting read of it
         self._poll_cpu = 0.0  # CPU seconds of the polling thread (in this process)
         self._lock = threading.Lock()
@@ -324,7 +328,6 @@ class _DecodeIterable(torch.utils.data.IterableDataset):
                 decode_one(sample, self.data_cfg)
             yield 0
             return
-        import webdataset as wds
 
         ds = wds.WebDataset(self.urls, shardshuffle=False, empty_check=False, workersplitter=wds.split_by_worker)
         for sample in ds:
@@ -332,8 +335,6 @@ class _DecodeIterable(torch.utils.data.IterableDataset):
 
 
 def bench_dataloader(urls: list[str], cfg: DataConfig, workers: int, warmup: int) -> dict[str, float]:
-    import torch.utils.data as tud
-
     dl = tud.DataLoader(_DecodeIterable(urls, cfg, warmup), batch_size=None, num_workers=workers,
                         prefetch_factor=2, persistent_workers=True)
     for _ in dl:  # warm-up pass: starts the workers, imports the decoders
@@ -348,10 +349,6 @@ def bench_dataloader(urls: list[str], cfg: DataConfig, workers: int, warmup: int
 
 def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int, actors: bool = False
               ) -> dict[str, float]:
-    import ray
-
-    from mirasol_ray.data.index import SampleIndex, build_index, resolve_shards
-    from mirasol_ray.data.pipeline import decoded_dataset, make_skip_counter, read_skips
 
     shards = resolve_shards(url)
     keep = [shards.paths.index(u) for u in urls]
@@ -382,9 +379,6 @@ def bench_ray(url: str, urls: list[str], cfg: DataConfig, cpus: int, warmup: int
 
 def bench_ceiling(urls: list[str], cfg: DataConfig) -> dict[str, float]:
     """PyAV decodes every video frame of every clip; no colour conversion, no resize."""
-    import av
-
-    from mirasol_ray.data.rows import VIDEO_EXTENSIONS
 
     n = frames = 0
     with _Timer() as timer:
@@ -407,8 +401,6 @@ def bench_ceiling(urls: list[str], cfg: DataConfig) -> dict[str, float]:
 def make_videos(folder: str, n: int, transcode_height: int) -> tuple[str, str]:
     """``n`` 10 s 640x360 25 fps clips (H.264 + AAC, x264's default long GOP) of moving shapes over texture, as
     a user's videos would arrive, then ``mirasol shards build`` of them as they are and with ``--transcode``."""
-    from mirasol_ray.data.encode import encode_av
-    from mirasol_ray.data.shards import build_shards
 
     videos = os.path.join(folder, "videos")
     os.makedirs(videos, exist_ok=True)

@@ -32,10 +32,13 @@ from torch import Tensor, nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from mirasol_ray.bench.plan import memory_plan, print_plan
 from mirasol_ray.config import ModelConfig
+from mirasol_ray.launch.plots import plt
 from mirasol_ray.model.layers import Transformer, init_weights
 from mirasol_ray.model.mirasol import Mirasol, param_breakdown
 from mirasol_ray.model.text_decoder import TextDecoder
+from mirasol_ray.train.prepare import load_prepared
 
 PROMPT_LEN = TARGET_LEN = 16  # a question and a short answer: QA-sized text
 
@@ -55,8 +58,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.train.prepare import load_prepared
-
     if args.memory:
         return _memory(args)
     cfg = load_prepared(args.preset).model
@@ -84,9 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _memory(args: argparse.Namespace) -> int:
-    from mirasol_ray.bench.plan import memory_plan, print_plan
-    from mirasol_ray.train.prepare import load_prepared
-
     if args.gpus <= 0 or args.batch_size < 0:
         raise ValueError("--gpus must be positive and --batch-size >= 0")
     cfg = load_prepared(args.preset)
@@ -231,10 +229,6 @@ def print_scaling(rows: list[dict[str, Any]], t: dict[str, Any]) -> None:
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     S = [r["snippets"] for r in rows]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))

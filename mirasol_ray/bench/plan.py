@@ -25,8 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
 from torch.utils.flop_counter import FlopCounterMode
 
+from mirasol_ray.data.schema import row_spec, text_spec
 from mirasol_ray.model.layers import Block
 from mirasol_ray.model.mirasol import Mirasol, build_model
 
@@ -44,7 +46,6 @@ def meta_batch(data_cfg, batch_size: int, texts: int = 1) -> dict[str, Any]:
     The texts come flattened, clip by clip, without the K axis and its ``text_mask`` (which texts are present is
     data the meta device does not hold; :func:`mirasol_ray.model.mirasol.texts_of` reads such a batch as the same
     number of texts for every clip)."""
-    from mirasol_ray.data.schema import row_spec, text_spec
 
     batch: dict[str, Any] = {}
     per_text = text_spec(data_cfg)
@@ -132,8 +133,6 @@ class FusedAttention(torch.autograd.Function):
 
 
 def _cast(tree, dtype):
-    from torch.utils._pytree import tree_map
-
     def cast(x):
         return x.to(dtype) if isinstance(x, Tensor) and x.is_floating_point() and x.dtype != dtype else x
 

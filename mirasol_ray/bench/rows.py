@@ -28,6 +28,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from mirasol_ray.data.index import read_samples, sample_rng
+from mirasol_ray.data.pipeline import sample_index, stack_rows, to_torch
+from mirasol_ray.data.rows import decode_sample_safe
+from mirasol_ray.data.shards import build_shards
+from mirasol_ray.data.synthetic import ORDINALS, generate_clip
+from mirasol_ray.model.mirasol import build_model, texts_of
+from mirasol_ray.train.prepare import load_prepared
+from mirasol_ray.train.step import make_optimizer, make_scheduler, train_step
 
 AV_PARTS = ("video_encoder", "audio_encoder", "combiner", "av_model")
 
@@ -48,8 +59,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def make_msrvtt(folder: str, clips: int, questions: int) -> str:
     """MSRVTT-QA-shaped shards of ``clips`` synthetic clips with ``questions`` questions each (module docstring);
     returns their folder."""
-    from mirasol_ray.data.shards import build_shards
-    from mirasol_ray.data.synthetic import ORDINALS, generate_clip
 
     if not 1 <= questions <= 3 * len(ORDINALS):
         raise ValueError(f"--questions must be 1 to {3 * len(ORDINALS)}, got {questions}")
@@ -77,9 +86,6 @@ def decode_clips(url: str, cfg, n: int, *, train: bool = True, label_set: list[s
     """The clip rows of the first ``n`` samples of ``url`` (each ``pos`` its sample index), decoded as the
     pipeline decodes them: with training's frame positions of epoch 0 (what ``data.cache`` holds), or
     evaluation's (``train=False``)."""
-    from mirasol_ray.data.index import read_samples, sample_rng
-    from mirasol_ray.data.pipeline import sample_index
-    from mirasol_ray.data.rows import decode_sample_safe
 
     index = index or sample_index(url)
     samples = read_samples(index.url, index.shards, index.refs(np.arange(min(n, len(index)))))
@@ -97,7 +103,6 @@ def decode_clips(url: str, cfg, n: int, *, train: bool = True, label_set: list[s
 
 def text_rows_of(batch: dict[str, Any]) -> dict[str, Any]:
     """A clip-row batch as one row per text, each with a copy of its clip (the layout before clip rows)."""
-    from mirasol_ray.model.mirasol import texts_of
 
     t = texts_of(batch)
     out = {k: batch[k][t["clip"]] for k in ("video", "audio", "audio_present", "snippet_mask", "label")}
@@ -111,9 +116,6 @@ def nbytes(batch: dict[str, Any]) -> int:
 
 
 def flops(model, batch: dict[str, Any]) -> dict[str, float]:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as fc:
         model(batch)["loss"].backward()
     model.zero_grad(set_to_none=True)
@@ -123,8 +125,6 @@ def flops(model, batch: dict[str, Any]) -> dict[str, float]:
 
 
 def steps_per_s(model, opt, sched, cfg, batch: dict[str, Any], steps: int) -> float:
-    from mirasol_ray.train.step import train_step
-
     train_step(model, [batch], opt, sched, cfg.train, torch.device("cpu"))  # warm-up
     times = []
     for _ in range(steps):
@@ -135,11 +135,6 @@ def steps_per_s(model, opt, sched, cfg, batch: dict[str, Any], steps: int) -> fl
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.data.pipeline import stack_rows, to_torch
-    from mirasol_ray.model.mirasol import build_model
-    from mirasol_ray.train.prepare import load_prepared
-    from mirasol_ray.train.step import make_optimizer, make_scheduler
-
     if args.make_msrvtt:
         args.url = make_msrvtt(args.make_msrvtt, args.clips, args.questions)
     if not args.url:

@@ -20,8 +20,12 @@ import time
 import numpy as np
 import torch
 
-from mirasol_ray.train.parallel import bf16_compute
+from mirasol_ray.bench.plan import step_flops
+from mirasol_ray.data.schema import row_spec
+from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.train.parallel import bf16_compute, parallelize
 from mirasol_ray.train.prepare import load_prepared
+from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, train_step
 
 PEAK_BF16 = {"H200": 989e12, "H100 PCIe": 756e12, "H100 NVL": 835e12, "H100": 989e12, "A100": 312e12,
              "L40S": 362e12, "A10G": 125e12, "L4": 121e12}
@@ -45,7 +49,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = None, texts: int = 1) -> dict:
     """A batch with the schema's shapes and dtypes: random pixels/mel; ``texts`` open-ended questions of full
     length per clip (the other text entries padding)."""
-    from mirasol_ray.data.schema import row_spec
 
     g = generator or torch.Generator().manual_seed(0)
     spec = row_spec(cfg.data)
@@ -76,11 +79,6 @@ def synthetic_batch(cfg, batch_size: int, generator: torch.Generator | None = No
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray.bench.plan import step_flops
-    from mirasol_ray.model.mirasol import build_model
-    from mirasol_ray.train.parallel import parallelize
-    from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, train_step
-
     cfg = load_prepared(args.preset, args.set)
     if args.compile:
         cfg.train.compile = True

@@ -27,9 +27,25 @@ import json
 import os
 import statistics
 import tempfile
+import threading
+import time
 from typing import Any
 
+import ray
 import torch
+import webdataset as wds
+
+from mirasol_ray.bench.data import CpuTree
+from mirasol_ray.config import DataConfig
+from mirasol_ray.data.index import sample_rng
+from mirasol_ray.data.pipeline import expand_shard_urls, stack_rows, to_torch
+from mirasol_ray.data.rows import decode_sample_safe
+from mirasol_ray.launch.results import read_metrics
+from mirasol_ray.launch.train import run_training
+from mirasol_ray.model.mirasol import build_model
+from mirasol_ray.train.metrics import Throughput
+from mirasol_ray.train.prepare import load_prepared
+from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, train_step
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -45,8 +61,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _cfg(args: argparse.Namespace, root: str, name: str):
-    from mirasol_ray.train.prepare import load_prepared
-
     return load_prepared(args.config, [
         *args.set, f"data.train={args.url}", "data.cache=false", "data.decode_threads=1",
         f"train.batch_size={args.batch_size}", f"train.steps={2 * args.steps}", f"train.log_every={args.steps}",
@@ -102,16 +116,12 @@ class _RayWindow:
         self._counter = None
 
     def start(self) -> _RayWindow:
-        import threading
-
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ray-window", daemon=True)
         self._thread.start()
         return self
 
     def _step(self) -> int:
-        import ray
-
         if self._counter is None:  # looked up once: a lookup a poll would add to the GCS's CPU in the window
             names = [n for n in ray.util.list_named_actors() if n.startswith("mirasol-skips-")]
             if not names:
@@ -121,10 +131,6 @@ class _RayWindow:
         return int((status.get("progress") or {}).get("step", -1))
 
     def _run(self) -> None:
-        import time
-
-        from mirasol_ray.bench.data import CpuTree
-
         tree, own, first = None, 0.0, (0, 0.0)
         # every 0.1 s until the window starts (so that a short one is not missed), then every 0.5 s, as often as
         # the console reads the counter, so the reads add little to the counter actor's CPU in the window
@@ -157,11 +163,6 @@ class _RayWindow:
 
 
 def bench_ray(args: argparse.Namespace, root: str, name: str) -> dict[str, Any]:
-    import ray
-
-    from mirasol_ray.launch.results import read_metrics
-    from mirasol_ray.launch.train import run_training
-
     cfg = _cfg(args, root, name)
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
     try:
@@ -188,11 +189,6 @@ class _Clips(torch.utils.data.IterableDataset):
         self.urls, self.data_cfg = urls, data_cfg
 
     def __iter__(self):
-        import webdataset as wds
-
-        from mirasol_ray.data.index import sample_rng
-        from mirasol_ray.data.rows import decode_sample_safe
-
         torch.set_num_threads(1)
         epoch = 0
         while True:
@@ -206,21 +202,10 @@ class _Clips(torch.utils.data.IterableDataset):
 
 
 def _collate(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    from mirasol_ray.config import DataConfig
-    from mirasol_ray.data.pipeline import stack_rows, to_torch
-
     return to_torch(stack_rows(rows, DataConfig()))  # the config only shapes empty batches
 
 
 def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, Any]:
-    import time
-
-    from mirasol_ray.bench.data import CpuTree
-    from mirasol_ray.data.pipeline import expand_shard_urls
-    from mirasol_ray.model.mirasol import build_model
-    from mirasol_ray.train.metrics import Throughput
-    from mirasol_ray.train.step import count_tokens, make_optimizer, make_scheduler, train_step
-
     cfg = _cfg(args, tempfile.gettempdir(), "unused")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)

@@ -23,6 +23,10 @@ import os
 import statistics
 import tempfile
 
+from mirasol_ray import storage
+from mirasol_ray.data.synthetic import synthesize
+from mirasol_ray.launch.sweep import run_sweep
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny")
@@ -36,14 +40,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirasol_ray import storage
-    from mirasol_ray.launch.sweep import run_sweep
-
     with tempfile.TemporaryDirectory(prefix="mirasol-bench-trial-") as work:
         data = args.data
         if not data:
-            from mirasol_ray.data.synthetic import synthesize
-
             data = os.path.join(work, "data")
             synthesize(data, args.num_clips, seed=0, shard_size=4, progress=False)
         space = os.path.join(work, "space.yaml")

@@ -40,8 +40,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from braceexpand import braceexpand
 
 from mirasol_ray import storage
+from mirasol_ray.data.decode import cut_message
 
 MANIFEST = "manifest.json"
 
@@ -69,8 +71,6 @@ class ShardList:
 
 
 def _expand_braces(pattern: str) -> list[str]:
-    from braceexpand import braceexpand  # a webdataset dependency
-
     return list(braceexpand(pattern))
 
 
@@ -385,7 +385,6 @@ class _ScanOne:
             offsets, failure, members = [0], e, 0
         if failure is None:
             return offsets, None, ""
-        from mirasol_ray.data.decode import cut_message
 
         return offsets, shard_failure(failure, members), cut_message(str(failure) or type(failure).__name__)
 

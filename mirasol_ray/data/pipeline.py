@@ -28,15 +28,27 @@ fit, the row kept), which the driver turns into one warning line (:func:`~miraso
 
 from __future__ import annotations
 
+import functools
 import math
+import os
 import uuid
 from dataclasses import asdict
 from typing import Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+import ray
+import ray.data
+import ray.train
+import torch
+from ray.data import ExecutionOptions, ExecutionResources
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from mirasol_ray import storage
 from mirasol_ray.config import DataConfig
+from mirasol_ray.data.decode import cut_message
 from mirasol_ray.data.index import (
     SHARD_REASONS,
     ReadPosition,
@@ -48,6 +60,7 @@ from mirasol_ray.data.index import (
     resolve_shards,
     sample_rng,
 )
+from mirasol_ray.data.rows import count_lengths, decode_sample_safe
 from mirasol_ray.data.schema import TENSOR_COLUMNS, row_spec
 
 __all__ = ["expand_shard_urls", "find_manifest", "sample_index", "decoded_dataset", "train_batches",
@@ -66,7 +79,6 @@ def _apply(fn, x):
 
 def _ray_map(fn, items: list) -> list:
     """``map`` on Ray tasks (a quarter CPU each) when Ray is up, else in this process."""
-    import ray
 
     if not ray.is_initialized() or len(items) < 2:
         return list(map(fn, items))
@@ -86,8 +98,6 @@ _MAX_EXAMPLES = 5
 
 
 def _counter_cls():
-    import ray
-
     @ray.remote(num_cpus=0)
     class SkipCounter:
         """Counts decoded samples, and skipped samples and shards by reason, across all read and decode tasks, and
@@ -154,8 +164,6 @@ def _merge_lengths(into: dict[str, dict[str, int]], counts: dict[str, dict[str, 
 
 def make_skip_counter(name: str | None = None):
     """A named skip-counter actor (lives as long as this driver); pass its name to :func:`decoded_dataset`."""
-    import ray
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     name = name or f"mirasol-skips-{uuid.uuid4().hex[:8]}"
     # on the driver's node: losing another node of a cluster must not lose the count (nor fail the run)
@@ -164,8 +172,6 @@ def make_skip_counter(name: str | None = None):
 
 
 def read_skips(counter) -> dict[str, Any]:
-    import ray
-
     return ray.get(counter.snapshot.remote())
 
 
@@ -174,7 +180,6 @@ def _count(counter_name: str, decoded: int, rows: int, skipped: dict[str, int],
     """Add to the counter and wait until it holds the counts, so that whoever has seen this batch (or the end of
     the data) reads them in a snapshot: a fire-and-forget call could still be in flight when a run that formed no
     batch read the counter for its error line ("skipped: none")."""
-    import ray
 
     actor = counter_actor(counter_name)
     if actor is None:  # e.g. a bare run of the function: nothing to report to
@@ -190,7 +195,6 @@ def counter_actor(counter_name: str) -> Any:
     reports its step and events to it), looked up in the GCS once per process, not once per block or step; None
     when there is none (outside Ray, where no Ray is started for it, or no such actor). The counter is
     informative: a caller whose call on it fails calls :func:`forget_counter` and carries on."""
-    import ray
 
     actor = _COUNTERS.get(counter_name)
     if actor is None:
@@ -276,10 +280,6 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
     that built the dataset): no closures, no objects. The rows are yielded, nothing
     when every sample of the block is skipped (an empty batch has no shape Arrow can store its tensor columns in).
     """
-    import torch
-
-    from mirasol_ray.data.decode import cut_message
-    from mirasol_ray.data.rows import count_lengths, decode_sample_safe
 
     storage.configure(**storage_settings)  # this task's process reads the shards as the dataset's builder does
     cfg = DataConfig(**data_cfg)
@@ -328,8 +328,6 @@ class DecodeItems:
 
 
 def _id_block(lo: int, hi: int) -> list:
-    import pyarrow as pa
-
     return [pa.table({"id": np.arange(lo, hi, dtype=np.int64)})]
 
 
@@ -376,9 +374,6 @@ def block_sizes(n: int, size: int) -> list[int]:
 
 
 def _datasource_cls():
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
-
     class ItemIds(Datasource):
         """The ids ``0..n-1`` in blocks of :func:`block_sizes`, each made by its own read task (nothing is put in
         the object store up front, whatever ``n``)."""
@@ -392,9 +387,6 @@ def _datasource_cls():
 
         def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None
                            ) -> list:
-            import functools
-
-            import pyarrow as pa
 
             schema = pa.schema([("id", pa.int64())])
             return [ReadTask(functools.partial(_id_block, lo, hi),
@@ -426,7 +418,6 @@ def _complete_tasks_inline() -> None:
     fetch costs the loop nothing noticeable. Ray reads the switch from the environment once, at import; the executor
     reads its module copy whenever it starts a dataset, which is what is set here (in the process that runs the
     executor: the driver, or a Train worker). A value the user put in the environment is left alone."""
-    import os
 
     if METADATA_ENV in os.environ:
         return
@@ -441,7 +432,6 @@ def _complete_tasks_inline() -> None:
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
                    counter_name: str, label_set: list[str] | None):
     """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
-    import ray
 
     _complete_tasks_inline()
     n = len(items["sample"])
@@ -507,8 +497,6 @@ class DecodeSource:
 
     def batches(self, positions: np.ndarray, samples: np.ndarray, epochs: np.ndarray, batch_size: int,
                 prefetch_batches: int) -> Iterator[dict[str, np.ndarray]]:
-        import ray.data
-        from ray.data import ExecutionResources
 
         ctx = ray.data.DataContext.get_current()
         ctx.execution_options.preserve_order = True  # the worker's rows in the order of its positions
@@ -526,8 +514,6 @@ class CacheSource:
     refs of numpy batches (:func:`stack_rows` output, ``pos`` = sample index), looked up by sample index."""
 
     def __init__(self, chunks: list, num_samples: int):
-        import ray
-
         self.chunks = [ray.get(c) for c in chunks]  # zero-copy views of the object store on this node
         self.n = num_samples
         self.where: dict[int, list[tuple[int, int]]] = {}
@@ -624,7 +610,6 @@ def _writable(a: np.ndarray) -> np.ndarray:
 
 def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     """A numpy batch of rows -> torch tensors with the schema's dtypes (``key`` stays a list of str)."""
-    import torch
 
     # Ray hands out read-only views of its object store; torch wants memory it may write, so such arrays are copied
     # (one memcpy of the batch) rather than wrapped
@@ -656,7 +641,6 @@ def train_data_config(data_cpu_limit: float = 0.0):
 
     ``data_cpu_limit`` caps the CPUs Ray Data may take while training (0: Ray's default, all CPUs not held by the
     workers)."""
-    from ray.data import ExecutionOptions, ExecutionResources
 
     opts = ExecutionOptions(preserve_order=True)
     if data_cpu_limit:
@@ -665,8 +649,6 @@ def train_data_config(data_cpu_limit: float = 0.0):
 
 
 def _data_config_cls():
-    import ray.train
-
     class SplitData(ray.train.DataConfig):
         """``val`` split with ``equal=False``, so validation scores every row once whatever the number of
         workers."""

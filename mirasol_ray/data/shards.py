@@ -41,7 +41,10 @@ import numpy as np
 from tqdm import tqdm
 
 from mirasol_ray import storage
+from mirasol_ray.config import DataConfig
 from mirasol_ray.data.formats import FORMATS, Record, Source, VideoRoot
+from mirasol_ray.data.rows import sample_texts
+from mirasol_ray.data.text import train_bpe_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -276,9 +279,6 @@ def write_tokenizer(out: str, metas: list[Mapping[str, Any]], vocab_size: int = 
 
     Callers pass the training samples only, so nothing of the held-out answers leaks into the vocabulary. Training
     with it: ``data.tokenizer=OUT/tokenizer.json``."""
-    from mirasol_ray.config import DataConfig
-    from mirasol_ray.data.rows import sample_texts
-    from mirasol_ray.data.text import train_bpe_tokenizer
 
     check_vocab_size(vocab_size)
     corpus = [t for m in metas for t in sample_texts(dict(m))] + [DataConfig.caption_prompt, DataConfig.cls_prompt]

@@ -12,6 +12,9 @@ from pathlib import Path
 from typing import Protocol
 
 import numpy as np
+import sentencepiece as spm
+from tokenizers import Tokenizer as _Tok
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from mirasol_ray import storage
 from mirasol_ray.config import BYTE_BOS_ID, BYTE_EOS_ID, BYTE_PAD_ID, BYTE_VOCAB_SIZE, is_byte_tokenizer
@@ -55,8 +58,6 @@ class HFTokenizer:
     """A Hugging Face ``tokenizer.json`` (any model's), via the ``tokenizers`` library."""
 
     def __init__(self, path: str = "", *, data: bytes | None = None):
-        from tokenizers import Tokenizer as _Tok
-
         self._tok = _Tok.from_str(data.decode("utf-8")) if data is not None else _Tok.from_file(path)
         vocab = self._tok.get_vocab()
         self.vocab_size = self._tok.get_vocab_size()
@@ -93,8 +94,6 @@ class HFTokenizer:
 
 class SentencePieceTokenizer:
     def __init__(self, path: str = "", *, data: bytes | None = None):
-        import sentencepiece as spm
-
         self._sp = (spm.SentencePieceProcessor(model_proto=data) if data is not None
                     else spm.SentencePieceProcessor(model_file=path))
         n = self._sp.get_piece_size()
@@ -124,8 +123,6 @@ def train_bpe_tokenizer(texts, vocab_size: int = 512) -> str:
     synthetic data): whole words become single tokens, so answers are one or two tokens instead of 3-10 bytes,
     and any text still encodes (byte fallback). A space is prefixed to every text, so a word is the same token
     at the start of an answer and inside a caption."""
-    from tokenizers import Tokenizer as _Tok
-    from tokenizers import decoders, models, pre_tokenizers, trainers
 
     tok = _Tok(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)

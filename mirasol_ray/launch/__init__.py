@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from mirasol_ray import storage
+from mirasol_ray.config import ConfigError, parse_overrides
+
 
 def configure_storage(overrides: list[str] | None, only_storage: bool = False) -> None:
     """Configure this process's storage (:func:`mirasol_ray.storage.configure`) from ``--set`` overrides, for a
@@ -9,8 +12,6 @@ def configure_storage(overrides: list[str] | None, only_storage: bool = False) -
     ``results``): their ``storage.endpoint_url=URL``; without one the process keeps its setting (in a new process,
     the environment's). ``only_storage``: the command has no config to override, and any other key is an error
     (otherwise the config built later checks the rest)."""
-    from mirasol_ray import storage
-    from mirasol_ray.config import ConfigError, parse_overrides
 
     raw = parse_overrides(overrides)
     given = raw.get("storage") if isinstance(raw.get("storage"), dict) else {}

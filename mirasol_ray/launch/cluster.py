@@ -33,6 +33,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ray._private.authentication.authentication_token_generator import generate_new_authentication_token
+from ray._raylet import AuthenticationTokenLoader
+from ray.util.state.api import StateApiClient
+from ray.util.state.common import ListApiOptions, StateResource
+
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
 DEFAULT_DIR = "~/.mirasol/cluster"
@@ -252,10 +257,6 @@ def up(path: str | None = None, *, workers: int = 1, head_cpus: float = 2, worke
                 _stop_group(w["pid"])
         state = None
     if state is None:
-        from ray._private.authentication.authentication_token_generator import (
-            generate_new_authentication_token,
-        )
-
         token_path = d / TOKEN_FILE
         fd = os.open(token_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
@@ -315,7 +316,6 @@ def auth_headers(token_path: str = "") -> dict[str, str]:
     this process; {} when there is no token."""
     if token_path:
         return {"authorization": "Bearer " + Path(token_path).read_text().strip()}
-    from ray._raylet import AuthenticationTokenLoader
 
     loader = AuthenticationTokenLoader.instance()
     loader.reset_cache()
@@ -324,8 +324,6 @@ def auth_headers(token_path: str = "") -> dict[str, str]:
 
 def nodes(dashboard_url: str, token_path: str = "") -> list[dict[str, Any]]:
     """The cluster's nodes as Ray's State API lists them (node id, alive or dead, head or not, resources)."""
-    from ray.util.state.api import StateApiClient
-    from ray.util.state.common import ListApiOptions, StateResource
 
     client = StateApiClient(address=dashboard_url, headers=auth_headers(token_path))
     rows = client.list(StateResource.NODES, options=ListApiOptions(detail=True, limit=1000),

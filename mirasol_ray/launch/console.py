@@ -26,6 +26,10 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import ray
+import ray.data
+from tqdm import tqdm
+
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -96,7 +100,6 @@ def quiet_libraries() -> Iterator[DeferredFileHandler]:
     handler = DeferredFileHandler()
     root = logging.getLogger()
     saved_root = (root.level,)
-    import ray.data  # noqa: F401  (installs Ray Data's logging config, which is adjusted below)
 
     ray_data = logging.getLogger("ray.data")
     saved_data = list(ray_data.handlers)
@@ -188,9 +191,6 @@ class StepProgress:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        import ray
-        from tqdm import tqdm
-
         tty = sys.stderr.isatty()
         bar = tqdm(total=self.steps, desc=self.title, unit="step", file=sys.stderr, dynamic_ncols=True,
                    disable=not tty)

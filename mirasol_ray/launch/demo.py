@@ -19,7 +19,14 @@ import shutil
 import time
 from typing import Any
 
+import ray
+
 from mirasol_ray import storage
+from mirasol_ray.data.synthetic import synthesize
+from mirasol_ray.launch.evaluate import evaluate
+from mirasol_ray.launch.plots import plot_curves, plt
+from mirasol_ray.launch.results import read_metrics
+from mirasol_ray.launch.train import ensure_ray, run_training
 from mirasol_ray.train.prepare import load_prepared
 
 TASK_ORDER = ("qa/video", "qa/audio", "qa/av_aligned", "qa/temporal", "mcqa", "cls", "caption",
@@ -30,10 +37,6 @@ def results_plot(rows: list[dict[str, Any]], png: str, title: str = "mirasol dem
                  series: dict[str, list[float]] | None = None) -> str:
     """Bars per task: each of ``series`` (label -> one value per row; default the rows' ``value`` as the
     fine-tuned model's) and the rows' chance level in grey."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     series = series or {"fine-tuned model": [r["value"] for r in rows]}
     groups = [*series.items(), ("chance", [r["chance"] or 0 for r in rows])]
@@ -75,11 +78,6 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
     """The demo from ``out`` (reused when it holds the same clips). ``seed`` draws the clips (``shards synth``'s
     seed), the initial weights (``train.seed``) and the order and frame positions (``data.seed``): another seed
     is another run from scratch on other data."""
-    from mirasol_ray.data.synthetic import synthesize
-    from mirasol_ray.launch.evaluate import evaluate
-    from mirasol_ray.launch.plots import plot_curves
-    from mirasol_ray.launch.results import read_metrics
-    from mirasol_ray.launch.train import ensure_ray, run_training
 
     if storage.is_remote(out):
         raise ValueError("mirasol demo writes to a local folder (--out DIR)")
@@ -127,8 +125,6 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
                       records_out=os.path.join(out, "predictions.jsonl"), choice="last")
     finally:
         if started:
-            import ray
-
             ray.shutdown()
 
     rows = []

@@ -16,13 +16,44 @@ import json
 import math
 import os
 import posixpath
+import sys
 from typing import Any
 
 import numpy as np
+import ray
+import torch
+from tqdm import tqdm
 
 from mirasol_ray import storage
-from mirasol_ray.config import Config, DataConfig, from_dict, parse_overrides
+from mirasol_ray.config import Config, DataConfig, _deep_update, from_dict, parse_overrides
+from mirasol_ray.data.decode import DecodeError
+from mirasol_ray.data.pipeline import (
+    decoded_dataset,
+    expand_shard_urls,
+    find_manifest,
+    make_skip_counter,
+    read_skips,
+    samples_seen,
+    stack_rows,
+    to_torch,
+)
+from mirasol_ray.data.rows import decode_sample, truncation_warning
+from mirasol_ray.data.schema import manifest_qtypes, qtype_table
+from mirasol_ray.data.text import get_tokenizer
+from mirasol_ray.launch import configure_storage, console
+from mirasol_ray.launch.train import ensure_ray
+from mirasol_ray.train.checkpoint import (
+    check_model_file,
+    describe_choice,
+    load_model_from,
+    metric_value,
+    read_meta,
+    require_meta,
+    resolve_choice,
+    tokenizer_spec,
+)
 from mirasol_ray.train.metrics import aggregate, benchmark_results, table_rows
+from mirasol_ray.train.step import predict_batch
 
 RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "refs")
 CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
@@ -38,15 +69,6 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None,
     The tokenizer is the checkpoint's own copy (see :mod:`mirasol_ray.train.checkpoint`), not the path the run was
     trained with, which need not exist here. The checkpoint is read with the overrides' ``storage.endpoint_url``
     (:func:`~mirasol_ray.launch.configure_storage`): the run's own config is inside what is read."""
-    from mirasol_ray.config import _deep_update
-    from mirasol_ray.launch import configure_storage, console
-    from mirasol_ray.train.checkpoint import (
-        check_model_file,
-        describe_choice,
-        require_meta,
-        resolve_choice,
-        tokenizer_spec,
-    )
 
     configure_storage(overrides)
     model_uri, chosen = resolve_choice(checkpoint, choice)
@@ -67,24 +89,16 @@ class Predictor:
 
     def __init__(self, model_uri: str, storage_settings: dict[str, str], data_cfg: dict[str, Any], precision: str,
                  label_set: list[str] | None, beam_size: int = 1, qtypes: list[str] | None = None):
-        import torch
-
-        from mirasol_ray.data.text import get_tokenizer
-        from mirasol_ray.train.checkpoint import load_model_from
 
         storage.configure(**storage_settings)  # the driver's: this actor reads the model and the tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = load_model_from(model_uri).to(self.device).eval()
         self.tok = get_tokenizer(data_cfg["tokenizer"])
-        from mirasol_ray.data.schema import qtype_table
 
         self.precision, self.label_set, self.beam_size = precision, label_set, beam_size
         self.qtypes = qtype_table(qtypes)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from mirasol_ray.data.pipeline import to_torch
-        from mirasol_ray.train.step import predict_batch
-
         if len(batch["key"]) == 0:
             return {c: np.zeros((0,), dtype=object) for c in RECORD_COLUMNS}
         recs = predict_batch(self.model, to_torch(batch), self.tok, self.device, self.precision,
@@ -121,24 +135,6 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     rows). ``records_out`` writes the per-row predictions as JSONL. Both are checked (writable, not the wrong
     kind of thing) before any work, so the metrics are never lost to a bad path.
     """
-    import sys
-
-    import ray
-    from tqdm import tqdm
-
-    from mirasol_ray.data.pipeline import (
-        decoded_dataset,
-        expand_shard_urls,
-        find_manifest,
-        make_skip_counter,
-        read_skips,
-        samples_seen,
-    )
-    from mirasol_ray.data.rows import truncation_warning
-    from mirasol_ray.data.schema import manifest_qtypes
-    from mirasol_ray.launch import console
-    from mirasol_ray.launch.train import ensure_ray
-    from mirasol_ray.train.checkpoint import metric_value, read_meta
 
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)
     expand_shard_urls(data_url)
@@ -246,14 +242,6 @@ def _fmt(value: float) -> str:
 def predict(checkpoint: str, video: str, question: str = "", options: list[str] | None = None,
             overrides: list[str] | None = None) -> dict[str, Any]:
     """Answer (or caption, or pick an option) for one video file; no Ray."""
-    import torch
-
-    from mirasol_ray.data.decode import DecodeError
-    from mirasol_ray.data.pipeline import stack_rows, to_torch
-    from mirasol_ray.data.rows import decode_sample
-    from mirasol_ray.data.text import get_tokenizer
-    from mirasol_ray.train.checkpoint import load_model_from
-    from mirasol_ray.train.step import predict_batch
 
     if os.path.isdir(video):
         raise IsADirectoryError(f"{video} is a folder, not a video file")

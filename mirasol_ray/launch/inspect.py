@@ -15,19 +15,33 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
+from tqdm import tqdm
 
+from mirasol_ray import storage
 from mirasol_ray.config import load_config
+from mirasol_ray.data.pipeline import (
+    SHARD_REASONS,
+    decoded_dataset,
+    describe_skips,
+    expand_shard_urls,
+    find_manifest,
+    make_skip_counter,
+    read_skips,
+    samples_seen,
+    shards_failed,
+)
+from mirasol_ray.data.rows import truncation_warning
 from mirasol_ray.data.schema import TENSOR_COLUMNS
+from mirasol_ray.launch import console
+from mirasol_ray.launch.plots import plt
+from mirasol_ray.launch.train import ensure_ray
 
 SHEET_ROWS = 3
 
 
 def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "") -> str:
     """One block per row: for each snippet s, its F frames side by side, and below them the [M, T] log-mel."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     if not rows:
         raise ValueError("no decoded rows to draw")
@@ -59,24 +73,6 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
                     png: str = "", num_cpus: int | None = None, progress: bool = True) -> dict[str, Any]:
     """Run the decode pipeline over ``url`` and report. Raises (one line) when no shard at all can be read;
     a report with ``decoded == 0`` is the caller's to judge (``mirasol data inspect`` exits non-zero)."""
-    import ray
-    from tqdm import tqdm
-
-    from mirasol_ray import storage
-    from mirasol_ray.data.pipeline import (
-        SHARD_REASONS,
-        decoded_dataset,
-        describe_skips,
-        expand_shard_urls,
-        find_manifest,
-        make_skip_counter,
-        read_skips,
-        samples_seen,
-        shards_failed,
-    )
-    from mirasol_ray.data.rows import truncation_warning
-    from mirasol_ray.launch import console
-    from mirasol_ray.launch.train import ensure_ray
 
     cfg = load_config(config, overrides)
     storage.configure(cfg.storage.endpoint_url)

@@ -19,7 +19,10 @@ import time
 import uuid
 from typing import Any
 
+import psutil
+
 from mirasol_ray import storage
+from mirasol_ray.launch.scratch import process_gone
 from mirasol_ray.train.checkpoint import LEASE_FILE, lease_token, read_lease
 
 __all__ = ["LEASE_FILE", "RunInUseError", "RunLease", "lease_token", "read_lease"]
@@ -34,8 +37,6 @@ class RunInUseError(RuntimeError):
 
 
 def _started(pid: int) -> float | None:
-    import psutil
-
     try:
         return psutil.Process(pid).create_time()
     except psutil.Error:
@@ -44,8 +45,6 @@ def _started(pid: int) -> float | None:
 
 def _alive(holder: dict[str, Any], now: float) -> bool:
     if holder.get("host") == socket.gethostname():
-        from mirasol_ray.launch.scratch import process_gone
-
         pid = int(holder.get("pid", -1))
         started = _started(pid)
         if started is None or process_gone(pid):

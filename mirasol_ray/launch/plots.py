@@ -8,7 +8,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen; other modules take plt from here)
 
 from mirasol_ray import storage  # noqa: E402
 

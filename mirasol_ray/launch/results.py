@@ -16,9 +16,12 @@ import math
 import os
 from typing import Any
 
+import yaml
+
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
-from mirasol_ray.launch.plots import png_bytes
+from mirasol_ray.launch.plots import plt, png_bytes
+from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
 from mirasol_ray.train.metrics import flatten
 
 SWEEP_FILE = "sweep.json"
@@ -94,7 +97,6 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
     (``checkpoint``: the newest one when no checkpoint carries the metric) and the newest complete checkpoint
     (``last_checkpoint``). ``until``: read it up to that step only (a trial ASHA stopped: its workers may train a
     few steps more before they are gone)."""
-    from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
 
     records = [r for r in read_metrics(uri) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
@@ -126,8 +128,6 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
 
 
 def _run_config(uri: str) -> Config | None:
-    import yaml
-
     path = storage.join(uri, "config.yaml")
     if not storage.exists(path):
         return None
@@ -222,11 +222,6 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
     """``learning_curves.png`` (the metric against step, every trial on one plot) and, for a sweep,
     ``hyperparameters.png`` (each trial's best value against each swept hyperparameter, one panel each, a log axis
     for log-uniform ones)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
 
     written = []
     m, best_id = res["metric"], (res["best"] or {}).get("trial_id")

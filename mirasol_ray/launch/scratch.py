@@ -13,12 +13,13 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 
+import psutil
+
 PREFIX = "mirasol-run-"
 
 
 def process_gone(pid: int) -> bool:
     """No such process, or a zombie (dead, not yet reaped by its parent)."""
-    import psutil
 
     try:
         return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE

@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ray.job_submission import JobSubmissionClient
+
+from mirasol_ray.launch.cluster import auth_headers
 
 JOBS = ("pretrain", "finetune", "evaluate", "build_shards", "benchmark", "sweep")
 """Names of the entrypoints in ``jobs/`` (``mirasol submit finetune ...`` runs ``python jobs/finetune.py ...``)."""
@@ -72,11 +77,6 @@ def runtime_env(working_dir: str) -> dict[str, Any]:
 def client(address: str | None = None):
     """A ``JobSubmissionClient`` for ``address`` (the dashboard URL, ``http://HEAD:8265``), else
     ``RAY_API_SERVER_ADDRESS`` / ``RAY_ADDRESS``, sending the token when there is one."""
-    import logging
-
-    from ray.job_submission import JobSubmissionClient
-
-    from mirasol_ray.launch.cluster import auth_headers
 
     # Ray's client logs each upload and socket close at INFO on the console: a person wants the job's own output
     for name in ("ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk", "ray._private.runtime_env"):

@@ -27,16 +27,25 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import sys
 import tempfile
 import time
 import typing
 from typing import Any
 
+import ray
+import ray._private.worker
+import ray.train
+import yaml
+from ray import tune
 from ray.tune import Callback
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, ConfigError, from_dict, load_config
+from mirasol_ray.launch import console
+from mirasol_ray.launch.lease import RunLease
 from mirasol_ray.launch.results import (
     SWEEP_FILE,
     TRIALS_DIR,
@@ -44,8 +53,12 @@ from mirasol_ray.launch.results import (
     check_metric,
     default_mode,
     flatten,
+    format_table,
     main_metric,
+    print_results,
+    read_results,
 )
+from mirasol_ray.launch.train import build_trainer, check_inputs, ensure_ray, run_uri, training_error
 from mirasol_ray.train.prepare import load_prepared
 from mirasol_ray.train.prepare import prepare as prepare_config
 
@@ -68,8 +81,6 @@ class Param:
     args: tuple
 
     def domain(self):
-        from ray import tune
-
         if self.kind == "loguniform":
             return tune.loguniform(*self.args)
         if self.kind == "uniform":
@@ -191,7 +202,6 @@ def validate_space(params: list[Param], base: dict[str, Any], source: str = "spa
 def read_space(path: str, base: dict[str, Any]) -> list[Param]:
     if not os.path.isfile(path) and not storage.is_remote(path):
         raise FileNotFoundError(f"space file not found: {path}")
-    import yaml
 
     try:
         raw = yaml.safe_load(storage.read_text(path))
@@ -208,12 +218,6 @@ def read_space(path: str, base: dict[str, Any]) -> list[Param]:
 
 def _trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
     """One trial: the base config with the sampled values, run as its own Ray Train run under ``trials/<id>``."""
-    import ray
-    import ray.train
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from mirasol_ray.launch.train import build_trainer, run_uri, training_error
 
     storage.configure(**spec["storage"])  # the driver's, before the config is read (it may name s3:// files)
     trial_id = tune.get_context().get_trial_id()
@@ -239,7 +243,6 @@ def _trial(values: dict[str, Any], spec: dict[str, Any]) -> None:
 def _log_events(trial_id: str, counter) -> None:
     """The run's events (a resume from a checkpoint, ...) into the trial's log (its Ray worker's output), and the
     counter actor gone."""
-    import ray
 
     try:
         for event in ray.get(counter.status.remote(0), timeout=10)["events"]:
@@ -255,7 +258,6 @@ def _trial_dirname(trial) -> str:
 
 def trainable(spec: dict[str, Any], resources: dict[str, float]):
     """The trial function with what it needs of the spec bound to it (a plain dict in the object store)."""
-    from ray import tune
 
     need = {k: spec[k] for k in ("config", "trials_uri", "metric", "mode", "storage")}
     return tune.with_resources(tune.with_parameters(_trial, spec=need), resources)
@@ -264,7 +266,6 @@ def trainable(spec: dict[str, Any], resources: dict[str, float]):
 def error_reason(trace: str) -> str:
     """One line out of a failed trial's trace: Ray's out-of-memory verdict when there is one, else the last
     exception line (with the line after it when it ends in a colon, as Ray Train's "failed due to worker errors:")."""
-    import re
 
     lines = [ln.strip() for ln in trace.splitlines() if ln.strip()]
     for ln in lines:
@@ -398,8 +399,6 @@ class SweepProgress(Callback):
         self._save()
 
     def table(self, trials) -> str:
-        from mirasol_ray.launch.results import format_table
-
         rows = []
         counts: dict[str, int] = {}
         for tr in trials:
@@ -435,7 +434,6 @@ def _raylet_messages_to_log() -> None:
     """The raylet's warnings to the driver ("N worker processes have been started", ...) into the driver's log
     (:func:`mirasol_ray.launch.console.quiet_libraries` takes the library loggers): Ray prints them from a
     background thread straight to stdout (``ray._private.worker.listen_error_messages``)."""
-    import ray._private.worker
 
     raylet = logging.getLogger("ray.raylet_messages")
 
@@ -454,8 +452,6 @@ def _per_trial(cfg: Config) -> tuple[float, float]:
 
 
 def _concurrency(cfg: Config) -> int:
-    import ray
-
     res = ray.cluster_resources()
     cpus, gpus = _per_trial(cfg)
     k = int(res.get("CPU", 1) // cpus)
@@ -468,7 +464,6 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
             storage_url: str = "", name: str = "", scheduler: str = "asha", num_samples: int = 1,
             grace_period: int = 0, reduction_factor: float = 2.0) -> dict[str, Any]:
     """Check everything a sweep needs before anything starts, and return its spec (what ``sweep.json`` holds)."""
-    from mirasol_ray.launch.train import check_inputs
 
     cfg = load_prepared(config, overrides)  # configures this process's storage from the config
     check_inputs(cfg)
@@ -513,10 +508,6 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
 def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concurrent: int, table_every_s: float,
          driver_log: str) -> tuple[float, SweepProgress]:
     """Start (or restore) the Tune experiment of the sweep and run it to its end; (seconds, the progress callback)."""
-    import ray
-    from ray import tune
-
-    from mirasol_ray.launch.train import ensure_ray
 
     uri = spec["uri"]
     cfg = from_dict(spec["config"])
@@ -591,9 +582,6 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
               grace_period: int = 0, reduction_factor: float = 2.0, table_every_s: float = 60.0
               ) -> dict[str, Any]:
     """Run (or with ``resume`` continue) a sweep; returns what ``mirasol results`` reads back from its folder."""
-    from mirasol_ray.launch import console
-    from mirasol_ray.launch.lease import RunLease
-    from mirasol_ray.launch.results import print_results, read_results
 
     if resume:
         if not name:

@@ -7,13 +7,46 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 from typing import Any
 
+import numpy as np
+import ray
+import ray.train
+from ray.train.torch import TorchTrainer
+
 from mirasol_ray import storage
 from mirasol_ray.config import Config
+from mirasol_ray.data.index import SampleIndex
+from mirasol_ray.data.pipeline import (
+    count_bad_shards,
+    decoded_dataset,
+    describe_skips,
+    expand_shard_urls,
+    find_manifest,
+    make_skip_counter,
+    read_skips,
+    sample_index,
+    train_data_config,
+)
+from mirasol_ray.data.rows import truncation_warning
+from mirasol_ray.data.schema import manifest_qtypes
+from mirasol_ray.launch import console
+from mirasol_ray.launch.lease import RunLease
 from mirasol_ray.launch.plots import plot_curves
-from mirasol_ray.launch.results import read_metrics
+from mirasol_ray.launch.results import check_metric, checkpoint_score, read_metrics
+from mirasol_ray.launch.scratch import scratch_folder
+from mirasol_ray.train.checkpoint import (
+    best_checkpoint_dir,
+    check_model_file,
+    describe_choice,
+    latest_checkpoint_dir,
+    prune_checkpoints,
+    read_meta,
+    resolve_choice,
+)
+from mirasol_ray.train.loop import train_loop_per_worker
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
@@ -24,7 +57,6 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
     included) from the processes ``ray.init`` starts, and a cluster's workers have the cluster's own. A runtime
     env would put the AWS keys into Ray's logs and dashboard. The workers' output stays in Ray's session logs
     (``log_to_driver=False``); the console shows what :mod:`mirasol_ray.launch.console` draws."""
-    import ray
 
     if ray.is_initialized():
         return False
@@ -44,8 +76,6 @@ def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
 
 
 def _free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -84,9 +114,6 @@ def train_eval_index(index, cfg: Config):
     """The training clips scored beside validation (``train.eval_train_batches``): a fixed subset of the sample
     index, ``eval_train_batches * batch_size`` clips per worker, drawn with ``data.seed`` and kept in the dataset's
     order (reads stay sequential within a shard). None when off."""
-    import numpy as np
-
-    from mirasol_ray.data.index import SampleIndex
 
     n = min(len(index), cfg.train.eval_train_batches * cfg.train.batch_size * cfg.scaling.num_workers)
     if not n:
@@ -98,7 +125,6 @@ def train_eval_index(index, cfg: Config):
 def data_cpus_per_worker(cfg: Config) -> float:
     """CPUs each Train worker's decode pipeline may hold: ``scaling.data_cpu_limit`` (or what the workers leave
     of the cluster) shared between the workers, never below one decode task."""
-    import ray
 
     total = cfg.scaling.data_cpu_limit or max(0.0, ray.cluster_resources().get("CPU", 0.0)
                                               - cfg.scaling.num_workers * cfg.scaling.cpus_per_worker)
@@ -110,10 +136,6 @@ def check_inputs(cfg: Config) -> None:
     and weights to start from), ``train.checkpoint_metric`` is a metric the run reports, the training (and
     validation) shards exist, and ``train.init_from`` resolves to a loadable model file (a run folder: its best
     checkpoint, named on the console)."""
-    from mirasol_ray.data.pipeline import expand_shard_urls
-    from mirasol_ray.launch import console
-    from mirasol_ray.launch.results import check_metric
-    from mirasol_ray.train.checkpoint import check_model_file, describe_choice, resolve_choice
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
@@ -176,9 +198,6 @@ def training_error(e: BaseException) -> Exception:
 def checkpoint_retention(cfg: Config):
     """Ray Train's ``CheckpointConfig`` of a run: the best ``train.keep_checkpoints`` by the run's checkpoint score
     (:func:`~mirasol_ray.launch.results.checkpoint_score`) and the newest; the newest few when unscored."""
-    import ray.train
-
-    from mirasol_ray.launch.results import checkpoint_score
 
     score = checkpoint_score(cfg)
     if score is None:
@@ -197,23 +216,6 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     (default :func:`checkpoint_retention`); its score attribute is what makes a checkpoint the best, recorded in
     each checkpoint's meta.json. With validation data, a fixed subset of the training clips
     (:func:`train_eval_index`) is scored beside it as the ``train_eval`` dataset. Needs a connected Ray."""
-    import ray
-    import ray.train
-    from ray.train.torch import TorchTrainer
-
-    from mirasol_ray.data.pipeline import (
-        count_bad_shards,
-        decoded_dataset,
-        describe_skips,
-        find_manifest,
-        make_skip_counter,
-        read_skips,
-        sample_index,
-        train_data_config,
-    )
-    from mirasol_ray.data.schema import manifest_qtypes
-    from mirasol_ray.launch import console
-    from mirasol_ray.train.checkpoint import latest_checkpoint_dir, read_meta
 
     manifest = find_manifest(cfg.data.train) or {}
     label_set = manifest.get("label_set")
@@ -285,20 +287,6 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
     Before anything starts: the shards and ``train.init_from`` resolve, the run folder is writable and this run
     holds its lease (a second live run on it is refused). Phase lines and a progress bar go to stderr; the
     driver's library logs to ``logs/driver-*.log`` in the run folder (:mod:`mirasol_ray.launch.console`)."""
-    import ray
-    import ray.train
-
-    from mirasol_ray.data.pipeline import read_skips
-    from mirasol_ray.data.rows import truncation_warning
-    from mirasol_ray.launch import console
-    from mirasol_ray.launch.lease import RunLease
-    from mirasol_ray.launch.scratch import scratch_folder
-    from mirasol_ray.train.checkpoint import (
-        best_checkpoint_dir,
-        latest_checkpoint_dir,
-        prune_checkpoints,
-        read_meta,
-    )
 
     storage.configure(cfg.storage.endpoint_url)
     check_inputs(cfg)
@@ -370,6 +358,4 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
 
 
 def _entry(config: dict[str, Any]) -> None:
-    from mirasol_ray.train.loop import train_loop_per_worker
-
     train_loop_per_worker(config)

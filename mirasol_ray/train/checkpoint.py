@@ -39,16 +39,32 @@ read both kinds.
 
 from __future__ import annotations
 
+import atexit
 import io
 import json
+import math
 import os
+import posixpath
+import shutil
+import tempfile
 import time
+import zipfile
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
 
 from mirasol_ray import storage
 from mirasol_ray.model.mirasol import Mirasol, build_model
+from mirasol_ray.train import sharded
+from mirasol_ray.train.metrics import flatten
+from mirasol_ray.train.strict import init_plan, require_same_tensors, shapes_of
 
 MODEL_FILE = "model.pt"
 STATE_FILE = "train_state.pt"
@@ -98,74 +114,13 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return getattr(model, "module", model)
 
 
-HEAD_PREFIX = "cls_head."
-"""The classification head (``model.cls_mode=head``): sized by the fine-tuning run's label set, so the checkpoint
-``train.init_from`` names may lack it or hold it for another set; it then starts as initialised."""
-
-
-class CheckpointMismatch(ValueError):
-    """A checkpoint's tensors are not the model's (by name or shape): the message names them in one line."""
-
-
-Shapes = dict[str, tuple[int, ...] | None]
-"""Tensor name -> shape (None: a value that is not a tensor, e.g. a module's extra state)."""
-
-
-def shapes_of(state: dict[str, Any]) -> Shapes:
-    """Names and shapes of a state dict's entries (a DTensor's shape is the whole tensor's, not this rank's part)."""
-    return {k: tuple(v.shape) if torch.is_tensor(v) else None for k, v in state.items()}
-
-
-def compare_tensors(saved: Shapes, own: Shapes) -> dict[str, list[str]]:
-    """``{"missing": the model's tensors the checkpoint lacks, "unexpected": the checkpoint's the model lacks,
-    "mismatched": both hold, with other shapes}``, each sorted by name."""
-    return {"missing": sorted(set(own) - set(saved)), "unexpected": sorted(set(saved) - set(own)),
-            "mismatched": sorted(k for k in set(own) & set(saved) if saved[k] != own[k])}
-
-
-def describe_differences(diff: dict[str, list[str]], saved: Shapes, own: Shapes, limit: int = 4) -> str:
-    """``missing a.w, a.b; unexpected c.w; c.b is (3, 4) in the checkpoint, (5, 4) in the model (and 2 more)``: the
-    first ``limit`` differences of :func:`compare_tensors`, in one line."""
-    items = ([f"missing {k}" for k in diff["missing"]] + [f"unexpected {k}" for k in diff["unexpected"]]
-             + [f"{k} is {saved[k]} in the checkpoint, {own[k]} in the model" for k in diff["mismatched"]])
-    more = f" (and {len(items) - limit} more)" if len(items) > limit else ""
-    return "; ".join(items[:limit]) + more
-
-
-def require_same_tensors(source: str, saved: Shapes, own: Shapes) -> None:
-    """Raise :class:`CheckpointMismatch` naming the differences when checkpoint ``source`` does not hold exactly
-    the model's tensors, with their shapes (resume: a tensor silently left as initialised would be a wrong run)."""
-    diff = compare_tensors(saved, own)
-    if any(diff.values()):
-        raise CheckpointMismatch(f"checkpoint {source} does not match the model: "
-                                 f"{describe_differences(diff, saved, own)}")
-
-
-def init_plan(source: str, saved: Shapes, own: Shapes, strict: bool) -> dict[str, list[str]]:
-    """Which tensors ``train.init_from`` takes from checkpoint ``source``: ``{"load": names, "missing": the model's
-    tensors left as initialised, "unexpected": the checkpoint's not loaded}``. The classification head
-    (:data:`HEAD_PREFIX`) may differ; any other difference raises :class:`CheckpointMismatch` naming it when
-    ``strict`` (``model.init_strict``, as for pretrained parts), else that tensor is left as initialised."""
-    diff = compare_tensors(saved, own)
-    other = {part: [k for k in names if not k.startswith(HEAD_PREFIX)] for part, names in diff.items()}
-    if strict and any(other.values()):
-        raise CheckpointMismatch(f"train.init_from {source}: {describe_differences(other, saved, own)}; set "
-                                 "model.init_strict=false to load the rest and leave these as initialised")
-    return {"load": sorted(k for k in set(own) & set(saved) if saved[k] == own[k]),
-            "missing": sorted(diff["missing"] + diff["mismatched"]),
-            "unexpected": sorted(diff["unexpected"] + diff["mismatched"])}
-
-
 def _full_options():
-    from torch.distributed.checkpoint.state_dict import StateDictOptions
-
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 def gather_state(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
     """Full (unsharded, CPU) model and optimiser state dicts, keyed by parameter name, for plain, DDP and FSDP2
     models alike. A collective under FSDP2: every rank calls it, rank 0 writes."""
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
     m = unwrap(model)
     return (get_model_state_dict(m, options=_full_options()),
@@ -176,12 +131,6 @@ def restore_state(model: torch.nn.Module, optimizer, model_sd: dict, optim_sd: d
                   source: str = "(model.pt)") -> None:
     """Load what :func:`gather_state` saved into a (possibly sharded) model and its optimiser. The model's tensors
     must be the checkpoint's (:func:`require_same_tensors`: ``source`` names the checkpoint in the error)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
 
     m = unwrap(model)
     require_same_tensors(source, shapes_of(model_sd), shapes_of(get_model_state_dict(m)))
@@ -294,9 +243,6 @@ def latest_checkpoint_dir(run_uri: str) -> str | None:
 
 def metric_value(metrics: dict[str, Any], name: str) -> float | None:
     """The finite number a metrics dict holds at ``name`` (``val/qa`` names ``metrics["val"]["qa"]``), or None."""
-    import math
-
-    from mirasol_ray.train.metrics import flatten
 
     v = flatten(metrics).get(name)
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -429,7 +375,6 @@ def check_model_file(uri: str) -> None:
     """Raise naming ``uri`` when it is not a loadable torch checkpoint file: empty, truncated, or not torch's zip
     format. Reads only the zip's directory at the end of the file (a few KiB, also on S3), so a driver can check
     a checkpoint before it starts workers that would load it."""
-    import zipfile
 
     fs = storage.fsspec_fs(uri)
     path = storage.strip_scheme(uri)
@@ -516,8 +461,6 @@ def load_model_state(model_uri: str) -> dict[str, Any]:
     checkpoint (read from its shards in this process: the model's, not the optimiser's)."""
     state = load_torch(model_uri)
     if is_sharded_state(state):
-        from mirasol_ray.train import sharded
-
         state = {**state, "model": sharded.model_weights(_folder(model_uri))}
         state.pop(SHARDED)
     return state
@@ -551,8 +494,6 @@ def load_weights_into(model: torch.nn.Module, uri: str, strict: bool = True) -> 
     model_uri = resolve_checkpoint(uri)
     state = load_torch(model_uri)
     if is_sharded_state(state):
-        from mirasol_ray.train import sharded
-
         return sharded.load_weights_into(model, _folder(model_uri), strict=strict)
     state = state["model"]
     plan = init_plan(model_uri, shapes_of(state), shapes_of(unwrap(model).state_dict()), strict)
@@ -563,8 +504,6 @@ def load_weights_into(model: torch.nn.Module, uri: str, strict: bool = True) -> 
 
 
 def _folder(uri: str) -> str:
-    import posixpath
-
     return posixpath.dirname(uri) if storage.is_remote(uri) else os.path.dirname(uri)
 
 
@@ -594,10 +533,6 @@ def tokenizer_spec(model_uri: str, meta: dict[str, Any]) -> str:
 
 
 def _temporary_file(name: str, data: bytes) -> str:
-    import atexit
-    import shutil
-    import tempfile
-
     d = tempfile.mkdtemp(prefix="mirasol-tokenizer-")
     atexit.register(shutil.rmtree, d, True)
     path = os.path.join(d, name)

@@ -14,17 +14,36 @@ own output stays in Ray's log files.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
 from typing import Any
 
+import ray
+import ray.train
+import ray.train.torch
+import torch.distributed as dist
+from tensorboardX import SummaryWriter
+
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
-from mirasol_ray.data.pipeline import counter_actor, forget_counter
+from mirasol_ray.data.index import ReadPosition, SampleIndex
+from mirasol_ray.data.pipeline import (
+    CacheSource,
+    DecodeSource,
+    NoRowsError,
+    counter_actor,
+    describe_skips,
+    forget_counter,
+    iter_worker_batches,
+    shards_failed,
+    train_batches,
+)
 from mirasol_ray.data.schema import qtype_table
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.model.pretrained import startup_table
@@ -76,8 +95,6 @@ def die_with_raylet() -> None:
     already using. ``PR_SET_PDEATHSIG`` closes that window. Linux only; elsewhere Ray's check applies."""
     if not sys.platform.startswith("linux"):
         return
-    import ctypes
-    import signal
 
     parent = os.getppid()
     try:
@@ -104,7 +121,6 @@ class RunLog:
             kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             with open(self.metrics_path, "w") as f:
                 f.write("".join(ln + "\n" for ln in kept))
-        from tensorboardX import SummaryWriter
 
         self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step + 1 or None)
 
@@ -137,8 +153,6 @@ class RunLog:
 
 
 def _snapshot(counter_name: str) -> dict[str, Any]:
-    import ray
-
     actor = counter_actor(counter_name)
     try:
         return ray.get(actor.snapshot.remote(), timeout=10) if actor is not None else {}
@@ -175,7 +189,6 @@ every 0.5 s."""
 
 def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
     """The one line that says why no batch could be formed, with the skip counts by reason."""
-    from mirasol_ray.data.pipeline import describe_skips, shards_failed
 
     skipped = snap.get("skipped", {})
     if snap.get("decoded", 0) == 0 and skipped and set(skipped) <= {"no_text_for_task"}:
@@ -224,8 +237,6 @@ def _all_ranks(value: int) -> list[int]:
 
 def _train_source(config: dict[str, Any], cfg: Config):
     """Where a worker's training rows come from: the decoder over the sample index, or the cached rows."""
-    from mirasol_ray.data.index import SampleIndex
-    from mirasol_ray.data.pipeline import CacheSource, DecodeSource
 
     data = config["train_data"]
     if "cache" in data:
@@ -276,11 +287,6 @@ def _restore(folder: str, model, opt, sched) -> dict[str, Any]:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import ray.train.torch
-
-    from mirasol_ray.data.index import ReadPosition
-
     # the driver's storage settings, before anything is read (the config itself may name an s3:// tokenizer)
     storage.configure(**config["storage"])
     cfg: Config = from_dict(config["cfg"])
@@ -355,9 +361,6 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     """Steps from ``start_step`` to ``train.steps``, reading from ``position`` (a
     :class:`~mirasol_ray.data.index.ReadPosition`); ``nodes`` (every rank's Ray node id) goes into the first record
     this worker group writes."""
-    import ray.train
-
-    from mirasol_ray.data.pipeline import NoRowsError, iter_worker_batches, train_batches
 
     label_set = config.get("label_set")
     qtypes = qtype_table(config.get("qtypes"))
@@ -444,8 +447,6 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
 
 def _worker_nodes(world: int) -> list[str]:
     """Every rank's Ray node id, in rank order (a collective: all ranks call it)."""
-    import ray
-    import torch.distributed as dist
 
     node = ray.get_runtime_context().get_node_id()
     if world == 1 or not dist.is_initialized():
@@ -472,7 +473,6 @@ def _report(model, opt, sched, cfg: Config, config: dict[str, Any], step: int, e
     Ray Train ranks checkpoints by the run's score (``config["score"]``); one not evaluated reports it as NaN,
     which Ray ranks below every number (a missing key would count as -inf, the best under ``mode=min``), so it is
     kept only while it is the newest."""
-    import ray.train
 
     run_uri = config["run_uri"]
     by_shards = is_fsdp(model)

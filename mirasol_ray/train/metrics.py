@@ -24,6 +24,11 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import nltk
+from nltk.corpus.reader.wordnet import WordNetCorpusReader
+from nltk.stem import PorterStemmer
+from nltk.tokenize import NLTKWordTokenizer
+
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 
@@ -171,8 +176,6 @@ def wordnet(root: str = ""):
     if not os.path.isfile(os.path.join(root, "data.noun")):
         raise WordNetMissing(f"WUPS needs WordNet 3.0 and {root} has none: install Debian's wordnet-base package "
                              "(apt-get install wordnet-base) or set MIRASOL_WORDNET to a WordNet dict folder")
-    import nltk
-    from nltk.corpus.reader.wordnet import WordNetCorpusReader
 
     if root not in nltk.data.path:
         nltk.data.path.append(root)  # NLTK opens files only under its data roots
@@ -204,8 +207,6 @@ wasn't weren weren't won won't wouldn wouldn't""".split())
 
 @functools.lru_cache(maxsize=1)
 def _tokenizer():
-    from nltk.tokenize import NLTKWordTokenizer
-
     return NLTKWordTokenizer()
 
 
@@ -213,7 +214,6 @@ def _lemma(word: str, wn) -> str:
     """A word's lemma as NExT-OE's ``remove_stop`` (pywsd ``lemmatize``) takes it: WordNet's base form if it has
     synsets, else the Porter stem if that has, else the word. pywsd picks the part of speech with NLTK's tagger,
     whose model is a download: here the first of noun, verb, adjective, adverb that WordNet knows the word as."""
-    from nltk.stem import PorterStemmer
 
     for pos in ("n", "v", "a", "r"):
         forms = wn._morphy(word, pos)

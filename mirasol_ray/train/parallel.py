@@ -22,12 +22,17 @@ rows with no collective, and the parameters are freed again after.
 from __future__ import annotations
 
 import contextlib
+import random
 from typing import Iterator
 
+import numpy as np
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+from torch.nn.parallel import DistributedDataParallel
 
 from mirasol_ray.model.layers import Block, Transformer
+from mirasol_ray.model.mirasol import build_model
 
 FORWARD_METHODS = ("generate", "score_options", "score_candidates", "classify", "text_logits")
 """The model's entry points besides ``forward`` (see :class:`~mirasol_ray.model.mirasol.Mirasol`). Methods they
@@ -88,7 +93,6 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
         return shard(model, device, cfg.train.precision)
     if torch.distributed.get_world_size() == 1:
         return model
-    from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
     # find_unused_parameters: a held audio-video path (train.freeze_av_steps) runs outside the autograd graph, and
@@ -98,7 +102,6 @@ def parallelize(model: nn.Module, cfg, device: torch.device) -> nn.Module:
 
 def shard(model: nn.Module, device: torch.device, precision: str = "auto") -> nn.Module:
     """FSDP2 per block and at the root; bf16 compute with fp32 gradient reduction where :func:`bf16_compute`."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     mp = (MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
           if bf16_compute(device, precision) else MixedPrecisionPolicy())
@@ -112,8 +115,6 @@ def shard(model: nn.Module, device: torch.device, precision: str = "auto") -> nn
 
 
 def is_fsdp(model: nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)
 
 
@@ -212,10 +213,6 @@ def rank_seed(seed: int, rank: int) -> int:
 
 
 def seed_everything(seed: int) -> None:
-    import random
-
-    import numpy as np
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -224,7 +221,6 @@ def seed_everything(seed: int) -> None:
 def build_on_rank(model_cfg, seed: int, rank: int) -> nn.Module:
     """The model a rank starts from: the same initial weights on every rank (all seeded with ``seed``), after
     which each rank's random streams are its own (:func:`rank_seed`), so dropout masks differ between ranks."""
-    from mirasol_ray.model.mirasol import build_model
 
     seed_everything(seed)
     model = build_model(model_cfg)

@@ -31,6 +31,9 @@ from mirasol_ray.config import (
     is_byte_tokenizer,
     read_config,
 )
+from mirasol_ray.data.text import get_tokenizer
+from mirasol_ray.train.step import check_patterns
+from mirasol_ray.train.weights import rehearse_load, resolve_pretrained
 
 # torch (model, weights, patterns) and tokenizers are imported only when a config needs them: a driver that trains
 # from scratch with the byte tokenizer imports neither here.
@@ -52,18 +55,12 @@ def prepare(cfg: Config | dict[str, Any]) -> Config:
     _configure_storage(raw)
     pretrained = any((raw.get("model") or {}).get(k) for k in ("video_init", "audio_init", "text_init"))
     if pretrained:
-        from mirasol_ray.train.weights import resolve_pretrained
-
         raw = resolve_pretrained(raw)
     out = from_dict(raw)
     read_vocabulary(out)
     if pretrained:
-        from mirasol_ray.train.weights import rehearse_load
-
         rehearse_load(out)
     if out.train.freeze or out.train.lr_mult:
-        from mirasol_ray.train.step import check_patterns
-
         check_patterns(out)
     return out
 
@@ -80,7 +77,6 @@ def read_vocabulary(cfg: Config) -> None:
     byte tokenizer: the config knows its vocabulary). A field already set must be the tokenizer's."""
     if is_byte_tokenizer(cfg.data.tokenizer):
         return
-    from mirasol_ray.data.text import get_tokenizer
 
     tok = get_tokenizer(cfg.data.tokenizer)
     for key in VOCAB_FIELDS:

@@ -17,10 +17,20 @@ import warnings
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
 from mirasol_ray import storage
-from mirasol_ray.train import checkpoint as ckpt
+from mirasol_ray.train.strict import Shapes, init_plan, require_same_tensors, shapes_of
 
 METADATA = ".metadata"
 
@@ -31,8 +41,6 @@ def is_sharded(folder: str) -> bool:
 
 
 def _reader(folder: str):
-    import torch.distributed.checkpoint as dcp
-
     if storage.is_s3(folder):
         # torch 2.13 no longer exports FsspecReader from the package (it reads through fsspec: s3fs, ranged GETs)
         from torch.distributed.checkpoint._fsspec_filesystem import FsspecReader
@@ -42,8 +50,6 @@ def _reader(folder: str):
 
 
 def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
-    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
-
     out: dict[str, Any] = {"model": get_model_state_dict(model)}
     if optimizer is not None:
         out["optimizer"] = get_optimizer_state_dict(model, optimizer)
@@ -53,7 +59,6 @@ def _states(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[s
 def save(local_dir: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
     """Write this rank's shard of the model and optimiser state into ``local_dir`` (rank 0 also writes
     ``.metadata``). A collective: every rank calls it, each with a folder of its own (they need not share a disk)."""
-    import torch.distributed.checkpoint as dcp
 
     os.makedirs(local_dir, exist_ok=True)
     dcp.save(_states(model, optimizer), storage_writer=dcp.FileSystemWriter(local_dir))
@@ -64,21 +69,15 @@ def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Non
     number of ranks, or a plain model). A collective under a process group.
 
     The model's tensors must be the checkpoint's, by name and shape: a difference raises
-    :class:`~mirasol_ray.train.checkpoint.CheckpointMismatch` naming it, before anything is read. The one optional
+    :class:`~mirasol_ray.train.strict.CheckpointMismatch` naming it, before anything is read. The one optional
     part is a parameter's optimiser state: one that had no gradient yet (the audio-video path while
     ``train.freeze_av_steps`` holds it) has none in the checkpoint and keeps none, as in the run that wrote it:
     AdamW starts it at its first gradient. Everything else is read strictly (DCP raises on a key it lacks)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
 
     reader = _reader(folder)
     meta = reader.read_metadata().state_dict_metadata
     states = _states(model, optimizer)  # the optimiser's state is created (zeros) so that DCP can fill it
-    ckpt.require_same_tensors(folder, saved_model_shapes(meta), ckpt.shapes_of(states["model"]))
+    require_same_tensors(folder, saved_model_shapes(meta), shapes_of(states["model"]))
     prefix = "optimizer.state."
     with_state = {k[len(prefix):].rsplit(".", 1)[0] for k in meta if k.startswith(prefix)}
     states["optimizer"]["state"] = {k: v for k, v in states["optimizer"]["state"].items() if k in with_state}
@@ -89,10 +88,9 @@ def load(folder: str, model: nn.Module, optimizer: torch.optim.Optimizer) -> Non
     set_optimizer_state_dict(model, optimizer, states["optimizer"], options=StateDictOptions(strict=False))
 
 
-def saved_model_shapes(meta: dict[str, Any]) -> ckpt.Shapes:
+def saved_model_shapes(meta: dict[str, Any]) -> Shapes:
     """The model's tensor names and shapes in a DCP checkpoint's metadata (``read_metadata().state_dict_metadata``:
     keys ``model.<name>``; None: a value stored as bytes, not a tensor)."""
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     return {k.removeprefix("model."): tuple(m.size) if isinstance(m, TensorStorageMetadata) else None
             for k, m in meta.items() if k.startswith("model.")}
@@ -102,7 +100,6 @@ def model_weights(folder: str) -> dict[str, torch.Tensor]:
     """The whole model's weights from a sharded checkpoint, as one plain state dict in this process (evaluation,
     prediction, export). Reads the model's shards only, not the optimiser's. Call it outside a process group (or
     from every rank of one)."""
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "no process group: loading into this process", which is the point
@@ -112,20 +109,14 @@ def model_weights(folder: str) -> dict[str, torch.Tensor]:
 
 def load_weights_into(model: nn.Module, folder: str, strict: bool = True) -> dict[str, list[str]]:
     """Initialise ``model`` (plain, DDP or FSDP2) from a sharded checkpoint's weights (``train.init_from``), by the
-    rule of :func:`mirasol_ray.train.checkpoint.init_plan` (the classification head may differ; another difference
+    rule of :func:`mirasol_ray.train.strict.init_plan` (the classification head may differ; another difference
     is an error naming it when ``strict``), and return ``{"missing", "unexpected"}``. Reads the model's tensors
     only: the optimiser's state in the checkpoint is not wanted. A collective under a process group."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        set_model_state_dict,
-    )
 
     reader = _reader(folder)
     own = get_model_state_dict(model)
-    plan = ckpt.init_plan(folder, saved_model_shapes(reader.read_metadata().state_dict_metadata),
-                          ckpt.shapes_of(own), strict)
+    plan = init_plan(folder, saved_model_shapes(reader.read_metadata().state_dict_metadata),
+                          shapes_of(own), strict)
     states = {"model": {k: own[k] for k in plan["load"]}}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # without a process group DCP says it loads into this process alone

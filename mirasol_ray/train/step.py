@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from mirasol_ray.config import TrainConfig
+from mirasol_ray.config import ConfigError, TrainConfig
 from mirasol_ray.data.schema import TASKS, qtype_name
-from mirasol_ray.data.text import Tokenizer
+from mirasol_ray.data.text import Tokenizer, encode_target
+from mirasol_ray.model.mirasol import build_model, texts_of
 from mirasol_ray.train.augment import augment_batch
 from mirasol_ray.train.metrics import exact_match
 
@@ -52,8 +53,6 @@ def _unmatched(names: list[str], patterns) -> list[str]:
 def check_patterns(cfg) -> None:
     """``train.freeze`` and ``train.lr_mult`` patterns that match no parameter of the model ``cfg`` builds are
     errors (a typo would otherwise silently train everything). Checked on the meta device: nothing allocated."""
-    from mirasol_ray.config import ConfigError
-    from mirasol_ray.model.mirasol import build_model
 
     with torch.device("meta"):
         names = [n for n, _ in build_model(cfg.model).named_parameters()]
@@ -275,7 +274,6 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
     ``refs`` are a question's accepted answers when it has several. A record's ``key`` is its clip's, with
     ``#i`` (the text's index in the clip) when the clip has several texts. ``qtypes`` maps the rows' question type
     codes to names (:func:`~mirasol_ray.data.schema.qtype_table` of the data's manifest; default: the known names)."""
-    from mirasol_ray.model.mirasol import texts_of
 
     model.eval()
     core = getattr(model, "module", model)
@@ -362,7 +360,6 @@ _LABEL_TARGETS: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 def _label_targets(tok: Tokenizer, labels: list[str], length: int, device: torch.device
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """The label set as target token ids (N, Lt) and mask, formatted like a row's target (cached)."""
-    from mirasol_ray.data.text import encode_target
 
     key = (id(tok), tuple(labels), length, str(device))
     if key not in _LABEL_TARGETS:

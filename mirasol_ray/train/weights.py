@@ -22,12 +22,15 @@ from __future__ import annotations
 
 import io
 import json
+import pickle
 import re
 import struct
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors.torch import load as load_safetensors_bytes
+from safetensors.torch import load_file
 
 from mirasol_ray import storage
 from mirasol_ray.config import (
@@ -120,7 +123,6 @@ def _safetensors_header(uri: str) -> dict[str, tuple[tuple[int, ...], torch.dtyp
 
 def _torch_state(setting: str, uri: str) -> dict[str, torch.Tensor]:
     """A pickled state dict through ``torch.load(weights_only=True)``: tensors and plain containers only."""
-    import pickle
 
     try:
         if storage.is_remote(uri):
@@ -188,9 +190,7 @@ class TensorSource:
             return torch.empty(shape, dtype=dtype, device="meta")
         f = self._where[raw]
         if f not in self._loaded:
-            from safetensors.torch import load, load_file
-
-            self._loaded[f] = (load(storage.read_bytes(f)) if storage.is_remote(f)
+            self._loaded[f] = (load_safetensors_bytes(storage.read_bytes(f)) if storage.is_remote(f)
                                else load_file(storage.strip_scheme(f)))
         return self._loaded[f][raw]
 

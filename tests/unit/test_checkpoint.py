@@ -9,6 +9,7 @@ from mirasol_ray.bench.step import synthetic_batch
 from mirasol_ray.config import load_config
 from mirasol_ray.model.mirasol import build_model
 from mirasol_ray.train import checkpoint as ckpt
+from mirasol_ray.train import strict
 from mirasol_ray.train.step import make_optimizer, make_scheduler, train_step
 
 
@@ -304,9 +305,9 @@ def test_a_sharded_checkpoint_that_differs_from_the_model_fails_to_load_naming_t
     folder = _sharded_checkpoint(tmp_path / "checkpoint_2", model, opt, sched, cfg, change)
     fresh, fresh_opt, _ = fresh_training(cfg)
     before = {k: v.clone() for k, v in fresh.state_dict().items()}
-    with pytest.raises(ckpt.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
+    with pytest.raises(strict.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
         sharded.load(folder, fresh, fresh_opt)
-    with pytest.raises(ckpt.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}.*init_strict=false"):
+    with pytest.raises(strict.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}.*init_strict=false"):
         ckpt.load_weights_into(fresh, folder)
     assert all(torch.equal(fresh.state_dict()[k], v) for k, v in before.items())  # nothing was loaded
     info = ckpt.load_weights_into(fresh, folder, strict=False)  # model.init_strict=false: the rest loads
@@ -343,7 +344,7 @@ def test_a_full_checkpoint_that_differs_from_the_model_fails_to_load_naming_the_
     assert ckpt.mark_complete(str(folder), ckpt.local_files(str(folder)), 2)
     fresh, fresh_opt, _ = fresh_training(cfg)
     saved = ckpt.load_torch(str(folder / ckpt.MODEL_FILE))["model"]
-    with pytest.raises(ckpt.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
+    with pytest.raises(strict.CheckpointMismatch, match=f"checkpoint {folder} does not match the model: {NAMED[change]}"):
         ckpt.restore_state(fresh, fresh_opt, saved, optim_sd, source=str(folder))
-    with pytest.raises(ckpt.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}"):
+    with pytest.raises(strict.CheckpointMismatch, match=f"train.init_from .*: {NAMED[change]}"):
         ckpt.load_weights_into(fresh, str(folder))

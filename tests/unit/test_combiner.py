@@ -97,17 +97,17 @@ def test_every_combiner_parameter_receives_a_gradient(readout):
 
 
 def test_a_checkpoint_of_one_readout_does_not_load_into_the_other():
-    from mirasol_ray.train import checkpoint as ckpt
+    from mirasol_ray.train import strict
 
     queries, last = build_model(_cfg("queries")), build_model(_cfg("last"))
     with pytest.raises(RuntimeError, match=r"Unexpected key\(s\) in state_dict: \"combiner.out_tokens\""):
         last.load_state_dict(queries.state_dict())
     with pytest.raises(RuntimeError, match=r"Missing key\(s\) in state_dict: \"combiner.out_tokens\""):
         queries.load_state_dict(last.state_dict())
-    with pytest.raises(ckpt.CheckpointMismatch, match="unexpected combiner.out_tokens"):
-        ckpt.require_same_tensors("q", ckpt.shapes_of(queries.state_dict()), ckpt.shapes_of(last.state_dict()))
-    with pytest.raises(ckpt.CheckpointMismatch, match="missing combiner.out_tokens"):
-        ckpt.require_same_tensors("l", ckpt.shapes_of(last.state_dict()), ckpt.shapes_of(queries.state_dict()))
+    with pytest.raises(strict.CheckpointMismatch, match="unexpected combiner.out_tokens"):
+        strict.require_same_tensors("q", strict.shapes_of(queries.state_dict()), strict.shapes_of(last.state_dict()))
+    with pytest.raises(strict.CheckpointMismatch, match="missing combiner.out_tokens"):
+        strict.require_same_tensors("l", strict.shapes_of(last.state_dict()), strict.shapes_of(queries.state_dict()))
 
 
 @pytest.mark.parametrize("change,needle", [

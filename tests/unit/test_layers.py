@@ -116,3 +116,73 @@ def test_the_check_catches_an_upward_import():
         "rows.py:1 imports mirasol_ray.train.step: train is above data"]
     assert violations("from mirasol_ray.model.config import ModelConfig\n", "mirasol_ray.config", "config.py")
     assert not violations("from mirasol_ray.launch import console\n", "mirasol_ray.bench.data", "data.py")
+
+
+LAZY_ALLOWED = {
+    ("mirasol_ray/cli.py", None): "each command's modules load when that command runs (fast --help; see build_parser)",
+    ("mirasol_ray/train/parallel.py", "torch._dynamo"): "the compiler, loaded only with train.compile",
+    ("mirasol_ray/train/sharded.py", "torch.distributed.checkpoint._fsspec_filesystem.FsspecReader"):
+        "a private torch module, needed only for s3:// checkpoints",
+}
+"""Where an import may sit inside a function on purpose (the README's Layout says why); anywhere else it goes at
+the top of the module, so the imports show the structure. Imports guarded by ``try`` (optional or private APIs
+that may be absent) are allowed too."""
+
+
+def lazy_imports(source: str) -> list[tuple[int, str]]:
+    """(line, module) of each import inside a function that no ``try`` guards."""
+    tree = ast.parse(source)
+    out = []
+
+    def visit(node: ast.AST, in_function: bool, guarded: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.Import, ast.ImportFrom)) and in_function and not guarded:
+                name = child.names[0].name
+                out.append((child.lineno, f"{child.module}.{name}" if isinstance(child, ast.ImportFrom) else name))
+            visit(child, in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)),
+                  guarded or isinstance(child, ast.Try))
+
+    visit(tree, False, False)
+    return out
+
+
+@pytest.mark.parametrize("path", MODULES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_sit_at_module_level(path):
+    shown = str(path.relative_to(PACKAGE.parent))
+    if (shown, None) in LAZY_ALLOWED:
+        return
+    bad = [f"{shown}:{line} imports {mod} inside a function" for line, mod in lazy_imports(path.read_text())
+           if (shown, mod) not in LAZY_ALLOWED]
+    assert not bad, "\n".join(bad)
+
+
+def test_no_import_circles():
+    """Module-level imports of the package form no cycle (a cycle only works while one side imports lazily)."""
+    graph = {module_name(p): {t for _, t in imported_modules(p.read_text(), module_name(p), p.name == "__init__.py")
+                              if t.startswith("mirasol_ray.")} for p in MODULES}
+    state: dict[str, int] = {}
+    cycle: list[str] = []
+
+    def visit(node: str, path: list[str]) -> bool:
+        state[node] = 1
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in graph:
+                continue
+            if state.get(nxt) == 1:
+                cycle.extend(path[path.index(nxt):] + [node, nxt] if nxt in path else [node, nxt])
+                return True
+            if state.get(nxt) is None and visit(nxt, path + [node]):
+                return True
+        state[node] = 2
+        return False
+
+    for module in sorted(graph):
+        if state.get(module) is None and visit(module, []):
+            break
+    assert not cycle, "import circle: " + " -> ".join(dict.fromkeys(cycle)) + f" -> {cycle[-1]}"
+
+
+def test_the_lazy_import_check_catches_one():
+    src = "import os\n\ndef f():\n    import json\n    try:\n        import yaml\n    except ImportError:\n        pass\n"
+    assert lazy_imports(src) == [(4, "json")]
+    assert lazy_imports("def f():\n    from torch import _dynamo\n") == [(2, "torch._dynamo")]
