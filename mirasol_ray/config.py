@@ -96,7 +96,7 @@ class DataConfig:
     ActivityNet Captions or YouCook2 give them) become caption texts of their own, each read by the decoder from
     the snippets its time span covers alone (``text_span``). They say which snippet shows what, which a clip's
     caption does not: the per-snippet signal that teaches the encoders what each snippet shows
-    (docs/PERFORMANCE.md, "The demo"). Scored apart as ``caption/segment``. False: ignored."""
+    (docs/HISTORY.md, "The demo"). Scored apart as ``caption/segment``. False: ignored."""
     caption_prompt: str = "caption the clip."
     """The prompt of caption rows. With the next, it tells the decoder which task a row is when tasks share a
     run (``task: all``): with no prompt, a caption row and a class-label row would look the same."""
@@ -108,14 +108,14 @@ class DataConfig:
     decode_batch_size: int = 0
     """Clips per decode task in the steady state (a pass's first and last tasks take fewer, so every CPU starts
     at once and the pass ends together: ``data/pipeline.py``'s ``block_sizes``). Each task costs ~25 ms of CPU
-    beyond its decode and leaves its CPU idle ~0.1 s before the next one starts (docs/PERFORMANCE.md), so small
+    beyond its decode and leaves its CPU idle ~0.1 s before the next one starts (docs/HISTORY.md, "The data path"), so small
     clips want large blocks; large rows want small ones (a block is held whole in memory). 0: as many as fit in
     64 MB of decoded rows, at most 64 (tiny: 64, demo: 64, base: 19, mirasol3b: 6, finetune_msrvtt_qa: 3)."""
     decode_cpus: float = 0.5
     """CPUs reserved by each decode task: fractional so training workers are not starved (FIELD_NOTES)."""
     decode_actors: int = 0
     """Decode in a pool of this many long-lived actors (each holding ``decode_cpus``) instead of tasks; 0: tasks
-    (Ray reuses their worker processes, so imports are paid once either way: docs/PERFORMANCE.md)."""
+    (Ray reuses their worker processes, so imports are paid once either way: docs/HISTORY.md, "The data path")."""
     cache: bool = False
     """Decode the training and validation sets once, before training, and keep the rows in Ray's object store:
     for a small dataset trained over many epochs, where decoding every epoch would bound the step rate. Rows then
@@ -182,13 +182,13 @@ class TrainConfig:
     """Steps at the start during which the audio-video path (encoders, combiner, time-aligned model) keeps its
     weights (and runs without autograd, except under FSDP2) while only the text decoder learns; it then warms up
     to the schedule. From scratch this lets the decoder learn where to look before the features under it move
-    (docs/PERFORMANCE.md, "The demo")."""
+    (docs/HISTORY.md, "The demo")."""
     augment: bool = False
     """Train-time video augmentation (:mod:`mirasol_ray.train.augment`): each training clip gets a random zoom
     (``augment_min_scale``), translation (``augment_shift``), optional left-right flip (``augment_flip``) and
     brightness/contrast change (``augment_jitter``), the same for all its frames, new at every step, drawn from
     ``seed``, the step and the rank (reproducible). Never at evaluation. Against memorising a small data set's
-    exact pixels (docs/PERFORMANCE.md, "Why shapes are not learnt"). Wrong for data whose answers depend on
+    exact pixels (docs/HISTORY.md, "The demo"). Wrong for data whose answers depend on
     where things are in the frame or on their size."""
     augment_min_scale: float = 0.8
     """With ``augment``: the smallest crop side, as a fraction of the frame's, zoomed back to the frame (1 = no
@@ -360,12 +360,12 @@ class ModelConfig:
     projection: the "hybrid ViT" (Dosovitskiy et al. 2021) with the convolutional stem of Xiao et al. 2021 ("Early
     convolutions help transformers see better"). The same tokens, built from local, translation-equivariant
     features: on the demo's clips the tiny preset's 2-block ViT, trained from scratch to name each snippet's shape,
-    reached 0.97 held-out in 200 steps on them and 0.52 on linear 16-pixel tubelets (docs/PERFORMANCE.md, "The
+    reached 0.97 held-out in 200 steps on them and 0.52 on linear 16-pixel tubelets (docs/HISTORY.md, "The
     demo"); +7% FLOPs a demo training step."""
     video_max_token: bool = False
     """Append one token per snippet to the video encoder's output: the channel-wise max of its tokens, so the
     Combiner can read a feature wherever in the frame it fires (a max read named held-out shapes at 0.97 where a
-    mean read stayed at 0.41, docs/PERFORMANCE.md, "The demo"). Not in the paper; no parameters."""
+    mean read stayed at 0.41, docs/HISTORY.md, "The demo"). Not in the paper; no parameters."""
     video_stem_channels: int = 16
     """Channels of the conv stem's first convolution; each next one doubles them, up to video_dim."""
     sparse_tubes: bool = False

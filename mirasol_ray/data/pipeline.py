@@ -336,7 +336,7 @@ BLOCK_BYTES = 64 << 20
 MAX_BLOCK = 64
 """The most clips per decode task ``data.decode_batch_size=0`` picks. A task costs ~25 ms of CPU beyond its decode
 and leaves its CPU idle 20-130 ms until Ray Data starts the next one (its scheduling loop polls task completions
-every 0.1 s: docs/PERFORMANCE.md), which at 16 clips a task was 6-14% of the wall clock of real 10 s clips and more
+every 0.1 s: docs/HISTORY.md, "The data path"), which at 16 clips a task was 6-14% of the wall clock of real 10 s clips and more
 of small ones; at 64 it is a quarter of that, while the ramp of :func:`block_sizes` keeps a pass's first and last
 blocks small."""
 
@@ -356,7 +356,7 @@ def block_sizes(n: int, size: int) -> list[int]:
     8, 8, 16 ... for 16) and down again at the end, so every CPU has work within the first clips' decode time and
     the epoch's last blocks end close together, while the per-task cost (a Ray task, its scheduling in the driver,
     a skip-counter call: ~25 ms of CPU in all on a 2-core machine, and the CPU's idle wait for the next task:
-    docs/PERFORMANCE.md) is paid once per ``size`` clips in the steady state. Sums to ``n``."""
+    docs/HISTORY.md, "The data path") is paid once per ``size`` clips in the steady state. Sums to ``n``."""
     size = max(1, size)
     ramp, step = [], max(1, size // 8)
     while step < size:
@@ -414,7 +414,7 @@ def _complete_tasks_inline() -> None:
     Ray Data 2.60 fetches each block's metadata on a background thread by default and counts the task as running,
     holding its CPU, until a later turn of the loop (which waits up to 0.1 s for task completions) has taken that
     metadata: measured on 2 CPUs, a decode worker sat idle 120-240 ms between two tasks, against 20-130 ms with
-    the fetch inline (docs/PERFORMANCE.md). Our blocks are few and their metadata small and local, so the inline
+    the fetch inline (docs/HISTORY.md, "The data path"). Our blocks are few and their metadata small and local, so the inline
     fetch costs the loop nothing noticeable. Ray reads the switch from the environment once, at import; the executor
     reads its module copy whenever it starts a dataset, which is what is set here (in the process that runs the
     executor: the driver, or a Train worker). A value the user put in the environment is left alone."""
@@ -482,7 +482,7 @@ class DecodeSource:
     positions of one epoch, or of as many whole epochs as make ``span_samples`` of them (a small dataset's).
 
     A pipeline's start costs seconds in which the step waits (Ray Data plans it, then runs a single task for ~1 s:
-    docs/PERFORMANCE.md); a pipeline per epoch of a few hundred clips paid that every few dozen steps."""
+    docs/HISTORY.md, "The data path"); a pipeline per epoch of a few hundred clips paid that every few dozen steps."""
 
     span_samples = 4096
     """:func:`train_batches` gives one call of :meth:`batches` whole epochs until they hold this many samples."""

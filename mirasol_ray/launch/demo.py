@@ -68,7 +68,7 @@ def print_table(rows: list[dict[str, Any]]) -> None:
 
 FINETUNE_PER_PRETRAIN_STEP = 6.5
 """The demo fine-tunes for this many times its pretraining steps (200 + 1,300 with the ``demo`` preset): with 5x
-(1,000), one run of three missed 0.9 on the shape questions; with 6.5x all three pass (docs/PERFORMANCE.md, "The
+(1,000), one run of three missed 0.9 on the shape questions; with 6.5x all three pass (docs/HISTORY.md, "The
 demo", point 11)."""
 
 
@@ -110,7 +110,7 @@ def run_demo(out: str, *, num_clips: int = 960, pretrain_steps: int | None = Non
         pre_summary = run_training(pre, config)
         # Fine-tuning keeps the captions in the mix: they say what each snippet shows and sounds like, in order,
         # which teaches the per-snippet questions far faster than their own one answer per clip does
-        # (docs/PERFORMANCE.md, "The demo"), and the model still captions afterwards.
+        # (docs/HISTORY.md, "The demo"), and the model still captions afterwards.
         # The demo's held-out clips are also its validation split, so it takes each run's last checkpoint, never
         # one picked by its score on them: the figures stay held out.
         pre_last = pre_summary["checkpoint"]  # the newest (summary.json: "checkpoint" last, "best_checkpoint")

@@ -232,7 +232,7 @@ class TokenPool(nn.Module):
     :func:`init_weights` keeps it so). With the ViTs' 0.02 instead, every weight starts near 1/N: the pool starts
     as a plain mean, in which a snippet's shape (a few of its tokens) drowns in its background, and learns to pick
     tokens slowly (the TTM Combiner's read of the demo's shapes over the conv stem, supervised directly: 0.43 held-out
-    after 300 steps with the 0.02 init, 0.92 with this one; docs/PERFORMANCE.md, "The demo")."""
+    after 300 steps with the 0.02 init, 0.92 with this one; docs/HISTORY.md, "The demo")."""
 
     def __init__(self, dim: int, n_out: int):
         super().__init__()

@@ -92,7 +92,7 @@ class Mirasol(nn.Module):
         initialisation on the synthetic data), which buries what changes from snippet to snippet, and a
         question about *when* ("the second shape", "during the high tone") cannot be learnt while the decoder
         sees it through that. Measured: with the raw latents a decoder never learnt to pick a snippet by its
-        ordinal in 3,000 steps; with this context it did in 500 (docs/PERFORMANCE.md, "The demo").
+        ordinal in 3,000 steps; with this context it did in 500 (docs/HISTORY.md, "The demo").
         """
         B, S, m, _ = h.shape
         clip = self._clip_tokens(h, snippet_mask)  # (B, 1, m, D)

@@ -5,7 +5,7 @@ Each clip gets one random geometric transform (a zoom into a crop of the frame a
 horizontal flip) and one brightness/contrast change, the same for every snippet and frame of the clip (motion and
 order stay coherent) and different across clips and steps. Without it a small data set's clips reach the model as
 the very same pixels every epoch, and the decoder can memorise them by their random texture instead of learning
-what the question asks (docs/PERFORMANCE.md, "Why shapes are not learnt").
+what the question asks (docs/HISTORY.md, "The demo").
 
 The random numbers come from a :class:`torch.Generator` seeded from ``(train.seed, step, rank, micro-batch)``
 (:func:`augment_generator`): the same seeds give the same augmented pixels, so the same run gives the same metrics.

@@ -183,7 +183,7 @@ def _progress(counter_name: str, progress: dict[str, Any] | None, event: str = "
 
 PROGRESS_EVERY_S = 0.25
 """Rank 0 reports its step to the counter actor at most this often: a report per step costs the actor's process
-~1 ms of CPU, ~0.7 ms per sample of a small model on 2 CPUs (docs/PERFORMANCE.md), while the console draws
+~1 ms of CPU, ~0.7 ms per sample of a small model on 2 CPUs (docs/HISTORY.md, "The data path"), while the console draws
 every 0.5 s."""
 
 
