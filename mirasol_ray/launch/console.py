@@ -27,7 +27,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import ray
-import ray.data
+import ray.data  # noqa: F401  (installs Ray Data's logging config, which quiet_libraries adjusts)
 from tqdm import tqdm
 
 _FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -35,9 +35,6 @@ from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.train.step import check_patterns
 from mirasol_ray.train.weights import rehearse_load, resolve_pretrained
 
-# torch (model, weights, patterns) and tokenizers are imported only when a config needs them: a driver that trains
-# from scratch with the byte tokenizer imports neither here.
-
 
 def load_prepared(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """:func:`mirasol_ray.config.load_config`, then :func:`prepare`: the config a driver runs."""
