@@ -335,8 +335,11 @@ class _DecodeIterable(torch.utils.data.IterableDataset):
 
 
 def bench_dataloader(urls: list[str], cfg: DataConfig, workers: int, warmup: int) -> dict[str, float]:
+    # spawn, not Linux's default fork: by now this process has threads (Ray's gRPC threads outlive ray.shutdown,
+    # fsspec's IO loop, the CPU sampler), and a child forked while one of them holds a lock can crash (CI saw
+    # "segmentation fault encountered in worker"). Ray's workers are fresh processes too, so the match stays fair.
     dl = tud.DataLoader(_DecodeIterable(urls, cfg, warmup), batch_size=None, num_workers=workers,
-                        prefetch_factor=2, persistent_workers=True)
+                        prefetch_factor=2, persistent_workers=True, multiprocessing_context="spawn")
     for _ in dl:  # warm-up pass: starts the workers, imports the decoders
         pass
     n = 0

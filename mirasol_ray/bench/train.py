@@ -217,7 +217,10 @@ def bench_torch(args: argparse.Namespace, workers: int) -> dict[str, Any]:
         sched = make_scheduler(opt, cfg.train)
         dl = torch.utils.data.DataLoader(_Clips(expand_shard_urls(args.url), cfg.data), batch_size=args.batch_size,
                                          num_workers=workers, collate_fn=_collate, prefetch_factor=2,
-                                         persistent_workers=True)
+                                         persistent_workers=True,
+                                         # fork would copy a process with threads (the model's, Ray's): see
+                                         # bench/data.py's bench_dataloader
+                                         multiprocessing_context="spawn" if workers else None)
         stream, meter, windows = iter(dl), Throughput(), []
         for step in range(1, 2 * args.steps + 1):
             t0 = time.perf_counter()
