@@ -34,7 +34,7 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
-    from mirasol_ray.data.shards import build_shards
+    from mirasol_ray.data.shards import run_build
 
     if args.vocab_size is not None and args.tokenizer != "learn":
         raise ValueError("--vocab-size is the size of a learnt tokenizer: give --tokenizer learn too")
@@ -42,11 +42,15 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if args.labels:
         with open(args.labels, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
-    manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
-                            transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
-                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
-                            tokenizer=args.tokenizer,
-                            **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
+    if args.in_process and (args.num_cpus is not None or args.address):
+        raise ValueError("--in-process runs without Ray: --num-cpus and --address do not apply")
+    build = run_build(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
+                      transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
+                      labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
+                      tokenizer=args.tokenizer, use_ray=not args.in_process, num_cpus=args.num_cpus,
+                      address=args.address or None,
+                      **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
+    manifest = build.manifest
     skipped = sum(manifest.get("skipped", {}).values())
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
@@ -58,6 +62,10 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if missing:
         print(f"missing videos ({manifest['skipped'].get('missing_video', 0)}; all listed in the manifest): "
               + ", ".join(m.rsplit(":", 1)[0] for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    rate = f", {build.clips / build.seconds:.1f} clips/s" if build.seconds > 0 and build.clips else ""
+    print(f"built {build.built_shards} shards from {build.clips} clips in {build.seconds:.1f} s{rate}"
+          + (f"; kept {build.kept_shards} complete shards of an earlier run" if build.kept_shards else "")
+          + (": " + ", ".join(f"{node} {n} clips" for node, n in build.nodes.items()) if build.nodes else ""))
     return 0
 
 
@@ -347,7 +355,16 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=None, metavar="N",
                    help="entries of the learnt tokenizer (default 512; its 259 byte and special tokens "
                         "included): whole words of the text become single tokens")
-    b.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
+    b.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                   help="CPUs for the clips' Ray tasks: those of the local Ray started, or at most N clips at once "
+                        "on a cluster (default: all)")
+    b.add_argument("--address", default="", help="the Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    b.add_argument("--in-process", action="store_true",
+                   help="make the clips one at a time in this process, without Ray (same output)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (by default the same command resumes its build there, keeping "
+                        "the complete shards, and anything else is refused); the old build's files the new one "
+                        "does not rewrite are deleted")
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_shards_build)
 
