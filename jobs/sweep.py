@@ -6,7 +6,9 @@
 
 Each trial is a Ray Train run with its own workers; `--max-concurrent` defaults to what the cluster holds. Read the
 results afterwards, with no cluster: `mirasol results s3://bucket/sweeps/lr-sweep`. Same arguments as `mirasol sweep`
-(`--help`); `--resume` continues the sweep --name after the job (or its cluster) died.
+(`--help`); `--resume` continues the sweep --name after the job (or its cluster) died, and `--resume-or-start`
+continues it if it exists and starts it if not: the one to use in a job that may be submitted again (a retried or
+re-applied RayJob: cluster/kuberay/rayjob-sweep.yaml).
 """
 
 import sys

@@ -34,7 +34,7 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
-    from mirasol_ray.data.shards import run_build
+    from mirasol_ray.data.shards import build_shards
 
     if args.vocab_size is not None and args.tokenizer != "learn":
         raise ValueError("--vocab-size is the size of a learnt tokenizer: give --tokenizer learn too")
@@ -42,15 +42,11 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if args.labels:
         with open(args.labels, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
-    if args.in_process and (args.num_cpus is not None or args.address):
-        raise ValueError("--in-process runs without Ray: --num-cpus and --address do not apply")
-    build = run_build(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
-                      transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
-                      labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
-                      tokenizer=args.tokenizer, use_ray=not args.in_process, num_cpus=args.num_cpus,
-                      address=args.address or None,
-                      **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
-    manifest = build.manifest
+    manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
+                            transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
+                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
+                            tokenizer=args.tokenizer,
+                            **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
     skipped = sum(manifest.get("skipped", {}).values())
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
@@ -62,10 +58,6 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if missing:
         print(f"missing videos ({manifest['skipped'].get('missing_video', 0)}; all listed in the manifest): "
               + ", ".join(m.rsplit(":", 1)[0] for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
-    rate = f", {build.clips / build.seconds:.1f} clips/s" if build.seconds > 0 and build.clips else ""
-    print(f"built {build.built_shards} shards from {build.clips} clips in {build.seconds:.1f} s{rate}"
-          + (f"; kept {build.kept_shards} complete shards of an earlier run" if build.kept_shards else "")
-          + (": " + ", ".join(f"{node} {n} clips" for node, n in build.nodes.items()) if build.nodes else ""))
     return 0
 
 
@@ -182,10 +174,13 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 
     if not args.resume and not (args.config and args.space):
         raise ValueError("mirasol sweep needs --config and --space (or --resume --name NAME)")
+    if args.resume and args.resume_or_start:
+        raise ValueError("give --resume or --resume-or-start, not both")
     res = run_sweep(args.config, args.space, args.set, num_samples=args.num_samples, scheduler=args.scheduler,
                     max_concurrent=args.max_concurrent, metric=args.metric, mode=args.mode, storage_url=args.storage,
                     name=args.name, resume=args.resume, num_cpus=args.num_cpus, grace_period=args.grace_period,
-                    reduction_factor=args.reduction_factor, table_every_s=args.table_every)
+                    reduction_factor=args.reduction_factor, table_every_s=args.table_every,
+                    resume_or_start=args.resume_or_start)
     return 0 if any(t["status"] == "finished" for t in res["trials"]) else 1
 
 
@@ -225,6 +220,9 @@ def _add_sweep_commands(sub) -> None:
     w.add_argument("--name", default="", help="the sweep's folder name (default: sweep-CONFIG-TIME)")
     w.add_argument("--resume", action="store_true",
                    help="continue the interrupted sweep --name: finished trials stay, unfinished ones continue")
+    w.add_argument("--resume-or-start", action="store_true",
+                   help="continue the sweep --name if it exists, else start it (for a job that may be submitted "
+                        "again: a retried or re-applied RayJob)")
     w.add_argument("--num-cpus", type=int, default=None, help="CPUs for a local Ray (default: all)")
     w.add_argument("--table-every", type=float, default=60.0, help="seconds between progress tables")
     w.set_defaults(func=_cmd_sweep)
@@ -267,7 +265,10 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         raise ValueError("give a job (" + ", ".join(submit.JOBS) + ") or a script, e.g. "
                          "mirasol submit finetune --config base --set ...")
     return submit.submit(args.job, args.args, address=args.address, working_dir=args.working_dir,
-                         follow=args.follow is not False)
+                         follow=args.follow is not False, storage_env=args.storage_env,
+                         entrypoint_num_cpus=args.entrypoint_num_cpus, entrypoint_num_gpus=args.entrypoint_num_gpus,
+                         entrypoint_memory=args.entrypoint_memory, entrypoint_resources=args.entrypoint_resources,
+                         submission_id=args.submission_id, metadata=args.metadata_json)
 
 
 def run_job(doc: str, command: list[str], argv: list[str], owned: tuple[str, ...] = ()) -> int:
@@ -355,16 +356,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=None, metavar="N",
                    help="entries of the learnt tokenizer (default 512; its 259 byte and special tokens "
                         "included): whole words of the text become single tokens")
-    b.add_argument("--num-cpus", type=int, default=None, metavar="N",
-                   help="CPUs for the clips' Ray tasks: those of the local Ray started, or at most N clips at once "
-                        "on a cluster (default: all)")
-    b.add_argument("--address", default="", help="the Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
-    b.add_argument("--in-process", action="store_true",
-                   help="make the clips one at a time in this process, without Ray (same output)")
-    b.add_argument("--overwrite", action="store_true",
-                   help="replace what --out holds (by default the same command resumes its build there, keeping "
-                        "the complete shards, and anything else is refused); the old build's files the new one "
-                        "does not rewrite are deleted")
+    b.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
     b.add_argument("--quiet", action="store_true")
     b.set_defaults(func=_cmd_shards_build)
 
@@ -438,10 +430,23 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         description="Submit JOB (pretrain, finetune, evaluate, build_shards, benchmark, sweep, or a .py "
                         "script in the working directory) with its ARGS to the Ray cluster at --address (else "
                         "RAY_API_SERVER_ADDRESS or RAY_ADDRESS), follow its logs, and exit 0 SUCCEEDED, "
-                        "1 FAILED, 3 STOPPED. The job gets the working directory and this shell's S3 endpoint "
-                        "and region, never credentials: workers take those from the cluster's own environment.")
+                        "1 FAILED, 3 STOPPED. The job gets the working directory (with --storage-env also this "
+                        "shell's S3 endpoint and region), never credentials: workers take those from the "
+                        "cluster's own environment.")
     sb.add_argument("--address", default=None, help="the cluster's dashboard URL, e.g. http://HEAD:8265")
     sb.add_argument("--working-dir", default=".", help="uploaded with the job (default: here)")
+    sb.add_argument("--storage-env", action="store_true",
+                    help="also send this shell's AWS_ENDPOINT_URL/AWS_DEFAULT_REGION/AWS_REGION (never credentials); "
+                         "without it the job uses the cluster's own storage settings")
+    sb.add_argument("--entrypoint-num-cpus", type=float, default=None, help="CPUs reserved for the entrypoint")
+    sb.add_argument("--entrypoint-num-gpus", type=float, default=None, help="GPUs reserved for the entrypoint")
+    sb.add_argument("--entrypoint-memory", type=int, default=None, help="memory (bytes) reserved for the entrypoint")
+    sb.add_argument("--entrypoint-resources", type=json.loads, default=None, metavar="JSON",
+                    help="custom resources for the entrypoint, e.g. '{\"decode\": 1}'")
+    sb.add_argument("--submission-id", default=None,
+                    help="the job's id (Ray refuses a second submission with the same id)")
+    sb.add_argument("--metadata-json", type=json.loads, default=None, metavar="JSON",
+                    help="metadata for the job, a JSON object of strings")
     fw = sb.add_mutually_exclusive_group()
     fw.add_argument("--follow", dest="follow", action="store_true", default=None,
                     help="stream the job's logs until it ends (the default when submitting)")

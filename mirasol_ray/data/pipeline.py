@@ -429,6 +429,23 @@ def _complete_tasks_inline() -> None:
         metadata_fetcher._PREFETCH_ON_THREAD = False
 
 
+DECODE_RESOURCE = "decode"
+"""The custom resource that marks a cluster's decode nodes (``cluster/aws.yaml``, ``gcp.yaml``, the KubeRay
+``decode`` groups declare it, one unit per vCPU). Where the cluster has it, every decode task asks for
+``data.decode_cpus`` of it besides the CPUs, so decoding runs on those nodes only; where it has none (a laptop,
+the local cluster, a cluster without decode nodes), decode tasks ask for CPUs alone and run wherever CPUs are free."""
+
+
+def decode_resources(cfg: DataConfig, cluster: dict[str, float] | None = None) -> dict[str, float]:
+    """The custom resources a decode task asks for: ``{"decode": data.decode_cpus}`` when the cluster
+    (``cluster``, default ``ray.cluster_resources()``) has the ``decode`` resource, else none (CPUs only)."""
+    if cluster is None:
+        cluster = ray.cluster_resources() if ray.is_initialized() else {}
+    if cluster.get(DECODE_RESOURCE, 0) > 0:
+        return {DECODE_RESOURCE: float(cfg.decode_cpus)}
+    return {}
+
+
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
                    counter_name: str, label_set: list[str] | None):
     """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
@@ -439,16 +456,20 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
     # the decode: one task per block. ``ray.data.range``'s read tasks reserve a whole CPU each and do not fuse with a
     # fractional-CPU map: every block cost two tasks, and where a Train worker or another trial held the rest of the
     # CPUs the read could never start (a sweep of 2 trials on 2 CPUs hung).
+    # Read and decode ask for the same resources (the CPUs, and the decode nodes' resource where the cluster has
+    # one: decode_resources), so they still fuse into one task.
     ids = _item_ids(n, decode_block(cfg))
-    ds = ray.data.read_datasource(ids, num_cpus=cfg.decode_cpus, override_num_blocks=max(1, len(ids.bounds) - 1))
+    res = decode_resources(cfg) or None
+    ds = ray.data.read_datasource(ids, num_cpus=cfg.decode_cpus, resources=res,
+                                  override_num_blocks=max(1, len(ids.bounds) - 1))
     kwargs = {"items": items, "shards": index.shards, "url": index.url, "storage_settings": storage.settings(),
               "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
     if cfg.decode_actors:
         return ds.map_batches(DecodeItems, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
-                              num_cpus=cfg.decode_cpus, zero_copy_batch=True,
+                              num_cpus=cfg.decode_cpus, resources=res, zero_copy_batch=True,
                               compute=ray.data.ActorPoolStrategy(size=cfg.decode_actors))
     return ds.map_batches(decode_items, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
-                          num_cpus=cfg.decode_cpus, zero_copy_batch=True)
+                          num_cpus=cfg.decode_cpus, resources=res, zero_copy_batch=True)
 
 
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,

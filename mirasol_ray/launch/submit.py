@@ -4,10 +4,16 @@ Through Ray's ``JobSubmissionClient``, with Ray's token authentication: the toke
 (``RAY_AUTH_TOKEN``, the file in ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``) and travels only in the request's
 ``Authorization`` header; it is never printed.
 
-The job's runtime env carries the working directory and the *non-secret* storage settings of this shell (the S3
-endpoint and region). Credentials never travel with a job (not in its runtime env, its arguments or its logs):
-on a cluster they come from the cluster's own environment (a Kubernetes Secret, an instance role; see
-docs/CLUSTER.md).
+The job's runtime env carries the working directory and nothing else: a job's ``env_vars`` override the cluster's
+own environment, so a shell pointed at a local S3 would silently break S3 on the cluster. With ``storage_env``
+(``--storage-env``) it also carries this shell's *non-secret* storage settings (the S3 endpoint and region), for a
+cluster that has none of its own (the local cluster of ``mirasol cluster up`` inherits them anyway). Credentials
+never travel with a job (not in its runtime env, its arguments or its logs): on a cluster they come from the
+cluster's own environment (a Kubernetes Secret, an instance role; see docs/CLUSTER.md).
+
+Like ``ray job submit``, a submission can reserve resources for the entrypoint (its CPUs, GPUs, memory, custom
+resources), name its submission id (a second submission with the same id is refused by Ray: a safe retry) and
+carry metadata (string keys and values).
 
 The exit code follows the job's final status: 0 SUCCEEDED, 1 FAILED, 3 STOPPED (2 stays "bad input", as for every
 ``mirasol`` command).
@@ -33,7 +39,8 @@ JOBS = ("pretrain", "finetune", "evaluate", "build_shards", "benchmark", "sweep"
 """Names of the entrypoints in ``jobs/`` (``mirasol submit finetune ...`` runs ``python jobs/finetune.py ...``)."""
 
 STORAGE_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION")
-"""The only variables a submitted job takes from this shell: where the object store is, not who may use it."""
+"""The only variables a submitted job may take from this shell, and only with ``--storage-env``: where the object
+store is, not who may use it."""
 
 EXCLUDES = [".git", ".venv", "runs", "**/__pycache__", "*.egg-info", ".pytest_cache", ".ruff_cache"]
 """Never uploaded with the working directory (Ray also skips what .gitignore names)."""
@@ -66,11 +73,50 @@ def entrypoint(job: str, args: list[str], working_dir: str) -> str:
     return shlex.join(["python", script.as_posix(), *args])
 
 
-def runtime_env(working_dir: str) -> dict[str, Any]:
-    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)}
+def runtime_env(working_dir: str, storage_env: bool = False) -> dict[str, Any]:
+    """The job's runtime env: the working directory; with ``storage_env``, this shell's :data:`STORAGE_ENV` too."""
     out: dict[str, Any] = {"working_dir": str(Path(working_dir).resolve()), "excludes": list(EXCLUDES)}
+    env = {k: os.environ[k] for k in STORAGE_ENV if os.environ.get(k)} if storage_env else {}
     if env:
         out["env_vars"] = env
+    return out
+
+
+def _metadata(metadata: dict[str, Any] | None) -> dict[str, str] | None:
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                  for k, v in metadata.items()):
+        raise SubmitError("--metadata-json must be a JSON object of strings, e.g. '{\"sweep\": \"ft-lr\"}'")
+    return dict(metadata)
+
+
+def submission(job: str, args: list[str], *, working_dir: str = ".", storage_env: bool = False,
+               entrypoint_num_cpus: float | None = None, entrypoint_num_gpus: float | None = None,
+               entrypoint_memory: int | None = None, entrypoint_resources: dict[str, float] | None = None,
+               submission_id: str | None = None, metadata: dict[str, str] | None = None) -> dict[str, Any]:
+    """The keyword arguments of ``JobSubmissionClient.submit_job`` for a job: the entrypoint, the runtime env, and
+    what ``ray job submit`` also takes (``--entrypoint-num-cpus/-num-gpus/-memory/-resources``,
+    ``--submission-id``, ``--metadata-json``); only what is given is passed, Ray's defaults stand for the rest."""
+    for flag, value in (("--entrypoint-num-cpus", entrypoint_num_cpus), ("--entrypoint-num-gpus", entrypoint_num_gpus),
+                        ("--entrypoint-memory", entrypoint_memory)):
+        if value is not None and value < 0:
+            raise SubmitError(f"{flag} must be >= 0, got {value}")
+    if entrypoint_resources is not None and (
+            not isinstance(entrypoint_resources, dict)
+            or not all(isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0
+                       for k, v in entrypoint_resources.items())):
+        raise SubmitError("--entrypoint-resources must be a JSON object of resource -> amount >= 0, e.g. "
+                          "'{\"decode\": 1}'")
+    if entrypoint_resources and {"CPU", "GPU", "memory"} & set(entrypoint_resources):
+        raise SubmitError("--entrypoint-resources takes custom resources only: use --entrypoint-num-cpus, "
+                          "--entrypoint-num-gpus or --entrypoint-memory")
+    out: dict[str, Any] = {"entrypoint": entrypoint(job, args, working_dir),
+                           "runtime_env": runtime_env(working_dir, storage_env)}
+    optional = {"entrypoint_num_cpus": entrypoint_num_cpus, "entrypoint_num_gpus": entrypoint_num_gpus,
+                "entrypoint_memory": entrypoint_memory, "entrypoint_resources": entrypoint_resources or None,
+                "submission_id": submission_id or None, "metadata": _metadata(metadata)}
+    out.update({k: v for k, v in optional.items() if v is not None})
     return out
 
 
@@ -110,13 +156,14 @@ def _env(**values: str):
 
 
 def submit(job: str, args: list[str], *, address: str | None = None, working_dir: str = ".",
-           follow: bool = True, out=None) -> int:
-    """Submit; with ``follow``, stream the job's logs and wait for its end. Returns the exit code."""
+           follow: bool = True, out=None, **options: Any) -> int:
+    """Submit; with ``follow``, stream the job's logs and wait for its end. Returns the exit code. ``options``: the
+    keyword arguments of :func:`submission` (``storage_env``, ``entrypoint_num_cpus``, ``submission_id``, ...)."""
     out = out or sys.stdout
-    entry = entrypoint(job, args, working_dir)
+    kwargs = submission(job, args, working_dir=working_dir, **options)
     c = client(address)
-    job_id = c.submit_job(entrypoint=entry, runtime_env=runtime_env(working_dir))
-    print(f"submitted {job_id}: {entry}", file=out, flush=True)
+    job_id = c.submit_job(**kwargs)
+    print(f"submitted {job_id}: {kwargs['entrypoint']}", file=out, flush=True)
     if not follow:
         print(f"follow it with: mirasol submit --logs {job_id} --follow", file=out, flush=True)
         return 0

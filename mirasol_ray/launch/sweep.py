@@ -17,7 +17,9 @@ A trial evaluates at every ``train.eval_every`` steps and checkpoints at each ev
 has its checkpoint. ``--resume`` restores the sweep with ``Tuner.restore``: finished and stopped trials stay as they
 are; unfinished ones start again, and their Train run continues from its newest complete checkpoint (same run
 folder). Tune does not keep ASHA's rungs across a restore: resumed trials are compared only with results reported
-after it. The driver holds the sweep folder's lease (``lease.json``): a second live driver on it is refused.
+after it. ``--resume-or-start`` continues the sweep ``--name`` if its folder holds one, else starts it: the
+entrypoint for a job that may be submitted again (``cluster/kuberay/rayjob-sweep.yaml``). The driver holds the sweep
+folder's lease (``lease.json``): a second live driver on it is refused.
 """
 
 from __future__ import annotations
@@ -576,12 +578,63 @@ def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concur
     return elapsed, progress
 
 
+def sweep_mode(exists: bool, uri: str = "", *, resume: bool = False, resume_or_start: bool = False) -> str:
+    """``"resume"`` or ``"start"``: what to do with the sweep folder ``uri`` that ``exists`` (holds a ``sweep.json``)
+    or not.
+
+    Plain (neither flag): start, and refuse an existing sweep (a new sweep never overwrites one). ``resume``:
+    continue, and refuse a sweep that does not exist. ``resume_or_start``: continue the one that exists, else start
+    it, which is what a job that may be submitted again needs (a retried or re-applied RayJob, ``ray job submit`` run
+    twice): its first run starts the sweep, every later one continues it."""
+
+    if resume and resume_or_start:
+        raise ValueError("give --resume or --resume-or-start, not both")
+    if resume_or_start:
+        return "resume" if exists else "start"
+    if resume:
+        if not exists:
+            raise FileNotFoundError(f"no sweep to resume at {uri} ({SWEEP_FILE} not found)")
+        return "resume"
+    if exists:
+        raise ValueError(f"a sweep already exists at {uri}: --resume it (or --resume-or-start), or pick another "
+                         "--name")
+    return "start"
+
+
+def check_same_sweep(existing: dict[str, Any], asked: dict[str, Any]) -> None:
+    """With ``--resume-or-start``, the sweep found must be the one the command describes (the same space, metric,
+    mode and scheduler): a different one under the same ``--name`` is a mistake, not something to continue."""
+
+    for key in ("space", "metric", "mode", "scheduler"):
+        if json.loads(json.dumps(existing.get(key))) != json.loads(json.dumps(asked.get(key))):
+            raise ValueError(f"the sweep at {asked['uri']} was started with another {key} "
+                             f"({json.dumps(existing.get(key))}, this command: {json.dumps(asked.get(key))}): pick "
+                             "another --name, or --resume it as it is")
+
+
 def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = None, *, num_samples: int = 1,
               scheduler: str = "asha", max_concurrent: int = 0, metric: str = "", mode: str = "",
               storage_url: str = "", name: str = "", resume: bool = False, num_cpus: int | None = None,
-              grace_period: int = 0, reduction_factor: float = 2.0, table_every_s: float = 60.0
-              ) -> dict[str, Any]:
-    """Run (or with ``resume`` continue) a sweep; returns what ``mirasol results`` reads back from its folder."""
+              grace_period: int = 0, reduction_factor: float = 2.0, table_every_s: float = 60.0,
+              resume_or_start: bool = False) -> dict[str, Any]:
+    """Run (or with ``resume`` continue) a sweep; returns what ``mirasol results`` reads back from its folder.
+    ``resume_or_start``: continue the sweep ``name`` if it exists, else start it (:func:`sweep_mode`)."""
+
+    asked = None
+    if resume_or_start:
+        sweep_mode(False, resume=resume, resume_or_start=True)  # both flags: an error
+        if not name:
+            raise ValueError("--resume-or-start needs --name: a job submitted again finds its sweep by name")
+        if not (config and space):
+            raise ValueError("--resume-or-start needs --config and --space (to start the sweep if it does not "
+                             "exist yet)")
+        asked = prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url, name=name,
+                        scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
+                        reduction_factor=reduction_factor)
+        exists = storage.exists(storage.join(asked["uri"], SWEEP_FILE))
+        resume = sweep_mode(exists, asked["uri"], resume_or_start=True) == "resume"
+        print(f"sweep {name}: {'continuing the sweep' if resume else 'no sweep yet, starting one'} at {asked['uri']}",
+              file=sys.stderr, flush=True)
 
     if resume:
         if not name:
@@ -593,19 +646,18 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
         if not storage.is_remote(root) and not root.startswith("file://"):
             root = os.path.abspath(root)
         uri = storage.join(root, name)
-        if not storage.exists(storage.join(uri, SWEEP_FILE)):
-            raise FileNotFoundError(f"no sweep to resume at {uri} ({SWEEP_FILE} not found)")
+        sweep_mode(storage.exists(storage.join(uri, SWEEP_FILE)), uri, resume=True)  # refuses a missing one
         spec = json.loads(storage.read_text(storage.join(uri, SWEEP_FILE)))
+        if asked is not None:
+            check_same_sweep(spec, asked)
         # where it is now, read with this process's storage settings (the trials get the same)
         spec["root"], spec["uri"], spec["storage"] = root, uri, storage.settings()
     else:
-        spec = prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url, name=name,
-                       scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
-                       reduction_factor=reduction_factor)
+        spec = asked or prepare(config, space, overrides, metric=metric, mode=mode, storage_url=storage_url,
+                                name=name, scheduler=scheduler, num_samples=num_samples, grace_period=grace_period,
+                                reduction_factor=reduction_factor)
         uri = spec["uri"]
-        if storage.exists(storage.join(uri, SWEEP_FILE)):
-            raise ValueError(f"a sweep named {spec['name']} already exists at {uri}: --resume it, or pick "
-                             "another --name")
+        sweep_mode(storage.exists(storage.join(uri, SWEEP_FILE)), uri)  # refuses an existing one
     spec["trials_uri"] = storage.join(uri, TRIALS_DIR)
 
     with RunLease(uri), console.quiet_libraries() as logs:  # one live driver per sweep folder
@@ -622,5 +674,5 @@ def run_sweep(config: str = "", space: str = "", overrides: list[str] | None = N
     print(f"plots and JSON: mirasol results {uri}")
     if unfinished:
         raise KeyboardInterrupt(f"sweep {spec['name']} stopped with {len(unfinished)} trial(s) unfinished; the same "
-                                "command with --resume continues it")
+                                "command with --resume (or --resume-or-start) continues it")
     return res

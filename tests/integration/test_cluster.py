@@ -151,7 +151,8 @@ def test_ray_job_submit_and_mirasol_submit_finetune_on_both_nodes(local_cluster)
                                 c["state"]["dashboard_url"], "--working-dir", ".", "--", "python", "jobs/finetune.py",
                                 *_finetune_args(c, "ray-cli")],
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    ours = subprocess.Popen([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "finetune",
+    ours = subprocess.Popen([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "--storage-env",
+                             "--metadata-json", '{"test": "two-nodes"}', "finetune",
                              *_finetune_args(c, "mirasol-submit")],
                             cwd=REPO, env=c["env"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     ours_out, ours_err = ours.communicate(timeout=JOB_TIMEOUT_S)
@@ -170,7 +171,9 @@ def test_ray_job_submit_and_mirasol_submit_finetune_on_both_nodes(local_cluster)
     our_job = re.search(r"raysubmit_\w+", last).group(0)
     _check_finetune_run(c, "mirasol-submit", nodes)
     info = client.get_job_info(our_job)
-    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == c["s3"].endpoint  # non-secret settings travel
+    # with --storage-env the non-secret settings travel (without it, none: the unit tests check that)
+    assert info.runtime_env["env_vars"]["AWS_ENDPOINT_URL"] == c["s3"].endpoint
+    assert info.metadata == {"test": "two-nodes"}
 
     secret = c["s3"].sentinel_secret
     everything = ours_out + ours_err + cli_out

@@ -180,7 +180,10 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
     space.write_text("train.lr: {grid: [3.0e-3, 1.0e-3]}\n")
     root = str(tmp_path / "sweeps")
     uri = os.path.join(root, "resume")
-    cmd = _sweep_cmd(synth_shards, root, "resume", space, "--scheduler", "fifo", "--max-concurrent", "1", steps=4)
+    # the same command both times, as a retried or re-applied RayJob runs it (cluster/kuberay/rayjob-sweep.yaml):
+    # --resume-or-start starts the sweep the first time and continues it the second
+    cmd = _sweep_cmd(synth_shards, root, "resume", space, "--scheduler", "fifo", "--max-concurrent", "1",
+                     "--resume-or-start", steps=4)
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
                             env=_env(ray_tmp))
     deadline = time.time() + 600
@@ -204,8 +207,9 @@ def test_killed_sweep_resumes_without_rerunning_finished_trials(synth_shards, ra
     assert stopped_at < 4
     first_metrics = open(os.path.join(uri, "trials", first, "metrics.jsonl")).read()
 
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=600, env=_env(ray_tmp))
+    resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=_env(ray_tmp))
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert f"sweep resume: continuing the sweep at {uri}" in resumed.stderr
     starts = [ln for ln in resumed.stderr.splitlines() if " started " in ln]
     assert len(starts) == 1 and f"trial {second} started" in starts[0] and "again" in starts[0]
     ledger = _ledger(uri)["trials"]

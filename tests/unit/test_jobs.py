@@ -64,14 +64,16 @@ def test_entrypoint_for_a_job_name_or_a_script():
         submit.entrypoint("nothere.py", [], str(REPO))
 
 
-def test_runtime_env_carries_storage_settings_and_no_secret(monkeypatch, tmp_path):
+def test_runtime_env_carries_storage_settings_only_when_asked_and_never_a_secret(monkeypatch, tmp_path):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9000")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     monkeypatch.setenv("AWS_SESSION_TOKEN", "t0ken-value")
+    # by default the cluster's own storage settings stand: the laptop's local endpoint must not override them
     env = submit.runtime_env(str(tmp_path))
-    assert env["working_dir"] == str(tmp_path)
+    assert env["working_dir"] == str(tmp_path) and "env_vars" not in env
+    env = submit.runtime_env(str(tmp_path), storage_env=True)
     assert env["env_vars"] == {"AWS_ENDPOINT_URL": "http://127.0.0.1:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
     assert not {"AKIAEXAMPLE", "s3cr3t-value", "t0ken-value"} & set(str(env).split("'"))
     assert ".venv" in env["excludes"] and ".git" in env["excludes"]
