@@ -46,7 +46,7 @@ import numpy as np
 
 TASKS = ("caption", "qa", "mcqa", "cls")
 QTYPES = ("caption", "label", "other", "video", "audio", "temporal", "av_aligned", "mc",
-          # MSRVTT-QA's question words (category_id 0-4)
+          # MSRVTT-QA's question words (a question's first word)
           "what", "who", "how", "when", "where",
           # ActivityNet-QA's types 0-8 (8, "other", is above)
           "motion", "spatial_relation", "temporal_relation", "yes_no", "color", "object", "location", "number",

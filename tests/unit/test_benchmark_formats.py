@@ -119,7 +119,9 @@ def test_msrvtt_qa_splits_groups_types_vocab_and_missing(tmp_path, clips, caplog
 
 def test_msrvtt_qa_single_file_without_vocab_keeps_every_question(tmp_path, clips):
     _write(tmp_path / "videos" / "video7.mp4", clips["short"])
-    qa = [{"question": f"q{i}?", "answer": f"a{i}", "category_id": i % 5, "video_id": 7, "id": i} for i in range(10)]
+    words = ("what", "who", "how", "when", "where")
+    qa = [{"question": f"{words[i % 5]} q{i}?", "answer": f"a{i}", "category_id": i % 5, "video_id": 7, "id": i}
+          for i in range(10)]
     _write(tmp_path / "val_qa.json", json.dumps(qa))
     m = build_shards("msrvtt-qa", str(tmp_path / "val_qa.json"), str(tmp_path / "videos"), str(tmp_path / "out"),
                      progress=False)
@@ -130,6 +132,23 @@ def test_msrvtt_qa_single_file_without_vocab_keeps_every_question(tmp_path, clip
         _write(tmp_path / "bad" / "test_qa.json", '[{"question": "x",')
         build_shards("msrvtt-qa", str(tmp_path / "bad"), str(tmp_path / "videos"), str(tmp_path / "o2"),
                      progress=False)
+
+
+def test_msrvtt_qa_category_id_is_the_video_category_not_the_question_type(tmp_path, clips):
+    """The official files' ``category_id`` is the MSR-VTT video category (0-19): a question of category 14 is kept,
+    typed by its first word (just-ask's ``get_type``), its ``category_id`` in its metadata; a question starting
+    with another word is kept as ``other``."""
+    _write(tmp_path / "videos" / "video3.mp4", clips["short"])
+    qa = [{"question": "who is singing on the stage?", "answer": "woman", "category_id": 14, "video_id": 3, "id": 0},
+          {"question": "How many people dance?", "answer": "two", "category_id": 19, "video_id": 3, "id": 1},
+          {"question": "is it raining?", "answer": "no", "category_id": 14, "video_id": 3, "id": 2}]
+    _write(tmp_path / "test_qa.json", json.dumps(qa))
+    m = build_shards("msrvtt-qa", str(tmp_path / "test_qa.json"), str(tmp_path / "videos"), str(tmp_path / "out"),
+                     progress=False)
+    assert m["skipped"] == {} and m["splits"]["all"]["num_questions"] == 3
+    assert m["splits"]["all"]["qtype_counts"] == {"how": 1, "other": 1, "who": 1}
+    meta = _meta(_samples(tmp_path / "out")["video3"])
+    assert [(q["type"], q["category_id"]) for q in meta["qas"]] == [("who", 14), ("how", 19), ("other", 14)]
 
 
 # ----------------------------------------------------------------------------------------------------------------
