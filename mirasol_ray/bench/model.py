@@ -45,6 +45,8 @@ PROMPT_LEN = TARGET_LEN = 16  # a question and a short answer: QA-sized text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--preset", default="small", help="model preset whose dimensions are measured (small)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override the preset (e.g. data.num_snippets=128 data.frames_per_snippet=4 for --memory)")
     parser.add_argument("--snippets", type=int, nargs="+", default=[4, 8, 16, 32], help="snippet counts")
     parser.add_argument("--params", action="store_true", help="print the preset's parameters per component, exit")
     parser.add_argument("--out", default="", help="folder for model_bench.json and model_scaling.png")
@@ -60,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     if args.memory:
         return _memory(args)
-    cfg = load_prepared(args.preset).model
+    cfg = load_prepared(args.preset, args.set).model
     if args.params:
         counts = param_breakdown(cfg)
         for name, n in counts.items():
@@ -87,13 +89,15 @@ def run(args: argparse.Namespace) -> int:
 def _memory(args: argparse.Namespace) -> int:
     if args.gpus <= 0 or args.batch_size < 0:
         raise ValueError("--gpus must be positive and --batch-size >= 0")
-    cfg = load_prepared(args.preset)
+    cfg = load_prepared(args.preset, args.set)
     plan = memory_plan(cfg, args.gpus, args.fsdp, args.batch_size or cfg.train.batch_size)
     plan["preset"] = args.preset
+    if args.set:
+        plan["overrides"] = list(args.set)
     if args.json:
         print(json.dumps(plan))
     else:
-        print_plan(plan, args.preset)
+        print_plan(plan, args.preset + "".join(f" {kv}" for kv in args.set))
     return 0
 
 
