@@ -59,6 +59,7 @@ from mirasol_ray.train.parallel import (
     mean_over_ranks,
     parallelize,
 )
+from mirasol_ray.train.ray_metrics import TrainGauges
 from mirasol_ray.train.step import (
     apply_freeze,
     count_tokens,
@@ -109,7 +110,8 @@ def die_with_raylet() -> None:
 
 class RunLog:
     """Rank 0's metrics.jsonl and TensorBoard events: written locally, copied into the run folder (local or
-    S3) at every checkpoint and at the end, so an object store never sees partial appends."""
+    S3) at every checkpoint and at the end, so an object store never sees partial appends. Each record's numbers
+    also go to Ray's metrics (:mod:`~mirasol_ray.train.ray_metrics`), tagged with the run's folder name."""
 
     def __init__(self, run_uri: str, resume_step: int, scratch: str | None = None):
         self.run_uri = run_uri
@@ -123,10 +125,12 @@ class RunLog:
                 f.write("".join(ln + "\n" for ln in kept))
 
         self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step + 1 or None)
+        self.gauges = TrainGauges(run_uri.rstrip("/").rsplit("/", 1)[-1])
 
     def write(self, record: dict[str, Any]) -> None:
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(record) + "\n")
+        self.gauges.set(record)
         for k, v in record.items():
             if isinstance(v, (int, float)) and k != "step":
                 self.tb.add_scalar(k, v, record["step"])

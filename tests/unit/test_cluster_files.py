@@ -554,3 +554,22 @@ def test_no_credential_in_any_cluster_file_or_the_runbook():
 ])
 def test_the_credential_check_finds_a_planted_one(planted):
     assert credential_findings(planted)
+
+
+def test_podmonitors_scrape_ports_the_raycluster_names():
+    """monitoring.yaml's head PodMonitor scrapes the autoscaler's and dashboard's ports raycluster.yaml opens
+    (`metrics` is KubeRay's own, on every Ray container), and the head tells the dashboard where Grafana is."""
+    with open(CLUSTER / "kuberay" / "monitoring.yaml") as f:
+        monitors = {d["metadata"]["name"]: d for d in yaml.load_all(f, Loader=_Loader)}
+    assert {d["kind"] for d in monitors.values()} == {"PodMonitor"}
+    head = monitors["ray-head-monitor"]["spec"]
+    workers = monitors["ray-workers-monitor"]["spec"]
+    assert head["selector"]["matchLabels"] == {"ray.io/node-type": "head"}
+    assert workers["selector"]["matchLabels"] == {"ray.io/node-type": "worker"}
+    assert [e["port"] for e in workers["podMetricsEndpoints"]] == ["metrics"]
+    doc = _load(CLUSTER / "kuberay" / "raycluster.yaml")
+    (c,) = doc["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    ports = {p["name"] for p in c["ports"]} | {"metrics"}
+    assert {e["port"] for e in head["podMetricsEndpoints"]} <= ports
+    env = {e["name"] for e in c["env"]}
+    assert {"RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= env
