@@ -123,6 +123,9 @@ class RunLog:
             kept = [ln for ln in lines if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
             with open(self.metrics_path, "w") as f:
                 f.write("".join(ln + "\n" for ln in kept))
+        # the file exists from the start: a checkpoint before the first record (train.checkpoint_every below
+        # train.log_every) copies it as it is, empty, instead of failing the run on a missing file
+        open(self.metrics_path, "a").close()
 
         self.tb = SummaryWriter(os.path.join(self.local, "tensorboard"), purge_step=resume_step + 1 or None)
         self.gauges = TrainGauges(run_uri.rstrip("/").rsplit("/", 1)[-1])
