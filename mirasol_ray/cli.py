@@ -19,6 +19,7 @@ FORMAT_NAMES = ("jsonl", "msrvtt-qa", "activitynet-qa", "activitynet-captions", 
 """``shards build`` formats (the help lists them without importing the converters)."""
 STORAGE_SET_HELP = "the S3 endpoint to read and write with (default: AWS_ENDPOINT_URL from the environment)"
 """``--set`` of the commands that have no config of their own (``results``, ``export``)."""
+SET_HELP = "override one config value, e.g. train.steps=100 (repeatable; unknown keys are errors)"
 OVERWRITE_HELP = ("replace the shards already in --out (by default a folder holding shards is refused); the old "
                   "build's files the new one does not rewrite are deleted")
 
@@ -34,7 +35,7 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
-    from mirasol_ray.data.shards import build_shards
+    from mirasol_ray.data.shards import run_build
 
     if args.vocab_size is not None and args.tokenizer != "learn":
         raise ValueError("--vocab-size is the size of a learnt tokenizer: give --tokenizer learn too")
@@ -42,11 +43,15 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if args.labels:
         with open(args.labels, encoding="utf-8") as f:
             labels = [line.strip() for line in f if line.strip()]
-    manifest = build_shards(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
-                            transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
-                            labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
-                            tokenizer=args.tokenizer,
-                            **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
+    if args.in_process and (args.num_cpus is not None or args.address):
+        raise ValueError("--in-process runs without Ray: --num-cpus and --address do not apply")
+    build = run_build(args.format, args.annotations, args.videos, args.out, shard_size=args.shard_size,
+                      transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
+                      labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
+                      tokenizer=args.tokenizer, use_ray=not args.in_process, num_cpus=args.num_cpus,
+                      address=args.address or None,
+                      **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
+    manifest = build.manifest
     skipped = sum(manifest.get("skipped", {}).values())
     splits = ", ".join(f"{k} {v['num_samples']}" for k, v in manifest["splits"].items())
     print(f"wrote {manifest['num_samples']} samples ({splits}) in {len(manifest['shards'])} shards to {args.out}"
@@ -58,6 +63,10 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
     if missing:
         print(f"missing videos ({manifest['skipped'].get('missing_video', 0)}; all listed in the manifest): "
               + ", ".join(m.rsplit(":", 1)[0] for m in missing[:5]) + (" ..." if len(missing) > 5 else ""))
+    rate = f", {build.clips / build.seconds:.1f} clips/s" if build.seconds > 0 and build.clips else ""
+    print(f"built {build.built_shards} shards from {build.clips} clips in {build.seconds:.1f} s{rate}"
+          + (f"; kept {build.kept_shards} complete shards of an earlier run" if build.kept_shards else "")
+          + (": " + ", ".join(f"{node} {n} clips" for node, n in build.nodes.items()) if build.nodes else ""))
     return 0
 
 
@@ -85,37 +94,50 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_prepared(args.config, args.set)
     summary = run_training(cfg, args.config)
-    if args.json:
-        print(json.dumps(summary))
-    else:
-        from mirasol_ray.train.checkpoint import describe_choice
-
-        skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
-        best = summary.get("best_checkpoint")
-        print(f"run            {summary['run']}\n"
-              f"steps          {summary['steps']}  (final loss {summary['final_loss']}, {summary['seconds']} s)\n"
-              f"checkpoint     {summary['checkpoint']}\n"
-              + (f"best           {describe_choice({**best, 'choice': 'best'})}\n" if best else "")
-              + f"decoded        {summary['decoded']} clips; skipped: {skipped}\n"
-              + metrics_table(summary["train_eval"], summary["val"])
-              + f"learning curve {summary['learning_curve']}\n"
-              f"driver log     {summary['log']}")
+    print(json.dumps(summary) if args.json else summary_text(summary))
     return 0
+
+
+def summary_text(summary: dict) -> str:
+    """A finished run's summary for a person: where it is, its steps and final loss (4 decimals), its newest and
+    best checkpoints, what was decoded and skipped, the last evaluation, and where its plots and logs are."""
+    from mirasol_ray.train.metrics import show_value
+
+    skipped = ", ".join(f"{k} {v}" for k, v in sorted(summary["skipped"].items())) or "none"
+    best = summary.get("best_checkpoint")
+    loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+    tensorboard = summary.get("tensorboard")
+    return (f"run            {summary['run']}\n"
+            f"steps          {summary['steps']}  (final loss {loss}, {summary['seconds']} s)\n"
+            f"checkpoint     {summary['checkpoint']}\n"
+            + (f"best           {best['uri']} (step {best['step']}, {best['metric']} "
+               f"{show_value(best['metric'], best['value'])}, {best['mode']})\n" if best else "")
+            + f"decoded        {summary['decoded']} clips; skipped: {skipped}\n"
+            + metrics_table(summary["train_eval"], summary["val"])
+            + f"learning curve {summary['learning_curve']}\n"
+            + (f"tensorboard    tensorboard --logdir {tensorboard}\n" if tensorboard else "")
+            + f"driver log     {summary['log']}")
 
 
 def metrics_table(train: dict[str, float], held_out: dict[str, float]) -> str:
     """The last evaluation's metrics, on training clips (``train.eval_train_batches``) beside held-out ones; ""
-    when the run had no validation."""
+    when the run had no validation. Scores (accuracy, token F1) in percent, as ``results`` and ``eval`` show them;
+    the loss as it is."""
+    from mirasol_ray.train.metrics import is_score
+
     if not held_out and not train:
         return ""
     names = list(held_out) + [k for k in train if k not in held_out]
-    width = max(14, *(len(k) + 1 for k in names))
+    width = max(14, *(len(k) + 5 for k in names))
 
     def cell(d: dict[str, float], k: str) -> str:
-        return f"{d[k]:>10.4f}" if k in d else f"{'-':>10}"
+        if k not in d:
+            return f"{'-':>10}"
+        return f"{100 * d[k]:>10.2f}" if is_score(f"val/{k}") else f"{d[k]:>10.4f}"
 
     return (f"{'metric':<{width}}{'train':>10}{'held-out':>10}\n"
-            + "".join(f"{k:<{width}}{cell(train, k)}{cell(held_out, k)}\n" for k in names))
+            + "".join(f"{k + (' (%)' if is_score(f'val/{k}') else ''):<{width}}{cell(train, k)}{cell(held_out, k)}\n"
+                      for k in names))
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
@@ -166,6 +188,86 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- presets, config show, doctor: look before running ---------------------------------------------------------
+
+
+def _cmd_presets(args: argparse.Namespace) -> int:
+    from mirasol_ray.config import preset_names, preset_purpose
+
+    rows = [{"name": n, "purpose": preset_purpose(n)} for n in preset_names()]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        width = max(len(r["name"]) for r in rows) + 2
+        print("\n".join(f"{r['name']:<{width}}{r['purpose']}" for r in rows))
+        print("\nmirasol config show --config NAME prints one resolved; a YAML path works wherever NAME does")
+    return 0
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    if args.checkpoint:
+        if args.config or args.check:
+            raise ValueError("--checkpoint shows that checkpoint's own config: --config and --check do not apply")
+        from mirasol_ray.launch.evaluate import checkpoint_config
+
+        model_uri, cfg, _ = checkpoint_config(args.checkpoint, args.set, args.checkpoint_choice)
+        source = f"the run config inside {model_uri}"
+    else:
+        if not args.config:
+            raise ValueError("give --config NAME_OR_PATH (mirasol presets lists the names) or --checkpoint URL")
+        from mirasol_ray.train.prepare import load_prepared
+
+        cfg = load_prepared(args.config, args.set)
+        source = f"--config {args.config}"
+        if args.check:
+            from mirasol_ray.launch.train import check_inputs
+
+            check_inputs(cfg)  # what mirasol train checks before Ray starts; it makes local paths absolute, as runs do
+    header = [f"# {source}"] + [f"# --set {item}" for item in args.set]
+    if args.check:
+        header.append("# --check: the run's start checks passed (shards, tokenizer, init_from, storage)")
+    print("\n".join(header) + "\n" + cfg.to_yaml().rstrip("\n"))
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from mirasol_ray.launch.doctor import FAIL, format_checks, run_checks
+
+    checks = run_checks(args.storage)
+    print(json.dumps(checks) if args.json else format_checks(checks))
+    return 1 if any(c["status"] == FAIL for c in checks) else 0
+
+
+def _add_look_commands(sub) -> None:
+    pr = sub.add_parser("presets", aliases=["configs"], help="the named configs, each with what it is for")
+    pr.add_argument("--json", action="store_true", help="one JSON list of {name, purpose} on stdout")
+    pr.set_defaults(func=_cmd_presets)
+
+    cf = sub.add_parser("config", help="look at a config: mirasol config show").add_subparsers(
+        dest="config_cmd", required=True, metavar="ACTION")
+    cs = cf.add_parser("show", help="the resolved config (preset + --set, or a checkpoint's) as YAML",
+                       description="Prints the config a run of --config with these --set overrides would record in "
+                                   "its config.yaml (the tokenizer's vocabulary and pretrained architectures "
+                                   "resolved), without starting Ray. With --check, also the run's start checks.")
+    cs.add_argument("--config", default="", help="preset name (mirasol presets) or YAML path")
+    cs.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    cs.add_argument("--checkpoint", default="",
+                    help="show this checkpoint's own run config instead (run folder, checkpoint folder or model.pt)")
+    cs.add_argument("--checkpoint-choice", default="best", choices=("best", "last"),
+                    help="which checkpoint of a run folder --checkpoint names (as mirasol eval)")
+    cs.add_argument("--check", action="store_true",
+                    help="also run mirasol train's start checks (shards exist, tokenizer and init_from load, "
+                         "storage answers): a non-zero exit names what a run would refuse")
+    cs.set_defaults(func=_cmd_config_show)
+
+    dr = sub.add_parser("doctor", help="what is installed and works here: torch/CUDA, decoders, Ray, storage, "
+                                       "WordNet, TensorBoard")
+    dr.add_argument("--storage", default="", metavar="URL",
+                    help="also write, read back and remove a small file here (s3://BUCKET/PREFIX or a folder)")
+    dr.add_argument("--json", action="store_true", help="one JSON list of the checks on stdout")
+    dr.set_defaults(func=_cmd_doctor)
+
+
 # -- sweep, results ---------------------------------------------------------------------------------------------
 
 
@@ -206,7 +308,8 @@ def _add_sweep_commands(sub) -> None:
     w.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the base config")
     w.add_argument("--num-samples", type=int, default=1,
                    help="samples of the random keys (each grid point is run this many times)")
-    w.add_argument("--scheduler", choices=("asha", "fifo"), default="asha")
+    w.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha: stop weak trials early (default); fifo: run every trial to its end")
     w.add_argument("--max-concurrent", type=int, default=0,
                    help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
     w.add_argument("--metric", default="",
@@ -231,9 +334,11 @@ def _add_sweep_commands(sub) -> None:
                        description="Reads only the small result files (never downloads checkpoints).")
     r.add_argument("url", help="a sweep folder or a run folder, local or s3://")
     r.add_argument("--json", action="store_true", help="one JSON object on stdout")
-    r.add_argument("--out", default="", help="folder for the PNGs (default: ./NAME-results)")
+    r.add_argument("--out", default="", help="write the PNGs (learning curves; a sweep's hyperparameters) into "
+                                              "this folder (default: none written)")
     r.add_argument("--metric", default="", help="rank by this metric (default: the sweep's, or the run's main one)")
-    r.add_argument("--mode", choices=("max", "min"), default="")
+    r.add_argument("--mode", choices=("max", "min"), default="",
+                   help="whether higher or lower --metric is better (default: min for losses, else max)")
     r.add_argument("--set", action="append", default=[], metavar="storage.endpoint_url=URL", help=STORAGE_SET_HELP)
     r.set_defaults(func=_cmd_results)
 
@@ -316,18 +421,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     argv = sys.argv[1:] if argv is None else argv
     wanted_bench = argv[1] if len(argv) > 1 and argv[0] == "bench" else None
     p = argparse.ArgumentParser(prog="mirasol", description="Mirasol3B-style multimodal models on Ray.")
+    p.add_argument("--version", action="version", version=f"mirasol-ray {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     # shards
     shards = sub.add_parser("shards", help="write WebDataset shards").add_subparsers(dest="shards_cmd", required=True)
     s = shards.add_parser("synth", help="synthetic dataset of real MP4 clips with a time-aligned audio-video task")
     s.add_argument("--out", required=True, help="output folder or s3:// URI")
-    s.add_argument("--num-clips", type=int, required=True)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--shard-size", type=int, default=64)
+    s.add_argument("--num-clips", type=int, required=True, help="clips to generate (each a real MP4 file)")
+    s.add_argument("--seed", type=int, default=0, help="draws the clips (the same seed gives the same bytes)")
+    s.add_argument("--shard-size", type=int, default=64, help="clips per .tar shard (default 64)")
     s.add_argument("--val-fraction", type=float, default=0.0, help="hold out this fraction as a val/ split")
     s.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--quiet", action="store_true", help="no progress on stderr")
     s.set_defaults(func=_cmd_shards_synth)
 
     b = shards.add_parser("build", help="convert videos + annotations on disk into shards")
@@ -344,7 +450,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                    help="open-ended QA: keep in train only questions whose answer is among the K most frequent "
                         "training answers (other splits stay whole; the manifest lists the vocabulary)")
     b.add_argument("--out", required=True, help="output folder or s3:// URI")
-    b.add_argument("--shard-size", type=int, default=100)
+    b.add_argument("--shard-size", type=int, default=100, help="samples per .tar shard (default 100)")
     b.add_argument("--transcode", type=int, default=None, metavar="HEIGHT",
                    help="re-encode at this height with a short keyframe interval (fast decode)")
     b.add_argument("--gop", type=int, default=None, help="keyframe interval for --transcode (frames)")
@@ -356,8 +462,17 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     b.add_argument("--vocab-size", type=int, default=None, metavar="N",
                    help="entries of the learnt tokenizer (default 512; its 259 byte and special tokens "
                         "included): whole words of the text become single tokens")
-    b.add_argument("--overwrite", action="store_true", help=OVERWRITE_HELP)
-    b.add_argument("--quiet", action="store_true")
+    b.add_argument("--num-cpus", type=int, default=None, metavar="N",
+                   help="CPUs for the clips' Ray tasks: those of the local Ray started, or at most N clips at once "
+                        "on a cluster (default: all)")
+    b.add_argument("--address", default="", help="the Ray cluster to run on (default: RAY_ADDRESS, else a local Ray)")
+    b.add_argument("--in-process", action="store_true",
+                   help="make the clips one at a time in this process, without Ray (same output)")
+    b.add_argument("--overwrite", action="store_true",
+                   help="replace what --out holds (by default the same command resumes its build there, keeping "
+                        "the complete shards, and anything else is refused); the old build's files the new one "
+                        "does not rewrite are deleted")
+    b.add_argument("--quiet", action="store_true", help="no progress on stderr")
     b.set_defaults(func=_cmd_shards_build)
 
     # data
@@ -365,8 +480,9 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     i = data.add_parser("inspect", help="count, decode a few, report skips, write a contact sheet")
     i.add_argument("url", help="shard folder, glob, brace list or s3:// URI")
     i.add_argument("--config", default="tiny", help="preset or YAML giving the decode geometry")
-    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    i.add_argument("--limit", type=int, default=0, help="decode at most N samples (0: all)")
+    i.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
+    i.add_argument("--limit", type=int, default=16, help="decode at most N samples (default 16, a few in seconds; "
+                   "0: all)")
     i.add_argument("--png", default="", help="write a contact sheet (frames beside spectrograms) to this PNG "
                    "(default: none is written)")
     i.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
@@ -376,20 +492,24 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     # demo, train, eval, predict
     d = sub.add_parser("demo", help="the main job: synth data, pretrain, fine-tune, evaluate (local Ray)")
     d.add_argument("--out", default="runs/demo", help="output folder")
-    d.add_argument("--num-clips", type=int, default=960)
+    d.add_argument("--num-clips", type=int, default=960, help="synthetic clips to generate (default 960)")
     d.add_argument("--pretrain-steps", type=int, default=None, help="default: the config's train.steps (200)")
     d.add_argument("--finetune-steps", type=int, default=None,
                    help="default: 6.5 x the pretraining steps (1,300)")
-    d.add_argument("--config", default="demo")
-    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    d.add_argument("--config", default="demo", help="preset or YAML of both runs (default demo)")
+    d.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     d.add_argument("--seed", type=int, default=0,
                    help="draws the clips, the initial weights, the order and the frame positions (default 0)")
     d.add_argument("--num-cpus", type=int, default=None, help="CPUs for the local Ray (default: all)")
     d.set_defaults(func=_cmd_demo)
 
-    t = sub.add_parser("train", help="pretrain or fine-tune on Ray Train (RAY_ADDRESS or a local Ray)")
-    t.add_argument("--config", required=True, help="preset name or YAML path")
-    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    t = sub.add_parser("train", help="pretrain or fine-tune on Ray Train (RAY_ADDRESS or a local Ray)",
+                       description="Pretrain or fine-tune (train.stage) on Ray Train, on the cluster in RAY_ADDRESS "
+                                   "or a local Ray. mirasol config show --config NAME --set ... --check prints the "
+                                   "config it would record and runs its start checks without Ray.",
+                       epilog="presets (mirasol presets says what each is for): " + ", ".join(_preset_names()))
+    t.add_argument("--config", required=True, help="preset name (listed below) or YAML path")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help=SET_HELP)
     t.add_argument("--json", action="store_true", help="the run's summary as one JSON object on stdout")
     t.set_defaults(func=_cmd_train)
 
@@ -403,25 +523,32 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--data", required=True, help="shards to evaluate on")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config (e.g. data.task=qa)")
-    e.add_argument("--batch-size", type=int, default=16)
+    e.add_argument("--batch-size", type=int, default=16, help="clips per model call (default 16)")
     e.add_argument("--num-actors", type=int, default=1, help="model replicas (one GPU each when available)")
-    e.add_argument("--beam-size", type=int, default=1)
+    e.add_argument("--beam-size", type=int, default=1,
+                   help="beam search width for generated answers and captions (default 1: greedy)")
     e.add_argument("--records", default="", help="write per-row predictions (JSONL) here")
     e.add_argument("--out", default="", help="folder (local or s3://) to write results.json and results.csv into")
-    e.add_argument("--normalize", default="vqa", choices=("vqa", "exact"),
-                   help="open-ended answers before exact match: VQA v2's normalisation, or the strings as they are")
+    e.add_argument("--normalize", default="", choices=("vqa", "exact", "squad"),
+                   help="open-ended answers before exact match: vqa (VQA v2's normalisation; the default for a "
+                        "benchmark), exact (the strings as they are) or squad (lower case, no punctuation or "
+                        "articles: what validation during training uses; the default for other data); results.json "
+                        "names the one applied")
     e.add_argument("--source", default="",
                    help="the benchmark (a shards build format) when the shards' manifest does not say")
-    e.add_argument("--json", action="store_true")
+    e.add_argument("--json", action="store_true", help="the results as one JSON object on stdout")
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="answer / caption / option for one video file")
-    pr.add_argument("--checkpoint", required=True)
-    pr.add_argument("video")
-    pr.add_argument("--question", default="")
-    pr.add_argument("--options", nargs="+", default=None)
-    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    pr.add_argument("--json", action="store_true")
+    pr.add_argument("--checkpoint", required=True,
+                    help="run folder (its best checkpoint), checkpoint folder or model.pt (local/s3)")
+    pr.add_argument("video", help="a video file (mp4, webm, mkv, avi, mov)")
+    pr.add_argument("--question", default="", help="ask this question (default: caption the clip)")
+    pr.add_argument("--options", nargs="+", default=None, metavar="OPTION",
+                    help="answer --question by picking one of these (multiple choice)")
+    pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="override the checkpoint's config (e.g. storage.endpoint_url=URL)")
+    pr.add_argument("--json", action="store_true", help="one JSON object (video, task, question, answer) on stdout")
     pr.set_defaults(func=_cmd_predict)
 
     # submit, cluster
@@ -463,7 +590,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                         description="A head and N worker nodes as separate Ray nodes on this machine (ray start, "
                         "free ports, dashboard on 127.0.0.1, token auth on). The nodes inherit this shell's "
                         "environment (S3 endpoint and credentials), as a cluster's machines have theirs.")
-    cl.add_argument("action", choices=["up", "down", "status"])
+    cl.add_argument("action", choices=["up", "down", "status"],
+                    help="up: start the nodes; down: stop them; status: what runs")
     cl.add_argument("--dir", default=None, help="state folder (default: $MIRASOL_CLUSTER_DIR or ~/.mirasol/cluster)")
     cl.add_argument("--workers", type=int, default=1, help="worker nodes (up)")
     cl.add_argument("--head-cpus", type=float, default=2, help="logical CPUs of the head node (up)")
@@ -477,16 +605,19 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                       "from a checkpoint, sharded or not")
     x.add_argument("--checkpoint", required=True, help="run folder, checkpoint folder or model file (local/s3)")
     x.add_argument("--out", required=True, help="the file to write (local path or s3:// URI)")
-    x.add_argument("--json", action="store_true")
+    x.add_argument("--json", action="store_true", help="one JSON object on stdout")
     x.add_argument("--set", action="append", default=[], metavar="storage.endpoint_url=URL", help=STORAGE_SET_HELP)
     x.set_defaults(func=_cmd_export)
 
     _add_sweep_commands(sub)
+    _add_look_commands(sub)
 
     # bench
     bench = sub.add_parser("bench", help="benchmarks").add_subparsers(dest="bench_cmd", required=True)
     for name, module, help_ in (("data", "mirasol_ray.bench.data", "decode pipeline throughput"),
                                 ("model", "mirasol_ray.bench.model", "model FLOPs/memory scaling"),
+                                ("decode", "mirasol_ray.bench.decode",
+                                 "decode cost against frames sampled from long videos"),
                                 ("step", "mirasol_ray.bench.step", "train-step speed in plain torch"),
                                 ("rows", "mirasol_ray.bench.rows",
                                  "clip rows against one row per text: bytes, FLOPs, samples/s"),
@@ -513,6 +644,28 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             mod.add_arguments(bp)
             bp.set_defaults(func=_cmd_bench, bench_run=mod.run)
     return p
+
+
+def _preset_names() -> list[str]:
+    from mirasol_ray.config import preset_names
+
+    return preset_names()
+
+
+def _version() -> str:
+    import mirasol_ray
+
+    return mirasol_ray.__version__
+
+
+def _leaf_parsers(parser: argparse.ArgumentParser):
+    """Every parser under ``parser`` that runs a command (those with no subcommands of their own)."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        yield parser
+    for action in subs:
+        for child in dict.fromkeys(action.choices.values()):  # an alias names the same parser
+            yield from _leaf_parsers(child)
 
 
 def benchmarks_dir(package_file: str | None = None) -> Path | None:
@@ -574,7 +727,11 @@ def main(argv: list[str] | None = None) -> int:
     import signal
 
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    for leaf in _leaf_parsers(parser):  # an unknown option is reported with its own command's usage
+        leaf.set_defaults(_parser=leaf)
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        getattr(args, "_parser", parser).error(f"unrecognized arguments: {' '.join(extra)}")
     if not hasattr(args, "func"):
         parser.print_help()
         return 2

@@ -701,6 +701,20 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("mirasol_ray.configs").iterdir() if p.name.endswith(".yaml"))
 
 
+def preset_purpose(name: str) -> str:
+    """What a preset is for, in one line: the first sentence of the comment that opens its YAML (``# NAME: what it
+    is for ...``, up to the commands it shows)."""
+    text = (resources.files("mirasol_ray.configs") / f"{name}.yaml").read_text()
+    words = []
+    for line in text.splitlines():
+        if not line.startswith("#") or line.startswith("#   ") or not line[1:].strip():
+            break
+        words.append(line[1:].strip())
+    about = " ".join(words).removeprefix(f"{name}:").strip()
+    end = about.find(". ")
+    return (about[:end + 1] if end >= 0 else about).rstrip(":")
+
+
 def _is_path(name_or_path: str) -> bool:
     return name_or_path.endswith((".yaml", ".yml")) or os.sep in name_or_path
 

@@ -18,8 +18,11 @@ import tempfile
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
+import botocore.exceptions
+import botocore.session
 import fsspec
 import pyarrow.fs as pafs
+from botocore.config import Config as BotoConfig
 
 
 def is_s3(uri: str) -> bool:
@@ -139,6 +142,84 @@ def check_bucket(uri: str) -> None:
         raise FileNotFoundError(f"bucket {name!r} does not exist ({uri})") from None
     except PermissionError:
         pass  # no ListBucket/HeadBucket right: the operation itself will say what it cannot do
+
+
+class StorageError(RuntimeError):
+    """Object storage cannot be used as asked (no credentials, no endpoint answering): one line that names the URL
+    and what to do."""
+
+
+CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                        "AWS_SHARED_CREDENTIALS_FILE", "AWS_WEB_IDENTITY_TOKEN_FILE")
+"""Where credentials come from (botocore's and pyarrow's default chain), for messages and ``mirasol doctor``."""
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
+def _endpoint_shown() -> str:
+    return endpoint() or "AWS S3 (no AWS_ENDPOINT_URL)"
+
+
+def explain(e: BaseException, uri: str) -> Exception | None:
+    """A storage failure of ``uri`` as one line naming it and what to do, or None when ``e`` is not one:
+    credentials missing or refused, an endpoint that does not answer (the hint ``AWS_ENDPOINT_URL`` for
+    S3-compatible stores), a bucket that does not exist, a permission that is missing."""
+    name = bucket(uri) if is_s3(uri) else uri
+    if isinstance(e, botocore.exceptions.NoCredentialsError) or type(e).__name__ == "NoCredentialsError":
+        return StorageError(f"no S3 credentials for {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                            f"AWS_PROFILE) in this environment")
+    if isinstance(e, (botocore.exceptions.EndpointConnectionError, botocore.exceptions.ConnectTimeoutError,
+                      botocore.exceptions.ConnectionClosedError)) or type(e).__name__ in (
+            "EndpointConnectionError", "ConnectTimeoutError"):
+        hint = ("is the server running at that URL?" if endpoint() else
+                "for an S3-compatible store (MinIO, SeaweedFS, Ceph, R2) set AWS_ENDPOINT_URL=http://HOST:PORT "
+                "or --set storage.endpoint_url=URL")
+        return StorageError(f"cannot reach the S3 endpoint {_endpoint_shown()} for {uri}: {hint}")
+    if isinstance(e, botocore.exceptions.ClientError):
+        code = str(e.response.get("Error", {}).get("Code", ""))
+        status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        if code in ("NoSuchBucket", "404") or status == 404:
+            return FileNotFoundError(f"bucket {name!r} does not exist at {_endpoint_shown()} ({uri})")
+        if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"):
+            return StorageError(f"the S3 credentials were refused for {uri} ({code}): check AWS_ACCESS_KEY_ID and "
+                                "AWS_SECRET_ACCESS_KEY")
+        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            return PermissionError(f"access denied to bucket {name!r} ({uri}): the credentials in this environment "
+                                   "are refused or lack s3:ListBucket on it")
+    return None
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(uri_bucket: str, settings_key: tuple[str, str], credentials: tuple) -> None:
+    """One fast probe of a bucket per process and setting (see :func:`check_access`)."""
+    session = botocore.session.get_session()
+    # credentials: the environment's chain, but a machine without any must not wait on the instance metadata
+    # service (1 s, once; botocore's own default is 1 s x 1, raised by AWS_METADATA_SERVICE_* variables)
+    session.set_config_variable("metadata_service_timeout", 1)
+    session.set_config_variable("metadata_service_num_attempts", 1)
+    client = session.create_client(
+        "s3", endpoint_url=settings_key[0] or None, region_name=settings_key[1] or None,
+        config=BotoConfig(connect_timeout=3, read_timeout=5, retries={"max_attempts": 1, "mode": "standard"}))
+    client.head_bucket(Bucket=uri_bucket)
+
+
+def check_access(uri: str) -> None:
+    """For an ``s3://`` URI, one request (no retries, a 3 s connect timeout) that shows its bucket can be used,
+    so a command fails in seconds, before Ray starts, naming the URL and what to do (:func:`explain`), instead of
+    after minutes of retries deep inside a library. A no-op for local paths; done once per bucket and setting."""
+    if not is_s3(uri):
+        return
+    creds = tuple(os.environ.get(k, "") != "" for k in CREDENTIAL_VARIABLES)  # presence only: no value is kept
+    try:
+        _checked(bucket(uri), (endpoint(), region()), creds)
+    except botocore.exceptions.ClientError as e:
+        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
+            return  # a HEAD says no more than 403: no ListBucket right, or keys refused; the operation will say
+        raise explain(e, uri) or e from None
+    except Exception as e:
+        better = explain(e, uri)
+        if better is None:
+            raise
+        raise better from None
 
 
 def check_output(uri: str, kind: str = "file") -> None:

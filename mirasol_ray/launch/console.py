@@ -171,10 +171,73 @@ def native_stderr_to(path: str) -> Iterator[None]:
         console.close()
 
 
+def terminal_width() -> int:
+    """Columns of the terminal stderr draws on; 0 when stderr is not a terminal or reports no width (a bar would
+    draw nothing there: :class:`Progress` prints plain lines instead)."""
+    try:
+        if not sys.stderr.isatty():
+            return 0
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
+class Progress:
+    """A count toward ``total`` on stderr: a tqdm bar (with its ETA) on a terminal that has columns; elsewhere (a
+    file, a CI or Ray job log, a 0-column terminal) a plain line at every tenth of ``total`` and at least every
+    ``every_s`` seconds, with the rate and the time left."""
+
+    def __init__(self, title: str, total: int | None, unit: str, every_s: float = 30.0):
+        self.title, self.total, self.unit, self.every_s = title, total, unit, every_s
+        self.bar = tqdm(total=total, desc=title, unit=unit, file=sys.stderr, dynamic_ncols=True) \
+            if terminal_width() else None
+        self.n, self._tenth, self._t0, self._shown = 0, 0, time.time(), time.time()
+        self._first: tuple[int, float] | None = None
+
+    def write(self, message: str) -> None:
+        """A line above the bar (or a plain line)."""
+        (self.bar.write if self.bar is not None else say)(message)
+
+    def update(self, n: int, postfix: str = "") -> None:
+        """The count is now ``n``; ``postfix`` (e.g. ``loss 2.1``) goes with it."""
+        n = int(n)
+        if self._first is None and n:
+            self._first = (n, time.time())  # the rate counts from the first progress, not from start-up
+        self.n = n
+        if self.bar is not None:
+            self.bar.n = n
+            if postfix:
+                self.bar.set_postfix_str(postfix, refresh=False)
+            self.bar.refresh()
+            return
+        tenth = n * 10 // self.total if self.total else 0
+        now = time.time()
+        if n and (tenth > self._tenth or now - self._shown >= self.every_s):
+            self._tenth, self._shown = max(tenth, self._tenth), now
+            say(self.line(postfix))
+
+    def line(self, postfix: str = "") -> str:
+        """``title: 30/100 clips (30%), 2.5 clips/s, about 0:28 left[, postfix]``."""
+        of = f"/{self.total}" if self.total else ""
+        pct = f" ({100 * self.n // self.total}%)" if self.total else ""
+        rate = eta = ""
+        if self._first is not None and self.n > self._first[0]:
+            r = (self.n - self._first[0]) / max(time.time() - self._first[1], 1e-9)
+            rate = f", {r:.3g} {self.unit}/s"
+            if self.total:
+                eta = f", about {tqdm.format_interval(max(self.total - self.n, 0) / r)} left"
+        return f"{self.title}: {self.n}{of} {self.unit}{pct}{rate}{eta}" + (f", {postfix}" if postfix else "")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 class StepProgress:
-    """Draws a run's training progress on stderr from the counter actor rank 0 reports to (a tqdm bar with ETA on
-    a terminal; elsewhere a plain line at every tenth of the run), and prints the events the workers send (a
-    resume, for instance). Runs in a thread beside ``trainer.fit()``."""
+    """Draws a run's training progress on stderr from the counter actor rank 0 reports to (:class:`Progress`: a
+    bar on a terminal, plain lines elsewhere), prints the events the workers send (a resume, for instance), and
+    says when the steps are done and the final evaluation and checkpoint are being written. Runs in a thread beside
+    ``trainer.fit()``."""
 
     def __init__(self, counter, steps: int, title: str, interval_s: float = 0.5):
         self.counter, self.steps, self.title, self.interval_s = counter, steps, title, interval_s
@@ -191,10 +254,8 @@ class StepProgress:
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        tty = sys.stderr.isatty()
-        bar = tqdm(total=self.steps, desc=self.title, unit="step", file=sys.stderr, dynamic_ncols=True,
-                   disable=not tty)
-        seen, shown_tenth, t0, first = 0, -1, time.time(), None
+        bar = Progress(self.title, self.steps, "steps")
+        seen, finishing = 0, False
         try:
             while True:
                 stopping = self._stop.wait(self.interval_s)
@@ -206,23 +267,14 @@ class StepProgress:
                     continue
                 for event in status["events"]:
                     self.events.append(event)
-                    (bar.write if tty else say)(event)
+                    bar.write(event)
                 seen += len(status["events"])
                 p = status["progress"]
                 step = int(p.get("step", 0))
-                if first is None and step:
-                    first, t0 = step, time.time()
-                if tty:
-                    bar.n = step
-                    if "loss" in p:
-                        bar.set_postfix(loss=f"{p['loss']:.4f}", refresh=False)
-                    bar.refresh()
-                elif step and step * 10 // max(self.steps, 1) > shown_tenth:
-                    shown_tenth = step * 10 // max(self.steps, 1)
-                    rate = (step - (first or step)) / max(time.time() - t0, 1e-9)
-                    eta = f", about {tqdm.format_interval((self.steps - step) / rate)} left" if rate > 0 else ""
-                    loss = f", loss {p['loss']:.4f}" if "loss" in p else ""
-                    say(f"{self.title}: step {step}/{self.steps}{loss}{eta}")
+                bar.update(step, f"loss {p['loss']:.4f}" if "loss" in p else "")
+                if step >= self.steps > 0 and not finishing and not stopping:
+                    finishing = True
+                    bar.write(f"{self.title}: {self.steps} steps done; writing the last checkpoint")
                 if stopping:
                     return
         finally:

@@ -59,11 +59,12 @@ def results_plot(rows: list[dict[str, Any]], png: str, title: str = "mirasol dem
 
 
 def print_table(rows: list[dict[str, Any]]) -> None:
-    print(f"\n{'task':<16}{'metric':<11}{'value':>8}{'chance':>8}{'x chance':>10}{'n':>6}")
+    """Scores in percent, the scale of ``mirasol eval`` and ``mirasol results``."""
+    print(f"\n{'task':<16}{'metric':<11}{'value (%)':>10}{'chance (%)':>11}{'x chance':>10}{'n':>6}")
     for r in rows:
         ratio = f"{r['value'] / r['chance']:.2f}" if r["chance"] else "-"
-        chance = f"{r['chance']:.3f}" if r["chance"] is not None else "-"
-        print(f"{r['task']:<16}{r['metric']:<11}{r['value']:>8.3f}{chance:>8}{ratio:>10}{r['count']:>6}")
+        chance = f"{100 * r['chance']:.1f}" if r["chance"] is not None else "-"
+        print(f"{r['task']:<16}{r['metric']:<11}{100 * r['value']:>10.2f}{chance:>11}{ratio:>10}{r['count']:>6}")
 
 
 FINETUNE_PER_PRETRAIN_STEP = 6.5

@@ -16,13 +16,11 @@ import json
 import math
 import os
 import posixpath
-import sys
 from typing import Any
 
 import numpy as np
 import ray
 import torch
-from tqdm import tqdm
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, DataConfig, _deep_update, from_dict, parse_overrides
@@ -71,6 +69,7 @@ def checkpoint_config(checkpoint: str, overrides: list[str] | None = None,
     (:func:`~mirasol_ray.launch.configure_storage`): the run's own config is inside what is read."""
 
     configure_storage(overrides)
+    storage.check_access(checkpoint)
     model_uri, chosen = resolve_choice(checkpoint, choice)
     if chosen is not None:
         console.say(f"{checkpoint}: its {describe_choice(chosen)}")
@@ -125,7 +124,7 @@ def _record(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
 
 def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = None, batch_size: int = 16,
              num_actors: int = 1, beam_size: int = 1, num_cpus: int | None = None, records_out: str = "",
-             out: str = "", normalize: str = "vqa", source: str = "", choice: str = "best") -> dict[str, Any]:
+             out: str = "", normalize: str = "", source: str = "", choice: str = "best") -> dict[str, Any]:
     """Task metrics of a checkpoint over the shards at ``data_url``, scored by the benchmark's protocol.
     ``checkpoint`` may be a run folder: its best checkpoint by the run's validation score, or with ``choice``
     ``last`` its newest (:func:`~mirasol_ray.train.checkpoint.choose_checkpoint`).
@@ -136,6 +135,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     kind of thing) before any work, so the metrics are never lost to a bad path.
     """
 
+    storage.check_access(data_url)
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)
     expand_shard_urls(data_url)
     if records_out:
@@ -146,6 +146,8 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     source = source or str(manifest.get("source") or "")
     total = manifest.get("num_samples")
     with console.quiet_libraries() as logs:
+        if not ray.is_initialized():
+            console.say(f"starting Ray ({os.environ.get('RAY_ADDRESS') or 'a local instance'})...")
         started = ensure_ray(num_cpus)
         # Ray's C++ core worker prints its errors on fd 2 (ray#53727's note at every actor pool): into the log
         with console.native_stderr_to(console.attach_session_log(logs)):
@@ -165,13 +167,13 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
                     num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                 )
                 records = []
-                bar = tqdm(total=total, desc="evaluating", unit="clip", file=sys.stderr,
-                           disable=not sys.stderr.isatty())
+                console.say(f"scoring {total if total is not None else 'the'} clips of {data_url} with "
+                            f"{num_actors} model replica(s) on {'GPU' if use_gpu else 'CPU'} "
+                            f"(each loads {model_uri})...")
+                bar = console.Progress("evaluating", total, "clips")
                 for b in preds.iter_batches(batch_size=256, batch_format="numpy"):
                     records += [_record(b, i) for i in range(len(b["key"]))]
-                    if not bar.disable:
-                        bar.n = samples_seen(read_skips(counter))
-                        bar.refresh()
+                    bar.update(samples_seen(read_skips(counter)))
                 bar.close()
                 ray.get(counter.snapshot.remote())
                 skips = read_skips(counter)
@@ -180,6 +182,7 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
                     ray.shutdown()
     if truncation_warning(skips["truncation"], cfg.data.tokenizer):  # the scores are of cut references
         console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
+    console.say(f"scored {len(records)} rows (questions, captions, labels) of {skips['decoded']} decoded clips")
     if records_out:
         storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records))
     meta = read_meta(model_uri)
@@ -220,9 +223,10 @@ def write_results(res: dict[str, Any], out: str) -> None:
 
 
 def format_table(res: dict[str, Any]) -> str:
-    """The results as the paper lays them out, our figure beside the paper's; the per-type breakdown under it."""
+    """The results as the paper lays them out, our figure beside the paper's, both in percent (as ``mirasol
+    results`` and the training summary show scores); the per-type breakdown under it."""
     rows = res["table"]
-    head = ("Task", "Dataset", "Model", "Metric name", "Metric value", "Paper", "n")
+    head = ("Task", "Dataset", "Model", "Metric name", "Metric value (%)", "Paper (%)", "n")
     cells = [head] + [(r["task"], r["dataset"], r["model"], r["metric"], _fmt(r["value"]),
                        "" if r["paper"] is None else f"{r['paper']:.2f}", str(r["count"])) for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(head))]

@@ -10,16 +10,15 @@ in the current folder or anywhere the user did not name).
 from __future__ import annotations
 
 import os
-import sys
+import posixpath
 import time
 from typing import Any
 
 import numpy as np
 import ray
-from tqdm import tqdm
 
 from mirasol_ray import storage
-from mirasol_ray.config import load_config
+from mirasol_ray.config import is_byte_tokenizer, load_config, parse_overrides
 from mirasol_ray.data.pipeline import (
     SHARD_REASONS,
     decoded_dataset,
@@ -38,6 +37,25 @@ from mirasol_ray.launch.plots import plt
 from mirasol_ray.launch.train import ensure_ray
 
 SHEET_ROWS = 3
+DEFAULT_LIMIT = 16
+"""Samples ``data inspect`` decodes unless told otherwise (``--limit 0``: all): enough for shapes, skips and a
+contact sheet in seconds."""
+
+
+def dataset_tokenizer(shards: list[str], manifest: dict[str, Any] | None) -> str:
+    """The tokenizer file a dataset carries, "" when none: the one its manifest names (relative to the shards'
+    folder; a split's manifest names ``../tokenizer.json``), else ``tokenizer.json`` in the shards' folder or the one
+    above it (where ``shards synth`` and ``shards build --tokenizer learn`` put it, above the split folders)."""
+    if not shards:
+        return ""
+    folder = posixpath.dirname(shards[0]) if storage.is_remote(shards[0]) else os.path.dirname(shards[0])
+    parent = posixpath.dirname(folder) if storage.is_remote(folder) else os.path.dirname(folder)
+    named = str((manifest or {}).get("tokenizer") or "")
+    candidates = []
+    if named:
+        candidates.append(storage.join(parent, named[3:]) if named.startswith("../") else storage.join(folder, named))
+    candidates += [storage.join(folder, "tokenizer.json"), storage.join(parent, "tokenizer.json")]
+    return next((c for c in candidates if storage.exists(c)), "")
 
 
 def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "") -> str:
@@ -69,18 +87,31 @@ def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "")
     return path
 
 
-def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None = None, limit: int = 0,
+def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None = None, limit: int = DEFAULT_LIMIT,
                     png: str = "", num_cpus: int | None = None, progress: bool = True) -> dict[str, Any]:
-    """Run the decode pipeline over ``url`` and report. Raises (one line) when no shard at all can be read;
-    a report with ``decoded == 0`` is the caller's to judge (``mirasol data inspect`` exits non-zero)."""
+    """Run the decode pipeline over at most ``limit`` samples of ``url`` (0: all) and report. The texts are
+    tokenized with the dataset's own tokenizer (:func:`dataset_tokenizer`) unless ``data.tokenizer`` is set.
+    Raises (one line) when no shard at all can be read; a report with ``decoded == 0`` is the caller's to judge
+    (``mirasol data inspect`` exits non-zero)."""
 
     cfg = load_config(config, overrides)
     storage.configure(cfg.storage.endpoint_url)
+    storage.check_access(url)
     shards = expand_shard_urls(url)  # a clear error before Ray starts if there is nothing there
     if png:
         storage.check_output(png, "file")  # before the work, not after it
-    total = limit or (find_manifest(url) or {}).get("num_samples") or None
+    manifest = find_manifest(url)
+    if is_byte_tokenizer(cfg.data.tokenizer) and "tokenizer" not in (parse_overrides(overrides).get("data") or {}):
+        found = dataset_tokenizer(shards, manifest)
+        if found:
+            cfg.data.tokenizer = found
+            if progress:
+                console.say(f"tokenizer: {found}, the dataset's (--set data.tokenizer=byte for bytes)")
+    available = (manifest or {}).get("num_samples")
+    total = min(limit, available) if limit and available else limit or available or None
     with console.quiet_libraries() as logs:
+        if progress and not ray.is_initialized():
+            console.say(f"starting Ray ({os.environ.get('RAY_ADDRESS') or 'a local instance'})...")
         started = ensure_ray(num_cpus)
         console.attach_session_log(logs)
         try:
@@ -91,8 +122,11 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
             rows_out = 0
             sheet: list[dict[str, np.ndarray]] = []
             shapes: dict[str, Any] = {}
-            bar = tqdm(total=total, desc=f"decoding {len(shards)} shard(s)", unit="clip", file=sys.stderr,
-                       disable=not (progress and sys.stderr.isatty()))
+            if progress:
+                console.say(f"decoding {total or 'the'} clips of {len(shards)} shard(s)"
+                            + (f" (--limit {limit}; 0 for all {available})" if limit and available
+                               and available > limit else "") + "...")
+            bar = console.Progress(f"decoding {len(shards)} shard(s)", total, "clips") if progress else None
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 n = len(batch["key"])
                 if not n:
@@ -107,10 +141,10 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
                         sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask")}
                                      | {"key": str(batch["key"][i])})
                 rows_out += n
-                if not bar.disable:
-                    bar.n = samples_seen(read_skips(counter))
-                    bar.refresh()
-            bar.close()
+                if bar is not None:
+                    bar.update(samples_seen(read_skips(counter)))
+            if bar is not None:
+                bar.close()
             elapsed = time.perf_counter() - t0
             ray.get(counter.snapshot.remote())  # flush: fire-and-forget adds queued before this call
             snap = read_skips(counter)
@@ -131,6 +165,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         "skipped": skipped,
         "skipped_examples": snap["examples"],
         "truncation": snap["truncation"],
+        "tokenizer": cfg.data.tokenizer or "byte",
         "truncation_warning": truncation_warning(snap["truncation"], cfg.data.tokenizer),
         "shards_skipped": {r: n for r, n in skipped.items() if r in SHARD_REASONS},
         "shapes": shapes,
@@ -154,6 +189,7 @@ def print_report(report: dict[str, Any]) -> None:
             print(f"skipped        {reason}: {n}  (e.g. {ex})")
     else:
         print("skipped        none")
+    print(f"tokenizer      {report.get('tokenizer', 'byte')}")
     print(report["truncation_warning"] or "texts cut      none")
     for k, v in report["shapes"].items():
         print(f"  {k:<14} {v['dtype']:<8} {v['shape']}")

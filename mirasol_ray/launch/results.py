@@ -22,7 +22,7 @@ from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
 from mirasol_ray.launch.plots import plt, png_bytes
 from mirasol_ray.train.checkpoint import better, metric_value, scored_checkpoints
-from mirasol_ray.train.metrics import flatten
+from mirasol_ray.train.metrics import flatten, is_score, show_value
 
 SWEEP_FILE = "sweep.json"
 TRIALS_DIR = "trials"
@@ -100,10 +100,10 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
 
     records = [r for r in read_metrics(uri) if until is None or r.get("step", 0) <= until]
     curve = [(r["step"], v) for r in records if (v := _number(flatten(r).get(metric))) is not None]
-    best_step, best = None, None
-    for step, v in curve:
-        if better(v, best, mode):
-            best_step, best = step, v
+    peak_step, peak = None, None
+    for step, v in curve:  # the newest of equal values, as among checkpoints
+        if peak is None or better(v, peak, mode) or v == peak:
+            peak_step, peak = step, v
     twin = train_counterpart(metric)
     train_curve = [v for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
     _, found = scored_checkpoints(uri)
@@ -116,9 +116,13 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
             pick = (c, v)
     chosen = pick[0] if pick else (checkpoints[0] if checkpoints else None)
     last = checkpoints[0] if checkpoints else None
+    # one truth: the best is the best-scoring evaluation that has a checkpoint (what mirasol eval loads from the run
+    # folder); the curve's own extreme (``peak``) is the best only when no kept checkpoint carries the metric
+    best, best_step = (pick[1], pick[0]["step"]) if pick else (peak, peak_step)
     return {
         "steps": max([r.get("step", 0) for r in records], default=0),
-        "best": best, "best_step": best_step, "last": curve[-1][1] if curve else None,
+        "best": best, "best_step": best_step, "peak": peak, "peak_step": peak_step,
+        "last": curve[-1][1] if curve else None,
         "train_last": train_curve[-1] if train_curve else None,
         "checkpoint": chosen["uri"] if chosen else None, "checkpoint_step": chosen["step"] if chosen else None,
         "checkpoint_value": pick[1] if pick else None,
@@ -139,6 +143,7 @@ def read_results(url: str, metric: str = "", mode: str = "") -> dict[str, Any]:
     ``s3://``, as one dict: trials best first, the best trial, the command that evaluates its checkpoint."""
     if not storage.is_remote(url) and not url.startswith("file://"):
         url = os.path.abspath(url)
+    storage.check_access(url)
     storage.fsspec_fs(url).invalidate_cache()  # a long-lived process sees files written since
     sweep_path = storage.join(url, SWEEP_FILE)
     if storage.exists(sweep_path):
@@ -198,20 +203,32 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
+def _cell(metric: str, v: float | None) -> str:
+    """A value of ``metric`` in a table whose header carries the unit (:func:`_label`): scores in percent."""
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}" if is_score(metric) else _fmt(v)
+
+
+def _label(metric: str) -> str:
+    return f"{metric} (%)" if is_score(metric) else metric
+
+
 def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
     """The trials in the given order: id, swept values, status, steps, best and last metric (and the last value of
     the same metric on training clips, when the runs scored them), checkpoint URI (the best)."""
     keys = list(res["space"]) or sorted({k for t in res["trials"] for k in t["config"]})
     m = res["metric"]
     twin = any(t.get("train_last") is not None for t in res["trials"])
-    head = (["trial", *keys, "status", "steps", f"best {m}", f"last {m}"] + (["last on train clips"] if twin else [])
+    head = (["trial", *keys, "status", "steps", f"best {_label(m)}", f"last {_label(m)}"]
+            + (["last on train clips"] if twin else [])
             + (["best checkpoint"] if checkpoints else []))
     rows = []
     for t in res["trials"]:
         steps = f"{t['steps']}/{res['max_steps']}" if res.get("max_steps") else str(t["steps"])
         rows.append([t["trial_id"], *[_fmt(t["config"].get(k, "")) for k in keys], t["status"], steps,
-                     "-" if t["best"] is None else _fmt(t["best"]), "-" if t["last"] is None else _fmt(t["last"])]
-                    + (["-" if t.get("train_last") is None else _fmt(t["train_last"])] if twin else [])
+                     _cell(m, t["best"]), _cell(m, t["last"])]
+                    + ([_cell(m, t.get("train_last"))] if twin else [])
                     + ([t["checkpoint"] or "-"] if checkpoints else []))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]
@@ -225,16 +242,17 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
 
     written = []
     m, best_id = res["metric"], (res["best"] or {}).get("trial_id")
+    k = 100.0 if is_score(m) else 1.0  # scores in percent, as every table shows them
     fig, ax = plt.subplots(figsize=(8, 4.5))
     for t in res["trials"]:
         if not t["curve"]:
             continue
         steps, values = zip(*t["curve"])
         label = " ".join([t["trial_id"]] + [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in t["config"].items()])
-        ax.plot(steps, values, marker="o", markersize=3, lw=2.5 if t["trial_id"] == best_id else 1,
+        ax.plot(steps, [k * v for v in values], marker="o", markersize=3, lw=2.5 if t["trial_id"] == best_id else 1,
                 ls="--" if t["status"] == "stopped" else "-", label=f"{label} ({t['status']})")
     ax.set_xlabel("step")
-    ax.set_ylabel(m)
+    ax.set_ylabel(_label(m))
     ax.set_title(f"{res['name']}: {m} ({'higher' if res['mode'] == 'max' else 'lower'} is better)")
     if ax.lines:
         ax.legend(fontsize=7)
@@ -253,7 +271,7 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
             cats = sorted({json.dumps(x) for x, _, _ in pts})  # choices that are not numbers: one column each
             for status in sorted({s for _, _, s in pts}):
                 xs = [x if numeric else cats.index(json.dumps(x)) for x, _, s in pts if s == status]
-                ax.scatter(xs, [y for _, y, s in pts if s == status], label=status,
+                ax.scatter(xs, [k * y for _, y, s in pts if s == status], label=status,
                            marker="x" if status == "stopped" else "o")
             if pts and numeric:
                 xs = [x for x, _, _ in pts]
@@ -264,7 +282,7 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
             if pts:
                 ax.legend(fontsize=7)
             ax.set_xlabel(key)
-            ax.set_ylabel(f"best {m}")
+            ax.set_ylabel(f"best {_label(m)}")
         fig.tight_layout()
         path = storage.join(out, "hyperparameters.png")
         storage.write_bytes(path, png_bytes(fig))
@@ -273,24 +291,13 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
     return written
 
 
-def default_out(res: dict[str, Any]) -> str:
-    """``./<name>-results``: a local folder named after the run, refused if it would fall inside a local run or
-    sweep being read (give ``--out`` to write there on purpose)."""
-    out = os.path.abspath(f"{res['name'] or 'mirasol'}-results")
-    src = res["url"]
-    if not storage.is_remote(src):
-        src = storage.strip_scheme(src)
-        if os.path.commonpath([out, src]) == src:
-            raise ValueError(f"the default output folder {out} is inside {src}: give --out DIR")
-    return out
-
-
 def results(url: str, *, out: str = "", metric: str = "", mode: str = "") -> dict[str, Any]:
-    """Everything ``mirasol results`` shows, with the PNGs written to ``out`` (default :func:`default_out`)."""
+    """Everything ``mirasol results`` shows; the PNGs are written only when ``out`` names a folder (nothing is
+    written where nobody asked: not the current folder, not the run's own)."""
     if metric:
         check_metric(metric)
     res = read_results(url, metric, mode)
-    res["plots"] = write_plots(res, out or default_out(res))
+    res["plots"] = write_plots(res, out) if out else []
     return res
 
 
@@ -310,15 +317,21 @@ def print_results(res: dict[str, Any]) -> None:
     if res["kind"] == "run" and res["trials"]:
         t = res["trials"][0]
         if t["checkpoint"]:
-            value = "" if t["checkpoint_value"] is None else f", {res['metric']}={_fmt(t['checkpoint_value'])}"
+            value = "" if t["checkpoint_value"] is None else \
+                f", {res['metric']}={show_value(res['metric'], t['checkpoint_value'])}"
             print(f"\nbest checkpoint (step {t['checkpoint_step']}{value}): {t['checkpoint']}")
         if t["last_checkpoint"]:
             print(f"last checkpoint (step {t['last_checkpoint_step']}): {t['last_checkpoint']}")
     if res["best"]:
         b = res["best"]
-        print(f"\nbest: {b['trial_id']} {b['metric']}={_fmt(b['value'])} at step {b['step']}")
+        print(f"\nbest: {b['trial_id']} {b['metric']}={show_value(b['metric'], b['value'])} at step {b['step']}"
+              + (" (its checkpoint: the one mirasol eval takes from the run folder)" if b["checkpoint"] else ""))
+        top = res["trials"][0]
+        if top.get("peak") is not None and top.get("peak_step") != b["step"] and top["peak"] != b["value"]:
+            print(f"  (the curve peaked at {show_value(b['metric'], top['peak'])} at step {top['peak_step']}, "
+                  "which has no kept checkpoint)")
         if res["eval_command"]:
             print(f"evaluate its checkpoint:\n  {res['eval_command']}")
     else:
         print(f"\nno trial has reported {res['metric']} yet")
-    print("plots: " + ", ".join(res.get("plots", [])))
+    print("plots: " + (", ".join(res["plots"]) if res.get("plots") else "none written (give --out DIR)"))

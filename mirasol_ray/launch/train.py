@@ -139,6 +139,8 @@ def check_inputs(cfg: Config) -> None:
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
+    for url in (cfg.data.train, cfg.data.val, cfg.storage.root, cfg.data.tokenizer, cfg.train.init_from):
+        storage.check_access(url)  # seconds, naming the URL, before minutes of a library's retries
     # Relative local files are the driver's: Ray Train's workers run in folders of their own, where
     # data.tokenizer=data/mine/train/tokenizer.json or train.init_from=runs/pre were not found (the README's own
     # commands failed so). The shards' URLs are made absolute when they are expanded.
@@ -302,11 +304,16 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
         done = read_meta(storage.join(last, "model.pt")).get("step", 0) if last else 0
         console.say(f"run {uri}: {cfg.train.stage}, {cfg.train.steps} steps on {cfg.scaling.num_workers} worker(s)"
                     + (f", from its checkpoint at step {done}" if last else "") + f"; logs: {local_log}")
+        if not ray.is_initialized():
+            console.say(f"starting Ray ({os.environ.get('RAY_ADDRESS') or 'a local instance'})...")
         started = ensure_ray(num_cpus)
         ray.data.DataContext.get_current().enable_progress_bars = False
         counter = None
         try:
+            console.say("building the data pipeline (shard index" + (", validation sets" if cfg.data.val else "")
+                        + ")...")
             trainer, counter = build_trainer(cfg, name, uri, pid_dir=pid_dir, lease=lease.token, scratch=scratch)
+            console.say(f"starting {cfg.scaling.num_workers} training worker(s) (Ray Train)...")
             t0 = time.perf_counter()
             try:
                 with console.StepProgress(counter, cfg.train.steps, name):
@@ -332,6 +339,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
                     storage.write_bytes(local_log, open(os.path.join(scratch, "driver.log"), "rb").read())
                 except Exception:  # the log is a convenience: never mask the run's own outcome
                     pass
+        console.say("writing the summary and the learning curve...")
         prune_checkpoints(uri, cfg.train.keep_checkpoints)
         records = read_metrics(uri)
         plot = plot_curves(records, storage.join(uri, "plots", "learning_curve.png"), title=name)
@@ -351,6 +359,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "truncation": skips["truncation"],
             "seconds": round(elapsed, 1),
             "learning_curve": plot,
+            "tensorboard": storage.RunDir(uri).tensorboard,
             "log": local_log,
         }
         storage.write_text(storage.join(uri, "summary.json"), json.dumps(summary, indent=2))

@@ -63,7 +63,7 @@ from torch.distributed.checkpoint.state_dict import (
 from mirasol_ray import storage
 from mirasol_ray.model.mirasol import Mirasol, build_model
 from mirasol_ray.train import sharded
-from mirasol_ray.train.metrics import flatten
+from mirasol_ray.train.metrics import flatten, show_value
 from mirasol_ray.train.strict import init_plan, require_same_tensors, shapes_of
 
 MODEL_FILE = "model.pt"
@@ -314,10 +314,10 @@ def choose_checkpoint(run_uri: str, choice: str = "best") -> dict[str, Any] | No
 
 
 def describe_choice(chosen: dict[str, Any]) -> str:
-    """``best checkpoint by val/qa (0.8125, max) at step 40: URI`` for the console."""
+    """``best checkpoint by val/qa (81.25%, max) at step 40: URI`` for the console."""
     what = f"{chosen['choice']} checkpoint"
     if chosen.get("metric") and chosen.get("value") is not None:
-        what += f" by {chosen['metric']} ({chosen['value']:.4g}, {chosen['mode']})"
+        what += f" by {chosen['metric']} ({show_value(chosen['metric'], chosen['value'])}, {chosen['mode']})"
     return f"{what} at step {chosen['step']}: {chosen['uri']}"
 
 

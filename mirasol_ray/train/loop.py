@@ -417,6 +417,10 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
         evaluated: dict[str, dict[str, float]] = {}  # this step's evaluation, if any: what its checkpoint scores
+        if do_eval and rank == 0 and step == cfg.train.steps:  # the console's bar would stand still meanwhile
+            _say(config["counter"], f"step {step}/{cfg.train.steps}: the final validation "
+                 f"({'all' if cfg.train.eval_batches <= 0 else f'up to {cfg.train.eval_batches}'} batches a worker), "
+                 "then the last checkpoint")
         if do_eval:
             t0 = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,

@@ -74,6 +74,30 @@ def token_f1(pred: str, target: str) -> float:
     return 2 * prec * rec / (prec + rec)
 
 
+SCORES = ("caption", "qa", "mcqa", "cls")
+"""Validation metrics that are scores (accuracy, token F1): stored as fractions (metrics.jsonl, meta.json), shown
+to a person in percent, the scale of ``mirasol eval``'s table and of the paper."""
+
+
+def is_score(metric: str) -> bool:
+    """``val/qa``, ``train_eval/qa/what``, ``val/caption``: a score; ``val/loss`` and the training metrics (``cls``
+    unprefixed is a loss part) are not."""
+    for split in ("val/", "train_eval/"):
+        if metric.startswith(split):
+            return metric[len(split):].split("/")[0] in SCORES
+    return False
+
+
+def show_value(metric: str, value: float | None) -> str:
+    """How a person reads a value of ``metric``: a score in percent with two decimals (``81.25%``), anything else
+    with four significant digits; ``-`` for none."""
+    if value is None:
+        return "-"
+    if is_score(metric):
+        return f"{100 * value:.2f}%"
+    return f"{value:.4g}"
+
+
 def metric_key(task: str, qtype: str) -> str:
     """Where a record is scored: ``qa/<qtype>`` for questions, ``caption/segment`` for timestamped captions (a
     clip's caption is ``caption``), otherwise the task's name."""
@@ -135,10 +159,17 @@ def normalize_vqa(text: str) -> str:
 NORMALIZERS: dict[str, Callable[[str], str]] = {
     "vqa": normalize_vqa,
     "exact": lambda text: text.strip(),
+    "squad": normalize_answer,
 }
-"""``vqa`` (default): :func:`normalize_vqa` on both sides. ``exact``: the strings as the benchmarks' own scripts
-compare them (ActivityNet-QA ``evaluation/eval.py``: ``pred == answer``; MSRVTT-QA's answers are single
-lower-case words), only surrounding spaces removed."""
+"""``vqa`` (the open-ended benchmarks' default): :func:`normalize_vqa` on both sides. ``exact``: the strings as the
+benchmarks' own scripts compare them (ActivityNet-QA ``evaluation/eval.py``: ``pred == answer``; MSRVTT-QA's
+answers are single lower-case words), only surrounding spaces removed. ``squad``: :func:`normalize_answer` (lower
+case, no punctuation or articles), what validation during training uses, so the default for data that is not a
+benchmark: ``mirasol eval`` then reproduces the run's own ``val/qa``."""
+
+TASK_NAMES = {"qa": "Video QA", "mcqa": "Video QA (multiple choice)", "cls": "Audio-video classification",
+              "caption": "Captioning"}
+"""The Task column of a dataset that is not a benchmark, by the rows' task."""
 
 
 def qa_correct(record: dict[str, Any], normalize: Callable[[str], str]) -> bool:
@@ -332,21 +363,30 @@ def _per_type(scores: list[tuple[str, float]], name: str, merge: dict[str, str] 
     return [{"type": t, "name": name, "value": _pct(sums[t], counts[t]), "count": counts[t]} for t in sorted(counts)]
 
 
-def benchmark_results(records: list[dict[str, Any]], source: str, normalize: str = "vqa") -> dict[str, Any]:
+def benchmark_results(records: list[dict[str, Any]], source: str, normalize: str = "") -> dict[str, Any]:
     """A benchmark's metrics from prediction records, in percent, as its papers compute them.
 
     Returns ``{"dataset", "task", "source", "metrics": [{"name", "value", "count", "paper"}], "per_type":
     [{"type", "name", "value", "count"}], "normalization"}``; the first metric is the headline one. A source with
-    no protocol here (``jsonl``, the synthetic set) gets accuracy (token F1 for captions) per task.
+    no protocol here (``jsonl``, the synthetic set) gets accuracy (token F1 for captions) per task, each metric with
+    its own ``task`` (:data:`TASK_NAMES`). ``normalize``: a :data:`NORMALIZERS` name for open-ended answers (default
+    ``vqa`` for a benchmark, ``squad`` otherwise); ``normalization`` says which was applied (None: no open-ended
+    answers are scored by this protocol).
     """
-    if normalize not in NORMALIZERS:
+    if normalize and normalize not in NORMALIZERS:
         raise ValueError(f"normalize must be one of {', '.join(NORMALIZERS)}, got {normalize!r}")
     bench = BENCHMARKS.get(source)
     if bench is None:
+        normalize = normalize or "squad"
+        norm = NORMALIZERS[normalize]
+        records = [{**r, "correct": qa_correct(r, norm)} if r["task"] == "qa" else r for r in records]
         agg = aggregate(records)
-        return {"dataset": source or "custom", "task": "", "source": source, "normalization": "squad",
+        return {"dataset": source or "custom", "task": ", ".join(sorted({TASK_NAMES[k.split("/")[0]] for k in agg})),
+                "source": source, "normalization": normalize if any(r["task"] == "qa" for r in records) else None,
                 "metrics": [{"name": f"{m['metric']} [{k}]", "value": 100 * m["value"], "count": m["count"],
-                             "paper": None} for k, m in agg.items()], "per_type": []}
+                             "paper": None, "task": TASK_NAMES[k.split("/")[0]]} for k, m in agg.items()],
+                "per_type": []}
+    normalize = normalize or "vqa"
     out = {"dataset": bench.dataset, "task": bench.task, "source": source, "normalization": None}
     out.update(_PROTOCOLS[bench.protocol](records, bench, NORMALIZERS[normalize]))
     if bench.protocol in ("open_qa", "activitynet_qa"):
@@ -418,7 +458,7 @@ _PROTOCOLS = {"open_qa": _open_qa, "activitynet_qa": _activitynet_qa, "nextqa_mc
 def table_rows(results: dict[str, Any], model: str) -> list[dict[str, Any]]:
     """The paper's table layout: one row per metric (Task, Dataset, Model, Metric name, Metric value, Paper),
     then the per-type breakdown as rows whose metric name carries the type."""
-    rows = [{"task": results["task"], "dataset": results["dataset"], "model": model, "metric": m["name"],
+    rows = [{"task": m.get("task") or results["task"], "dataset": results["dataset"], "model": model, "metric": m["name"],
              "value": m["value"], "count": m["count"], "paper": m["paper"]} for m in results["metrics"]]
     rows += [{"task": results["task"], "dataset": results["dataset"], "model": model,
               "metric": f"{t['name']} [{t['type']}]", "value": t["value"], "count": t["count"], "paper": None}

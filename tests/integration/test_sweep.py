@@ -131,7 +131,7 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     for png in ("learning_curves.png", "hyperparameters.png"):
         assert (res_dir / png).stat().st_size > 10_000
 
-    # the table, and the default output folder: local, named after the sweep, not inside the storage read
+    # the table; without --out no PNG is written (not in the current folder, not in the storage read)
     from mirasol_ray.cli import main
 
     monkeypatch.chdir(tmp_path)
@@ -141,7 +141,8 @@ def test_asha_sweep_on_s3_then_results_with_no_ray(synth_shards, s3_server, ray_
     assert lines[1].split()[:2] == ["trial", "train.lr"]
     assert lines[2].split()[0] == best["trial_id"]
     assert f"  {res['eval_command']}" in lines
-    assert (tmp_path / "asha-results" / "learning_curves.png").exists()
+    assert "plots: none written (give --out DIR)" in lines
+    assert not (tmp_path / "asha-results").exists(), "no PNG where nobody asked (issue 34)"
 
     # and the command it printed evaluates the best checkpoint, straight from S3
     proc = subprocess.run([sys.executable, "-m", "mirasol_ray.cli", *res["eval_command"].split()[1:], "--json"],

@@ -143,7 +143,8 @@ def test_results_files_and_the_paper_table(tmp_path):
     res = {"benchmark": res_b, "table": table_rows(res_b, "ft (step 10)")}
     text = format_table(res)
     lines = text.splitlines()
-    assert lines[0].split() == ["Task", "Dataset", "Model", "Metric", "name", "Metric", "value", "Paper", "n"]
+    assert lines[0].split() == ["Task", "Dataset", "Model", "Metric", "name", "Metric", "value", "(%)", "Paper", "(%)",
+                                "n"]
     assert "Video QA" in lines[2] and "MSRVTT-QA" in lines[2] and "50.00" in lines[2] and "50.42" in lines[2]
     assert "per type:" in text and "accuracy [what]" in text
     write_results(res, str(tmp_path))

@@ -229,7 +229,7 @@ def test_a_run_folder_stands_for_its_best_checkpoint_and_pruning_keeps_it(traine
     assert ckpt.resolve_checkpoint(str(runs)) == str(runs / "checkpoint_00000004_a" / ckpt.MODEL_FILE)
     assert ckpt.resolve_checkpoint(str(runs), choice="last") == str(runs / "checkpoint_00000008_a" / ckpt.MODEL_FILE)
     uri, chosen = ckpt.resolve_choice(str(runs))
-    assert chosen["choice"] == "best" and "best checkpoint by val/qa (0.75, max) at step 4" in ckpt.describe_choice(
+    assert chosen["choice"] == "best" and "best checkpoint by val/qa (75.00%, max) at step 4" in ckpt.describe_choice(
         chosen)
     assert ckpt.resolve_choice(uri) == (uri, None)  # a model file names itself
     with pytest.raises(ValueError, match="checkpoint choice must be best or last"):
