@@ -105,6 +105,13 @@ def _pods(doc: dict) -> list[dict]:
     return [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
 
 
+def _ray_container(pod: dict) -> dict:
+    """The pod's Ray container (KubeRay's convention: the first; sidecars such as Fluent Bit follow it)."""
+    c = pod["containers"][0]
+    assert c["name"] in ("ray-head", "ray-worker"), c["name"]
+    return c
+
+
 def _bytes(quantity: str) -> int:
     """A Kubernetes memory quantity (``8Gi``, ``500M``, ``1000``) in bytes."""
     m = re.fullmatch(r"(\d+)([KMGT]i?)?", quantity)
@@ -130,7 +137,7 @@ def test_dockerfile_and_manifests_name_the_pinned_ray():
     for name in MANIFESTS:
         doc = _load(CLUSTER / "kuberay" / name)
         assert _cluster_spec(doc)["rayVersion"] == version, name
-        images += [c["image"] for pod in _pods(doc) for c in pod["containers"]]
+        images += [_ray_container(pod)["image"] for pod in _pods(doc)]
     for name in LAUNCHER:
         images.append(_load(CLUSTER / name)["docker"]["image"])
     assert images and all(img.endswith(f":ray{version}-{py}") for img in images), images
@@ -187,7 +194,7 @@ def test_kuberay_manifest_matches_the_crd(name, crd_schemas):
     groups_in_order = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
     for group, pod in zip(groups_in_order, _pods(doc)):
         volumes = {v["name"]: v for v in pod["volumes"]}
-        (c,) = pod["containers"]
+        c = _ray_container(pod)
         mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
         shm = volumes[mounts["/dev/shm"]]["emptyDir"]
         assert shm["medium"] == "Memory"
@@ -573,3 +580,25 @@ def test_podmonitors_scrape_ports_the_raycluster_names():
     assert {e["port"] for e in head["podMetricsEndpoints"]} <= ports
     env = {e["name"] for e in c["env"]}
     assert {"RAY_GRAFANA_HOST", "RAY_PROMETHEUS_HOST", "RAY_GRAFANA_IFRAME_HOST"} <= env
+
+
+def test_rayjob_pods_ship_rays_logs_to_s3():
+    """Every pod of a RayJob (whose cluster is deleted after the job) runs the Fluent Bit sidecar on the Ray
+    container's /tmp/ray, with the config log-shipping.yaml defines and S3 credentials only from the Secret."""
+    with open(CLUSTER / "kuberay" / "log-shipping.yaml") as f:
+        (cm,) = list(yaml.load_all(f, Loader=_Loader))
+    conf = cm["data"]["fluent-bit.conf"]
+    assert "Path              /tmp/ray/session_latest/logs/*" in conf and re.search(r"Name\s+s3", conf)
+    for name in MANIFESTS:
+        doc = _load(CLUSTER / "kuberay" / name)
+        if doc["kind"] != "RayJob":
+            continue
+        for pod in _pods(doc):
+            ray_c = _ray_container(pod)
+            (fb,) = [c for c in pod["containers"] if c["name"] == "fluentbit"]
+            ray_tmp = [m["name"] for m in ray_c["volumeMounts"] if m["mountPath"] == "/tmp/ray"]
+            assert [m["name"] for m in fb["volumeMounts"] if m["mountPath"] == "/tmp/ray"] == ray_tmp
+            config = {v["name"]: v for v in pod["volumes"]}["fluentbit-config"]
+            assert config["configMap"]["name"] == cm["metadata"]["name"]
+            assert fb["envFrom"] == [{"secretRef": {"name": "mirasol-s3"}}]
+            assert not any("value" in e and "SECRET" in e["name"] for e in fb.get("env", []))
