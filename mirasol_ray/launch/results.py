@@ -105,7 +105,8 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
         if peak is None or better(v, peak, mode) or v == peak:
             peak_step, peak = step, v
     twin = train_counterpart(metric)
-    train_curve = [v for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
+    train_curve = [(r["step"], v) for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
+    loss_curve = [(r["step"], v) for r in records if (v := _number(r.get("loss"))) is not None]
     _, found = scored_checkpoints(uri)
     # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
     checkpoints = [c for c in found if until is None or c["step"] <= until] or found
@@ -123,11 +124,11 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
         "steps": max([r.get("step", 0) for r in records], default=0),
         "best": best, "best_step": best_step, "peak": peak, "peak_step": peak_step,
         "last": curve[-1][1] if curve else None,
-        "train_last": train_curve[-1] if train_curve else None,
+        "train_last": train_curve[-1][1] if train_curve else None,
         "checkpoint": chosen["uri"] if chosen else None, "checkpoint_step": chosen["step"] if chosen else None,
         "checkpoint_value": pick[1] if pick else None,
         "last_checkpoint": last["uri"] if last else None, "last_checkpoint_step": last["step"] if last else None,
-        "curve": curve, "run": uri,
+        "curve": curve, "train_curve": train_curve, "loss_curve": loss_curve, "run": uri,
     }
 
 
@@ -236,26 +237,44 @@ def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
 
 
 def write_plots(res: dict[str, Any], out: str) -> list[str]:
-    """``learning_curves.png`` (the metric against step, every trial on one plot) and, for a sweep,
+    """``learning_curves.png`` (the metric against step: every trial of a sweep on one plot; for a single run, the
+    held-out curve beside the same metric on training clips, and the training loss in a second panel) and, for a sweep,
     ``hyperparameters.png`` (each trial's best value against each swept hyperparameter, one panel each, a log axis
     for log-uniform ones)."""
 
     written = []
     m, best_id = res["metric"], (res["best"] or {}).get("trial_id")
-    k = 100.0 if is_score(m) else 1.0  # scores in percent, as every table shows them
-    fig, ax = plt.subplots(figsize=(8, 4.5))
+    scale = 100.0 if is_score(m) else 1.0  # scores in percent, as every table shows them
+    run = res["kind"] == "run"
+    fig, axes = plt.subplots(1, 2 if run else 1, figsize=(12 if run else 8, 4.5), squeeze=False)
+    ax = axes[0][0]
     for t in res["trials"]:
         if not t["curve"]:
             continue
         steps, values = zip(*t["curve"])
-        label = " ".join([t["trial_id"]] + [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in t["config"].items()])
-        ax.plot(steps, [k * v for v in values], marker="o", markersize=3, lw=2.5 if t["trial_id"] == best_id else 1,
-                ls="--" if t["status"] == "stopped" else "-", label=f"{label} ({t['status']})")
+        label = "held-out" if run else " ".join(
+            [t["trial_id"]] + [f"{k.split('.')[-1]}={_fmt(v)}" for k, v in t["config"].items()]) + f" ({t['status']})"
+        ax.plot(steps, [scale * v for v in values], marker="o", markersize=3,
+                lw=2.5 if t["trial_id"] == best_id and not run else 1.5,
+                ls="--" if t["status"] == "stopped" else "-", label=label)
+        if run and t.get("train_curve"):  # the same metric on training clips: over- or under-fitting at a glance
+            steps, values = zip(*t["train_curve"])
+            ax.plot(steps, [scale * v for v in values], marker="s", markersize=3, lw=1.5, ls=":",
+                    label="training clips")
     ax.set_xlabel("step")
     ax.set_ylabel(_label(m))
     ax.set_title(f"{res['name']}: {m} ({'higher' if res['mode'] == 'max' else 'lower'} is better)")
-    if ax.lines:
-        ax.legend(fontsize=7)
+    if ax.lines:  # below the axes: a legend never covers a curve
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2 if run else 1, frameon=False)
+    if run:
+        loss = axes[0][1]
+        for t in res["trials"]:
+            if t.get("loss_curve"):
+                steps, values = zip(*t["loss_curve"])
+                loss.plot(steps, values, lw=1)
+        loss.set_xlabel("step")
+        loss.set_ylabel("training loss")
+        loss.set_title(f"{res['name']}: training loss")
     fig.tight_layout()
     path = storage.join(out, "learning_curves.png")
     storage.write_bytes(path, png_bytes(fig))
@@ -271,7 +290,7 @@ def write_plots(res: dict[str, Any], out: str) -> list[str]:
             cats = sorted({json.dumps(x) for x, _, _ in pts})  # choices that are not numbers: one column each
             for status in sorted({s for _, _, s in pts}):
                 xs = [x if numeric else cats.index(json.dumps(x)) for x, _, s in pts if s == status]
-                ax.scatter(xs, [k * y for _, y, s in pts if s == status], label=status,
+                ax.scatter(xs, [scale * y for _, y, s in pts if s == status], label=status,
                            marker="x" if status == "stopped" else "o")
             if pts and numeric:
                 xs = [x for x, _, _ in pts]
@@ -302,8 +321,9 @@ def results(url: str, *, out: str = "", metric: str = "", mode: str = "") -> dic
 
 
 def to_json(res: dict[str, Any]) -> dict[str, Any]:
-    """The ``--json`` object: curves left out (they are in the runs' metrics.jsonl and the PNG)."""
-    return {**res, "trials": [{k: v for k, v in t.items() if k != "curve"} for t in res["trials"]]}
+    """The ``--json`` object: curves left out (they are in the runs' metrics.jsonl and the PNGs)."""
+    return {**res, "trials": [{k: v for k, v in t.items() if k not in ("curve", "train_curve", "loss_curve")}
+                              for t in res["trials"]]}
 
 
 def print_results(res: dict[str, Any]) -> None:

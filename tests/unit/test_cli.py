@@ -130,7 +130,7 @@ def run_folder(tmp_path):
     run.mkdir(parents=True)
     cfg = load_config("tiny", ["data.train=/x/train", "data.val=/x/val", "data.task=qa", "train.steps=1300"])
     (run / "config.yaml").write_text(cfg.to_yaml())
-    rows = [{"step": s, "loss": 2.0 - s / 1000, "val": {"qa": q, "loss": 1.0}}
+    rows = [{"step": s, "loss": 2.0 - s / 1000, "val": {"qa": q, "loss": 1.0}, "train_eval": {"qa": 1.0, "loss": 0.5}}
             for s, q in ((1200, 0.75), (1250, 1.0), (1300, 1.0))]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     _checkpoint(str(run), "checkpoint_2026-01-01_00-00-01.000000", 1250, 1.0)
@@ -164,6 +164,9 @@ def test_results_best_is_the_checkpoint_eval_takes_in_percent_and_writes_nothing
     assert cli.main(["results", str(run_folder), "--json", "--out", str(plots)]) == 0
     assert json.loads(capsys.readouterr().out)["plots"] == [str(plots / "learning_curves.png")]
     assert os.listdir(cwd) == []
+    png = (plots / "learning_curves.png").read_bytes()
+    # a single run: the metric (held-out beside training clips) and the training loss, two panels of 6 in at 90 dpi
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and int.from_bytes(png[16:20], "big") == 1080
 
 
 def test_eval_table_fills_every_column_in_percent_and_names_the_normalization_it_applied():
