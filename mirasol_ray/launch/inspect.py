@@ -3,8 +3,9 @@
 Counts samples seen, decoded and skipped (by reason; whole shards that cannot be read by file name), the texts
 cut to fit ``data.max_prompt_len`` / ``data.max_target_len`` (per kind, with a warning line), the
 shapes/dtypes/bytes of a decoded row, and, when ``--png PATH`` is given, writes a contact sheet there: for a few
-rows, each snippet's frames beside its log-mel spectrogram. Without ``--png`` nothing is written (no file appears
-in the current folder or anywhere the user did not name).
+rows, each snippet's frames above its log-mel spectrogram (mel bin against frame), and the clip's texts. Without
+``--png`` nothing is written (no file appears in the current folder or anywhere the user did not name). A few clips
+are decoded unless told otherwise (:data:`DEFAULT_LIMIT`), with the dataset's own tokenizer when it has one.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from mirasol_ray.data.pipeline import (
 )
 from mirasol_ray.data.rows import truncation_warning
 from mirasol_ray.data.schema import TENSOR_COLUMNS
+from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.launch import console
 from mirasol_ray.launch.plots import plt
 from mirasol_ray.launch.train import ensure_ray
@@ -58,29 +60,55 @@ def dataset_tokenizer(shards: list[str], manifest: dict[str, Any] | None) -> str
     return next((c for c in candidates if storage.exists(c)), "")
 
 
-def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "") -> str:
-    """One block per row: for each snippet s, its F frames side by side, and below them the [M, T] log-mel."""
+def clip_texts(row: dict[str, Any], tok, limit: int = 4) -> list[str]:
+    """A decoded row's texts as a person reads them (``prompt -> target``), at most ``limit``; none without a
+    tokenizer or text columns."""
+    if tok is None or "text_mask" not in row:
+        return []
+    out = []
+    for k in np.flatnonzero(row["text_mask"])[:limit]:
+        prompt = tok.decode([int(t) for t, m in zip(row["prompt_ids"][k], row["prompt_mask"][k]) if m]).strip()
+        target = tok.decode([int(t) for t, m in zip(row["target_ids"][k], row["target_mask"][k]) if m]).strip()
+        out.append(f"{prompt} -> {target}" if prompt else target)
+    return out
+
+
+def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "", tok=None) -> str:
+    """Three bands per row: for each snippet s, its F frames side by side; below them its [M, T] log-mel (the first
+    snippet's axes labelled: mel bin against frame); below that the clip's texts (decoded with ``tok``)."""
 
     if not rows:
         raise ValueError("no decoded rows to draw")
     S, F = rows[0]["video"].shape[:2]
-    fig, axes = plt.subplots(2 * len(rows), S, figsize=(2.6 * S, 2.4 * len(rows) * 2), squeeze=False)
+    fig, axes = plt.subplots(3 * len(rows), S, figsize=(2.8 * S, 4.6 * len(rows) + 0.6), squeeze=False,
+                             gridspec_kw={"height_ratios": [1.3, 2.2, 1.3] * len(rows)})
     for r, row in enumerate(rows):
         for s in range(S):
             frames = np.concatenate(list(row["video"][s]), axis=1)  # (H, F*W, 3)
-            ax = axes[2 * r, s]
+            ax = axes[3 * r, s]
             ax.imshow(frames)
             ax.set_axis_off()
             valid = bool(row["snippet_mask"][s])
-            ax.set_title(f"{row['key']} s{s}" + ("" if valid else " (pad)"), fontsize=7)
-            ax = axes[2 * r + 1, s]
+            ax.set_title(f"{row['key']} snippet {s}" + ("" if valid else " (pad)"), fontsize=7)
+            ax = axes[3 * r + 1, s]
             ax.imshow(row["audio"][s], origin="lower", aspect="auto", cmap="magma")
-            ax.set_axis_off()
+            if s == 0:
+                ax.set_ylabel("mel bin", fontsize=7)
+                ax.set_xlabel("log-mel frame", fontsize=7)
+                ax.tick_params(labelsize=6)
+            else:
+                ax.set_xticks([])
+                ax.set_yticks([])
             if not bool(row["audio_present"]):
                 ax.set_title("no audio", fontsize=7)
+            axes[3 * r + 2, s].set_axis_off()
+        texts = clip_texts(row, tok)
+        axes[3 * r + 2, 0].text(0, 0.55, "\n".join(t[:150] for t in texts) or "(no texts)", fontsize=7, va="top",
+                                ha="left", transform=axes[3 * r + 2, 0].transAxes, clip_on=False)
     if title:
         fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.subplots_adjust(left=0.07, right=0.98, top=1 - 0.5 / (4.6 * len(rows) + 0.6), bottom=0.02, hspace=0.35,
+                        wspace=0.12)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=80)
     plt.close(fig)
@@ -138,7 +166,9 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
                 for i in range(n):
                     if len(sheet) < SHEET_ROWS and not any(
                             r["key"].split("#")[0] == str(batch["key"][i]).split("#")[0] for r in sheet):
-                        sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask")}
+                        sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask",
+                                                               "text_mask", "prompt_ids", "prompt_mask", "target_ids",
+                                                               "target_mask") if k in batch}
                                      | {"key": str(batch["key"][i])})
                 rows_out += n
                 if bar is not None:
@@ -175,7 +205,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         "log": logs.path or None,
     }
     if sheet and png:
-        report["contact_sheet"] = contact_sheet(sheet, png, title=url)
+        report["contact_sheet"] = contact_sheet(sheet, png, title=url, tok=get_tokenizer(cfg.data.tokenizer or "byte"))
     return report
 
 

@@ -284,3 +284,29 @@ def test_inspect_finds_the_datasets_tokenizer_and_decodes_a_few_by_default(tmp_p
     assert dataset_tokenizer(shards, {"tokenizer": "mine.json"}) == str(tmp_path / "train" / "mine.json")
     args = cli.build_parser(["data", "inspect", "x"]).parse_args(["data", "inspect", "x"])
     assert args.limit == 16
+
+
+def test_the_contact_sheet_shows_each_clips_texts(tmp_path):
+    import numpy as np
+
+    from mirasol_ray.data.text import get_tokenizer
+    from mirasol_ray.launch.inspect import clip_texts, contact_sheet
+
+    tok = get_tokenizer("byte")
+
+    def padded(text: str) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.zeros((2, 48), np.int32)
+        mask = np.zeros((2, 48), bool)
+        enc = tok.encode(text)
+        ids[0, :len(enc)], mask[0, :len(enc)] = enc, True
+        return ids, mask
+
+    prompt, prompt_mask = padded("what colour is the circle?")
+    target, target_mask = padded("red")
+    row = {"key": "clip0", "video": np.zeros((2, 2, 16, 16, 3), np.uint8), "audio": np.zeros((2, 8, 4), np.float32),
+           "audio_present": True, "snippet_mask": np.ones(2, bool), "text_mask": np.array([True, False]),
+           "prompt_ids": prompt, "prompt_mask": prompt_mask, "target_ids": target, "target_mask": target_mask}
+    assert clip_texts(row, tok) == ["what colour is the circle? -> red"]
+    assert clip_texts(row, None) == []
+    path = contact_sheet([row], str(tmp_path / "sheet.png"), title="t", tok=tok)
+    assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
