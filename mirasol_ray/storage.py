@@ -205,21 +205,21 @@ def _checked(uri_bucket: str, settings_key: tuple[str, str], credentials: tuple)
 def check_access(uri: str) -> None:
     """For an ``s3://`` URI, one request (no retries, a 3 s connect timeout) that shows its bucket can be used,
     so a command fails in seconds, before Ray starts, naming the URL and what to do (:func:`explain`), instead of
-    after minutes of retries deep inside a library. A no-op for local paths; done once per bucket and setting."""
+    after minutes of retries deep inside a library. A no-op for local paths; done once per bucket and setting.
+    Only what it can name stops the command: any other answer (a 403, which a HEAD gives without saying whether
+    the right or the keys are missing; a region redirect; an odd bucket name) is left to the operation itself."""
     if not is_s3(uri):
         return
     creds = tuple(os.environ.get(k, "") != "" for k in CREDENTIAL_VARIABLES)  # presence only: no value is kept
     try:
         _checked(bucket(uri), (endpoint(), region()), creds)
-    except botocore.exceptions.ClientError as e:
-        if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 403:
-            return  # a HEAD says no more than 403: no ListBucket right, or keys refused; the operation will say
-        raise explain(e, uri) or e from None
     except Exception as e:
+        if isinstance(e, botocore.exceptions.ClientError) \
+                and e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") != 404:
+            return
         better = explain(e, uri)
-        if better is None:
-            raise
-        raise better from None
+        if better is not None:
+            raise better from None
 
 
 def check_output(uri: str, kind: str = "file") -> None:

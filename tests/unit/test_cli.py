@@ -310,3 +310,12 @@ def test_the_contact_sheet_shows_each_clips_texts(tmp_path):
     assert clip_texts(row, None) == []
     path = contact_sheet([row], str(tmp_path / "sheet.png"), title="t", tok=tok)
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_check_access_leaves_what_it_cannot_name_to_the_operation(monkeypatch):
+    """A bucket name botocore refuses before any request (so also any answer but a 404 or no answer at all): no
+    error from the probe; the read or write itself reports it."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    storage.configure("http://127.0.0.1:9")
+    storage.check_access("s3://not a bucket/x")
