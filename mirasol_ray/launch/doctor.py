@@ -1,9 +1,9 @@
 """``mirasol doctor``: what is installed and what works on this machine, one line each, OK or what to do.
 
-Checks torch (and CUDA, the GPUs it sees), the decoders (decord, PyAV and its H.264/AAC codecs), Ray (and the
-cluster ``RAY_ADDRESS`` names, when it does), object storage (which of the standard variables are set, never their
-values; with ``--storage URL`` a probe write there), WordNet (NExT-OE's WUPS), and TensorBoard (to view a run's
-logs). Nothing is started: no local Ray, no download.
+Checks torch (and CUDA, the GPUs it sees), the decoders (decord, PyAV and its H.264/AAC codecs), Ray (and whether
+the cluster ``RAY_ADDRESS`` names answers on its port), object storage (which of the standard variables are set,
+never their values; with ``--storage URL`` a probe write there), WordNet (NExT-OE's WUPS), and TensorBoard (to view
+a run's logs). Nothing is started: no local Ray, no download.
 """
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ from __future__ import annotations
 import importlib.util
 import os
 import platform
+import socket
 import time
 import uuid
 from collections.abc import Callable
 from typing import Any
+from urllib.parse import urlparse
 
 import av
 import decord
@@ -51,8 +53,15 @@ def _ray() -> tuple[str, str]:
     address = os.environ.get("RAY_ADDRESS", "")
     if not address:
         return OK, f"Ray {ray.__version__}; RAY_ADDRESS unset: commands start a local Ray on this machine"
-    return OK, (f"Ray {ray.__version__}; RAY_ADDRESS={address}: commands connect there (mirasol cluster status, or "
-                "ray status, shows whether it answers)")
+    parsed = urlparse(address if "://" in address else f"gcs://{address}")
+    if address == "auto" or not parsed.hostname or not parsed.port:
+        return OK, f"Ray {ray.__version__}; RAY_ADDRESS={address}: commands connect there (ray status shows it)"
+    try:  # the head answers on that port: no Ray client is started, nothing is sent
+        socket.create_connection((parsed.hostname, parsed.port), timeout=3).close()
+    except OSError as e:
+        return FAIL, (f"Ray {ray.__version__}; RAY_ADDRESS={address} does not answer ({e.strerror or e}): start "
+                      "the cluster (mirasol cluster up, ray start --head) or unset RAY_ADDRESS for a local Ray")
+    return OK, f"Ray {ray.__version__}; RAY_ADDRESS={address} answers: commands run on that cluster"
 
 
 def _storage(url: str) -> tuple[str, str]:

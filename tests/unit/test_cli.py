@@ -85,6 +85,7 @@ def test_config_show_prints_the_config_a_run_would_use(capsys):
 def test_doctor_names_storage_variables_but_never_their_values(capsys, monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "sekrit-value-123")
     monkeypatch.delenv("AWS_ACCESS_KEY_ID", raising=False)
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert cli.main(["doctor", "--json"]) == 0
     out = capsys.readouterr().out
     assert "sekrit-value-123" not in out
@@ -319,3 +320,19 @@ def test_check_access_leaves_what_it_cannot_name_to_the_operation(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     storage.configure("http://127.0.0.1:9")
     storage.check_access("s3://not a bucket/x")
+
+
+def test_doctor_says_when_the_cluster_in_ray_address_does_not_answer(monkeypatch):
+    from mirasol_ray.launch.doctor import run_checks
+
+    with __import__("socket").socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{port}")
+    ray_check = next(c for c in run_checks() if c["check"] == "ray")
+    assert ray_check["status"] == "FAIL" and f"RAY_ADDRESS=127.0.0.1:{port} does not answer" in ray_check["detail"]
+    with __import__("socket").socket() as s:  # a port that listens: it answers
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{s.getsockname()[1]}")
+        assert next(c for c in run_checks() if c["check"] == "ray")["status"] == "ok"
