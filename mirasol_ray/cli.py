@@ -226,8 +226,25 @@ def _cmd_config_show(args: argparse.Namespace) -> int:
     header = [f"# {source}"] + [f"# --set {item}" for item in args.set]
     if args.check:
         header.append("# --check: the run's start checks passed (shards, tokenizer, init_from, storage)")
-    print("\n".join(header) + "\n" + cfg.to_yaml().rstrip("\n"))
+    print("\n".join(header) + "\n" + mark_overrides(cfg.to_yaml().rstrip("\n"), args.set))
     return 0
+
+
+def mark_overrides(text: str, overrides: list[str]) -> str:
+    """``text`` (a config as YAML) with ``  # --set`` after each line whose value a ``--set`` gave, so that what did
+    not come from the preset stands out."""
+    keys = {item.split("=", 1)[0].strip() for item in overrides if "=" in item}
+    out, path = [], []
+    for line in text.splitlines():
+        stripped = line.lstrip(" ")
+        depth = (len(line) - len(stripped)) // 2
+        key = stripped.split(":", 1)[0] if ":" in stripped and not stripped.startswith("- ") else None
+        if key is not None:
+            path = path[:depth] + [key]
+            if ".".join(path) in keys:
+                line += "  # --set"
+        out.append(line)
+    return "\n".join(out)
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:

@@ -70,10 +70,11 @@ def test_ddp_two_workers_local_storage(ray_local, synth_shards, tmp_path, capsys
     sets = [f"data.train={synth_shards['dir']}", f"storage.root={tmp_path / 'runs'}", "storage.name=ddp-local",
             "train.steps=4", "train.checkpoint_every=2", *TINY_TRAIN, "train.freeze_av_steps=2"]
     assert main(["config", "show", "--config", "tiny", "--check", *(x for kv in sets for x in ("--set", kv))]) == 0
-    shown = capsys.readouterr().out.splitlines(keepends=True)
+    shown = capsys.readouterr().out.splitlines()
     while shown and shown[0].startswith("# "):  # its header: where the values came from
         shown.pop(0)
-    assert "".join(shown) == (run / "config.yaml").read_text()
+    assert sum(line.endswith("  # --set") for line in shown) == len(sets)  # each --set marked where it lands
+    assert "".join(line.removesuffix("  # --set") + "\n" for line in shown) == (run / "config.yaml").read_text()
 
 
 def test_cache_decodes_each_clip_once_over_several_epochs(ray_local, synth_shards, tmp_path):

@@ -72,6 +72,8 @@ def test_config_show_prints_the_config_a_run_would_use(capsys):
     assert cli.main(["config", "show", "--config", "tiny", "--set", "train.steps=7", "--set", "data.task=qa"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# --config tiny\n# --set train.steps=7\n# --set data.task=qa\n")
+    assert "  steps: 7  # --set" in out.splitlines() and "  task: qa  # --set" in out.splitlines()
+    assert sum(line.endswith("# --set") for line in out.splitlines()) == 2
     shown = from_dict(yaml.safe_load(out))
     assert shown == load_config("tiny", ["train.steps=7", "data.task=qa"]) and shown.train.steps == 7
     # --check: the run's start checks, the same refusal mirasol train gives, before any Ray
