@@ -102,8 +102,14 @@ def _cpu() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def _peak_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+def _peak_mib(reset: bool = False) -> float:
+    """This process's peak resident memory (Linux ``VmHWM``: a spawned child's own, where ``ru_maxrss`` would keep
+    the parent's across exec); ``reset`` first lowers the peak to the current size (``/proc/self/clear_refs``)."""
+    if reset:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    with open("/proc/self/status") as fh:
+        return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")) / 1024  # kB
 
 
 def measure(paths: list[str], cfg_dict: dict[str, Any], frames: int) -> dict[str, Any]:
@@ -123,7 +129,7 @@ def measure(paths: list[str], cfg_dict: dict[str, Any], frames: int) -> dict[str
                     idx = np.arange(first, min(first + 256, v.num_frames))
                     v.read(v.frame_starts[idx])
 
-    rss0 = _peak_mib()  # imports done, the clips' bytes read: what the decode adds is above this
+    rss0 = _peak_mib(reset=True)  # imports done, the clips' bytes read: what the decode adds is above this
     one(blobs[0], 0)
     cpu0, t0 = _cpu(), time.perf_counter()
     for i, data in enumerate(blobs):
