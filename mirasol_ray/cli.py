@@ -641,6 +641,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
                                 ("train", "mirasol_ray.bench.train",
                                  "end-to-end samples/s: Ray Data + Ray Train against a torch DataLoader loop"),
                                 ("trial", "mirasol_ray.bench.trial", "a sweep trial's start-up, to its first step"),
+                                ("build", "mirasol_ray.bench.build",
+                                 "shards build --transcode clips/s on 1 and 2 CPUs, against a multiprocessing.Pool"),
                                 # research tools: the checkout's benchmarks/ folder, not the package
                                 ("learn", "benchmarks.learn",
                                  "the demo's recipe in plain torch on clips in memory: accuracy per task and kind"),

@@ -43,6 +43,7 @@ from typing import IO, Any
 import av
 import numpy as np
 import ray
+from av.video.reformatter import Interpolation
 from tqdm import tqdm
 
 from mirasol_ray import storage
@@ -342,6 +343,11 @@ def _even(x: float) -> int:
     return max(2, int(round(x / 2)) * 2)
 
 
+SCALE_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
+"""How a re-encoded clip's frames are resized (libswscale), on one thread: the same bytes on every run and node.
+Measured: with swscale's own threads (PyAV's default) a clip came out with different bytes in 3 of about 10 runs
+of ``mirasol bench build`` on a loaded 2-core machine, at 1.5x the CPU time; BITEXACT keeps the result off the
+CPU's SIMD flavour, at no cost here."""
 SEEK_MARGIN_S = 2.0
 """A cut from a long video seeks to the keyframe before ``start - SEEK_MARGIN_S`` instead of decoding from 0 (the
 margin covers audio packets muxed ahead of their video)."""
@@ -477,7 +483,8 @@ class _VideoCut:
         if self.t0 is None:
             self.t0 = t
         pts = max(round((t - self.t0) * self.rate), self.last_pts + 1)
-        img = frame.reformat(width=self.vout.width, height=self.vout.height, format="yuv420p", interpolation="AREA")
+        img = frame.reformat(width=self.vout.width, height=self.vout.height, format="yuv420p",
+                             interpolation=SCALE_FLAGS, threads=1)
         img.pts, img.time_base, self.last_pts = pts, 1 / self.rate, pts
         self.out.mux(self.vout.encode(img))
         self.written += 1
@@ -738,7 +745,9 @@ def _run_ray(out: str, shards: list[ShardJob], opts: ClipOptions, num_cpus: int 
         cluster = ray.cluster_resources()
         decode = cluster.get(DECODE_RESOURCE, 0) > 0
         clip_opts = {"num_cpus": 1, "resources": {DECODE_RESOURCE: 1.0} if decode else None}
-        pack_opts = {"num_cpus": 0, "resources": {DECODE_RESOURCE: 0.01} if decode else None}
+        # a shard task takes what a clip task takes: packing is short, and the build then needs no more worker
+        # processes than CPUs (a zero-CPU task beside busy workers starts a new one: seconds of imports)
+        pack_opts = clip_opts
         slots = int(cluster.get(DECODE_RESOURCE if decode else "CPU", 1))
         # a cap on a cluster is the clips in flight; a local Ray of num_cpus CPUs runs that many at once, and a few
         # queued keep its workers busy between the driver's rounds
@@ -761,7 +770,10 @@ def _run_ray(out: str, shards: list[ShardJob], opts: ClipOptions, num_cpus: int 
                     pack = _pack_remote.options(**pack_opts).remote(out, shards[i], *status_refs[i],
                                                                     *data_refs.pop(i))
                     pending[pack] = ("pack", i)
-            ready, _ = ray.wait(list(pending), num_returns=len(pending), timeout=0.2)
+            refs = list(pending)
+            ready, rest = ray.wait(refs, num_returns=1)  # the first to finish, then whatever else has
+            if rest:
+                ready += ray.wait(rest, num_returns=len(rest), timeout=0)[0]
             for ref in ready:
                 kind, i = pending.pop(ref)
                 if kind == "clip":
@@ -796,7 +808,7 @@ def _run_inline(out: str, shards: list[ShardJob], opts: ClipOptions, on_clip: Ca
         on_shard(shard, statuses, entry)
 
 
-def _plan(records: list[Record], root: VideoRoot, videos: str, shard_size: int, folders: bool
+def plan_shards(records: list[Record], root: VideoRoot, videos: str, shard_size: int, folders: bool
           ) -> tuple[list[ShardJob], list[tuple[int, str, str]]]:
     """The build's shards, fixed before any work: the clips to make, in record order, cut into shards of
     ``shard_size`` per split folder; and the records skipped without opening anything ``(index, name, reason)``.
@@ -915,7 +927,7 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
     folder as distributed. When the annotations hold several splits (and ``split`` picks none), each goes to its
     own folder under ``out`` (``train/``, ``val/``, ...); one split goes to ``out`` itself.
 
-    The work: before any clip is read, the records are cut into shards (:func:`_plan`: record order and
+    The work: before any clip is read, the records are cut into shards (:func:`plan_shards`: record order and
     ``shard_size``, per split folder), so the output never depends on how it was made. Each clip is read straight
     from ``videos``, cut and re-encoded or checked (:func:`make_clip`), and each shard written whole into place
     (:func:`pack_shard`); the manifest is written last. ``use_ray``: the clips run as Ray tasks over the cluster
@@ -993,7 +1005,7 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
         extra["answer_vocab"] = vocab
         extra["answer_vocab_size"] = answer_vocab
         extra["questions_outside_vocab"] = dropped
-    shards, pre_skips = _plan(records, root, videos, shard_size, folders)
+    shards, pre_skips = plan_shards(records, root, videos, shard_size, folders)
     for _, name, reason in pre_skips:
         log.warning("skipped %s: %s", name, reason)
     opts = ClipOptions(transcode, gop, sample_rate)
