@@ -344,10 +344,10 @@ def _even(x: float) -> int:
 
 
 SCALE_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
-"""How a re-encoded clip's frames are resized (libswscale), on one thread: the same bytes on every run and node.
-Measured: with swscale's own threads (PyAV's default) a clip came out with different bytes in 3 of about 10 runs
-of ``mirasol bench build`` on a loaded 2-core machine, at 1.5x the CPU time; BITEXACT keeps the result off the
-CPU's SIMD flavour, at no cost here."""
+"""How a re-encoded clip's frames are resized (libswscale): on one thread, bit-exact (not by the CPU's SIMD
+flavour). Measured on a loaded 2-core machine: swscale's own threads (PyAV's default) cost 1.5x the CPU time a clip;
+BITEXACT costs nothing here. Neither ended the rare clips whose bytes differ between processes (see
+:func:`make_clip`)."""
 SEEK_MARGIN_S = 2.0
 """A cut from a long video seeks to the keyframe before ``start - SEEK_MARGIN_S`` instead of decoding from 0 (the
 margin covers audio packets muxed ahead of their video)."""
@@ -654,8 +654,9 @@ def make_clip(job: ClipJob, opts: ClipOptions) -> tuple[dict[str, str], bytes]:
 
     Returns ``({"ext": EXT, "node": ID}, bytes)``, or ``({"skip": REASON, "node": ID}, b"")`` for a clip that
     cannot be a sample (``missing_video``, ``unreadable_video``, ``window_outside_video``): a decoder error never
-    stops a build. The same job gives the same bytes on any node (x264 runs one thread: its output depends on the
-    thread count)."""
+    stops a build. The decoder, the scaler (bit-exact) and x264 (whose output depends on its thread count) run one
+    thread each, so that a job gives the same bytes wherever it runs. Open: ``mirasol bench build`` still sees 0-3 of
+    96 clips come out with other bytes from Ray's workers than from a Pool's processes (docs/PERFORMANCE.md)."""
     node = _node()
     try:
         with storage.fsspec_fs(job.video).open(storage.strip_scheme(job.video), "rb") as f:
