@@ -346,8 +346,7 @@ def _even(x: float) -> int:
 SCALE_FLAGS = Interpolation.AREA | Interpolation.ACCURATE_RND | Interpolation.BITEXACT
 """How a re-encoded clip's frames are resized (libswscale): on one thread, bit-exact (not by the CPU's SIMD
 flavour). Measured on a loaded 2-core machine: swscale's own threads (PyAV's default) cost 1.5x the CPU time a clip;
-BITEXACT costs nothing here. Neither ended the rare clips whose bytes differ between processes (see
-:func:`make_clip`)."""
+BITEXACT costs nothing here."""
 SEEK_MARGIN_S = 2.0
 """A cut from a long video seeks to the keyframe before ``start - SEEK_MARGIN_S`` instead of decoding from 0 (the
 margin covers audio packets muxed ahead of their video)."""
@@ -404,7 +403,8 @@ def transcode_video(src: bytes | IO[bytes], height: int | None = None, gop: int 
             inp.seek(int((start - SEEK_MARGIN_S) / vin.time_base), stream=vin, backward=True)
         buf = io.BytesIO()
         with av.open(buf, mode="w", format="mp4") as out:
-            vout = out.add_stream("h264", rate=rate, options={"crf": "23", "preset": "veryfast"})
+            vout = out.add_stream("h264", rate=rate, options={"crf": "23", "preset": "veryfast",
+                                                              "x264-params": "mbtree=0"})  # see make_clip
             vout.width, vout.height, vout.pix_fmt = width, out_h, "yuv420p"
             vout.codec_context.time_base = 1 / rate
             vout.codec_context.gop_size = gop
@@ -655,8 +655,9 @@ def make_clip(job: ClipJob, opts: ClipOptions) -> tuple[dict[str, str], bytes]:
     Returns ``({"ext": EXT, "node": ID}, bytes)``, or ``({"skip": REASON, "node": ID}, b"")`` for a clip that
     cannot be a sample (``missing_video``, ``unreadable_video``, ``window_outside_video``): a decoder error never
     stops a build. The decoder, the scaler (bit-exact) and x264 (whose output depends on its thread count) run one
-    thread each, so that a job gives the same bytes wherever it runs. Open: ``mirasol bench build`` still sees 0-3 of
-    96 clips come out with other bytes from Ray's workers than from a Pool's processes (docs/PERFORMANCE.md)."""
+    thread each, and x264 without macroblock-tree rate control (with it, ``mirasol bench build`` saw 1-3 clips of
+    every 48-96 come out with other bytes in Ray's workers than in a Pool's processes; none since, in 576), so that
+    a job gives the same bytes wherever it runs."""
     node = _node()
     try:
         with storage.fsspec_fs(job.video).open(storage.strip_scheme(job.video), "rb") as f:
