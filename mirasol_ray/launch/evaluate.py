@@ -135,8 +135,8 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     kind of thing) before any work, so the metrics are never lost to a bad path.
     """
 
-    storage.check_access(data_url)
-    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)
+    model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)  # configures storage first
+    storage.check_access(data_url)  # with the --set storage.endpoint_url it may give
     expand_shard_urls(data_url)
     if records_out:
         storage.check_output(records_out, "file")

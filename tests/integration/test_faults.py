@@ -21,13 +21,14 @@ ONE_WORKER = ["train.batch_size=2", "train.log_every=1", "train.warmup_steps=1",
 
 
 def _one_line_error(capsys) -> str:
-    """The failure's one line (the last on stderr; before it at most the run's phase line and where its workers
-    run); stdout empty."""
+    """The failure's one line (the last on stderr; before it only the run's phase lines: the run, starting Ray,
+    building the pipeline, starting the workers, where they run); stdout empty."""
     out, err = capsys.readouterr()
     lines = err.strip().splitlines()
     assert lines and lines[-1].startswith("mirasol: error: "), err[-3000:]
-    phase = re.compile(r"run |\d+ worker\(s\) on \d+ node\(s\): ")
-    assert len(lines) <= 3 and all(phase.match(ln) for ln in lines[:-1]), err[-3000:]
+    phase = re.compile(r"run |decoding (\d+|the) clips of |starting Ray \(|building the data pipeline \("
+                       r"|starting \d+ training worker\(s\) \(Ray Train\)\.\.\.$|\d+ worker\(s\) on \d+ node\(s\): ")
+    assert len(lines) <= 6 and all(phase.match(ln) for ln in lines[:-1]), err[-3000:]
     assert out == ""
     return lines[-1]
 
@@ -171,7 +172,9 @@ def test_inspect_exits_nonzero_when_no_clip_decodes_and_names_unreadable_shards(
     out, err = capsys.readouterr()
     report = json.loads(out)  # --json: still only JSON on stdout
     assert rc == 1 and report["decoded"] == 0 and report["shards_skipped"] == {"not_a_tar": 1}
-    assert err.strip().splitlines() == [line for line in err.strip().splitlines() if line.startswith("mirasol: error")]
+    lines = err.strip().splitlines()  # the phase line (what it decodes), then the error: nothing else
+    assert len(lines) == 2 and re.match(r"decoding (\d+|the) clips of \d+ shard\(s\)", lines[0]), lines
+    assert lines[1].startswith("mirasol: error")
     assert "no clip of" in err and "corrupt 1" in err
     only_bad = tmp_path / "only-bad"
     only_bad.mkdir()

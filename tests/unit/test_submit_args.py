@@ -33,6 +33,8 @@ def test_a_plain_submission_sends_the_entrypoint_and_working_dir_only(monkeypatc
 
 
 def test_ray_job_submit_options_reach_submit_job(monkeypatch):
+    for var in ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_ENDPOINT_URL_S3"):  # the S3 fixture's, earlier in a session
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("AWS_ENDPOINT_URL", "https://s3.us-west-2.amazonaws.com")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t-value")
     kw = _kwargs(["--working-dir", str(REPO), "--storage-env", "--entrypoint-num-cpus", "1",
