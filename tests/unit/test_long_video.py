@@ -3,6 +3,8 @@ snippets with frames and audio where the snippet plan puts them, causality and m
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,22 @@ def test_a_training_step_at_512_frames_gives_every_parameter_a_gradient():
     out["loss"].backward()
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]
+
+
+def test_per_snippet_flops_stay_within_10_percent_from_4_to_128_snippets_and_the_flat_ratio_is_counted():
+    """``bench model``'s rows for the tiny geometry, counted on the meta device (issue 33: compute linear in the
+    snippets; Mirasol against a flat causal transformer over every frame's and audio's tokens)."""
+    from mirasol_ray.bench.model import flat_definition, scaling_row, targets
+
+    cfg = dataclasses.replace(load_prepared("tiny").model, max_snippets=128, dropout=0.0)
+    rows = [scaling_row(cfg, S, measure_cpu=False) for S in (4, 16, 128)]
+    per = [r["ours_flops_per_snippet"] for r in rows]
+    assert max(per) / min(per) <= 1.1 / 0.9, per  # every one within 10% of their midpoint
+    t = targets(rows)
+    assert t["per_snippet_ok"] and t["per_snippet_band"] <= 0.10
+    for r in rows:  # the ratio is the two counts', and the flat model's cost per snippet grows with the length
+        assert r["flops_ratio"] == pytest.approx(r["ours"]["flops"] / r["flat"]["flops"])
+    assert rows[-1]["flat_flops_per_snippet"] > 3 * rows[0]["flat_flops_per_snippet"]
+    assert rows[-1]["flops_ratio"] < rows[0]["flops_ratio"] / 4
+    assert t["flops_ratio"]["128"]["ratio"] == rows[-1]["flops_ratio"]
+    assert "width 128" in flat_definition(cfg) and "6 blocks" in flat_definition(cfg)
