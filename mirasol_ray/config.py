@@ -448,6 +448,10 @@ class ModelConfig:
     """k: memory tokens the TTM carries from snippet to snippet."""
     ttm_read: int = 8
     """r: tokens the TTM reads from memory + inputs and processes."""
+    ttm_slot_retention: bool = False
+    """The TTM's write keeps each memory slot with a learned per-slot log-odds, half-lives from 1 snippet to twice
+    max_snippets at initialisation, so the memory can carry a long video's start to its end (the long-video
+    presets'; :class:`~mirasol_ray.model.combiner.TTMCombiner`). Off: the write as published."""
 
     # --- time-aligned autoregressive model
     dim: int = 128

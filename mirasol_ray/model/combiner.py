@@ -8,6 +8,8 @@ snippet's output can depend on earlier snippets (never on later ones).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from einops import rearrange, repeat
 from torch import Tensor, nn
@@ -91,6 +93,18 @@ class TTMCombiner(nn.Module):
     process: a transformer over the r tokens -> the snippet's output (pooled to m tokens when m != r)
     write:   new k-token memory pooled from [memory, processed, inputs]
     Learned embeddings tell the pools which tokens are memory, inputs or processed outputs.
+
+    **Slot retention** (``model.ttm_slot_retention``, the long-video presets'). As published, each write is a
+    TokenLearner pool over all k + r + N tokens, so at initialisation a memory slot keeps about k / (k + r + N) of
+    itself per snippet (0.42 in ``tiny_long``) and snippet 0's trace is float noise after ~64 snippets: the memory
+    cannot carry the start of a 128-snippet video to its end unless training first learns to keep it. With
+    retention, the write is still the same pool over the same tokens, with one more term in its logits, a
+    location-based address as in the Neural Turing Machines TTM builds on: output slot i's logit for its own old
+    value gets ``retention[i] + log(k + r + N - 1)``, a learned per-slot log-odds of keeping itself against
+    everything else the write sees. Initialised so the slots' half-lives spread log-uniformly from 1 snippet (a slot
+    that is mostly rewritten each snippet) to twice ``max_snippets`` (one that keeps ~70% of what it holds over
+    128 snippets); training moves them. The type embeddings then only steer the pools' scores and are not pooled
+    into the memory (kept at ~1 per write, they would build up in a slot that keeps itself).
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -106,14 +120,24 @@ class TTMCombiner(nn.Module):
                                    checkpointing=cfg.activation_checkpointing)
         self.write = TokenPool(D, cfg.ttm_memory)
         self.out_pool = TokenPool(D, cfg.combiner_tokens) if cfg.combiner_tokens != cfg.ttm_read else None
+        if cfg.ttm_slot_retention:
+            half_life = torch.logspace(0, math.log10(2 * cfg.max_snippets), cfg.ttm_memory)  # (k,) in snippets
+            keep = 0.5 ** (1 / half_life)  # the share of itself slot i keeps per write
+            self.retention = nn.Parameter(torch.log(keep / (1 - keep)))  # (k,) log-odds
+        else:
+            self.register_parameter("retention", None)
 
     def forward(self, video: Tensor, audio: Tensor, audio_present: Tensor) -> Tensor:
         x, keep = self.inputs(video, audio, audio_present)  # (B, S, N, D), (B, N)
-        B, S = x.shape[:2]
+        B, S, N = x.shape[:3]
         memory = repeat(self.memory0, "k d -> b k d", b=B)
         k, r = memory.shape[1], self.read.score[-1].out_features
         read_keep = torch.cat([keep.new_ones(B, k), keep], dim=1)
         write_keep = torch.cat([keep.new_ones(B, k + r), keep], dim=1)
+        prior = None
+        if self.retention is not None:  # (k + r + N, k): slot i's own old value, at row i, column i
+            own = torch.diag(self.retention + math.log(k + r + N - 1))
+            prior = torch.cat([own, own.new_zeros(r + N, k)], dim=0)
         outputs = []
         for t in range(S):
             inputs = x[:, t] + self.input_type  # (B, N, D)
@@ -121,7 +145,12 @@ class TTMCombiner(nn.Module):
             z = self.process(self.read(torch.cat([mem, inputs], dim=1), read_keep))  # (B, r, D)
             outputs.append(z if self.out_pool is None else self.out_pool(z))
             if t < S - 1:  # the last snippet's memory would never be read
-                memory = self.write(torch.cat([mem, z + self.output_type, inputs], dim=1), write_keep)  # (B, k, D)
+                tagged = torch.cat([mem, z + self.output_type, inputs], dim=1)  # (B, k + r + N, D)
+                if prior is None:
+                    memory = self.write(tagged, write_keep)  # (B, k, D)
+                else:  # scores from the tagged tokens, values untagged
+                    memory = self.write(torch.cat([memory, z, x[:, t]], dim=1), write_keep, scores_of=tagged,
+                                        prior=prior)
         return torch.stack(outputs, dim=1)  # (B, S, m, D)
 
 

@@ -245,9 +245,13 @@ class TokenPool(nn.Module):
             nn.init.xavier_uniform_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        # x: (B, N, D) -> (B, n, D)
-        logits = self.score(self.norm(x)).float()  # (B, N, n)
+    def forward(self, x: Tensor, mask: Tensor | None = None, scores_of: Tensor | None = None,
+                prior: Tensor | None = None) -> Tensor:
+        """x: (B, N, D) -> (B, n, D). ``scores_of`` (B, N, D): tokens to score instead of x (x is still what is
+        pooled); ``prior`` (N, n): added to the logits (a location-based address)."""
+        logits = self.score(self.norm(x if scores_of is None else scores_of)).float()  # (B, N, n)
+        if prior is not None:
+            logits = logits + prior.float()
         if mask is not None:
             logits = logits.masked_fill(~mask[..., None], float("-inf"))
         weights = logits.softmax(dim=1).to(x.dtype)

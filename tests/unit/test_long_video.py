@@ -87,11 +87,12 @@ def test_a_two_minute_mp4_decodes_to_128_snippets_with_frames_and_audio_where_th
 
 
 def test_at_128_snippets_the_model_is_causal_and_snippet_0_reaches_the_last_snippet():
-    """Snippet 0 reaches snippet 127 through the time-aligned model's causal attention. The TTM Combiner's memory
-    alone does not carry it that far at initialisation: each write pools the memory with the new snippet's tokens,
-    and snippet 0's share of the untrained memory falls geometrically (its effect on the Combiner's output: ~0.3 at
-    snippet 8, ~1e-4 at 32, float noise by 64; issue 33's note). Whether training keeps it is not measured yet."""
+    """Snippet 0 reaches snippet 127 through both paths: the time-aligned model's causal attention (h) and the TTM
+    Combiner's memory (z). The memory carries it with the long presets' slot retention (model.ttm_slot_retention):
+    without it, each write pools the memory with the new snippet's tokens and snippet 0's effect on the Combiner's
+    output falls geometrically (~0.3 at snippet 8, float noise by 64)."""
     cfg = load_prepared("tiny_long").model
+    assert cfg.ttm_slot_retention
     torch.manual_seed(0)
     model = Mirasol(cfg).eval()
     batch = make_batch(cfg, B=1)
@@ -103,8 +104,32 @@ def test_at_128_snippets_the_model_is_causal_and_snippet_0_reaches_the_last_snip
     for name in ("z", "h"):
         torch.testing.assert_close(base[name][:, : t + 1], later[name][:, : t + 1], rtol=0, atol=1e-6)
         assert (base[name][:, t + 1] - later[name][:, t + 1]).abs().max() > 1e-3
-    assert (base["z"][:, 8] - first["z"][:, 8]).abs().max() > 1e-2  # the TTM memory carries it some snippets on
-    assert (base["h"][:, 127] - first["h"][:, 127]).abs().max() > 1e-3  # the time-aligned model to the last one
+    assert (base["z"][:, 127] - first["z"][:, 127]).abs().max() > 1e-2  # the TTM memory, to the last snippet
+    assert (base["h"][:, 127] - first["h"][:, 127]).abs().max() > 1e-3  # the time-aligned model too
+
+
+def test_the_ttm_memory_carries_snippet_0_to_snippet_127_only_with_slot_retention():
+    """The Combiner alone, on the encoders' outputs: snippet 0's effect on its output at snippet 127, and the
+    gradient there reaching snippet 0's tokens, with and without the write's slot retention."""
+    effect, grad = {}, {}
+    for retention in (True, False):
+        cfg = dataclasses.replace(load_prepared("tiny_long").model, ttm_slot_retention=retention)
+        torch.manual_seed(0)
+        model = Mirasol(cfg).eval()
+        batch = make_batch(cfg, B=1)
+        with torch.no_grad():
+            video, audio = model.video_encoder(batch["video"]), model.audio_encoder(batch["audio"])
+        video.requires_grad_(True)
+        z = model.combiner(video, audio, batch["audio_present"])  # (1, 128, m, D)
+        (z[:, 127] * torch.randn_like(z[:, 127])).sum().backward()  # not .sum(): a LayerNorm's output sums to 0
+        grad[retention] = video.grad[:, 0].abs().max().item()
+        moved = video.detach().clone()
+        moved[:, 0] += torch.randn_like(moved[:, 0])
+        with torch.no_grad():
+            effect[retention] = (model.combiner(moved, audio, batch["audio_present"])[:, 127]
+                                 - z.detach()[:, 127]).abs().max().item()
+    assert effect[True] > 5e-3 and grad[True] > 1e-3, (effect, grad)  # measured 0.023 and 0.012
+    assert effect[False] < 1e-4 and grad[False] < 1e-6, (effect, grad)  # as published, at initialisation
 
 
 def test_a_training_step_at_512_frames_gives_every_parameter_a_gradient():
