@@ -130,20 +130,6 @@ def bucket(uri: str) -> str:
     return strip_scheme(uri).split("/", 1)[0]
 
 
-def check_bucket(uri: str) -> None:
-    """FileNotFoundError naming the bucket when an ``s3://`` URI's bucket does not exist (no-op otherwise)."""
-    if not is_s3(uri):
-        return
-    name = bucket(uri)
-    fs = fsspec_fs(uri)
-    try:
-        fs.info(name)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"bucket {name!r} does not exist ({uri})") from None
-    except PermissionError:
-        pass  # no ListBucket/HeadBucket right: the operation itself will say what it cannot do
-
-
 class StorageError(RuntimeError):
     """Object storage cannot be used as asked (no credentials, no endpoint answering): one line that names the URL
     and what to do."""
@@ -220,6 +206,13 @@ def check_access(uri: str) -> None:
         better = explain(e, uri)
         if better is not None:
             raise better from None
+
+
+def check_bucket(uri: str) -> None:
+    """The same fast probe as :func:`check_access`, where a caller asks only "does this bucket exist?" (before
+    naming a missing object, or writing a checkpoint): one implementation, so every command names a missing bucket,
+    an endpoint that does not answer or absent credentials the same way, in seconds."""
+    check_access(uri)
 
 
 def check_output(uri: str, kind: str = "file") -> None:
