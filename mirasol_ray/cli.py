@@ -143,7 +143,8 @@ def metrics_table(train: dict[str, float], held_out: dict[str, float]) -> str:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.evaluate import evaluate, format_table
 
-    res = evaluate(args.checkpoint, args.data, overrides=args.set, batch_size=args.batch_size,
+    data = args.data[0] if len(args.data) == 1 else args.data  # several: scored together and each apart
+    res = evaluate(args.checkpoint, data, overrides=args.set, batch_size=args.batch_size,
                    num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records, out=args.out,
                    normalize=args.normalize, source=args.source, choice=args.checkpoint_choice)
     if args.json:
@@ -537,7 +538,8 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--checkpoint-choice", default="best", choices=("best", "last"),
                    help="which checkpoint of a run folder: the best by the run's validation metric (the newest when "
                         "none was scored), or the newest")
-    e.add_argument("--data", required=True, help="shards to evaluate on")
+    e.add_argument("--data", required=True, action="append",
+                   help="shards to evaluate on; given several times, the sets are scored together and each apart")
     e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the checkpoint's config (e.g. data.task=qa)")
     e.add_argument("--batch-size", type=int, default=16, help="clips per model call (default 16)")

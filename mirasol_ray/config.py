@@ -17,7 +17,9 @@ pretrained checkpoints, parameter-name patterns checked against the model) is on
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,14 +53,106 @@ def is_byte_tokenizer(spec: str) -> bool:
     return spec in ("", "byte")
 
 
+SET_NAME_SKIP = frozenset({"train", "training", "val", "valid", "validation", "test", "testing", "eval", "dev",
+                           "shards", "split", "splits", "data"})
+"""Path components that say which split or what kind of folder a shard set is, not which dataset: a set's derived
+name (:func:`set_name`) skips them from the end (``s3://b/kinetics_sounds/train`` -> ``kinetics_sounds``)."""
+RESERVED_SET_NAMES = frozenset({"loss", "caption", "qa", "mcqa", "cls"})
+"""Names a shard set cannot take: validation's own metric names (``val/qa`` is the overall accuracy, so a set
+named ``qa`` would make ``val/qa/...`` mean two things)."""
+
+
+def set_name(path: str) -> str:
+    """The name a shard set gets in metrics (``val/<name>/...``, ``epochs/<name>``) when its entry gives none:
+    the last component of ``path`` that is not a split or folder word (:data:`SET_NAME_SKIP`), a glob, a brace list
+    or a tar; characters other than letters, digits, ``_.-`` become ``_``. Pure: nothing is read."""
+    parts = [c for c in path.split("://", 1)[-1].split("/") if c]
+    for i, c in enumerate(parts):  # a glob or brace list: the folder above it
+        if any(ch in c for ch in "*?[{"):
+            parts = parts[:i]
+            break
+    if parts and parts[-1].endswith(".tar"):
+        parts = parts[:-1]
+    while len(parts) > 1 and parts[-1].lower() in SET_NAME_SKIP:
+        parts = parts[:-1]
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "_", parts[-1] if parts else "").strip("_")
+    return name or "set"
+
+
+@dataclass
+class ShardSet:
+    """One shard set of a list in ``data.train`` (a mixture) or ``data.val`` (validation sets scored apart).
+    A plain string in such a list is a set of that path, weight 1, its name derived from the path."""
+
+    path: str = ""
+    """Its shards: a folder, a glob, a brace list or an ``s3://`` URI (the forms of a single ``data.train``)."""
+    weight: float = 1.0
+    """Its share of the training stream: ``weight`` / the sum of the weights (``data.train`` only; a validation set
+    is read whole)."""
+    name: str = ""
+    """What metrics call it: ``val/<name>/...`` (its validation metrics), ``epochs/<name>`` (epochs of it seen).
+    Empty: derived from ``path`` (:func:`set_name`). Letters, digits, ``_.-``; not a metric's name
+    (:data:`RESERVED_SET_NAMES`)."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            raise ConfigError("a shard set needs a path")
+        if isinstance(self.weight, bool) or not isinstance(self.weight, (int, float)) or not (
+                math.isfinite(self.weight) and self.weight > 0):
+            raise ConfigError(f"the weight of {self.path} must be a positive number, got {self.weight!r}")
+        self.weight = float(self.weight)
+        self.name = self.name or set_name(self.path)
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", self.name):
+            raise ConfigError(f"set name {self.name!r} ({self.path}): use letters, digits, _ . - only")
+        if self.name in RESERVED_SET_NAMES:
+            raise ConfigError(f"set name {self.name!r} ({self.path}) is a metric's name: give the set another "
+                              "name (name: ...)")
+
+
+def _shard_sets(value: Any, key: str, weights: bool) -> list[ShardSet]:
+    """A list given for ``data.train`` / ``data.val`` as :class:`ShardSet` entries (from entries that are sets,
+    mappings or path strings), names unique; a validation list with weights is an error."""
+    if not value:
+        raise ConfigError(f"{key}: an empty list; give a path or one or more sets")
+    sets = []
+    for i, v in enumerate(value):
+        if isinstance(v, ShardSet):
+            sets.append(v)
+        elif isinstance(v, str):
+            sets.append(ShardSet(path=v))
+        elif isinstance(v, dict):
+            try:
+                sets.append(_build(ShardSet, v, f"{key}[{i}]."))
+            except ConfigError as e:
+                raise ConfigError(str(e) if str(e).startswith("unknown") else f"{key}[{i}]: {e}") from None
+        else:
+            raise ConfigError(f"{key}[{i}]: expected a path or {{path, weight, name}}, got {v!r}")
+    if not weights:
+        for s in sets:
+            if s.weight != 1.0:
+                raise ConfigError(f"{key}: validation sets take no weight ({s.path} has {s.weight:g}): each is "
+                                  "read whole")
+    names = [s.name for s in sets]
+    for n in names:
+        if names.count(n) > 1:
+            same = [s.path for s in sets if s.name == n]
+            raise ConfigError(f"{key}: two sets are named {n!r} ({', '.join(same)}): give them names (name: ...)")
+    return sets
+
+
 @dataclass
 class DataConfig:
     """Where the shards are and what one decoded sample looks like (fixed shapes)."""
 
-    train: str = ""
-    """Training shards: a folder, a glob, a brace list (``shard-{000..009}.tar``) or ``s3://`` URI."""
-    val: str = ""
-    """Validation shards (same forms as ``train``); empty means no validation during training."""
+    train: str | list[ShardSet] = ""
+    """Training shards: a folder, a glob, a brace list (``shard-{000..009}.tar``) or ``s3://`` URI; or a weighted
+    mixture of shard sets, a list of :class:`ShardSet` (``[{path: s3://b/kinetics_sounds/train, weight: 3},
+    {path: s3://b/msrvtt_qa/train, weight: 1}]``): the training stream draws from each in proportion to its weight,
+    each set starting its next epoch on its own when it runs out (data/index.py, :class:`MixtureOrder`)."""
+    val: str | list[ShardSet] = ""
+    """Validation shards (same forms as a single ``train``); empty means no validation during training. A list of
+    sets (paths or ``{path, name}``, no weights) is scored as one validation set (``val/...``) and each set apart
+    (``val/<name>/...``)."""
     num_snippets: int = 4
     """S: consecutive time chunks a clip is cut into."""
     frames_per_snippet: int = 4
@@ -127,6 +221,10 @@ class DataConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if isinstance(self.train, (list, tuple)):
+            self.train = _shard_sets(self.train, "data.train", weights=True)
+        if isinstance(self.val, (list, tuple)):
+            self.val = _shard_sets(self.val, "data.val", weights=False)
         for name in ("num_snippets", "frames_per_snippet", "height", "width", "sample_rate", "n_mels",
                      "mel_frames", "n_fft", "max_prompt_len", "max_target_len", "max_options", "max_texts",
                      "decode_threads"):
@@ -140,6 +238,32 @@ class DataConfig:
             raise ConfigError(f"data.decode_actors must be >= 0, got {self.decode_actors}")
         if not 0 < self.decode_cpus <= 64:
             raise ConfigError(f"data.decode_cpus must be in (0, 64], got {self.decode_cpus}")
+
+    @property
+    def train_sets(self) -> list[ShardSet]:
+        """``train`` as a list of sets: a single path is one set of weight 1 (none when empty)."""
+        return _as_sets(self.train)
+
+    @property
+    def val_sets(self) -> list[ShardSet]:
+        """``val`` as a list of sets (see :attr:`train_sets`)."""
+        return _as_sets(self.val)
+
+    @property
+    def mixture(self) -> bool:
+        """``train`` names a list of sets (a weighted mixture), not a single path."""
+        return isinstance(self.train, list)
+
+    @property
+    def train_label(self) -> str:
+        """``train`` in words, for messages: the path, or the sets' paths."""
+        return ", ".join(s.path for s in self.train_sets)
+
+
+def _as_sets(value: str | list[ShardSet]) -> list[ShardSet]:
+    if isinstance(value, list):
+        return list(value)
+    return [ShardSet(path=value)] if value else []
 
 
 @dataclass
@@ -777,7 +901,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = [a for a in typing.get_args(tp) if a is not type(None)]
         if value is None:
             return None
+        if isinstance(value, (list, tuple)):  # e.g. data.train: a path, or a list of sets
+            args = [a for a in args if typing.get_origin(a) in (list, tuple)] or args
         return _coerce(value, args[0], key)
+    if dataclasses.is_dataclass(tp):  # a list's entry (data.train's sets): built by its section's own rules
+        return value
     if origin in (tuple, list):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")

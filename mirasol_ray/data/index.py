@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import posixpath
 import tarfile
 import zlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from fractions import Fraction
 from typing import Any
 
 import numpy as np
@@ -117,6 +119,27 @@ def find_manifest(url: str) -> dict[str, Any] | None:
               if str(s.get("name", "")).startswith(name + "/")]
     return dict(up, shards=shards, num_samples=sum(s["samples"] for s in shards), split=split,
                 splits={split: up["splits"][split]})
+
+
+def manifest_tokenizer(url: str) -> str | None:
+    """The tokenizer file the manifest of the shards at ``url`` names (``shards synth``, ``shards build --tokenizer
+    learn``), as a URI; None when it names none or the file is not there. The manifest names it relative to its own
+    folder: the split folder's, or the root's above it."""
+    manifest = find_manifest(url) or {}
+    name = manifest.get("tokenizer")
+    folder = _folder_of(url)
+    if not name or not folder:
+        return None
+    scheme = folder.split("://", 1)[0] + "://" if "://" in folder else ""
+    base = folder[len(scheme):].rstrip("/")
+    for where in (base, posixpath.dirname(base)):
+        uri = scheme + posixpath.normpath(posixpath.join(where, str(name)))
+        try:
+            if storage.exists(uri):
+                return uri
+        except OSError:
+            return None
+    return None
 
 
 def _split_folders(manifest: dict[str, Any]) -> list[str]:
@@ -325,6 +348,17 @@ class SampleIndex:
                 "bad_shards": self.bad_shards}
 
     @classmethod
+    def concat(cls, indexes: list[SampleIndex]) -> SampleIndex:
+        """The sets of a mixture as one index: their samples one set after the other (set k's from the sum of the
+        sizes before it on), their shards likewise. Read through the first set's URL: the sets share a filesystem
+        (all local, or all on one object store)."""
+        shift = np.cumsum([0] + [len(i.shards) for i in indexes[:-1]])
+        return cls(indexes[0].url, [p for i in indexes for p in i.shards],
+                   _cat([i.shard + np.int32(d) for i, d in zip(indexes, shift)], np.int32),
+                   _cat([i.start for i in indexes], np.int64), _cat([i.end for i in indexes], np.int64),
+                   {k: v for i in indexes for k, v in i.bad_shards.items()})
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SampleIndex:
         return cls(d["url"], list(d["shards"]), np.asarray(d["shard"], np.int32), np.asarray(d["start"], np.int64),
                    np.asarray(d["end"], np.int64),
@@ -415,11 +449,156 @@ def read_samples(url: str, shards: list[str], refs: dict[str, np.ndarray]) -> li
 # Order
 
 
-def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True) -> np.ndarray:
-    """int64 [n]: the samples of epoch ``epoch`` in reading order (the identity without ``shuffle``)."""
+def epoch_permutation(n: int, seed: int, epoch: int, shuffle: bool = True, part: int = 0) -> np.ndarray:
+    """int64 [n]: the samples of epoch ``epoch`` in reading order (the identity without ``shuffle``). ``part``: the
+    set of a mixture (:class:`MixtureOrder`); set 0's permutations are a single set's."""
     if not shuffle:
         return np.arange(n, dtype=np.int64)
-    return np.random.default_rng([seed, epoch, 0x6D697261]).permutation(n).astype(np.int64)
+    return np.random.default_rng([seed, epoch, 0x6D697261] + ([part] if part else [])).permutation(n).astype(np.int64)
+
+
+class StreamOrder:
+    """The training stream of one dataset of ``n`` samples: position g is sample ``epoch_permutation(n, seed,
+    g // n)[g % n]``, of epoch ``g // n`` (module docstring)."""
+
+    def __init__(self, n: int, seed: int, shuffle: bool = True):
+        self.n, self.seed, self.shuffle = n, seed, shuffle
+
+    def __len__(self) -> int:
+        """Positions per pass of the stream (``ReadPosition.epoch``, ``worker_positions``): one epoch."""
+        return self.n
+
+    def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sample index, the sample's epoch) of each stream position."""
+        g = np.asarray(positions, np.int64)
+        epochs = g // max(self.n, 1)
+        samples = np.empty_like(g)
+        for e in np.unique(epochs).tolist():
+            m = epochs == e
+            samples[m] = epoch_permutation(self.n, self.seed, e, self.shuffle)[g[m] - e * self.n]
+        return samples, epochs
+
+
+MIX_ROUND = 1000
+"""The longest round of a mixture's stream (:func:`round_counts`)."""
+
+
+def round_counts(weights: list[float]) -> np.ndarray:
+    """int64 [K]: positions of each set in one round of a mixture's stream. The weights' exact ratio in smallest
+    integers when those sum to at most :data:`MIX_ROUND` (3:1 -> 3, 1; 0.7:0.3 -> 7, 3), else a largest-remainder
+    apportionment of :data:`MIX_ROUND` positions (every share within 1/:data:`MIX_ROUND` of its weight's), each
+    set at least one."""
+    w = [float(x) for x in weights]
+    if not w or any(not (x > 0 and math.isfinite(x)) for x in w):
+        raise ValueError(f"mixture weights must be positive numbers, got {weights}")
+    fr = [Fraction(x).limit_denominator(MIX_ROUND) for x in w]
+    den = math.lcm(*(f.denominator for f in fr))
+    ints = [int(f * den) for f in fr]
+    if all(ints):
+        g = math.gcd(*ints)
+        ints = [i // g for i in ints]
+        if sum(ints) <= MIX_ROUND and all(abs(i / sum(ints) - x / sum(w)) < 1e-6 for i, x in zip(ints, w)):
+            return np.asarray(ints, np.int64)
+    share = np.asarray(w) / sum(w) * MIX_ROUND
+    out = np.maximum(np.floor(share).astype(np.int64), 1)
+    for k in np.argsort(-(share - np.floor(share)), kind="stable"):  # the largest remainders first
+        if out.sum() >= MIX_ROUND:
+            break
+        out[k] += 1
+    while out.sum() > MIX_ROUND:  # sets raised to 1 took positions from the largest
+        out[int(np.argmax(out))] -= 1
+    return out
+
+
+class MixtureOrder:
+    """The training stream of a weighted mixture of K sets (``data.train`` as a list), a pure function of the
+    sizes, weights and seed, like a single set's (:class:`StreamOrder`): every position of the stream is read
+    and resumed exactly as with one set (:class:`ReadPosition` is unchanged); only which sample a position holds
+    differs.
+
+    The stream goes in rounds of R positions (:func:`round_counts`: set k holds ``counts[k]`` of each round, so any
+    window of the stream holds the sets in the weights' proportions to within a round), in an order drawn per round
+    from (seed, round). The j-th position of set k in the stream is that set's own position j: sample
+    ``epoch_permutation(N_k, seed, j // N_k, part=k)[j % N_k]`` of its epoch ``j // N_k``. So each set goes
+    through its epochs at its own pace, starting the next when it runs out, whatever the others do. Samples are
+    numbered across the sets in order (set k's are ``offsets[k]`` on: :meth:`SampleIndex.concat`). A mixture of one
+    set is that set's :class:`StreamOrder`.
+
+    A pass of the stream (``len``) is the rounds that hold the sets' total size: the unit of ``ReadPosition.epoch``
+    and of a worker's reads, not any set's epoch (:meth:`epochs_seen` counts those)."""
+
+    def __init__(self, sizes: list[int], weights: list[float], seed: int, shuffle: bool = True):
+        if len(sizes) != len(weights) or not sizes or min(sizes) <= 0:
+            raise ValueError(f"a mixture needs one positive size per weight, got sizes {sizes}, weights {weights}")
+        self.sizes = np.asarray(sizes, np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)]).astype(np.int64)
+        self.counts = round_counts(weights)
+        self.round = int(self.counts.sum())
+        self.seed, self.shuffle = seed, shuffle
+        self.period = self.round * -(-int(self.sizes.sum()) // self.round)
+        self._rounds: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._perms: dict[tuple[int, int], np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return self.period
+
+    def _round(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(the set of each position of round r, its index among that set's positions in the round)."""
+        got = self._rounds.get(r)
+        if got is None:
+            sets = np.repeat(np.arange(len(self.counts), dtype=np.int64), self.counts)
+            if self.shuffle:
+                sets = np.random.default_rng([self.seed, r, 0x6D6978]).permutation(sets)
+            rank = np.empty_like(sets)
+            for k in range(len(self.counts)):
+                at = np.flatnonzero(sets == k)
+                rank[at] = np.arange(len(at))
+            if len(self._rounds) > 4096:
+                self._rounds.clear()
+            got = self._rounds[r] = (sets, rank)
+        return got
+
+    def locate(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(set, the set's own position) of each stream position."""
+        g = np.asarray(positions, np.int64)
+        r, o = np.divmod(g, self.round)
+        sets, local = np.empty_like(g), np.empty_like(g)
+        for rr in np.unique(r).tolist():
+            m = r == rr
+            pat, rank = self._round(rr)
+            sets[m] = pat[o[m]]
+            local[m] = rr * self.counts[sets[m]] + rank[o[m]]
+        return sets, local
+
+    def samples(self, positions: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(sample index across the sets, the sample's epoch of its own set) of each stream position."""
+        k, j = self.locate(positions)
+        epochs = j // self.sizes[k]
+        samples = np.empty_like(j)
+        for kk, e in {(int(a), int(b)) for a, b in zip(k.tolist(), epochs.tolist())}:
+            m = (k == kk) & (epochs == e)
+            perm = self._perms.get((kk, e))
+            if perm is None:
+                if len(self._perms) > 64:
+                    self._perms.clear()
+                perm = self._perms[(kk, e)] = epoch_permutation(int(self.sizes[kk]), self.seed, e, self.shuffle,
+                                                                part=kk)
+            samples[m] = self.offsets[kk] + perm[j[m] - e * self.sizes[kk]]
+        return samples, epochs
+
+    def counts_below(self, g: int) -> np.ndarray:
+        """int64 [K]: positions of each set among stream positions 0 .. g-1."""
+        r, o = divmod(int(g), self.round)
+        return r * self.counts + np.bincount(self._round(r)[0][:o], minlength=len(self.counts))
+
+    def epochs_seen(self, position: ReadPosition) -> np.ndarray:
+        """float [K]: epochs of each set that ``position`` has consumed (2.5: two whole epochs and half the
+        third)."""
+        c = position.consumed()
+        seen = self.counts_below(c.prefix)
+        if c.extra:
+            seen = seen + np.bincount(self.locate(np.asarray(c.extra, np.int64))[0], minlength=len(self.counts))
+        return seen / self.sizes
 
 
 def sample_rng(seed: int, epoch: int, key: str) -> np.random.Generator:

@@ -53,8 +53,8 @@ from mirasol_ray.data.index import (
     SHARD_REASONS,
     ReadPosition,
     SampleIndex,
+    StreamOrder,
     build_index,
-    epoch_permutation,
     find_manifest,
     read_samples,
     resolve_shards,
@@ -65,7 +65,7 @@ from mirasol_ray.data.schema import TENSOR_COLUMNS, row_spec
 
 __all__ = ["expand_shard_urls", "find_manifest", "sample_index", "decoded_dataset", "train_batches",
            "make_skip_counter", "read_skips", "describe_skips", "shards_failed", "samples_seen", "SHARD_REASONS",
-           "to_torch", "stack_rows"]
+           "to_torch", "stack_rows", "split_by_set"]
 
 
 def expand_shard_urls(url: str) -> list[str]:
@@ -573,16 +573,21 @@ class NoRowsError(RuntimeError):
 
 
 def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int, seed: int,
-                  shuffle: bool = True, prefetch_batches: int = 2) -> Iterator[dict[str, Any]]:
+                  shuffle: bool = True, prefetch_batches: int = 2, order=None) -> Iterator[dict[str, Any]]:
     """Torch batches of ``batch_size`` rows for worker ``rank`` of the dealing ``position`` (see
     :meth:`~mirasol_ray.data.index.ReadPosition.for_world`), from where it stands on, forever:
     epoch after epoch of the stream (module docstring of :mod:`mirasol_ray.data.index`), a batch crossing an
     epoch's end when it must. Each batch carries ``pos`` (stream positions of its rows), ``epoch`` and
     ``last_pos``: the last position this worker has wholly consumed with it (-1: none yet), what
-    :meth:`~mirasol_ray.data.index.ReadPosition.advance` takes."""
-    n = len(source)
-    if n == 0:
+    :meth:`~mirasol_ray.data.index.ReadPosition.advance` takes.
+
+    ``order`` says which sample each stream position holds: the source's one dataset shuffled per epoch
+    (:class:`~mirasol_ray.data.index.StreamOrder` of ``seed`` and ``shuffle``, the default), or a weighted mixture
+    of several (:class:`~mirasol_ray.data.index.MixtureOrder`, whose passes of the stream stand for epochs here)."""
+    if len(source) == 0:
         raise ValueError("the training dataset holds no samples")
+    order = order if order is not None else StreamOrder(len(source), seed, shuffle)
+    n = len(order)
     epoch = first_epoch = position.epoch(n)
     carry: dict[str, np.ndarray] | None = None
     empty = 0  # 2 per whole epoch in a row that gave this worker no row, 1 for a resumed run's partial first one
@@ -600,8 +605,7 @@ def train_batches(source, position: ReadPosition, *, rank: int, batch_size: int,
             parts.append((e, position.worker_positions(e, n, rank)))
             spanned += len(parts[-1][1])
         positions = np.concatenate([p for _, p in parts])
-        samples = np.concatenate([epoch_permutation(n, seed, e, shuffle)[p - e * n] for e, p in parts])
-        epochs = np.concatenate([np.full(len(p), e, np.int64) for e, p in parts])  # each sample's epoch
+        samples, epochs = order.samples(positions)  # each sample's index and its (own set's) epoch
         got = 0
         for batch in source.batches(positions, samples, epochs, batch_size, prefetch_batches):
             got += len(batch["pos"])
@@ -638,6 +642,25 @@ def to_torch(batch: dict[str, np.ndarray]) -> dict[str, Any]:
     out["key"] = [str(k) for k in batch["key"]]
     if "pos" in batch:
         out["pos"] = torch.as_tensor(np.asarray(batch["pos"], np.int64))
+    return out
+
+
+def split_by_set(batch: dict[str, Any], sets: list | None) -> list[tuple[str | None, dict[str, Any]]]:
+    """A batch of an evaluated split made of several sets (``sets``: ``[name, first row]`` of each), as (set name,
+    its rows) parts, in order; the whole batch, unnamed, when the split is one set."""
+    if not sets:
+        return [(None, batch)]
+    starts = np.asarray([s for _, s in sets], np.int64)
+    of = np.searchsorted(starts, np.asarray(batch["pos"]), side="right") - 1  # [B]: each row's set
+    out = []
+    for k in np.unique(of).tolist():
+        idx = np.flatnonzero(of == k)
+        if len(idx) == len(of):
+            out.append((sets[k][0], batch))
+            continue
+        at = torch.as_tensor(idx)
+        out.append((sets[k][0], {key: ([v[i] for i in idx.tolist()] if isinstance(v, list) else v[at])
+                                 for key, v in batch.items()}))
     return out
 
 

@@ -23,15 +23,19 @@ import ray
 import torch
 
 from mirasol_ray import storage
-from mirasol_ray.config import Config, DataConfig, _deep_update, from_dict, parse_overrides
+from mirasol_ray.config import Config, DataConfig, _deep_update, from_dict, parse_overrides, set_name
 from mirasol_ray.data.decode import DecodeError
+from mirasol_ray.data.index import SampleIndex
 from mirasol_ray.data.pipeline import (
+    count_bad_shards,
     decoded_dataset,
     expand_shard_urls,
     find_manifest,
     make_skip_counter,
     read_skips,
+    sample_index,
     samples_seen,
+    split_by_set,
     stack_rows,
     to_torch,
 )
@@ -53,7 +57,7 @@ from mirasol_ray.train.checkpoint import (
 from mirasol_ray.train.metrics import aggregate, benchmark_results, table_rows
 from mirasol_ray.train.step import predict_batch
 
-RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "refs")
+RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "refs", "set")
 CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
 
 
@@ -87,7 +91,8 @@ class Predictor:
     """Actor for ``map_batches``: loads the model once, turns decoded rows into prediction records."""
 
     def __init__(self, model_uri: str, storage_settings: dict[str, str], data_cfg: dict[str, Any], precision: str,
-                 label_set: list[str] | None, beam_size: int = 1, qtypes: list[str] | None = None):
+                 label_set: list[str] | None, beam_size: int = 1, qtypes: list[str] | None = None,
+                 sets: list | None = None):
 
         storage.configure(**storage_settings)  # the driver's: this actor reads the model and the tokenizer
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -96,12 +101,14 @@ class Predictor:
 
         self.precision, self.label_set, self.beam_size = precision, label_set, beam_size
         self.qtypes = qtype_table(qtypes)
+        self.sets = sets  # [name, first row] of each of several --data sets: each record says its set
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["key"]) == 0:
             return {c: np.zeros((0,), dtype=object) for c in RECORD_COLUMNS}
-        recs = predict_batch(self.model, to_torch(batch), self.tok, self.device, self.precision,
-                             beam_size=self.beam_size, label_set=self.label_set, qtypes=self.qtypes)
+        recs = [dict(r, set=name or "") for name, part in split_by_set(to_torch(batch), self.sets)
+                for r in predict_batch(self.model, part, self.tok, self.device, self.precision,
+                                       beam_size=self.beam_size, label_set=self.label_set, qtypes=self.qtypes)]
         return {c: _column([r[c] for r in recs], c) for c in RECORD_COLUMNS}
 
 
@@ -122,7 +129,7 @@ def _record(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return rec
 
 
-def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = None, batch_size: int = 16,
+def evaluate(checkpoint: str, data_url: str | list[str], *, overrides: list[str] | None = None, batch_size: int = 16,
              num_actors: int = 1, beam_size: int = 1, num_cpus: int | None = None, records_out: str = "",
              out: str = "", normalize: str = "", source: str = "", choice: str = "best") -> dict[str, Any]:
     """Task metrics of a checkpoint over the shards at ``data_url``, scored by the benchmark's protocol.
@@ -133,18 +140,27 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     (a folder, local or ``s3://``), writes ``results.json`` (everything returned) and ``results.csv`` (the table
     rows). ``records_out`` writes the per-row predictions as JSONL. Both are checked (writable, not the wrong
     kind of thing) before any work, so the metrics are never lost to a bad path.
+
+    ``data_url`` may list several shard sets: they are scored together and each apart (``sets``: per set name, as
+    the run's ``data.val`` names it or else derived from its path, its metrics).
     """
 
     model_uri, cfg, label_set = checkpoint_config(checkpoint, overrides, choice)  # configures storage first
-    storage.check_access(data_url)  # with the --set storage.endpoint_url it may give
-    expand_shard_urls(data_url)
+    urls = [data_url] if isinstance(data_url, str) else list(data_url)
+    for url in urls:
+        storage.check_access(url)  # with the --set storage.endpoint_url it may give
+        expand_shard_urls(url)
+    if len({storage.is_s3(u) for u in urls}) > 1:  # one index reads them all (SampleIndex.concat)
+        raise ValueError(f"--data: the sets are on different storage ({', '.join(urls)}): all local or all s3://")
+    names = eval_set_names(urls, cfg) if len(urls) > 1 else []
+    data_url = urls[0]
     if records_out:
         storage.check_output(records_out, "file")
     if out:
         storage.check_output(out, "dir")
     manifest = find_manifest(data_url) or {}
     source = source or str(manifest.get("source") or "")
-    total = manifest.get("num_samples")
+    total = manifest.get("num_samples") if len(urls) == 1 else None
     with console.quiet_libraries() as logs:
         if not ray.is_initialized():
             console.say(f"starting Ray ({os.environ.get('RAY_ADDRESS') or 'a local instance'})...")
@@ -154,20 +170,29 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
             try:
                 ray.data.DataContext.get_current().enable_progress_bars = False
                 counter, name = make_skip_counter()
-                ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set)
+                index = sets = None
+                if names:  # one pipeline over the sets, one after the other; each row's set by its position
+                    indexes = [sample_index(u) for u in urls]
+                    for i in indexes:
+                        count_bad_shards(i, name)
+                    index = SampleIndex.concat(indexes)
+                    sets = [[n, int(s)] for n, s in zip(names, np.cumsum([0] + [len(i) for i in indexes[:-1]]))]
+                ds = decoded_dataset(data_url, cfg.data, train=False, counter_name=name, label_set=label_set,
+                                     index=index)
                 use_gpu = ray.cluster_resources().get("GPU", 0) >= num_actors
                 preds = ds.map_batches(
                     Predictor,
                     fn_constructor_kwargs={"model_uri": model_uri, "storage_settings": storage.settings(),
                                            "data_cfg": dataclasses.asdict(cfg.data),
                                            "precision": cfg.train.precision, "label_set": label_set,
-                                           "beam_size": beam_size, "qtypes": manifest_qtypes(manifest)},
+                                           "beam_size": beam_size, "qtypes": manifest_qtypes(manifest),
+                                           "sets": sets},
                     batch_size=batch_size, batch_format="numpy",
                     compute=ray.data.ActorPoolStrategy(size=num_actors),
                     num_gpus=1 if use_gpu else 0, num_cpus=0 if use_gpu else 1,
                 )
                 records = []
-                console.say(f"scoring {total if total is not None else 'the'} clips of {data_url} with "
+                console.say(f"scoring {total if total is not None else 'the'} clips of {', '.join(urls)} with "
                             f"{num_actors} model replica(s) on {'GPU' if use_gpu else 'CPU'} "
                             f"(each loads {model_uri})...")
                 bar = console.Progress("evaluating", total, "clips")
@@ -192,12 +217,26 @@ def evaluate(checkpoint: str, data_url: str, *, overrides: list[str] | None = No
     res = {"checkpoint": model_uri, "model": model, "step": meta.get("step"),
            "checkpoint_score": {**score, "value": metric_value(meta.get("metrics") or {}, score["metric"])}
            if score else None,
-           "data": data_url, "rows": len(records),
+           "data": data_url if len(urls) == 1 else urls, "rows": len(records),
            "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
            "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"], "truncation": skips["truncation"]}
+    if names:  # each set apart, beside the whole
+        res["sets"] = {n: aggregate(r for r in records if r["set"] == n) for n in names}
     if out:
         write_results(res, out)
     return res
+
+
+def eval_set_names(urls: list[str], cfg: Config) -> list[str]:
+    """What ``mirasol eval`` calls each of several ``--data`` sets: the name the run's ``data.val`` (or
+    ``data.train``) gives that path, else one derived from the path (:func:`~mirasol_ray.config.set_name`)."""
+    known = {s.path: s.name for s in cfg.data.train_sets + cfg.data.val_sets}
+    names = [known.get(u) or set_name(u) for u in urls]
+    for n in names:
+        if names.count(n) > 1:
+            raise ValueError(f"--data: two sets are called {n!r} ({', '.join(u for u, m in zip(urls, names) if m == n)})"
+                             ": give sets in folders of different names")
+    return names
 
 
 def model_name(model_uri: str, meta: dict[str, Any]) -> str:
@@ -236,6 +275,9 @@ def format_table(res: dict[str, Any]) -> str:
     lines.insert(1, "-" * len(lines[0]))
     if len(rows) > n_main:
         lines.insert(2 + n_main, "  per type:")
+    for name, metrics in (res.get("sets") or {}).items():  # several --data sets: each apart
+        lines.append(f"  {name}: " + ", ".join(f"{k} {_fmt(100 * v['value'])}% (n={v['count']})"
+                                              for k, v in metrics.items()))
     return "\n".join(lines)
 
 

@@ -74,8 +74,12 @@ def check_metric(metric: str) -> None:
             key = metric[len(split):]
             if key in VAL_METRICS or key.startswith("qa/"):
                 return
+            own = key.split("/", 1)[-1]  # <set>/<metric>: a set of data.val's list scored apart
+            if "/" in key and key.split("/")[0] not in VAL_METRICS and (own in VAL_METRICS or own.startswith("qa/")):
+                return
     raise ValueError(f"unknown metric {metric!r}: use {', '.join('val/' + k for k in VAL_METRICS)}, val/qa/<type>, "
-                     f"the same under train_eval/, or a training metric ({', '.join(TRAIN_METRICS)})")
+                     "val/<set>/... (a set of data.val's list), the same under train_eval/, or a training metric "
+                     f"({', '.join(TRAIN_METRICS)})")
 
 
 def train_counterpart(metric: str) -> str | None:
@@ -107,6 +111,12 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
     twin = train_counterpart(metric)
     train_curve = [(r["step"], v) for r in records if twin and (v := _number(flatten(r).get(twin))) is not None]
     loss_curve = [(r["step"], v) for r in records if (v := _number(r.get("loss"))) is not None]
+    # the same metric of each set of data.val's list (val/<set>/qa beside val/qa), at the last validation
+    split, _, own = metric.partition("/")
+    scored = next((r for r in reversed(records) if isinstance(r.get(split), dict)), None) if own else None
+    sets = {k[:-len(own) - 1]: v for k, v in (scored or {}).get(split, {}).items()
+            if k.endswith("/" + own) and k.count("/") == own.count("/") + 1 and k.split("/")[0] not in VAL_METRICS
+            and _number(v) is not None}
     _, found = scored_checkpoints(uri)
     # up to the stop when one is still there (Ray Train keeps the best few and the latest: later ones may have won)
     checkpoints = [c for c in found if until is None or c["step"] <= until] or found
@@ -128,7 +138,7 @@ def read_run(uri: str, metric: str, mode: str, until: int | None = None) -> dict
         "checkpoint": chosen["uri"] if chosen else None, "checkpoint_step": chosen["step"] if chosen else None,
         "checkpoint_value": pick[1] if pick else None,
         "last_checkpoint": last["uri"] if last else None, "last_checkpoint_step": last["step"] if last else None,
-        "curve": curve, "train_curve": train_curve, "loss_curve": loss_curve, "run": uri,
+        "curve": curve, "train_curve": train_curve, "loss_curve": loss_curve, "run": uri, "sets": sets,
     }
 
 
@@ -180,7 +190,8 @@ def read_results(url: str, metric: str = "", mode: str = "") -> dict[str, Any]:
     command = None
     if best and best["checkpoint"]:
         cfg = _run_config(best["run"])
-        data = (cfg.data.val or cfg.data.train) if cfg else "SHARDS"
+        sets = (cfg.data.val_sets or cfg.data.train_sets) if cfg else []
+        data = " --data ".join(s.path for s in sets) or "SHARDS"  # several sets: scored together and each apart
         command = f"mirasol eval --checkpoint {best['checkpoint']} --data {data}"
         if cfg and cfg.storage.endpoint_url:  # the run's own S3 endpoint, which the environment may not give
             command += f" --set storage.endpoint_url={cfg.storage.endpoint_url}"
@@ -221,8 +232,11 @@ def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
     keys = list(res["space"]) or sorted({k for t in res["trials"] for k in t["config"]})
     m = res["metric"]
     twin = any(t.get("train_last") is not None for t in res["trials"])
+    split, _, own = m.partition("/")
+    sets = sorted({n for t in res["trials"] for n in t.get("sets") or {}})  # each set of data.val's list apart
     head = (["trial", *keys, "status", "steps", f"best {_label(m)}", f"last {_label(m)}"]
             + (["last on train clips"] if twin else [])
+            + [f"last {_label(f'{split}/{n}/{own}')}" for n in sets]
             + (["best checkpoint"] if checkpoints else []))
     rows = []
     for t in res["trials"]:
@@ -230,6 +244,7 @@ def format_table(res: dict[str, Any], checkpoints: bool = True) -> str:
         rows.append([t["trial_id"], *[_fmt(t["config"].get(k, "")) for k in keys], t["status"], steps,
                      _cell(m, t["best"]), _cell(m, t["last"])]
                     + ([_cell(m, t.get("train_last"))] if twin else [])
+                    + [_cell(m, (t.get("sets") or {}).get(n)) for n in sets]
                     + ([t["checkpoint"] or "-"] if checkpoints else []))
     widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *rows]]

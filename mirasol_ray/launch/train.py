@@ -47,6 +47,7 @@ from mirasol_ray.train.checkpoint import (
     resolve_choice,
 )
 from mirasol_ray.train.loop import train_loop_per_worker
+from mirasol_ray.train.prepare import check_sets, mixture_label_set
 
 
 def ensure_ray(num_cpus: int | None = None, dashboard: bool = False) -> bool:
@@ -98,16 +99,19 @@ def run_uri(cfg: Config, name: str) -> str:
 def loop_config(cfg: Config, uri: str, counter: str, label_set: list[str] | None, has_val: bool,
                 train_data: dict[str, Any], pid_dir: str = "", lease: str = "", scratch: str = "",
                 score: dict[str, str] | None = None, has_train_eval: bool = False,
-                qtypes: list[str] | None = None) -> dict[str, Any]:
+                qtypes: list[str] | None = None, eval_sets: dict[str, list] | None = None) -> dict[str, Any]:
     """The one plain dict that crosses from the driver to the workers. ``train_data``: ``{"index": the sample
     index as arrays, "cpu_limit": CPUs each worker's decode pipeline may use}``, or with ``data.cache``
-    ``{"cache": object refs of the decoded rows, "num_samples": N}``. ``score``: the checkpoints' scoring
+    ``{"cache": object refs of the decoded rows, "num_samples": N}``; for a mixture also ``"sets"``: each set's
+    ``{"name", "size", "weight"}``, in the index's order. ``eval_sets``: per evaluated dataset (``val``,
+    ``train_eval``) made of several sets, ``[name, the set's first row]`` of each, scored apart. ``score``: the checkpoints' scoring
     (``{"metric", "mode"}``, or None), which goes into each checkpoint's meta.json. ``qtypes``: the question type
     names the train and val manifests list, for per-type validation metrics. ``storage``: this process's
     :func:`~mirasol_ray.storage.settings`, which each worker configures before it reads anything."""
     return {"cfg": cfg.to_dict(), "run_uri": uri, "counter": counter, "label_set": label_set, "has_val": has_val,
             "has_train_eval": has_train_eval, "train_data": train_data, "pid_dir": pid_dir, "lease": lease,
-            "scratch": scratch, "score": score, "qtypes": qtypes or [], "storage": storage.settings()}
+            "scratch": scratch, "score": score, "qtypes": qtypes or [], "storage": storage.settings(),
+            "eval_sets": eval_sets or {}}
 
 
 def train_eval_index(index, cfg: Config):
@@ -120,6 +124,22 @@ def train_eval_index(index, cfg: Config):
         return None
     pick = np.sort(np.random.default_rng([cfg.data.seed, 0x7472_6576]).choice(len(index), n, replace=False))
     return SampleIndex(index.url, index.shards, index.shard[pick], index.start[pick], index.end[pick])
+
+
+def _set_index(url: str, counter, counter_name: str) -> SampleIndex:
+    """The sample index of one shard set, its bad shards counted; an error naming it when none could be read."""
+    index = sample_index(url)
+    count_bad_shards(index, counter_name)
+    if not len(index):
+        raise ValueError(f"no shard of {url} could be read: {describe_skips(read_skips(counter))}")
+    return index
+
+
+def _set_starts(sets: list, index: SampleIndex, shards_per_set: list[int]) -> list[list]:
+    """``[name, first row]`` of each set in ``index``: the sets' indexes concatenated
+    (:meth:`~mirasol_ray.data.index.SampleIndex.concat`), or a subset of that in order."""
+    first_shard = np.cumsum([0] + shards_per_set[:-1])
+    return [[s.name, int(i)] for s, i in zip(sets, np.searchsorted(index.shard, first_shard, side="left"))]
 
 
 def data_cpus_per_worker(cfg: Config) -> float:
@@ -139,8 +159,13 @@ def check_inputs(cfg: Config) -> None:
 
     if not cfg.data.train:
         raise ValueError("data.train is empty: give the training shards with --set data.train=URL")
-    for url in (cfg.data.train, cfg.data.val, cfg.storage.root, cfg.data.tokenizer, cfg.train.init_from):
+    shard_urls = [s.path for s in cfg.data.train_sets + cfg.data.val_sets]
+    for url in (*shard_urls, cfg.storage.root, cfg.data.tokenizer, cfg.train.init_from):
         storage.check_access(url)  # seconds, naming the URL, before minutes of a library's retries
+    for key, sets in (("data.train", cfg.data.train_sets), ("data.val", cfg.data.val_sets)):
+        if len({storage.is_s3(s.path) for s in sets}) > 1:  # one index reads them all (SampleIndex.concat)
+            raise ValueError(f"{key}: its sets are on different storage ({', '.join(s.path for s in sets)}): put them "
+                             "all on local disk or all on s3://")
     # Relative local files are the driver's: Ray Train's workers run in folders of their own, where
     # data.tokenizer=data/mine/train/tokenizer.json or train.init_from=runs/pre were not found (the README's own
     # commands failed so). The shards' URLs are made absolute when they are expanded.
@@ -169,9 +194,9 @@ def check_inputs(cfg: Config) -> None:
             raise ValueError(f"train.checkpoint_metric: {e}") from None
         if metric.startswith(("val/", "train_eval/")) and not cfg.data.val:
             raise ValueError(f"train.checkpoint_metric={metric} is measured at validation passes: set data.val=URL")
-    expand_shard_urls(cfg.data.train)
-    if cfg.data.val:
-        expand_shard_urls(cfg.data.val)
+    for url in shard_urls:
+        expand_shard_urls(url)
+    check_sets(cfg)  # prepare's check, again: a config built in code reaches here without prepare
     if cfg.train.init_from:
         given = cfg.train.init_from
         cfg.train.init_from, chosen = resolve_choice(given)
@@ -219,25 +244,37 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     each checkpoint's meta.json. With validation data, a fixed subset of the training clips
     (:func:`train_eval_index`) is scored beside it as the ``train_eval`` dataset. Needs a connected Ray."""
 
-    manifest = find_manifest(cfg.data.train) or {}
-    label_set = manifest.get("label_set")
-    qtypes = sorted(set(manifest_qtypes(manifest))
-                    | set(manifest_qtypes(find_manifest(cfg.data.val) if cfg.data.val else None)))
+    sets, val_sets = cfg.data.train_sets, cfg.data.val_sets
+    if cfg.data.mixture:
+        label_set = mixture_label_set([s.path for s in sets])
+    else:
+        label_set = (find_manifest(cfg.data.train) or {}).get("label_set")
+    qtypes = sorted({q for s in sets + val_sets for q in manifest_qtypes(find_manifest(s.path))})
     counter, counter_name = make_skip_counter()  # this attempt's own: counts and progress start at zero
-    index = sample_index(cfg.data.train)
-    count_bad_shards(index, counter_name)
-    if not len(index):
-        raise ValueError(f"no shard of {cfg.data.train} could be read: {describe_skips(read_skips(counter))}")
+    indexes = [_set_index(s.path, counter, counter_name) for s in sets]
+    index = SampleIndex.concat(indexes) if cfg.data.mixture else indexes[0]
     # the training set is not a Ray Train dataset: each worker reads its own share of the index (train_batches)
     train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
+    if cfg.data.mixture:  # the workers' MixtureOrder, and the names their metrics give the sets
+        train_data["sets"] = [{"name": s.name, "size": len(i), "weight": s.weight} for s, i in zip(sets, indexes)]
     datasets = {}
+    eval_sets: dict[str, list] = {}  # per evaluated dataset: [name, its first row] of each set scored apart
     if cfg.data.val:
-        datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
-                                          label_set=label_set)
+        if isinstance(cfg.data.val, list):
+            val_indexes = [_set_index(s.path, counter, counter_name) for s in val_sets]
+            val_index = SampleIndex.concat(val_indexes)
+            datasets["val"] = decoded_dataset(val_sets[0].path, cfg.data, train=False, counter_name=counter_name,
+                                              label_set=label_set, index=val_index)
+            eval_sets["val"] = _set_starts(val_sets, val_index, [len(i.shards) for i in val_indexes])
+        else:
+            datasets["val"] = decoded_dataset(cfg.data.val, cfg.data, train=False, counter_name=counter_name,
+                                              label_set=label_set)
         subset = train_eval_index(index, cfg)
         if subset is not None:  # scored beside validation, decoded as validation is
-            datasets["train_eval"] = decoded_dataset(cfg.data.train, cfg.data, train=False, counter_name=counter_name,
+            datasets["train_eval"] = decoded_dataset(sets[0].path, cfg.data, train=False, counter_name=counter_name,
                                                      label_set=label_set, index=subset)
+            if cfg.data.mixture:
+                eval_sets["train_eval"] = _set_starts(sets, subset, [len(i.shards) for i in indexes])
     last = latest_checkpoint_dir(uri)
     done = read_meta(storage.join(last, "model.pt")).get("step", 0) if last else 0
     if cfg.data.cache and done >= cfg.train.steps:
@@ -248,7 +285,7 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
         console.say("decoding into Ray's object store (data.cache)")
         # decoded once (epoch 0's frame positions), in the dataset's order; the workers then pick rows by sample
         # index in each epoch's order
-        cached = decoded_dataset(cfg.data.train, cfg.data, train=True, counter_name=counter_name,
+        cached = decoded_dataset(sets[0].path, cfg.data, train=True, counter_name=counter_name,
                                  label_set=label_set, index=index)
         train_data = {"cache": cached.to_numpy_refs(), "num_samples": len(index)}
         datasets = {k: ds.materialize() for k, ds in datasets.items()}
@@ -264,7 +301,8 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     trainer = TorchTrainer(
         train_loop_per_worker=_entry,
         train_loop_config=loop_config(cfg, uri, counter_name, label_set, "val" in datasets, train_data, pid_dir, lease,
-                                      scratch, score=score, has_train_eval="train_eval" in datasets, qtypes=qtypes),
+                                      scratch, score=score, has_train_eval="train_eval" in datasets, qtypes=qtypes,
+                                      eval_sets=eval_sets),
         scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=cfg.scaling.use_gpu,
                                                resources_per_worker=resources,
                                                placement_strategy=cfg.scaling.placement_strategy),
@@ -352,6 +390,7 @@ def run_training(cfg: Config, config_name: str = "config", *, num_cpus: int | No
             "final_loss": last.get("loss"),
             "val": (result.metrics or {}).get("val", {}),
             "train_eval": (result.metrics or {}).get("train_eval", {}),
+            **({"epochs": last.get("epochs", {})} if cfg.data.mixture else {}),
             "checkpoint": latest_checkpoint_dir(uri),
             "best_checkpoint": best,
             "decoded": skips["decoded"],

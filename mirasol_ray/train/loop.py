@@ -32,7 +32,7 @@ from tensorboardX import SummaryWriter
 
 from mirasol_ray import storage
 from mirasol_ray.config import Config, from_dict
-from mirasol_ray.data.index import ReadPosition, SampleIndex
+from mirasol_ray.data.index import MixtureOrder, ReadPosition, SampleIndex, StreamOrder
 from mirasol_ray.data.pipeline import (
     CacheSource,
     DecodeSource,
@@ -42,6 +42,7 @@ from mirasol_ray.data.pipeline import (
     forget_counter,
     iter_worker_batches,
     shards_failed,
+    split_by_set,
     train_batches,
 )
 from mirasol_ray.data.schema import qtype_table
@@ -199,12 +200,12 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
 
     skipped = snap.get("skipped", {})
     if snap.get("decoded", 0) == 0 and skipped and set(skipped) <= {"no_text_for_task"}:
-        cause = f"data.task={cfg.data.task} matches no text in {cfg.data.train}"
+        cause = f"data.task={cfg.data.task} matches no text in {cfg.data.train_label}"
     elif snap.get("decoded", 0) == 0 and shards_failed(snap) and snap.get("skipped") and all(
             r in ("not_a_tar", "truncated_shard", "unreadable_shard", "bad_shard") for r in skipped):
-        cause = f"no shard of {cfg.data.train} could be read"
+        cause = f"no shard of {cfg.data.train_label} could be read"
     elif snap.get("decoded", 0) == 0:
-        cause = f"no clip of {cfg.data.train} decoded"
+        cause = f"no clip of {cfg.data.train_label} decoded"
     else:
         cause = (f"an epoch gave a worker no row ({snap.get('rows', 0)} rows in all for {world} worker(s)): the "
                  "few clips that decode fell to other workers")
@@ -212,28 +213,47 @@ def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
 
 
 def evaluate(model, batches, tok, device, cfg: Config, label_set, max_batches: int = 0,
-             qtypes: dict[int, str] | None = None) -> tuple[dict[str, Any], list[int]]:
+             qtypes: dict[int, str] | None = None, sets: list | None = None) -> tuple[dict[str, Any], list[int]]:
     """Task metrics over an evaluation split (``val``, or ``train_eval``: the training clips scored beside it),
     their loss as ``loss``, and the rows (clips) each rank scored: each rank
     predicts its own share (``batches``, its split of the dataset), with the model gathered once (FSDP2) so that
     decoding needs no collective; every rank's records and loss sums are then gathered and scored together, so the
     metrics are those of the whole split. The loss is training's weighted loss, teacher-forced: it moves with every
     step where accuracies move in jumps, which is what a scheduler comparing young trials (ASHA in ``mirasol
-    sweep``) needs. A collective: every rank calls it."""
+    sweep``) needs. A collective: every rank calls it.
+
+    ``sets``: ``[name, first row]`` of each set the split is made of (rows in the sets' order, ``pos`` their index):
+    each set is also scored apart, as ``<name>/<metric>`` (``val/<name>/qa`` once nested under the split)."""
     records, loss_sum, rows = [], 0.0, 0
+    set_loss: dict[str, list[float]] = {}  # name -> [loss sum, rows]
     with evaluating(model) as m:
         for i, batch in enumerate(batches):
             if max_batches and i >= max_batches:
                 break
-            records += predict_batch(m, batch, tok, device, cfg.train.precision, label_set=label_set, qtypes=qtypes)
-            n = len(batch["key"])
-            loss_sum += eval_loss(m, batch, device, cfg.train.precision) * n
-            rows += n
-    parts = gather_objects((records, loss_sum, rows))
-    out = aggregate(r for part in parts for r in part[0])
+            for name, part in split_by_set(batch, sets):
+                recs = predict_batch(m, part, tok, device, cfg.train.precision, label_set=label_set, qtypes=qtypes)
+                n = len(part["key"])
+                loss = eval_loss(m, part, device, cfg.train.precision) * n
+                loss_sum += loss
+                rows += n
+                if name is not None:
+                    recs = [dict(r, set=name) for r in recs]
+                    acc = set_loss.setdefault(name, [0.0, 0])
+                    acc[0], acc[1] = acc[0] + loss, acc[1] + n
+                records += recs
+    parts = gather_objects((records, loss_sum, rows, set_loss))
+    every = [r for part in parts for r in part[0]]
+    out = aggregate(every)
     total = sum(p[2] for p in parts)
     if total:
         out["loss"] = {"metric": "loss", "value": sum(p[1] for p in parts) / total, "count": total}
+    for name, _ in sets or []:
+        for k, v in aggregate(r for r in every if r.get("set") == name).items():
+            out[f"{name}/{k}"] = v
+        done = [p[3][name] for p in parts if name in p[3]]
+        if sum(d[1] for d in done):
+            out[f"{name}/loss"] = {"metric": "loss", "value": sum(d[0] for d in done) / sum(d[1] for d in done),
+                                   "count": sum(d[1] for d in done)}
     return out, [p[2] for p in parts]
 
 
@@ -250,6 +270,15 @@ def _train_source(config: dict[str, Any], cfg: Config):
         return CacheSource(data["cache"], data["num_samples"])
     return DecodeSource(SampleIndex.from_dict(data["index"]), cfg.data, counter_name=config["counter"],
                         label_set=config.get("label_set"), cpu_limit=float(data.get("cpu_limit", 0.0)))
+
+
+def _train_order(config: dict[str, Any], cfg: Config, source):
+    """Which sample each position of the training stream holds: the one dataset's epochs, or a weighted mixture of
+    the sets ``train_data["sets"]`` lists (:class:`~mirasol_ray.data.index.MixtureOrder`)."""
+    sets = config["train_data"].get("sets")
+    if sets:
+        return MixtureOrder([s["size"] for s in sets], [s["weight"] for s in sets], cfg.data.seed, cfg.data.shuffle)
+    return StreamOrder(len(source), cfg.data.seed, cfg.data.shuffle)
 
 
 class SampleLog:
@@ -374,8 +403,11 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     # the tokenizer's bytes go into every checkpoint (self-contained: see train/checkpoint.py)
     tok_payload = ckpt.tokenizer_payload(cfg.data.tokenizer) if rank == 0 else None
     source = _train_source(config, cfg)
+    order = _train_order(config, cfg, source)
+    set_names = [s["name"] for s in config["train_data"].get("sets") or []]
+    eval_sets = config.get("eval_sets") or {}
     batches = train_batches(source, position, rank=rank, batch_size=cfg.train.batch_size, seed=cfg.data.seed,
-                            shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches)
+                            shuffle=cfg.data.shuffle, prefetch_batches=cfg.train.prefetch_batches, order=order)
 
     def batches_or_why():
         try:
@@ -393,7 +425,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
 
     meter = Throughput()
     step = start_step
-    last_pos, epoch = position.last[rank], position.epoch(len(source))
+    last_pos, epoch = position.last[rank], position.epoch(len(order))
     t_start, reported = time.perf_counter(), float("-inf")  # the first step is reported
 
     while step < cfg.train.steps:
@@ -414,6 +446,9 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
             parts = mean_over_ranks(parts, LOSS_PARTS)  # every rank logs on the same steps
             record = {"step": step, "epoch": epoch, **parts, **meter.read(),
                       "elapsed_s": time.perf_counter() - t_start}
+            if set_names:  # epochs of each set consumed by every rank together (a collective, as the mean above)
+                seen = order.epochs_seen(position.advance(_all_ranks(last_pos)))
+                record["epochs"] = {name: round(float(x), 4) for name, x in zip(set_names, seen)}
         do_eval = val is not None and ((cfg.train.eval_every and step % cfg.train.eval_every == 0)
                                        or step == cfg.train.steps)
         evaluated: dict[str, dict[str, float]] = {}  # this step's evaluation, if any: what its checkpoint scores
@@ -424,14 +459,14 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         if do_eval:
             t0 = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
-                                cfg.train.eval_batches, qtypes=qtypes)
+                                cfg.train.eval_batches, qtypes=qtypes, sets=eval_sets.get("val"))
             evaluated["val"] = {k: v["value"] for k, v in ev.items()}
             record = (record or {"step": step}) | {"val": evaluated["val"], "val_rows": rows,
                                                    "val_s": time.perf_counter() - t0}
             if train_eval is not None:  # the fixed subset of training clips, whole (train.eval_train_batches)
                 t0 = time.perf_counter()
                 ev, rows = evaluate(model, iter_worker_batches(train_eval, cfg.train.batch_size), tok, device, cfg,
-                                    label_set, qtypes=qtypes)
+                                    label_set, qtypes=qtypes, sets=eval_sets.get("train_eval"))
                 evaluated["train_eval"] = {k: v["value"] for k, v in ev.items()}
                 record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows,
                            "train_eval_s": time.perf_counter() - t0}
@@ -452,7 +487,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
             reached = position.advance(_all_ranks(last_pos))  # a collective
             if samples_log is not None:
                 samples_log.sync()
-            _report(model, opt, sched, cfg, config, step, reached.epoch(len(source)), reached, rank, world, log,
+            _report(model, opt, sched, cfg, config, step, reached.epoch(len(order)), reached, rank, world, log,
                     record, evaluated, scratch, tok_payload)
 
 

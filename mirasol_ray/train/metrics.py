@@ -80,11 +80,12 @@ to a person in percent, the scale of ``mirasol eval``'s table and of the paper."
 
 
 def is_score(metric: str) -> bool:
-    """``val/qa``, ``train_eval/qa/what``, ``val/caption``: a score; ``val/loss`` and the training metrics (``cls``
-    unprefixed is a loss part) are not."""
+    """``val/qa``, ``train_eval/qa/what``, ``val/caption``, ``val/<set>/qa`` (a set scored apart): a score;
+    ``val/loss`` and the training metrics (``cls`` unprefixed is a loss part) are not."""
     for split in ("val/", "train_eval/"):
         if metric.startswith(split):
-            return metric[len(split):].split("/")[0] in SCORES
+            parts = metric[len(split):].split("/")
+            return parts[0] in SCORES or (len(parts) > 1 and parts[0] not in SCORES and parts[1] in SCORES)
     return False
 
 

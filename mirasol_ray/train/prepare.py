@@ -19,6 +19,7 @@ model: the workers get it as a plain dict (``Config.to_dict``) and rebuild it wi
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from typing import Any
 
 from mirasol_ray import storage
@@ -31,6 +32,7 @@ from mirasol_ray.config import (
     is_byte_tokenizer,
     read_config,
 )
+from mirasol_ray.data.index import find_manifest, manifest_tokenizer
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.train.step import check_patterns
 from mirasol_ray.train.weights import rehearse_load, resolve_pretrained
@@ -54,6 +56,7 @@ def prepare(cfg: Config | dict[str, Any]) -> Config:
     if pretrained:
         raw = resolve_pretrained(raw)
     out = from_dict(raw)
+    check_sets(out)
     read_vocabulary(out)
     if pretrained:
         rehearse_load(out)
@@ -83,3 +86,45 @@ def read_vocabulary(cfg: Config) -> None:
                               "data.tokenizer instead")
         setattr(cfg.model, key, value)
     dataclasses.replace(cfg.model, num_classes=max(cfg.model.num_classes, 1)).validate()  # the ids in the vocabulary
+
+
+def check_sets(cfg: Config) -> None:
+    """Shard sets given as lists (``data.train``'s mixture, ``data.val``'s sets) train and score one model: their
+    manifests must agree on the label set (where they give one) and on the tokenizer (by its file's bytes, where they
+    name one). A ValueError in one line names the first two sets that differ. Question types may differ. Single paths
+    read nothing here; a set without a manifest has nothing to disagree with. The label set the sets agree on is
+    the run's (:func:`mixture_label_set`). A set whose manifest cannot be read here (``mirasol config show`` with
+    no credentials) is passed over: a run checks every set's access before this (``launch.train.check_inputs``)."""
+    if not (cfg.data.mixture or isinstance(cfg.data.val, list)):
+        return
+    sets = [s.path for s in cfg.data.train_sets + cfg.data.val_sets]
+    labels: tuple[str, list[str]] | None = None
+    tokens: tuple[str, str, str] | None = None
+    for path in dict.fromkeys(sets):
+        try:
+            manifest = find_manifest(path) or {}
+            tok = manifest_tokenizer(path) if manifest.get("tokenizer") else None
+            digest = hashlib.sha256(storage.read_bytes(tok)).hexdigest() if tok else ""
+        except Exception:  # noqa: BLE001 - not readable from here (no credentials yet, say): the run's access checks name it
+            continue
+        label_set = manifest.get("label_set") or None
+        if label_set is not None:
+            if labels is not None and list(labels[1]) != list(label_set):
+                raise ValueError(f"the shard sets {labels[0]} and {path} have different label sets ({len(labels[1])} "
+                                 f"and {len(label_set)} labels): a run's sets must share one")
+            labels = labels or (path, label_set)
+        if tok is not None:
+            if tokens is not None and tokens[2] != digest:
+                raise ValueError(f"the shard sets {tokens[0]} and {path} were built with different tokenizers "
+                                 f"({tokens[1]}, {tok}): a run's sets must share one")
+            tokens = tokens or (path, tok, digest)
+
+
+def mixture_label_set(paths: list[str]) -> list[str] | None:
+    """The label set of a run's training sets: the first that one of their manifests gives (:func:`check_sets`
+    has made sure they agree), None when none does."""
+    for path in paths:
+        label_set = (find_manifest(path) or {}).get("label_set")
+        if label_set:
+            return label_set
+    return None
