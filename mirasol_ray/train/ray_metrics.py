@@ -19,8 +19,8 @@ from ray.util.metrics import Gauge
 PREFIX = "mirasol_"
 SKIPPED = ("step", "epoch")
 """Record keys that are positions, not measurements (the step is the x axis of every plot)."""
-NESTED = ("val", "train_eval")
-"""Record keys holding an evaluation's metrics (name -> value)."""
+NESTED = ("val", "train_eval", "epochs")
+"""Record keys holding an evaluation's metrics (name -> value), or a mixture's epochs of each set (set -> epochs)."""
 
 log = logging.getLogger(__name__)
 

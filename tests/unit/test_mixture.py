@@ -230,3 +230,26 @@ def test_concatenated_indexes_number_samples_and_shards_one_set_after_the_other(
     both = SampleIndex.concat([a, b])
     assert len(both) == 5 and both.shards == a.shards + b.shards and both.shard.tolist() == [0, 0, 1, 2, 2]
     assert both.url == "/d/a" and both.bad_shards == b.bad_shards
+
+
+def test_each_set_of_an_evaluated_split_starts_where_its_shards_do():
+    """The rows of validation (the sets' indexes concatenated) and of the training clips scored beside it (a subset
+    of the mixture's index, in order) are told apart by the first row of each set."""
+    from mirasol_ray.launch.train import _set_starts
+
+    a = SampleIndex("/d/a", ["/d/a/0.tar", "/d/a/1.tar"], np.array([0, 0, 1], np.int32), np.arange(3), np.arange(3) + 1)
+    b = SampleIndex("/d/b", ["/d/b/0.tar"], np.array([0, 0], np.int32), np.arange(2), np.arange(2) + 1)
+    both = SampleIndex.concat([a, b])
+    sets = [ShardSet("/d/a", 3, "a"), ShardSet("/d/b", 1, "b")]
+    assert _set_starts(sets, both, [2, 1]) == [["a", 0], ["b", 3]]
+    pick = np.array([1, 3, 4])  # a subset in order: one clip of a, two of b
+    subset = SampleIndex(both.url, both.shards, both.shard[pick], both.start[pick], both.end[pick])
+    assert _set_starts(sets, subset, [2, 1]) == [["a", 0], ["b", 1]]
+
+
+def test_the_epochs_of_each_set_are_exported_beside_the_other_metrics():
+    from mirasol_ray.train.ray_metrics import numeric_metrics
+
+    got = numeric_metrics({"step": 8, "epoch": 1, "loss": 2.0, "epochs": {"a": 2.0, "b": 1.0},
+                           "val": {"a/caption": 0.5}})
+    assert got["mirasol_epochs_a"] == 2.0 and got["mirasol_epochs_b"] == 1.0 and got["mirasol_val_a_caption"] == 0.5
