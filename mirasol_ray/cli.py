@@ -144,7 +144,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.evaluate import evaluate, format_table
 
     data = args.data[0] if len(args.data) == 1 else args.data  # several: scored together and each apart
-    res = evaluate(args.checkpoint, data, overrides=args.set, batch_size=args.batch_size,
+    res = evaluate(args.checkpoint, data, overrides=args.set + _look_sets(args), batch_size=args.batch_size,
                    num_actors=args.num_actors, beam_size=args.beam_size, records_out=args.records, out=args.out,
                    normalize=args.normalize, source=args.source, choice=args.checkpoint_choice)
     if args.json:
@@ -158,10 +158,33 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _look_sets(args: argparse.Namespace) -> list[str]:
+    """eval/predict's --windows and --views K as the data settings they are."""
+    return ((["data.eval_windows=true"] if args.windows else [])
+            + ([f"data.eval_views={args.views}"] if args.views != 1 else []))
+
+
+def _look_arguments(parser: argparse.ArgumentParser) -> None:
+    looks = parser.add_mutually_exclusive_group()
+    looks.add_argument("--windows", action="store_true",
+                       help="a video longer than the preset's span (data.clip_seconds, the preset's snippets x frames "
+                            "over it) is scored in consecutive non-overlapping windows of that span, ceil(length / "
+                            "span) of them, the last padded; one window spans the whole video when it fits (always "
+                            "with clip_seconds 0). Answers merged by averaging: options' and labels' log-likelihoods "
+                            "(the head's log-softmax) over the windows; generated answers: predict scores every "
+                            "window's answer in every window and keeps the best mean log-likelihood, eval keeps the "
+                            "answer most windows give")
+    looks.add_argument("--views", type=int, default=1, metavar="K",
+                       help="K temporal views per video (MMAction2's multi-view testing): spans evenly spread over "
+                            "the video (or, when it is no longer than the span, K frame offsets), scores averaged; "
+                            "eval reports the one-view (centred) figure beside")
+
+
 def _cmd_predict(args: argparse.Namespace) -> int:
     from mirasol_ray.launch.evaluate import predict
 
-    res = predict(args.checkpoint, args.video, question=args.question, options=args.options, overrides=args.set)
+    res = predict(args.checkpoint, args.video, question=args.question, options=args.options,
+                  overrides=args.set + _look_sets(args))
     print(json.dumps(res) if args.json else res["answer"])
     return 0
 
@@ -556,6 +579,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     e.add_argument("--source", default="",
                    help="the benchmark (a shards build format) when the shards' manifest does not say")
     e.add_argument("--json", action="store_true", help="the results as one JSON object on stdout")
+    _look_arguments(e)
     e.set_defaults(func=_cmd_eval)
 
     pr = sub.add_parser("predict", help="answer / caption / option for one video file")
@@ -568,6 +592,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
     pr.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the checkpoint's config (e.g. storage.endpoint_url=URL)")
     pr.add_argument("--json", action="store_true", help="one JSON object (video, task, question, answer) on stdout")
+    _look_arguments(pr)
     pr.set_defaults(func=_cmd_predict)
 
     # submit, cluster

@@ -168,6 +168,11 @@ class DataConfig:
     n_fft: int = 400
     clip_seconds: float = 0.0
     """Seconds of each clip to use (random start for training, centred for eval); 0 uses the whole clip."""
+    eval_windows: bool = False
+    """Evaluation only (``mirasol eval/predict --windows``): score a video longer than ``clip_seconds`` in
+    consecutive windows of it and average the answers' scores (:func:`~mirasol_ray.data.snippets.eval_views`)."""
+    eval_views: int = 1
+    """Evaluation only (``--views K``): K temporal views per video, scores averaged (MMAction2's multi-view test)."""
     tokenizer: str = "byte"
     """``byte`` (built in), or a path or ``s3://`` URI to an HF ``tokenizer.json`` or a sentencepiece ``.model``
     (read into memory by each process: workers need no shared disk)."""
@@ -238,6 +243,8 @@ class DataConfig:
             raise ConfigError(f"data.decode_actors must be >= 0, got {self.decode_actors}")
         if not 0 < self.decode_cpus <= 64:
             raise ConfigError(f"data.decode_cpus must be in (0, 64], got {self.decode_cpus}")
+        if self.eval_views < 1 or (self.eval_windows and self.eval_views > 1):
+            raise ConfigError(f"data.eval_views must be >= 1, and 1 with data.eval_windows (got {self.eval_views})")
 
     @property
     def train_sets(self) -> list[ShardSet]:

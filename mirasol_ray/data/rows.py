@@ -33,7 +33,7 @@ from mirasol_ray.data.decode import (
     decode_audio,
 )
 from mirasol_ray.data.schema import TASKS, qtype_index, text_spec
-from mirasol_ray.data.snippets import log_mel_snippets, plan_snippets
+from mirasol_ray.data.snippets import EvalView, eval_views, log_mel_snippets, plan_snippets
 from mirasol_ray.data.text import Tokenizer, get_tokenizer, prompt_arrays, target_arrays
 
 VIDEO_EXTENSIONS = ("mp4", "webm", "mkv", "avi", "mov")
@@ -271,6 +271,11 @@ def _seconds(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
+VIEW_MARK = "@view"
+"""A row of one of several evaluation views of a clip has key ``<clip key>@view<i>`` (``@view-`` for the centred
+view scored only for the one-view figure): :func:`~mirasol_ray.train.views.merge_view_records` groups on it."""
+
+
 def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *, train: bool,
               rng: np.random.Generator, segment: tuple[float, float | None] = (0.0, None)) -> dict[str, Any]:
     """The time-aligned columns of a clip: video, audio, audio_present, snippet_mask; and ``windows`` (not a
@@ -278,23 +283,42 @@ def decode_av(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *,
 
     ``audio_bytes`` (a wav/flac member) replaces the container's audio track; its t = 0 is the video's t = 0.
     """
+    columns = decode_av_views(video_bytes, audio_bytes, cfg, train=train, rng=rng, segment=segment)[0]
+    columns.pop("merged")
+    return columns
+
+
+def decode_av_views(video_bytes: bytes, audio_bytes: bytes | None, cfg: DataConfig, *, train: bool,
+                    rng: np.random.Generator, segment: tuple[float, float | None] = (0.0, None),
+                    windows: bool = False, views: int = 1) -> list[dict[str, Any]]:
+    """:func:`decode_av` for each evaluation view of the clip (:func:`~mirasol_ray.data.snippets.eval_views`;
+    one, the usual plan, unless ``windows`` or ``views`` > 1), each with ``merged`` (not a column). The video is
+    opened and the audio read once for all of them."""
     S, F = cfg.num_snippets, cfg.frames_per_snippet
     with Video(video_bytes, cfg.height, cfg.width, num_threads=cfg.decode_threads) as video:
-        plan = plan_snippets(video.duration, S, F, train=train, rng=rng, clip_seconds=cfg.clip_seconds,
-                             segment=segment)
-        frames = video.read(plan.frame_times)  # [S, F, H, W, 3]
+        if train or (not windows and views <= 1):
+            looks = [EvalView(segment)]
+        else:
+            looks = eval_views(video.duration, cfg.clip_seconds, segment, windows=windows, views=views)
+        plans = [plan_snippets(video.duration, S, F, train=train, rng=rng, clip_seconds=cfg.clip_seconds,
+                               segment=v.segment, offset=v.offset) for v in looks]
+        frames = [video.read(plan.frame_times) for plan in plans]  # [S, F, H, W, 3] each
         audio_origin = 0.0 if audio_bytes is not None else video.start_time
-    frames[~plan.mask] = 0
+    first, last = min(p.start for p in plans), max(p.end for p in plans)
     pcm = decode_audio(audio_bytes if audio_bytes is not None else video_bytes, cfg.sample_rate,
-                       start=audio_origin + plan.start, end=audio_origin + plan.end)  # [n] or None
-    if pcm is None:
-        mel = np.zeros((S, cfg.n_mels, cfg.mel_frames), np.float32)
-    else:
-        mel = log_mel_snippets(pcm, plan.windows - plan.start, cfg.sample_rate, cfg.n_fft, cfg.n_mels,
-                               cfg.mel_frames)  # [S, M, T]
-        mel[~plan.mask] = 0.0
-    return {"video": frames, "audio": mel, "audio_present": np.bool_(pcm is not None),
-            "snippet_mask": plan.mask.copy(), "windows": plan.windows}
+                       start=audio_origin + first, end=audio_origin + last)  # [n] or None
+    out = []
+    for look, plan, video_frames in zip(looks, plans, frames):
+        video_frames[~plan.mask] = 0
+        if pcm is None:
+            mel = np.zeros((S, cfg.n_mels, cfg.mel_frames), np.float32)
+        else:
+            mel = log_mel_snippets(pcm, plan.windows - first, cfg.sample_rate, cfg.n_fft, cfg.n_mels,
+                                   cfg.mel_frames)  # [S, M, T]
+            mel[~plan.mask] = 0.0
+        out.append({"video": video_frames, "audio": mel, "audio_present": np.bool_(pcm is not None),
+                    "snippet_mask": plan.mask.copy(), "windows": plan.windows, "merged": look.merged})
+    return out
 
 
 def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: np.random.Generator,
@@ -320,10 +344,23 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
     segment = (_seconds(meta.get("start")) or 0.0, _seconds(meta.get("end")))
     # The decode gets its own generator: an abandoned (timed-out) thread must not share the caller's.
     local_rng = np.random.default_rng(rng.integers(2**63))
-    av_columns = call_with_timeout(
-        lambda: decode_av(video_bytes, audio_bytes, cfg, train=train, rng=local_rng, segment=segment),
+    looks = call_with_timeout(
+        lambda: decode_av_views(video_bytes, audio_bytes, cfg, train=train, rng=local_rng, segment=segment,
+                                windows=cfg.eval_windows and not train, views=1 if train else cfg.eval_views),
         cfg.decode_timeout_s)
+    key = str(sample.get("__key__", ""))
+    rows = []
+    for i, av_columns in enumerate(looks):  # one look unless evaluating in windows or views
+        view_key = key if len(looks) == 1 else f"{key}{VIEW_MARK}{i if av_columns['merged'] else '-'}"
+        rows += _clip_rows(texts if len(looks) == 1 else [dict(t) for t in texts], av_columns, view_key, cfg)
+    return rows
+
+
+def _clip_rows(texts: list[dict[str, Any]], av_columns: dict[str, Any], key: str, cfg: DataConfig
+               ) -> list[dict[str, Any]]:
+    """A decoded look at a clip with its texts -> its rows (several when it has more than ``cfg.max_texts``)."""
     windows = av_columns.pop("windows")
+    av_columns.pop("merged")
     grounded = []
     for text in texts:  # a timestamped caption reads only its snippets; one outside the decoded span is dropped
         if "seconds" in text:
@@ -334,7 +371,6 @@ def decode_sample(sample: dict[str, Any], cfg: DataConfig, *, train: bool, rng: 
     texts = grounded
     if not texts:
         return []
-    key = str(sample.get("__key__", ""))
     K = cfg.max_texts
     clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key}
     return [{**clip, **stack_texts(texts[i:i + K], cfg, first=i),

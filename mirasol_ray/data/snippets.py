@@ -15,6 +15,7 @@ is only partly covered stays valid (its frame times past the end show the last f
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +54,7 @@ def plan_snippets(
     rng: np.random.Generator,
     clip_seconds: float = 0.0,
     segment: tuple[float, float | None] = (0.0, None),
+    offset: float = 0.5,
 ) -> SnippetPlan:
     """Choose the span, cut it into S windows and pick F frame times per window.
 
@@ -63,7 +65,7 @@ def plan_snippets(
         clip_seconds: length of the span to use inside the segment; 0 = all of it. A longer segment gets a
             random span for training and the centred one for eval (see the module docstring for shorter ones).
         train: random frame position inside each of the F sub-intervals of a window (augmentation); eval takes
-            the sub-interval centres, so eval rows are deterministic.
+            the point ``offset`` of the way through each (0.5: the centres), so eval rows are deterministic.
     """
     S, F = num_snippets, frames_per_snippet
     seg_start = min(max(0.0, segment[0]), duration)
@@ -85,11 +87,61 @@ def plan_snippets(
     mask = windows[:, 0] < seg_end
     mask[0] = True  # the first window always starts inside the clip (guards float round-off on tiny clips)
 
-    offsets = rng.uniform(0.0, 1.0, size=(S, F)) if train else np.full((S, F), 0.5)
+    offsets = rng.uniform(0.0, 1.0, size=(S, F)) if train else np.full((S, F), offset)
     sub = (windows[:, 1:] - windows[:, :1]) / F  # [S, 1] sub-interval length
     frame_times = windows[:, :1] + (np.arange(F)[None, :] + offsets) * sub  # [S, F]
     frame_times = np.minimum(frame_times, seg_end)  # partly covered windows repeat the segment's last frame
     return SnippetPlan(windows=windows, frame_times=frame_times, mask=mask)
+
+
+@dataclass(frozen=True)
+class EvalView:
+    """One of several looks at a video in evaluation: the segment :func:`plan_snippets` gets and its frame offset."""
+
+    segment: tuple[float, float | None]
+    offset: float = 0.5
+    merged: bool = True
+    """False for the centred view added beside an even number of views: scored for the one-view figure only."""
+
+
+def eval_views(duration: float, clip_seconds: float, segment: tuple[float, float | None] = (0.0, None), *,
+               windows: bool = False, views: int = 1) -> list[EvalView]:
+    """Where evaluation looks at a video, when it looks more than once; a pure function of the video's length.
+
+    ``windows`` (long videos): consecutive, non-overlapping windows of ``clip_seconds`` (the span the preset's S
+    snippets cover) from the segment's start to its end, ``ceil(length / clip_seconds)`` of them, the last one
+    padded (its snippets past the end masked); one window spanning the whole segment when it fits in one
+    (``clip_seconds`` 0: the snippets always spread over the whole video).
+
+    ``views`` K (classification, as MMAction2's multi-view testing): K spans of ``clip_seconds`` whose starts are
+    spread evenly over the segment, view v starting ``(v + 0.5) / K`` of the way through the slack (K = 1 is
+    the centred span of a single-view evaluation); when the segment is no longer than ``clip_seconds`` (or it is
+    0), the K views share the span and take their frames ``(v + 0.5) / K`` of the way through each frame's
+    sub-interval instead. For an even K, the centred view is added, unmerged, for the one-view figure.
+    """
+    if windows and views > 1:
+        raise ValueError("windows and views are two ways to evaluate at length: choose one")
+    seg_start = min(max(0.0, segment[0]), duration)
+    seg_end = duration if segment[1] is None else min(max(segment[1], seg_start), duration)
+    if seg_end - seg_start <= 0:
+        seg_start, seg_end = 0.0, duration
+    length = seg_end - seg_start
+    if windows:
+        if clip_seconds <= 0 or length <= clip_seconds:
+            return [EvalView((seg_start, seg_end))]
+        n = max(1, math.ceil(length / clip_seconds - 1e-6))
+        return [EvalView((seg_start + i * clip_seconds, seg_start + (i + 1) * clip_seconds)) for i in range(n)]
+    K = max(1, views)
+    out = []
+    for v in range(K):
+        if clip_seconds > 0 and length > clip_seconds:
+            start = seg_start + (v + 0.5) / K * (length - clip_seconds)
+            out.append(EvalView((start, start + clip_seconds)))
+        else:
+            out.append(EvalView((seg_start, seg_end), offset=(v + 0.5) / K))
+    if K % 2 == 0:
+        out.append(EvalView(segment, merged=False))
+    return out
 
 
 @functools.lru_cache(maxsize=8)

@@ -39,7 +39,7 @@ from mirasol_ray.data.pipeline import (
     stack_rows,
     to_torch,
 )
-from mirasol_ray.data.rows import decode_sample, truncation_warning
+from mirasol_ray.data.rows import VIEW_MARK, decode_sample, truncation_warning
 from mirasol_ray.data.schema import manifest_qtypes, qtype_table
 from mirasol_ray.data.text import get_tokenizer
 from mirasol_ray.launch import configure_storage, console
@@ -56,9 +56,12 @@ from mirasol_ray.train.checkpoint import (
 )
 from mirasol_ray.train.metrics import aggregate, benchmark_results, table_rows
 from mirasol_ray.train.step import predict_batch
+from mirasol_ray.train.views import merge_view_records, predict_views
 
 RECORD_COLUMNS = ("key", "task", "qtype", "pred", "target", "correct", "rank", "refs", "set")
 CSV_COLUMNS = ("task", "dataset", "model", "metric", "value", "count", "paper")
+VIEW_FIELDS = ("scores", "choices", "answer_idx", "label")
+"""Record fields only merging several looks at a clip reads (:mod:`mirasol_ray.train.views`); not written out."""
 
 
 def checkpoint_config(checkpoint: str, overrides: list[str] | None = None,
@@ -102,14 +105,17 @@ class Predictor:
         self.precision, self.label_set, self.beam_size = precision, label_set, beam_size
         self.qtypes = qtype_table(qtypes)
         self.sets = sets  # [name, first row] of each of several --data sets: each record says its set
+        self.looks = bool(data_cfg.get("eval_windows")) or int(data_cfg.get("eval_views", 1)) > 1
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if len(batch["key"]) == 0:
-            return {c: np.zeros((0,), dtype=object) for c in RECORD_COLUMNS}
+            return {c: np.zeros((0,), dtype=object) for c in (*RECORD_COLUMNS, "view")}
         recs = [dict(r, set=name or "") for name, part in split_by_set(to_torch(batch), self.sets)
                 for r in predict_batch(self.model, part, self.tok, self.device, self.precision,
-                                       beam_size=self.beam_size, label_set=self.label_set, qtypes=self.qtypes)]
-        return {c: _column([r[c] for r in recs], c) for c in RECORD_COLUMNS}
+                                       beam_size=self.beam_size, label_set=self.label_set, qtypes=self.qtypes,
+                                       with_scores=self.looks)]
+        view = [json.dumps({k: r[k] for k in VIEW_FIELDS if k in r}) for r in recs]  # what merging looks needs
+        return {**{c: _column([r[c] for r in recs], c) for c in RECORD_COLUMNS}, "view": np.array(view, dtype=object)}
 
 
 def _column(values: list[Any], name: str) -> np.ndarray:
@@ -126,6 +132,7 @@ def _column(values: list[Any], name: str) -> np.ndarray:
 def _record(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     rec = {c: str(batch[c][i]) for c in RECORD_COLUMNS if c not in ("correct", "rank", "refs")}
     rec.update(correct=bool(batch["correct"][i]), rank=int(batch["rank"][i]), refs=json.loads(batch["refs"][i]))
+    rec.update(json.loads(batch["view"][i]))
     return rec
 
 
@@ -208,6 +215,17 @@ def evaluate(checkpoint: str, data_url: str | list[str], *, overrides: list[str]
     if truncation_warning(skips["truncation"], cfg.data.tokenizer):  # the scores are of cut references
         console.say(truncation_warning(skips["truncation"], cfg.data.tokenizer))
     console.say(f"scored {len(records)} rows (questions, captions, labels) of {skips['decoded']} decoded clips")
+    looks = None
+    if cfg.data.eval_windows or cfg.data.eval_views > 1:  # several looks at each clip: one answer per text
+        records, one_view, looks = merge_view_records(records, label_set)
+        looks["mode"] = "windows" if cfg.data.eval_windows else f"{cfg.data.eval_views} views"
+        if one_view and not cfg.data.eval_windows:
+            looks["one_view"] = {"metrics": aggregate(one_view),
+                                 "benchmark": benchmark_results(one_view, source, normalize)}
+        console.say(f"merged {looks['min']}-{looks['max']} looks per clip ({looks['mode']}) into {len(records)} "
+                    "answers")
+    else:
+        records = [{k: v for k, v in r.items() if k not in VIEW_FIELDS} for r in records]
     if records_out:
         storage.write_text(records_out, "".join(json.dumps(r) + "\n" for r in records))
     meta = read_meta(model_uri)
@@ -220,6 +238,8 @@ def evaluate(checkpoint: str, data_url: str | list[str], *, overrides: list[str]
            "data": data_url if len(urls) == 1 else urls, "rows": len(records),
            "benchmark": results, "table": table_rows(results, model), "metrics": aggregate(records),
            "cls_mode": cfg.model.cls_mode, "skipped": skips["skipped"], "truncation": skips["truncation"]}
+    if looks is not None:
+        res["looks"] = looks
     if names:  # each set apart, beside the whole
         res["sets"] = {n: aggregate(r for r in records if r["set"] == n) for n in names}
     if out:
@@ -278,6 +298,12 @@ def format_table(res: dict[str, Any]) -> str:
     for name, metrics in (res.get("sets") or {}).items():  # several --data sets: each apart
         lines.append(f"  {name}: " + ", ".join(f"{k} {_fmt(100 * v['value'])}% (n={v['count']})"
                                               for k, v in metrics.items()))
+    looks = res.get("looks")
+    if looks:  # several looks at each clip, merged: say how, and the one-view figure beside
+        lines.append(f"  {looks['mode']}: {looks['min']}-{looks['max']} looks per clip, scores averaged")
+        if "one_view" in looks:
+            lines.append("  one view (the centred clip): " + ", ".join(
+                f"{k} {_fmt(100 * v['value'])}% (n={v['count']})" for k, v in looks["one_view"]["metrics"].items()))
     return "\n".join(lines)
 
 
@@ -286,8 +312,9 @@ def _fmt(value: float) -> str:
 
 
 def predict(checkpoint: str, video: str, question: str = "", options: list[str] | None = None,
-            overrides: list[str] | None = None) -> dict[str, Any]:
-    """Answer (or caption, or pick an option) for one video file; no Ray."""
+            overrides: list[str] | None = None, windows: bool = False, views: int = 1) -> dict[str, Any]:
+    """Answer (or caption, or pick an option) for one video file; no Ray. ``windows``/``views``: several looks at
+    the video, answers merged (:mod:`mirasol_ray.train.views`)."""
 
     if os.path.isdir(video):
         raise IsADirectoryError(f"{video} is a folder, not a video file")
@@ -305,15 +332,22 @@ def predict(checkpoint: str, video: str, question: str = "", options: list[str] 
     else:
         meta["caption"] = "?"
         task = "caption"
-    data_cfg: DataConfig = dataclasses.replace(cfg.data, task=task)
+    data_cfg: DataConfig = dataclasses.replace(cfg.data, task=task, eval_windows=windows or cfg.data.eval_windows,
+                                               eval_views=views if views > 1 else cfg.data.eval_views)
     with open(video, "rb") as f:
         sample = {"__key__": os.path.basename(video).split(".")[0], ext: f.read(), "json": json.dumps(meta).encode()}
     try:
         rows = decode_sample(sample, data_cfg, train=False, rng=np.random.default_rng(0))
     except DecodeError as e:
         raise ValueError(f"cannot decode {video}: {e}") from None
-    batch = to_torch(stack_rows(rows[:1], data_cfg))
     model = load_model_from(model_uri)
-    rec = predict_batch(model, batch, get_tokenizer(data_cfg.tokenizer), torch.device("cpu"), "fp32",
-                        label_set=label_set)[0]
-    return {"video": video, "task": task, "question": question, "options": options or [], "answer": rec["pred"]}
+    tok = get_tokenizer(data_cfg.tokenizer)
+    looks = [r for r in rows if not r["key"].endswith(f"{VIEW_MARK}-")]  # the centred extra look: eval's only
+    if len(looks) == 1:
+        rec = predict_batch(model, to_torch(stack_rows(looks, data_cfg)), tok, torch.device("cpu"), "fp32",
+                            label_set=label_set)[0]
+        return {"video": video, "task": task, "question": question, "options": options or [], "answer": rec["pred"]}
+    rec = predict_views(model, to_torch(stack_rows(looks, data_cfg)), tok, torch.device("cpu"), label_set)
+    return {"video": video, "task": task, "question": question, "options": options or [], "answer": rec["pred"],
+            "looks": rec["views"], "merged_by": "mean score" if rec.get("scores") else "mean log-likelihood",
+            **({"candidates": rec["candidates"]} if "candidates" in rec else {})}

@@ -262,8 +262,8 @@ def eval_loss(model: nn.Module, batch: dict[str, Any], device: torch.device, pre
 @torch.no_grad()
 def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, device: torch.device,
                   precision: str = "auto", max_new_tokens: int = 0, beam_size: int = 1,
-                  label_set: list[str] | None = None, qtypes: dict[int, str] | None = None
-                  ) -> list[dict[str, Any]]:
+                  label_set: list[str] | None = None, qtypes: dict[int, str] | None = None,
+                  with_scores: bool = False) -> list[dict[str, Any]]:
     """Predictions for every text of a batch of clips, as records for :mod:`mirasol_ray.train.metrics`.
 
     Each clip is encoded once (:meth:`~mirasol_ray.model.mirasol.Mirasol.encode`); its texts are then answered
@@ -273,7 +273,10 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
     the right answer among the scored candidates (options or labels; -1 when nothing was ranked: generation);
     ``refs`` are a question's accepted answers when it has several. A record's ``key`` is its clip's, with
     ``#i`` (the text's index in the clip) when the clip has several texts. ``qtypes`` maps the rows' question type
-    codes to names (:func:`~mirasol_ray.data.schema.qtype_table` of the data's manifest; default: the known names)."""
+    codes to names (:func:`~mirasol_ray.data.schema.qtype_table` of the data's manifest; default: the known names).
+    ``with_scores``: ranked records also hold what merging several looks at a clip needs (:mod:`~mirasol_ray.train.
+    views`): ``scores`` (each option's or label's log-likelihood, the head's log-softmax), the options' text
+    ``choices`` and the right ``answer_idx`` or ``label``."""
 
     model.eval()
     core = getattr(model, "module", model)
@@ -327,17 +330,27 @@ def predict_batch(model: nn.Module, batch: dict[str, Any], tok: Tokenizer, devic
         key = batch["key"][c] if "key" in batch else str(c)
         rec = {"key": f"{key}#{text_index[i]}" if num_texts[c] > 1 else key, "task": TASKS[ti],
                "qtype": qtype_name(t["qtype"][i], qtypes), "target": target, "rank": -1, "refs": []}
+        if with_scores:
+            rec.update(scores=[], choices=[])
         if ti == TASK_MCQA:
             pick = int(scores[i].argmax())
             right = int(t["answer_idx"][i])
             rec["pred"] = tok.decode(t["option_ids"][i, pick, 1:].cpu().tolist())
             rec["correct"] = pick == right
             rec["rank"] = _rank(scores[i], right)
+            if with_scores:
+                present = t["option_mask"][i, :, 0].cpu()
+                rec["scores"] = scores[i][present].tolist()
+                rec["choices"] = [tok.decode(o[1:].tolist()) for o in t["option_ids"][i][present].cpu()]
+                rec["answer_idx"] = right
         elif i in cls_scores:
             pick = int(cls_scores[i].argmax())
             rec["pred"] = label_set[pick] if label_set and pick < len(label_set) else str(pick)
             rec["correct"] = pick == labels[c]
             rec["rank"] = _rank(cls_scores[i], labels[c]) if 0 <= labels[c] < len(cls_scores[i]) else -1
+            if with_scores:
+                rec["scores"] = (cls_scores[i].log_softmax(-1) if mode == "head" else cls_scores[i]).tolist()
+                rec["label"] = labels[c]
         else:
             rec["pred"] = tok.decode(generated[gen_at[i]].tolist())
             if ti == TASK_QA and bool(t["option_mask"][i, :, 0].any()):

@@ -160,3 +160,40 @@ def test_per_snippet_flops_stay_within_10_percent_from_4_to_128_snippets_and_the
     assert rows[-1]["flops_ratio"] < rows[0]["flops_ratio"] / 4
     assert t["flops_ratio"]["128"]["ratio"] == rows[-1]["flops_ratio"]
     assert "width 128" in flat_definition(cfg) and "6 blocks" in flat_definition(cfg)
+
+
+def test_eval_windows_cover_a_long_video_without_overlap_and_views_spread_over_it():
+    from mirasol_ray.data.snippets import eval_views
+
+    looks = eval_views(30.0, 8.0, windows=True)  # ceil(30 / 8) windows of 8 s, the last one padded
+    assert [v.segment for v in looks] == [(0.0, 8.0), (8.0, 16.0), (16.0, 24.0), (24.0, 32.0)]
+    assert [v.segment for v in eval_views(6.0, 8.0, windows=True)] == [(0.0, 6.0)]  # it fits: one window
+    assert [v.segment for v in eval_views(180.0, 0.0, windows=True)] == [(0.0, 180.0)]  # snippets over it all
+    three = eval_views(30.0, 8.0, views=3)  # starts evenly through the 22 s of slack; the middle one centred
+    assert [round(v.segment[0], 3) for v in three] == [3.667, 11.0, 18.333] and all(v.merged for v in three)
+    two = eval_views(30.0, 8.0, views=2)  # an even K: the centred view comes too, for the one-view figure only
+    assert [v.merged for v in two] == [True, True, False]
+    short = eval_views(5.0, 8.0, views=3)  # no slack: the views take other frames of the same span
+    assert {v.segment for v in short} == {(0.0, 5.0)} and [v.offset for v in short] == pytest.approx([1 / 6, .5, 5 / 6])
+    with pytest.raises(ValueError):
+        eval_views(30.0, 8.0, windows=True, views=2)
+
+
+def test_merged_looks_average_the_scores_and_keep_the_centred_one_for_the_one_view_figure():
+    from mirasol_ray.train.views import merge_view_records, split_view_key
+
+    assert split_view_key("clip@view2#1") == ("clip#1", 2) and split_view_key("clip") == ("clip", None)
+
+    def rec(key, scores, pred=""):
+        return {"key": key, "task": "mcqa", "qtype": "other", "pred": pred, "target": "", "correct": False,
+                "rank": 0, "refs": [], "scores": scores, "choices": ["a", "b", "c"], "answer_idx": 1}
+
+    looks = [rec("v@view0", [0.0, -3.0, -1.0]), rec("v@view1", [-5.0, -1.0, -2.0]), rec("v@view-", [-1, 0, -2])]
+    merged, one_view, summary = merge_view_records(looks + [rec("plain", [0.0, -1.0, -2.0], "a")])
+    m = next(r for r in merged if r["key"] == "v")
+    assert m["scores"] == [-2.5, -2.0, -1.5] and m["pred"] == "c" and m["rank"] == 1 and m["views"] == 2
+    assert not m["correct"] and summary["looks_per_clip"] == {"v": 2}
+    assert [(r["key"], r["scores"]) for r in one_view] == [("plain", [0.0, -1.0, -2.0]), ("v", [-1, 0, -2])]
+    gen = [dict(rec(f"q@view{i}", [], p), task="qa", target="x") for i, p in enumerate(["y", "x", "x"])]
+    (g,), _, _ = merge_view_records(gen)
+    assert g["pred"] == "x" and g["correct"] and g["views"] == 3  # open-ended in eval: the most windows' answer
