@@ -72,7 +72,7 @@ def merge_view_records(records: list[dict[str, Any]], label_set: list[str] | Non
     records: each text's centred look, the single-view evaluation's, where there is one (K views: the middle one
     for an odd K, the extra centred look for an even K; windows: none); a summary: looks per clip).
 
-    Records without a view mark pass through unchanged in both lists."""
+    Records without a view mark (a clip looked at once) pass through unchanged in both lists."""
     groups: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
     order: list[str] = []
     plain: list[dict[str, Any]] = []
@@ -85,7 +85,7 @@ def merge_view_records(records: list[dict[str, Any]], label_set: list[str] | Non
             order.append(text_key)
         groups[text_key].append((view, dict(r, key=text_key)))
     merged, one_view = list(plain), list(plain)
-    per_clip: dict[str, int] = {}
+    per_clip = {r["key"].split("#")[0]: 1 for r in plain}  # one look: the whole video fit in one window
     for text_key in order:
         looks = sorted(groups[text_key], key=lambda vr: vr[0])
         centre = [r for v, r in looks if v == -1]

@@ -192,7 +192,7 @@ def test_merged_looks_average_the_scores_and_keep_the_centred_one_for_the_one_vi
     merged, one_view, summary = merge_view_records(looks + [rec("plain", [0.0, -1.0, -2.0], "a")])
     m = next(r for r in merged if r["key"] == "v")
     assert m["scores"] == [-2.5, -2.0, -1.5] and m["pred"] == "c" and m["rank"] == 1 and m["views"] == 2
-    assert not m["correct"] and summary["looks_per_clip"] == {"v": 2}
+    assert not m["correct"] and summary["looks_per_clip"] == {"v": 2, "plain": 1}
     assert [(r["key"], r["scores"]) for r in one_view] == [("plain", [0.0, -1.0, -2.0]), ("v", [-1, 0, -2])]
     gen = [dict(rec(f"q@view{i}", [], p), task="qa", target="x") for i, p in enumerate(["y", "x", "x"])]
     (g,), _, _ = merge_view_records(gen)
