@@ -255,8 +255,9 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
     index = SampleIndex.concat(indexes) if cfg.data.mixture else indexes[0]
     # the training set is not a Ray Train dataset: each worker reads its own share of the index (train_batches)
     train_data: dict[str, Any] = {"index": index.to_dict(), "cpu_limit": data_cpus_per_worker(cfg)}
-    if cfg.data.mixture:  # the workers' MixtureOrder, and the names their metrics give the sets
-        train_data["sets"] = [{"name": s.name, "size": len(i), "weight": s.weight} for s, i in zip(sets, indexes)]
+    # a mixture: the workers' MixtureOrder, and the names their metrics give the sets (decoded or cached rows alike)
+    mix = {"sets": [{"name": s.name, "size": len(i), "weight": s.weight} for s, i in zip(sets, indexes)]
+           } if cfg.data.mixture else {}
     datasets = {}
     eval_sets: dict[str, list] = {}  # per evaluated dataset: [name, its first row] of each set scored apart
     if cfg.data.val:
@@ -291,6 +292,7 @@ def build_trainer(cfg: Config, name: str, uri: str, *, pid_dir: str = "", lease:
         datasets = {k: ds.materialize() for k, ds in datasets.items()}
         rows = read_skips(counter)["rows"]
         console.say(f"decoded into the object store (data.cache): {rows} rows in {time.perf_counter() - t0:.0f} s")
+    train_data |= mix
     fs, root_path = storage.pyarrow_fs(cfg.storage.root)
     storage.write_text(storage.join(uri, "config.yaml"), cfg.to_yaml())
     resources = {"CPU": cfg.scaling.cpus_per_worker}
