@@ -28,6 +28,7 @@ fit, the row kept), which the driver turns into one warning line (:func:`~miraso
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import math
 import os
@@ -77,13 +78,23 @@ def _apply(fn, x):
     return fn(x)
 
 
-def _ray_map(fn, items: list) -> list:
-    """``map`` on Ray tasks (a quarter CPU each) when Ray is up, else in this process."""
+RAY_SCAN_MIN_SHARDS = 64
+"""Shards to scan (no offsets in a manifest) from which :func:`sample_index` spreads the scans over Ray tasks;
+fewer are scanned by threads of this process, which answers in a fraction of a second where Ray's first tasks of
+a run wait seconds for worker processes to start and import (a scan is a few small reads per shard)."""
 
-    if not ray.is_initialized() or len(items) < 2:
+
+def _ray_map(fn, items: list) -> list:
+    """``map`` on Ray tasks (a quarter CPU each) when Ray is up and there are at least
+    :data:`RAY_SCAN_MIN_SHARDS` items; otherwise on up to 16 threads of this process, in order."""
+
+    if ray.is_initialized() and len(items) >= RAY_SCAN_MIN_SHARDS:
+        task = ray.remote(num_cpus=0.25)(_apply)
+        return ray.get([task.remote(fn, x) for x in items])
+    if len(items) < 2:
         return list(map(fn, items))
-    task = ray.remote(num_cpus=0.25)(_apply)
-    return ray.get([task.remote(fn, x) for x in items])
+    with concurrent.futures.ThreadPoolExecutor(min(16, len(items))) as pool:
+        return list(pool.map(fn, items))
 
 
 def sample_index(url: str) -> SampleIndex:

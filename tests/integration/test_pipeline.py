@@ -91,6 +91,22 @@ def test_bad_samples_are_skipped_and_counted(ray_local, synth_shards):
     assert skipped_keys == {"corrupt", "empty", "truncated", "nojson"}
 
 
+def test_shards_without_offsets_are_scanned_alike_in_threads_and_in_ray_tasks(ray_local, synth_shards, monkeypatch):
+    """A union of folders has no manifest offsets: its few shards are scanned by threads of the driver, and past
+    RAY_SCAN_MIN_SHARDS by Ray tasks (here from 2), to the same index, the bad shard's reason included."""
+    import numpy as np
+
+    from mirasol_ray.data import pipeline
+
+    union = "{" + synth_shards["dir"] + "," + synth_shards["bad_dir"] + "}"
+    threads = pipeline.sample_index(union)
+    monkeypatch.setattr(pipeline, "RAY_SCAN_MIN_SHARDS", 2)
+    tasks = pipeline.sample_index(union)
+    assert len(threads) == 12 + 5 and threads.shards == tasks.shards and threads.bad_shards == tasks.bad_shards
+    for a in ("shard", "start", "end"):
+        assert np.array_equal(getattr(threads, a), getattr(tasks, a))
+
+
 def test_globs_brace_lists_and_single_files(synth_shards):
     d = synth_shards["dir"]
     all_tars = expand_shard_urls(d)
