@@ -193,6 +193,14 @@ class Progress:
             if terminal_width() else None
         self.n, self._tenth, self._t0, self._shown = 0, 0, time.time(), time.time()
         self._first: tuple[int, float] | None = None
+        self.eta_s: float | None = None  # the caller's time left, when it knows better than the rate (set_eta)
+
+    def set_eta(self, seconds: float | None) -> None:
+        """Time left as the caller reckons it (work beside the counted units: validation, checkpoints); the bar
+        then shows it in place of tqdm's own estimate from the rate alone."""
+        if self.eta_s is None and seconds is not None and self.bar is not None:
+            self.bar.bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]"
+        self.eta_s = seconds
 
     def write(self, message: str) -> None:
         """A line above the bar (or a plain line)."""
@@ -206,6 +214,8 @@ class Progress:
         self.n = n
         if self.bar is not None:
             self.bar.n = n
+            if self.eta_s is not None:
+                postfix = f"about {tqdm.format_interval(self.eta_s)} left" + (f", {postfix}" if postfix else "")
             if postfix:
                 self.bar.set_postfix_str(postfix, refresh=False)
             self.bar.refresh()
@@ -224,8 +234,10 @@ class Progress:
         if self._first is not None and self.n > self._first[0]:
             r = (self.n - self._first[0]) / max(time.time() - self._first[1], 1e-9)
             rate = f", {r:.3g} {self.unit}/s"
-            if self.total:
+            if self.total and self.eta_s is None:
                 eta = f", about {tqdm.format_interval(max(self.total - self.n, 0) / r)} left"
+        if self.eta_s is not None:
+            eta = f", about {tqdm.format_interval(self.eta_s)} left"
         return f"{self.title}: {self.n}{of} {self.unit}{pct}{rate}{eta}" + (f", {postfix}" if postfix else "")
 
     def close(self) -> None:
@@ -233,10 +245,36 @@ class Progress:
             self.bar.close()
 
 
+def time_left(progress: dict[str, Any], phase_elapsed_s: float = 0.0) -> float | None:
+    """Seconds a run has left, from what rank 0 reports (:class:`mirasol_ray.train.loop.Pace`): the steps left at
+    the measured seconds a step, plus each evaluation still to come at the last one's measured seconds (before the
+    first, its clips at a training step's seconds a clip: a forward pass is cheaper than training's, decoding
+    answers dearer), plus each checkpoint still to come at the last one's seconds. In a phase (the final
+    validation, the last checkpoint) the time already spent in it comes off that phase's estimate, never below 0.
+    ``None`` while there is nothing to measure a step by."""
+    steps_left = max(int(progress.get("steps", 0)) - int(progress.get("step", 0)), 0)
+    step_s = progress.get("step_s")
+    if step_s is None and steps_left:
+        return None
+    eval_s = progress.get("eval_s")
+    if eval_s is None and step_s and progress.get("eval_rows") and progress.get("rows_per_step"):
+        eval_s = progress["eval_rows"] * step_s / progress["rows_per_step"]
+    evals, ckpts = int(progress.get("evals_left", 0)), int(progress.get("ckpts_left", 0))
+    eval_s, ckpt_s = float(eval_s or 0.0), float(progress.get("ckpt_s") or 0.0)
+    phase = progress.get("phase", "")
+    now = 0.0  # what is left of the phase under way
+    if phase.startswith("validating") and evals:
+        evals, now = evals - 1, max(eval_s - phase_elapsed_s, 0.0)
+    elif phase.startswith("writing") and ckpts:
+        ckpts, now = ckpts - 1, max(ckpt_s - phase_elapsed_s, 0.0)
+    return steps_left * float(step_s or 0.0) + evals * eval_s + ckpts * ckpt_s + now
+
+
 class StepProgress:
     """Draws a run's training progress on stderr from the counter actor rank 0 reports to (:class:`Progress`: a
-    bar on a terminal, plain lines elsewhere), prints the events the workers send (a resume, for instance), and
-    says when the steps are done and the final evaluation and checkpoint are being written. Runs in a thread beside
+    bar on a terminal, plain lines elsewhere), prints the events the workers send (a resume, "validating N clips"
+    and "writing the checkpoint" at the last step, for instance), shows the phase under way beside the bar, and
+    the time left by :func:`time_left` (evaluations and checkpoints to come included). Runs in a thread beside
     ``trainer.fit()``."""
 
     def __init__(self, counter, steps: int, title: str, interval_s: float = 0.5):
@@ -255,7 +293,7 @@ class StepProgress:
 
     def _run(self) -> None:
         bar = Progress(self.title, self.steps, "steps")
-        seen, finishing = 0, False
+        seen, phase, since = 0, "", time.time()
         try:
             while True:
                 stopping = self._stop.wait(self.interval_s)
@@ -271,10 +309,11 @@ class StepProgress:
                 seen += len(status["events"])
                 p = status["progress"]
                 step = int(p.get("step", 0))
-                bar.update(step, f"loss {p['loss']:.4f}" if "loss" in p else "")
-                if step >= self.steps > 0 and not finishing and not stopping:
-                    finishing = True
-                    bar.write(f"{self.title}: {self.steps} steps done; writing the last checkpoint")
+                if p.get("phase", "") != phase:
+                    phase, since = p.get("phase", ""), time.time()
+                bar.set_eta(time_left(p, time.time() - since))
+                bar.update(step, ", ".join(([phase] if phase else [])
+                                           + ([f"loss {p['loss']:.4f}"] if "loss" in p else [])))
                 if stopping:
                     return
         finally:

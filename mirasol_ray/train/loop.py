@@ -195,6 +195,76 @@ PROGRESS_EVERY_S = 0.25
 every 0.5 s."""
 
 
+def due_between(step: int, steps: int, every: int) -> int:
+    """How many of the steps after ``step`` up to ``steps`` are multiples of ``every`` or the last step (the
+    evaluations or checkpoints still to come)."""
+    if step >= steps:
+        return 0
+    regular = steps // every - step // every if every > 0 else 0
+    return regular + (0 if every > 0 and steps % every == 0 else 1)
+
+
+class Pace:
+    """What rank 0 tells the console beside its step so that the time left covers evaluations and checkpoints:
+    the seconds a training step takes (evaluations and checkpoints left out, the first step too: it waits for the
+    pipeline), the last evaluation's and checkpoint's measured seconds, how many of each are still to come, and the
+    clips an evaluation scores (:func:`mirasol_ray.launch.console.time_left` does the arithmetic)."""
+
+    def __init__(self, cfg: Config, start_step: int, world: int, has_eval: bool, scored: bool):
+        self.cfg, self.start, self.world, self.has_eval, self.scored = cfg, start_step, world, has_eval, scored
+        self.t_first: float | None = None
+        self.busy = 0.0  # evaluation and checkpoint seconds since the first step
+        self.eval_s: float | None = None
+        self.ckpt_s: float | None = None
+        self.eval_rows = 0
+
+    def stepped(self, step: int) -> None:
+        if step == self.start + 1:
+            self.t_first = time.perf_counter()
+
+    def evaluated(self, seconds: float, rows: int) -> None:
+        self.eval_s, self.eval_rows = seconds, rows
+        self.busy += seconds
+
+    def checkpointed(self, seconds: float) -> None:
+        self.ckpt_s = seconds
+        self.busy += seconds
+
+    def eval_clips(self) -> str:
+        t = self.cfg.train
+        if self.eval_rows:
+            return f"{self.eval_rows} clips"
+        if t.eval_batches > 0:
+            return f"up to {t.eval_batches * t.batch_size * self.world} clips"
+        return "the held-out clips"
+
+    def progress(self, step: int, loss: float, phase: str = "", val: dict | None = None) -> dict[str, Any]:
+        t = self.cfg.train
+        out: dict[str, Any] = {"step": step, "steps": t.steps, "loss": loss,
+                               "rows_per_step": t.batch_size * t.grad_accum * self.world}
+        if self.t_first is not None and step > self.start + 1:
+            out["step_s"] = max(time.perf_counter() - self.t_first - self.busy, 0.0) / (step - self.start - 1)
+        ckpts = due_between(step, t.steps, t.checkpoint_every)
+        if self.has_eval:
+            evals = due_between(step, t.steps, t.eval_every)
+            if self.scored:  # every evaluation writes a checkpoint too
+                ckpts = max(ckpts, evals)
+            # the last step's evaluation, announced before it runs, is still to come
+            out["evals_left"] = evals + phase.startswith("validating")
+            if self.eval_s is not None:
+                out["eval_s"] = self.eval_s
+            if self.eval_rows or t.eval_batches > 0:
+                out["eval_rows"] = self.eval_rows or t.eval_batches * t.batch_size * self.world
+        out["ckpts_left"] = ckpts + (phase != "")  # the last step's checkpoint, still to write
+        if self.ckpt_s is not None:
+            out["ckpt_s"] = self.ckpt_s
+        if phase:
+            out["phase"] = phase
+        if val is not None:
+            out["val"] = val
+        return out
+
+
 def no_batch_message(cfg: Config, world: int, snap: dict[str, Any]) -> str:
     """The one line that says why no batch could be formed, with the skip counts by reason."""
 
@@ -427,6 +497,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
     step = start_step
     last_pos, epoch = position.last[rank], position.epoch(len(order))
     t_start, reported = time.perf_counter(), float("-inf")  # the first step is reported
+    pace = Pace(cfg, start_step, world, has_eval=val is not None, scored=scored)
 
     while step < cfg.train.steps:
         micro = []
@@ -439,6 +510,7 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         parts = train_step(model, micro, opt, sched, cfg.train, device, no_sync=no_sync)
         meter.step()
         step += 1
+        pace.stepped(step)
         if samples_log is not None:
             samples_log.write(step, micro)
         record = None
@@ -453,11 +525,11 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
                                        or step == cfg.train.steps)
         evaluated: dict[str, dict[str, float]] = {}  # this step's evaluation, if any: what its checkpoint scores
         if do_eval and rank == 0 and step == cfg.train.steps:  # the console's bar would stand still meanwhile
-            _say(config["counter"], f"step {step}/{cfg.train.steps}: the final validation "
-                 f"({'all' if cfg.train.eval_batches <= 0 else f'up to {cfg.train.eval_batches}'} batches a worker), "
-                 "then the last checkpoint")
+            phase = f"validating {pace.eval_clips()}"
+            _progress(config["counter"], pace.progress(step, parts["loss"], phase=phase),
+                      f"step {step}/{cfg.train.steps}: {phase} (the final validation), then the last checkpoint")
         if do_eval:
-            t0 = time.perf_counter()
+            t0 = t_eval = time.perf_counter()
             ev, rows = evaluate(model, iter_worker_batches(val, cfg.train.batch_size), tok, device, cfg, label_set,
                                 cfg.train.eval_batches, qtypes=qtypes, sets=eval_sets.get("val"))
             evaluated["val"] = {k: v["value"] for k, v in ev.items()}
@@ -470,6 +542,8 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
                 evaluated["train_eval"] = {k: v["value"] for k, v in ev.items()}
                 record |= {"train_eval": evaluated["train_eval"], "train_eval_rows": rows,
                            "train_eval_s": time.perf_counter() - t0}
+            pace.evaluated(time.perf_counter() - t_eval,
+                           sum(record["val_rows"]) + sum(record.get("train_eval_rows", [])))
         if log is not None and record is not None:
             record["skipped"] = _skips(config["counter"])
             if nodes:  # the first record of each worker group says where its ranks ran
@@ -479,16 +553,20 @@ def _train(model, opt, sched, cfg: Config, config: dict[str, Any], rank: int, wo
         # always the last step and an evaluated one
         if rank == 0 and (time.perf_counter() - reported >= PROGRESS_EVERY_S or step == cfg.train.steps
                           or (record and "val" in record)):
-            _progress(config["counter"], {"step": step, "steps": cfg.train.steps, "loss": parts["loss"],
-                                          **({"val": record["val"]} if record and "val" in record else {})})
+            final = step == cfg.train.steps
+            _progress(config["counter"], pace.progress(step, parts["loss"], phase="writing the checkpoint" if final
+                                                       else "", val=record.get("val") if record else None),
+                      f"step {step}/{cfg.train.steps}: writing the checkpoint" if final else "")
             reported = time.perf_counter()
         # with scored checkpoints every evaluation writes one, so the weights it scored can be kept as the best
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or (evaluated and scored):
+            t0 = time.perf_counter()
             reached = position.advance(_all_ranks(last_pos))  # a collective
             if samples_log is not None:
                 samples_log.sync()
             _report(model, opt, sched, cfg, config, step, reached.epoch(len(order)), reached, rank, world, log,
                     record, evaluated, scratch, tok_payload)
+            pace.checkpointed(time.perf_counter() - t0)
 
 
 def _worker_nodes(world: int) -> list[str]:
