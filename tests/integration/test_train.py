@@ -89,15 +89,6 @@ def test_cache_decodes_each_clip_once_over_several_epochs(ray_local, synth_shard
     assert again["steps"] == 8 and again["decoded"] == 0  # this run's own counts
 
 
-def test_ddp_two_workers_s3_storage(ray_local, synth_shards, s3_server):
-    # 2 steps, one checkpoint: what differs from the local run above is only where the run folder is
-    root = s3_server.url("runs")
-    cfg = _cfg(synth_shards, root, "ddp-s3", steps=2)
-    summary = run_training(cfg)
-    assert summary["steps"] == 2
-    _check_run(storage.join(root, "ddp-s3"), 2)
-
-
 def test_worker_killed_mid_run_restarts_from_checkpoint(ray_local, synth_shards, tmp_path, wait_for):
     pid_dir = tmp_path / "pids"
     cfg = _cfg(synth_shards, tmp_path / "runs", "killed", steps=6, extra=["scaling.max_failures=1"])
