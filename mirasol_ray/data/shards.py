@@ -44,7 +44,6 @@ import av
 import numpy as np
 import ray
 from av.video.reformatter import Interpolation
-from tqdm import tqdm
 
 from mirasol_ray import storage
 from mirasol_ray.config import DataConfig
@@ -1028,16 +1027,28 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
     total = sum(len(sh.clips) for sh in shards)
     nodes: Counter = Counter()
     skipped = [len(pre_skips) + sum(1 for st, _ in kept.values() for s in st if "skip" in s)]
-    bar = tqdm(total=total, initial=sum(len(shards[i].clips) for i in kept), desc=f"build {fmt}", unit="clip",
-               disable=not progress, dynamic_ncols=True)
-    bar.set_postfix(skipped=skipped[0], refresh=False)
+    from mirasol_ray.launch import console  # here: Ray's clip tasks import this module and need none of it
+
+    def say(message: str) -> None:
+        if progress:
+            console.say(f"build {fmt}: {message}")
+
+    todo = [sh for i, sh in enumerate(shards) if i not in kept]
+    say(f"{len(records)} records: {total} clips in {len(shards)} shards" + (f" ({len(kept)} complete already)"
+                                                                            if kept else ""))
+    say(f"building {len(todo)} shards ({sum(len(sh.clips) for sh in todo)} clips) "
+        + ("in Ray tasks (starting or joining Ray)" if use_ray else "in this process") + "...")
+    bar = console.Progress(f"build {fmt}", total, "clips") if progress else None
+    count = [sum(len(shards[i].clips) for i in kept)]
+    if bar is not None:
+        bar.update(count[0], f"skipped {skipped[0]}")
 
     def clip_done(status: dict[str, str]) -> None:
         nodes[status.get("node", "")] += 1
-        if "skip" in status:
-            skipped[0] += 1
-            bar.set_postfix(skipped=skipped[0], refresh=False)
-        bar.update(1)
+        skipped[0] += "skip" in status
+        count[0] += 1
+        if bar is not None:
+            bar.update(count[0], f"skipped {skipped[0]}")
 
     def shard_done(shard: ShardJob, statuses: list[dict[str, str]], entry: dict | None) -> None:
         for job, st in zip(shard.clips, statuses, strict=True):
@@ -1049,7 +1060,6 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
         if on_shard is not None:
             on_shard(shard, entry)
 
-    todo = [sh for i, sh in enumerate(shards) if i not in kept]
     try:
         addresses: dict[str, str] = {}
         if use_ray:
@@ -1058,7 +1068,8 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
             _run_inline(out, todo, opts, clip_done, shard_done)
         node_names = _node_names(nodes, addresses)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
 
     splits: dict[str, _Split] = {}
     stats: dict[str, _QAStats] = {}
@@ -1086,8 +1097,10 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
                 written.setdefault(job.split, []).append(job.meta)
     skips.sort()
     if tokenizer:
-        extra.update(write_tokenizer(out, written.get("train") or [m for ms in written.values() for m in ms],
-                                     vocab_size))
+        texts_of = written.get("train") or [m for ms in written.values() for m in ms]
+        say(f"learning a tokenizer ({vocab_size} entries) from {len(texts_of)} samples' texts...")
+        extra.update(write_tokenizer(out, texts_of, vocab_size))
+    say(f"writing the manifest ({sum(len(sp.shards) for sp in splits.values())} shards)...")
     transcoded = {"height": transcode, "gop": gop, "sample_rate": sample_rate} if transcode else None
     split_extra = {folder: st.summary(vocab) for folder, st in stats.items()}
     manifest = write_manifests(out, splits, Counter(reason for _, _, reason in skips),

@@ -507,6 +507,19 @@ def prepare(config: str, space: str, overrides: list[str] | None, *, metric: str
     }
 
 
+def sweep_header(spec: dict[str, Any], cfg, k: int, resume: bool, driver_log: str, logs: str) -> str:
+    """The lines a sweep starts with: where it goes, how many trials (and how many at once), what each costs and
+    where the logs are."""
+    cpus, gpus = _per_trial(cfg)
+    keys = list(spec["space"])
+    return (f"sweep {spec['name']} -> {spec['uri']}\n  {'resuming' if resume else 'starting'} "
+            f"{spec['num_samples']} trial(s), up to {k} at once: {len(keys)} swept key(s) ({', '.join(keys)}), "
+            f"metric {spec['metric']} ({spec['mode']}), scheduler {spec['scheduler']} (a trial: "
+            f"{cfg.scaling.num_workers} worker(s), ~{cpus:.2f} CPUs{f', {gpus:g} GPUs' if gpus else ''}; "
+            f"{cfg.train.steps} steps, reporting and checkpointing every {cfg.train.checkpoint_every})\n"
+            f"  logs: this driver's {driver_log}; the trials' (Ray's workers) {logs}")
+
+
 def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concurrent: int, table_every_s: float,
          driver_log: str) -> tuple[float, SweepProgress]:
     """Start (or restore) the Tune experiment of the sweep and run it to its end; (seconds, the progress callback)."""
@@ -517,6 +530,7 @@ def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concur
     remote = storage.is_remote(spec["root"])
     # The dashboard stays on (127.0.0.1): Ray Train's cleaner of a stopped trial's placement group asks the State
     # API whether the trial's controller is still alive (ray#54305); without it, freed workers never come back.
+    console.say(f"sweep {spec['name']}: starting Ray ({os.environ.get('RAY_ADDRESS') or 'a local instance'})...")
     started = ensure_ray(num_cpus, dashboard=True)
     try:
         try:
@@ -524,14 +538,8 @@ def _fit(spec: dict[str, Any], resume: bool, *, num_cpus: int | None, max_concur
         except Exception:  # a client connection has no local session
             logs = "the cluster's Ray log folder"
         k = max_concurrent or _concurrency(cfg)
-        cpus, gpus = _per_trial(cfg)
         keys = list(spec["space"])
-        print(f"sweep {spec['name']} -> {uri}\n  {'resuming' if resume else 'trials'}: {len(keys)} swept key(s) "
-              f"({', '.join(keys)}), metric {spec['metric']} ({spec['mode']}), scheduler {spec['scheduler']}, up to "
-              f"{k} at once (a trial: {cfg.scaling.num_workers} worker(s), ~{cpus:.2f} CPUs"
-              f"{f', {gpus:g} GPUs' if gpus else ''}; {cfg.train.steps} steps, reporting and checkpointing every "
-              f"{cfg.train.checkpoint_every})\n  logs: this driver's {driver_log}; the trials' (Ray's workers) "
-              f"{logs}", file=sys.stderr, flush=True)
+        print(sweep_header(spec, cfg, k, resume, driver_log, logs), file=sys.stderr, flush=True)
         if not resume:
             _ledger_write(uri, {k2: v for k2, v in spec.items() if k2 not in ("trials_uri",)})
         progress = SweepProgress(uri, keys, spec["metric"], spec["mode"], spec["max_steps"],

@@ -227,3 +227,19 @@ def test_build_learns_a_tokenizer_from_the_annotations_text(dataset, tmp_path, c
     assert "at least 260" in capsys.readouterr().err and (out / "tokenizer.json").exists()
     assert main([*args, "--overwrite"]) == 0
     assert not (out / "tokenizer.json").exists() and "tokenizer" not in read_manifest(str(out))
+
+
+def test_build_says_what_it_is_doing_off_a_terminal(dataset, tmp_path, capsys):
+    """Issue 34: ``shards build``'s phase lines and plain progress lines (stderr is no terminal here)."""
+    ann, videos = dataset
+    build_shards("jsonl", str(ann), str(videos), str(tmp_path / "out"), shard_size=2, progress=True,
+                 tokenizer="learn", vocab_size=300)
+    err = capsys.readouterr().err
+    lines = err.splitlines()
+    assert lines[0] == "build jsonl: 8 records: 5 clips in 3 shards", err
+    assert "build jsonl: building 3 shards (5 clips) in this process..." in err
+    # plain progress lines, not a bar; the skips so far (3 records before any clip is read, then the corrupt clip)
+    assert "build jsonl: 5/5 clips (100%)" in err and err.count("clips (") == 5 and "skipped 4" in err
+    assert "\r" not in err
+    assert "build jsonl: learning a tokenizer (300 entries)" in err
+    assert lines[-1] == "build jsonl: writing the manifest (3 shards)...", err
