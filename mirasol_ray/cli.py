@@ -215,15 +215,46 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 # -- presets, config show, doctor: look before running ---------------------------------------------------------
 
 
+def format_params(n: int) -> str:
+    """``2.92B``, ``299M``, ``14.5M``, ``2.07M``: three significant digits."""
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if n >= scale:
+            return f"{n / scale:.3g}{suffix}"
+    return str(n)
+
+
+_PARAMS_BY_MODEL: dict[str, int] = {}
+
+
+def preset_params(names: list[str]) -> dict[str, int]:
+    """Each preset's parameter count, its model built on the meta device (nothing allocated); presets with the same
+    model (the fine-tuning ones) are built once."""
+    from mirasol_ray.config import load_config
+    from mirasol_ray.model.mirasol import param_breakdown
+
+    by_model = _PARAMS_BY_MODEL
+    out = {}
+    for name in names:
+        model = load_config(name, []).model
+        key = json.dumps(model.to_dict(), sort_keys=True, default=str)
+        if key not in by_model:
+            by_model[key] = param_breakdown(model)["total"]
+        out[name] = by_model[key]
+    return out
+
+
 def _cmd_presets(args: argparse.Namespace) -> int:
     from mirasol_ray.config import preset_names, preset_purpose
 
-    rows = [{"name": n, "purpose": preset_purpose(n)} for n in preset_names()]
+    names = preset_names()
+    params = preset_params(names)
+    rows = [{"name": n, "params": params[n], "purpose": preset_purpose(n)} for n in names]
     if args.json:
         print(json.dumps(rows))
     else:
         width = max(len(r["name"]) for r in rows) + 2
-        print("\n".join(f"{r['name']:<{width}}{r['purpose']}" for r in rows))
+        print("\n".join(f"{r['name']:<{width}}{format_params(r['params']) + ' params':>13}  {r['purpose']}"
+                         for r in rows))
         print("\nmirasol config show --config NAME prints one resolved; a YAML path works wherever NAME does")
     return 0
 
@@ -280,8 +311,8 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def _add_look_commands(sub) -> None:
-    pr = sub.add_parser("presets", aliases=["configs"], help="the named configs, each with what it is for")
-    pr.add_argument("--json", action="store_true", help="one JSON list of {name, purpose} on stdout")
+    pr = sub.add_parser("presets", aliases=["configs"], help="the named configs, each with its size (parameters) and what it is for")
+    pr.add_argument("--json", action="store_true", help="one JSON list of {name, params, purpose} on stdout")
     pr.set_defaults(func=_cmd_presets)
 
     cf = sub.add_parser("config", help="look at a config: mirasol config show").add_subparsers(

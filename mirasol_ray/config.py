@@ -846,8 +846,8 @@ def preset_purpose(name: str) -> str:
             break
         words.append(line[1:].strip())
     about = " ".join(words).removeprefix(f"{name}:").strip()
-    end = about.find(". ")
-    return (about[:end + 1] if end >= 0 else about).rstrip(":")
+    end = re.search(r"(?<!\bsec)(?<!\be\.g)(?<!\bi\.e)(?<!\bcf)\. ", about)  # not "sec. 3: ..."
+    return (about[:end.start() + 1] if end else about).rstrip(":")
 
 
 def _is_path(name_or_path: str) -> bool:

@@ -44,7 +44,16 @@ def test_version_and_presets_each_with_its_purpose(capsys):
     assert all(len(r["purpose"]) > 20 and "\n" not in r["purpose"] for r in rows), rows
     assert next(r for r in rows if r["name"] == "tiny")["purpose"].startswith("the test and smoke-run preset")
     assert cli.main(["configs"]) == 0  # the name for it
-    assert capsys.readouterr().out.splitlines()[0].split()[0] == "base"
+    assert capsys.readouterr().out.splitlines()[0].split()[:3] == ["base", "299M", "params"]
+    # each preset's size, its model built on the meta device
+    params = {r["name"]: r["params"] for r in rows}
+    assert params["tiny"] < 5e6 and 1e7 < params["small"] < 2e7 and 2.8e9 < params["mirasol3b"] < 3e9
+    assert next(r for r in rows if r["name"] == "tiny_long")["purpose"].endswith("its own stretch of audio.")
+
+
+def test_parameter_counts_read_at_a_glance():
+    assert [cli.format_params(n) for n in (2_917_958_048, 299_303_504, 14_483_560, 2_074_708, 950, 12_300)] == \
+        ["2.92B", "299M", "14.5M", "2.07M", "950", "12.3k"]
 
 
 def test_every_option_has_help_and_train_help_lists_the_presets(capsys):
