@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen; oth
 
 from mirasol_ray import storage  # noqa: E402
 
+_BELOW = {"fontsize": 7, "loc": "upper center", "bbox_to_anchor": (0.5, -0.14), "ncol": 2, "frameon": False}
+"""A legend below its axes: it never covers a curve."""
+
 
 def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str | None:
     """Learning curves from metrics.jsonl records into one PNG: the loss parts, with the validation loss and the
@@ -22,7 +25,7 @@ def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str
     loss_keys = [k for k in records[0] if k in ("loss", "text", "latent", "cls")]
     metric_keys = sorted({k for r in records for split in ("val", "train_eval") for k in r.get(split, {})}
                          - {"loss"})  # the losses go beside training's
-    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4), squeeze=False)
+    fig, axes = plt.subplots(1, 2 if metric_keys else 1, figsize=(11 if metric_keys else 6, 4.8), squeeze=False)
     ax = axes[0, 0]
     for k in loss_keys:
         pts = [(r["step"], r[k]) for r in records if k in r]
@@ -34,7 +37,7 @@ def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
-    ax.legend()
+    ax.legend(**_BELOW)
     ax.set_title(title or "training loss")
     if metric_keys:
         ax = axes[0, 1]
@@ -48,7 +51,7 @@ def plot_curves(records: list[dict[str, Any]], png: str, title: str = "") -> str
         ax.set_xlabel("step")
         ax.set_ylabel("metric: held-out (solid), training clips (dashed)")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize=7)
+        ax.legend(**_BELOW)
     fig.tight_layout()
     data = png_bytes(fig)
     plt.close(fig)
