@@ -241,6 +241,60 @@ def test_submit_a_script_then_logs_stop_and_status(local_cluster, tmp_path):
     assert status.returncode == 3 and f"{job_id} STOPPED" in status.stdout, status.stdout + status.stderr
 
 
+def test_submit_build_shards_runs_on_both_nodes_and_equals_a_local_build(local_cluster, tmp_path):
+    """Issue 31: `mirasol submit build_shards` from s3:// videos and annotations to s3:// shards: the per-clip work
+    runs on both nodes (the summary names them), and the shards and manifest are the bytes of a build made here in
+    one process without Ray."""
+    import numpy as np
+
+    from mirasol_ray.data.encode import encode_av
+    from mirasol_ray.data.shards import BUILD_DIR, run_build
+
+    c = local_cluster
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    lines = []
+    for i in range(12):
+        frames = np.empty((8, 48, 64, 3), np.uint8)
+        frames[:] = np.random.default_rng(i).integers(0, 256, 3, dtype=np.uint8)
+        tone = (0.3 * np.sin(2 * np.pi * (300 + 20 * i) * np.arange(12800) / 16000)).astype(np.float32)
+        (videos / f"v{i:02d}.mp4").write_bytes(encode_av(frames, 10, tone, 16000, gop=8))
+        lines.append(json.dumps({"video": f"v{i:02d}.mp4", "task": "cls", "label": "ab"[i % 2]}))
+    (tmp_path / "ann.jsonl").write_text("\n".join(lines) + "\n")
+    fs = storage.fsspec_fs("s3://x")
+    base = storage.strip_scheme(c["s3"].url("cluster", "build"))
+    fs.put(str(videos) + "/", base + "/videos/", recursive=True)
+    fs.put_file(str(tmp_path / "ann.jsonl"), base + "/ann.jsonl")
+    ref = run_build("jsonl", str(tmp_path / "ann.jsonl"), str(videos), str(tmp_path / "ref"), shard_size=4,
+                    transcode=32, progress=False)
+    out = c["s3"].url("cluster", "build", "shards")
+    proc = subprocess.run([*MIRASOL, "submit", "--address", c["state"]["dashboard_url"], "build_shards", "--format",
+                           "jsonl", "--annotations", f"s3://{base}/ann.jsonl", "--videos", f"s3://{base}/videos",
+                           "--out", out, "--shard-size", "4", "--transcode", "32"],
+                          cwd=REPO, env=c["env"], capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert proc.returncode == 0 and proc.stdout.strip().splitlines()[-1].endswith("SUCCEEDED"), \
+        (proc.stdout + proc.stderr)[-3000:]
+    (summary,) = [ln for ln in proc.stdout.splitlines() if ln.startswith("built 3 shards from 12 clips")]
+    nodes = _node_ids(c)
+    assert f"({nodes['head'][:8]})" in summary and f"({nodes['worker'][:8]})" in summary, summary
+
+    def files(root: str) -> dict[str, bytes]:
+        fsr = storage.fsspec_fs(root)
+        top = storage.strip_scheme(root).rstrip("/")
+        got = {}
+        for p in sorted(fsr.find(top)):
+            rel = p.strip("/")[len(top.strip("/")) + 1:]
+            if rel.startswith(BUILD_DIR + "/"):
+                continue
+            data = fsr.cat_file(p)
+            if rel == "manifest.json":  # its creation time and the annotations' location aside
+                data = {k: v for k, v in json.loads(data).items() if k not in ("created", "annotations", "videos")}
+            got[rel] = data
+        return got
+
+    assert ref.manifest["num_samples"] == 12 and files(out) == files(str(tmp_path / "ref"))
+
+
 def test_worker_node_lost_mid_job_resumes_from_checkpoint(local_cluster):
     """Kill every process of the worker node after the first checkpoint; bring a worker node back. With
     scaling.max_failures=1 the job waits for two nodes again (STRICT_SPREAD), restarts both workers from the
