@@ -184,14 +184,41 @@ def test_activitynet_qa_aligns_questions_and_answers_by_id(tmp_path, clips):
         build_shards("activitynet-qa", str(ann), str(videos), str(tmp_path / "o2"), split="val", progress=False)
 
 
+def test_activitynet_qa_video_name_is_the_youtube_id_as_is_and_no_type_is_dropped(tmp_path, clips):
+    """MILVLG/activitynet-qa's ``train_q.json`` has ``"video_name": "v_UmAH95xls"``: a YouTube id that begins
+    with ``v_``, whose file is ``v_v_UmAH95xls.mp4``; the prefix is not stripped from it. A ``type`` outside 0-8 or
+    missing is kept as its own type name, not dropped."""
+    q = [{"video_name": "v_UmAH95xls", "question": "what is under the cup", "question_id": "v_v_UmAH95xls_4"},
+         {"video_name": "v_UmAH95xls", "question": "is it day", "question_id": "v_v_UmAH95xls_5"},
+         {"video_name": "UmAH95xlsAB", "question": "what next", "question_id": "v_UmAH95xlsAB_0"}]
+    a = [{"answer": "ball", "type": 11, "question_id": "v_v_UmAH95xls_4"},
+         {"answer": "yes", "question_id": "v_v_UmAH95xls_5"},
+         {"answer": "jump", "type": 2, "question_id": "v_UmAH95xlsAB_0"}]
+    _write(tmp_path / "train_q.json", json.dumps(q))
+    _write(tmp_path / "train_a.json", json.dumps(a))
+    _write(tmp_path / "v" / "v_v_UmAH95xls.mp4", clips["short"])
+    _write(tmp_path / "v" / "UmAH95xls.mp4", clips["mkv"])  # would be taken if the v_ were stripped
+    _write(tmp_path / "v" / "UmAH95xlsAB.mp4", clips["short"])  # a copy without the v_ prefix
+    m = build_shards("activitynet-qa", str(tmp_path / "train_q.json"), str(tmp_path / "v"), str(tmp_path / "out"),
+                     progress=False)
+    assert m["skipped"] == {} and m["num_samples"] == 2 and m["splits"]["all"]["num_questions"] == 3
+    s = _samples(tmp_path / "out")
+    assert set(s) == {"v_v_UmAH95xls", "v_UmAH95xlsAB"}
+    assert s["v_v_UmAH95xls"]["mp4"] == clips["short"]
+    meta = _meta(s["v_v_UmAH95xls"])
+    assert meta["video_id"] == "v_UmAH95xls"
+    assert [(x["type"], x.get("type_id")) for x in meta["qas"]] == [("11", 11), ("unknown", None)]
+    assert _meta(s["v_UmAH95xlsAB"])["qas"][0]["type"] == "temporal_relation"
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # ActivityNet Captions
 
 
 def test_activitynet_captions_become_timestamped_captions_read_from_their_snippets(tmp_path, clips):
     ann, videos = tmp_path / "captions", tmp_path / "ActivityNet" / "v1-3"
-    train = {"v_abc": {"duration": 6.0, "timestamps": [[3.0, 6.0], [0.0, 3.2], [9.0, 9.0]],
-                       "sentences": ["A tone starts. ", "It is quiet.", "empty span"]},
+    train = {"v_abc": {"duration": 6.0, "timestamps": [[3.0, 6.0], [0.0, 3.2], [9.0, 9.0], [5.0, 4.0], [1, "x"]],
+                       "sentences": ["A tone starts. ", "It is quiet.", "past the end", "reversed", "bad time"]},
              "v_gone": {"duration": 5.0, "timestamps": [[0, 1]], "sentences": ["x"]},
              "v_bad": {"duration": 5.0, "timestamps": [[0, 1]], "sentences": []}}
     _write(ann / "train.json", json.dumps(train))
@@ -200,10 +227,15 @@ def test_activitynet_captions_become_timestamped_captions_read_from_their_snippe
     assert m["num_samples"] == 1 and m["skipped"] == {"malformed": 1, "missing_video": 1}
     (sample,) = _samples(tmp_path / "out").values()
     meta = _meta(sample)
+    # every event is kept as the file gives it (densevid_eval's evaluate.py uses them as they are): zero-length and
+    # past the duration, end before start; only the one whose time is not a number is left out
     assert meta["segments"] == [{"start": 0.0, "end": 3.2, "caption": "It is quiet."},
-                                {"start": 3.0, "end": 6.0, "caption": "A tone starts."}]
-    assert meta["caption"] == "It is quiet. A tone starts."
+                                {"start": 3.0, "end": 6.0, "caption": "A tone starts."},
+                                {"start": 5.0, "end": 4.0, "caption": "reversed"},
+                                {"start": 9.0, "end": 9.0, "caption": "past the end"}]
+    assert meta["caption"] == "It is quiet. A tone starts. reversed past the end"
     cfg = load_config("tiny", ["data.task=caption"]).data
+    # the decoder trains on the segments it can place (0 <= start < end): the two well-formed ones
     texts = text_rows(meta, cfg)
     assert [t["qtype"] for t in texts] == [QTYPES.index("caption"), QTYPES.index("segment"),
                                            QTYPES.index("segment")]
@@ -271,6 +303,28 @@ def test_nextqa_oe_reads_the_extra_reference_answers(tmp_path, clips):
     qas = _meta(_samples(tmp_path / "out")["3233088823"])["qas"]
     assert "answers" not in qas[0]  # the extra reference equals the answer
     assert qas[1]["answers"] == ["two", "2"] and qas[1]["type"] == "DC"
+
+
+def test_nextqa_keeps_a_question_of_a_type_the_official_files_do_not_use(tmp_path, clips):
+    """The released files hold CW CH TN TP TC DC DL DO (and DB, open-ended): a question of another type is kept
+    under its own type, not dropped; an empty answer is still malformed."""
+    ann = tmp_path / "nextqa"
+    rows = [[3233088823, 462, 640, 480, "how is it controlled", 1, 0, "XY", "a", "b", "c", "d", "e"],
+            [3233088823, 462, 640, 480, "why", 0, 1, "", "a", "b", "c", "d", "e"],
+            [3233088823, 462, 640, 480, "when", 0, 2, "TC", "a", "b", "c", "d", "e"]]
+    _write(ann / "test.csv", _csv(rows, NEXT_HEADER + ["a0", "a1", "a2", "a3", "a4"]))
+    _write(ann / "map_vid_vidorID.json", json.dumps({"3233088823": "0003/3233088823"}))
+    _write(tmp_path / "v" / "0003" / "3233088823.mp4", clips["short"])
+    m = build_shards("nextqa-mc", str(ann / "test.csv"), str(tmp_path / "v"), str(tmp_path / "out"), progress=False)
+    assert m["skipped"] == {} and m["splits"]["all"]["num_questions"] == 3
+    qas = _meta(_samples(tmp_path / "out")["3233088823"])["qas"]
+    assert [(q["qid"], q["type"], q["answer"]) for q in qas] == [("0", "XY", "b"), ("1", "", "a"), ("2", "TC", "a")]
+    oe = [[3233088823, 462, 640, 480, "what", "", 0, "DO"], [3233088823, 462, 640, 480, "what", "cup", 1, "QQ"]]
+    _write(tmp_path / "oe" / "val.csv", _csv(oe, NEXT_HEADER))
+    _write(tmp_path / "oe" / "map_vid_vidorID.json", json.dumps({"3233088823": "0003/3233088823"}))
+    m = build_shards("nextqa-oe", str(tmp_path / "oe"), str(tmp_path / "v"), str(tmp_path / "out2"), progress=False)
+    assert m["skipped"] == {"malformed": 1} and m["splits"]["all"]["num_questions"] == 1
+    assert _meta(_samples(tmp_path / "out2")["3233088823"])["qas"][0]["type"] == "QQ"
 
 
 # ----------------------------------------------------------------------------------------------------------------

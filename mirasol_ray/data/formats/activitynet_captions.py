@@ -7,6 +7,14 @@ untrimmed ActivityNet v1.3 files named ``v_<id>.mp4`` (also ``.mkv``/``.webm``; 
 for ActivityNet-QA, stored whole. Each video becomes one sample: its events as timestamped captions
 (``segments``: the decoder reads each from the snippets its span covers, ``data.segment_captions``) and, as its
 caption, the sentences in order of their start. ``--annotations`` is one of the files or the folder holding them.
+
+Timestamps are seconds of the video, kept as the file gives them: the official evaluation (ranjaykrishna/
+densevid_eval, ``evaluate.py``) pairs ``timestamps[i]`` with ``sentences[i]`` by index and uses every reference
+interval as it is, without clipping it to ``duration`` or checking its order. So an event is kept whatever its span
+(past ``duration``, zero-length, end before start): the decoder leaves out of segment training the ones it cannot
+place on the video (it reads only ``0 <= start < end``), and their sentences stay in the caption. Only an event
+with no sentence text or a timestamp that is not a finite number is left out; a video whose ``timestamps`` and
+``sentences`` differ in length (they could not be paired) or that has no event left is skipped as malformed.
 """
 
 from __future__ import annotations
@@ -20,14 +28,18 @@ SPLITS = ("train", "val_1", "val_2")
 
 
 def _events(entry: dict) -> list[dict]:
-    """The well-formed events of one video, sorted by start; raises on a malformed entry."""
+    """The events of one video (spans as given), sorted by start; raises on a malformed entry."""
     stamps, sentences = entry["timestamps"], entry["sentences"]
     if not isinstance(stamps, list) or not isinstance(sentences, list) or len(stamps) != len(sentences):
         raise ValueError("timestamps and sentences differ")
     events = []
-    for (start, end), text in zip(stamps, sentences):
-        start, end, text = float(start), float(end), str(text).strip()
-        if text and math.isfinite(start) and math.isfinite(end) and 0 <= start < end:
+    for stamp, text in zip(stamps, sentences):
+        try:
+            start, end = (float(t) for t in stamp)
+        except (TypeError, ValueError):  # not a pair of numbers: this event only is left out
+            continue
+        text = str(text).strip()
+        if text and math.isfinite(start) and math.isfinite(end):
             events.append({"start": round(start, 3), "end": round(end, 3), "caption": text})
     if not events:
         raise ValueError("no event")

@@ -5,10 +5,18 @@ Files as distributed:
 - Kinetics (``kinetics-sounds``): the Kinetics CSVs (``train.csv``, ``validate.csv``, ``test.csv``) with a header
   ``label,youtube_id,time_start,time_end,split[,is_cc]``; ``--annotations`` is one CSV or their folder.
   Kinetics-Sounds is not a file of its own but a subset of Kinetics classes (Arandjelović & Zisserman 2017;
-  later papers use 31-34 of them): pass the class list you compare against with ``--labels FILE`` (one class a
-  line), or a CSV already filtered to them.
+  later papers, AVTS and XDC among them, use 31-34 of them; the lists differ between papers and no official
+  annotation file ships one, so none is built in; which list each paper used was not verified here): pass the
+  class list you compare against with ``--labels FILE`` (one class a line), or a CSV already filtered to them. A row of another class is left out
+  (it is not Kinetics-Sounds), silently; a CSV without a ``label`` column (the early Kinetics-400 ``test.csv``)
+  is refused.
 - VGGSound (``vggsound``): ``vggsound.csv``, no header: ``ytid,start_seconds,label,split`` (``train``/``test``),
-  labels with commas quoted (``"male speech, man speaking"``); the window is [start, start + 10 s).
+  labels with commas quoted (``"male speech, man speaking"``); the window is [start, start + 10 s) (hche11/
+  VGGSound, ``README.md``: "YouTube ID, start seconds, label, train/test split"; its clips are named
+  ``<ytid>_<start:06d>``, e.g. ``example_audio/FwVYUHKoLtQ_000034.wav``). The repository's own ``data/train.csv``
+  / ``data/test.csv`` (``<ytid>_<start:06d>.mp4,label``, read by its ``datasets/dataloader.py`` with the class
+  list of ``data/stat.csv`` sorted) are a different format, not read here: pass ``vggsound.csv``. Its label set
+  here is the file's classes sorted, as that loader sorts them.
 
 Videos: the usual downloads are already trimmed to the window and named with it, ``<ytid>_<start:06d>_<end:06d>``
 (Kinetics) or ``<ytid>_<start:06d>`` (VGGSound), flat or in ``<split>/<label>/`` folders: such a file is stored

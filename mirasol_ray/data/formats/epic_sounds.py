@@ -10,6 +10,15 @@ cut keeps every frame shown in the window and the audio over it, and the decoder
 whole stored segment (``data.clip_seconds: 0``, the preset): a 0.3 s segment in 4 snippets gives 75 ms
 snippets (frames repeat where there are fewer frames than slots), a 3-minute one 45 s snippets (frames sampled
 across each). The label set is ``class`` ordered by ``class_id`` (44 classes), the same in every split.
+
+Checked against epic-kitchens/epic-sounds-annotations: ``README.md`` (the columns: timestamps ``HH:mm:ss.SSS``,
+``start_sample``/``stop_sample`` indices at 24 kHz of the untrimmed audio, ``class_id`` the class's number) and
+``src/slowfast/datasets/epicsounds_record.py`` (the official loader takes the window from the timestamps, times
+24000; in the released ``EPIC_Sounds_validation.csv`` the sample indices agree with them to within one sample,
+every segment is at least 0.2 s and each ``class_id`` names one class). ``EPIC_Sounds_recognition_test_timestamps
+.csv`` (no ``class``/``class_id``: the labels are held back) and ``sound_events_not_categorised.csv`` are not
+converted. A row whose ``class_id`` names another class than elsewhere is skipped (the label order would be
+ambiguous); none does in the released files.
 """
 
 from __future__ import annotations

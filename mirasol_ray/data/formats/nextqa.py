@@ -10,7 +10,16 @@ accepted answer, as its ``eval_oe.py`` uses it.
 
 ``type`` is kept per question: CW/CH (causal why/how), TN/TP/TC (temporal next/previous/current), DC/DL/DO/DB
 (descriptive count/location/other/binary); ``mirasol eval`` groups them into Acc@C/T/D (WUPS for open-ended)
-as the official scripts do. The questions of one video make one sample.
+as the official scripts do (TP merged into TN). The released multiple-choice files hold CW CH TN TP TC DC DL DO,
+the open-ended ones DB too. A question of any other type is not dropped: it keeps its type as written (scored
+under its own name and in no C/T/D group). The questions of one video make one sample; a question is the pair
+(``video``, ``qid``), ``qid`` numbering the questions within a video, as the official loaders key them
+(``video + '_' + qid``).
+
+Checked against doc-doc/NExT-QA (``dataloader/sample_loader.py``: ``answer`` read as ``int``, options ``a0..a4``;
+``eval_mc.py``; the released ``dataset/nextqa/{val,test}.csv`` and ``map_vid_vidorID.json``) and doc-doc/NExT-OE
+(``eval_oe.py``: ``add_reference_answer_test.json`` read as ``add_ref[video][qid]``, DC/DB scored by exact match;
+``dataset/nextqa/*.csv``). NExT-OE does not ship ``map_vid_vidorID.json``: copy NExT-QA's beside its CSVs.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ from mirasol_ray.data.formats.source import Source, beside, csv_rows, exists, lo
 
 SPLITS = ("train", "val", "test")
 TYPES = ("CW", "CH", "TN", "TP", "TC", "DC", "DL", "DO", "DB")
+"""The types of the official files; a question of another type is kept with its own."""
 BASE_COLUMNS = ("video", "frame_count", "width", "height", "question", "answer", "qid", "type")
 OPTIONS = ("a0", "a1", "a2", "a3", "a4")
 
@@ -41,7 +51,8 @@ def _convert(src: Source, mc: bool) -> Converted:
     for split, path in split_files(src, "{split}.csv", SPLITS):
         map_path = beside(path, "map_vid_vidorID.json")
         if not exists(src, map_path):
-            raise FileNotFoundError(f"{map_path} not found (NExT-QA keeps it beside {short(path)})")
+            raise FileNotFoundError(f"{map_path} not found (NExT-QA keeps it beside {short(path)}; NExT-OE does not "
+                                    "ship it: copy NExT-QA's dataset/nextqa/map_vid_vidorID.json there)")
         vid_map = load_json(src, map_path)
         extra_path = beside(path, f"add_reference_answer_{split}.json")
         extra = load_json(src, extra_path) if not mc and split and exists(src, extra_path) else {}
@@ -67,9 +78,8 @@ def _convert(src: Source, mc: bool) -> Converted:
                 alt = extra.get(row["video"], {}).get(row["qid"]) if isinstance(extra, dict) else None
                 if isinstance(alt, str) and alt.strip() and alt.strip() != row["answer"]:
                     qa["answers"] = [row["answer"], alt.strip()]
-            if not row["question"] or not qa["answer"] or row["type"] not in TYPES:
-                records.append(Record(f"{where} (empty question/answer or unknown type {row['type']!r})",
-                                      skip="malformed", split=split))
+            if not row["question"] or not qa["answer"]:
+                records.append(Record(f"{where} (empty question or answer)", skip="malformed", split=split))
                 continue
             by_video.setdefault(row["video"], []).append(qa)
         for video, qas in by_video.items():
