@@ -270,20 +270,26 @@ def empty_batch(cfg: DataConfig) -> dict[str, np.ndarray]:
     return out
 
 
-def stack_rows(rows: list[dict[str, Any]], cfg: DataConfig) -> dict[str, np.ndarray]:
-    """Rows -> one numpy batch (``pos``: the stream position a row came from, -1 if none)."""
+def stack_rows(rows: list[dict[str, Any]], cfg: DataConfig, spans: bool = False) -> dict[str, np.ndarray]:
+    """Rows -> one numpy batch (``pos``: the stream position a row came from, -1 if none; with ``spans`` also
+    ``snippet_seconds`` [S, 2], each snippet's time span in the video, zeros where a row has none)."""
     if not rows:
         return empty_batch(cfg)
     out = {k: np.stack([np.asarray(r[k]) for r in rows]) for k in TENSOR_COLUMNS}
     out["key"] = np.array([r["key"] for r in rows], dtype=object)
     out["pos"] = np.array([int(r.get("pos", -1)) for r in rows], dtype=np.int64)
+    if spans:
+        none = np.zeros((cfg.num_snippets, 2), np.float32)
+        out["snippet_seconds"] = np.stack([np.asarray(r.get("snippet_seconds", none), np.float32) for r in rows])
     return out
 
 
 def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], shards: list[str], url: str,
                  storage_settings: dict[str, str], data_cfg: dict[str, Any], train: bool,
-                 label_set: list[str] | None, counter_name: str) -> Iterator[dict[str, np.ndarray]]:
-    """``map_batches`` function: the item ids of a block (``batch["id"]``) -> decoded rows.
+                 label_set: list[str] | None, counter_name: str, spans: bool = False
+                 ) -> Iterator[dict[str, np.ndarray]]:
+    """``map_batches`` function: the item ids of a block (``batch["id"]``) -> decoded rows (``spans``: with each
+    snippet's time span, :func:`stack_rows`).
 
     ``items`` holds, per item: ``sample``, ``shard``, ``start``, ``end`` (where to read it), ``pos`` (its
     stream position, carried to the rows) and ``epoch`` (for the sample's random choices). Only plain values
@@ -327,7 +333,7 @@ def decode_items(batch: dict[str, np.ndarray], *, items: dict[str, np.ndarray], 
         texts.append((int(items["sample"][i]), count_lengths((n for r in out for n in r["text_lengths"]), cfg)))
     _count(counter_name, decoded, len(rows), skipped, examples, (url, texts))
     if rows:
-        yield stack_rows(rows, cfg)
+        yield stack_rows(rows, cfg, spans=spans)
 
 
 class DecodeItems:
@@ -458,7 +464,7 @@ def decode_resources(cfg: DataConfig, cluster: dict[str, float] | None = None) -
 
 
 def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataConfig, *, train: bool,
-                   counter_name: str, label_set: list[str] | None):
+                   counter_name: str, label_set: list[str] | None, spans: bool = False):
     """Ray Data: the items (rows of ``items``) in blocks of :func:`block_sizes`, decoded."""
 
     _complete_tasks_inline()
@@ -475,6 +481,8 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
                                   override_num_blocks=max(1, len(ids.bounds) - 1))
     kwargs = {"items": items, "shards": index.shards, "url": index.url, "storage_settings": storage.settings(),
               "data_cfg": asdict(cfg), "train": train, "label_set": label_set, "counter_name": counter_name}
+    if spans:
+        kwargs["spans"] = True
     if cfg.decode_actors:
         return ds.map_batches(DecodeItems, fn_kwargs=kwargs, batch_size=None, batch_format="numpy",
                               num_cpus=cfg.decode_cpus, resources=res, zero_copy_batch=True,
@@ -484,11 +492,12 @@ def _items_dataset(index: SampleIndex, items: dict[str, np.ndarray], cfg: DataCo
 
 
 def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str, label_set: list[str] | None = None,
-                    limit: int = 0, index: SampleIndex | None = None):
+                    limit: int = 0, index: SampleIndex | None = None, spans: bool = False):
     """The Ray Data pipeline in the dataset's canonical order: shards at ``url`` (or ``index``) -> rows per
     :mod:`mirasol_ray.data.schema`, each with ``pos`` = the sample's index. ``limit``: the first N samples. Bad
     shards (found while indexing ``url``; a caller passing ``index`` counts its own) and samples are skipped and
-    counted in the counter named ``counter_name``.
+    counted in the counter named ``counter_name``. ``spans``: each row also has ``snippet_seconds`` (each
+    snippet's time span in the video, for ``mirasol data inspect``'s contact sheet).
 
     ``train`` picks the random frame positions of training (those of epoch 0, from ``data.seed`` and each key);
     otherwise the deterministic ones of evaluation. Decode tasks reserve ``cfg.decode_cpus`` CPUs each, so Train
@@ -502,7 +511,8 @@ def decoded_dataset(url: str, cfg: DataConfig, *, train: bool, counter_name: str
     n = min(len(index), limit) if limit else len(index)
     samples = np.arange(n, dtype=np.int64)
     items = {**index.refs(samples), "pos": samples, "epoch": np.zeros(n, np.int64)}
-    return _items_dataset(index, items, cfg, train=train, counter_name=counter_name, label_set=label_set)
+    return _items_dataset(index, items, cfg, train=train, counter_name=counter_name, label_set=label_set,
+                          spans=spans)
 
 
 # --------------------------------------------------------------------------------------------------------------

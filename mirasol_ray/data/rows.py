@@ -372,7 +372,8 @@ def _clip_rows(texts: list[dict[str, Any]], av_columns: dict[str, Any], key: str
     if not texts:
         return []
     K = cfg.max_texts
-    clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key}
+    clip = {**av_columns, "label": texts[0]["label"], "num_texts": np.int64(len(texts)), "key": key,
+            "snippet_seconds": np.asarray(windows, np.float32)}  # [S, 2]: no tensor column; `data inspect` shows it
     return [{**clip, **stack_texts(texts[i:i + K], cfg, first=i),
              "text_lengths": [n for t in texts[i:i + K] for n in t["lengths"]]} for i in range(0, len(texts), K)]
 

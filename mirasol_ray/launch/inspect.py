@@ -3,7 +3,8 @@
 Counts samples seen, decoded and skipped (by reason; whole shards that cannot be read by file name), the texts
 cut to fit ``data.max_prompt_len`` / ``data.max_target_len`` (per kind, with a warning line), the
 shapes/dtypes/bytes of a decoded row, and, when ``--png PATH`` is given, writes a contact sheet there: for a few
-rows, each snippet's frames above its log-mel spectrogram (mel bin against frame), and the clip's texts. Without
+rows, each snippet's frames (titled with its time span) above its log-mel spectrogram (frequency against time in
+seconds), and the clip's texts. Without
 ``--png`` nothing is written (no file appears in the current folder or anywhere the user did not name). A few clips
 are decoded unless told otherwise (:data:`DEFAULT_LIMIT`), with the dataset's own tokenizer when it has one.
 """
@@ -73,9 +74,44 @@ def clip_texts(row: dict[str, Any], tok, limit: int = 4) -> list[str]:
     return out
 
 
-def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "", tok=None) -> str:
-    """Three bands per row: for each snippet s, its F frames side by side; below them its [M, T] log-mel (the first
-    snippet's axes labelled: mel bin against frame); below that the clip's texts (decoded with ``tok``)."""
+def mel_hz(n_mels: int, sample_rate: int) -> np.ndarray:
+    """The centre frequency (Hz) of each of the ``n_mels`` HTK mel bins from 0 Hz to Nyquist
+    (:func:`mirasol_ray.data.snippets.mel_filterbank`'s)."""
+    top = 2595.0 * np.log10(1.0 + sample_rate / 2 / 700.0)
+    return 700.0 * (10.0 ** (np.linspace(0.0, top, n_mels + 2)[1:-1] / 2595.0) - 1.0)
+
+
+def sheet_labels(row: dict[str, Any], sample_rate: int) -> dict[str, Any]:
+    """What the contact sheet writes around one row's snippets: ``spans``, each snippet's time span under its
+    frames (``0.0-2.0 s``; ``(pad)`` for padding; no span when the row carries none); ``extents``, each
+    spectrogram's time axis in seconds (``(start, end)``, or ``None`` without spans: then log-mel frames);
+    ``time_label`` and ``freq_label``, the axes' titles; ``freq_ticks``, (mel bin, ``"1k"``-style Hz) pairs a few
+    bins apart for the frequency axis."""
+    S, M = row["audio"].shape[:2]
+    seconds = row.get("snippet_seconds")
+    spans, extents = [], []
+    for s in range(S):
+        pad = not bool(row["snippet_mask"][s])
+        if seconds is not None and not pad and float(seconds[s][1]) > float(seconds[s][0]):
+            a, b = float(seconds[s][0]), float(seconds[s][1])
+            spans.append(f"{a:.1f}-{b:.1f} s")
+            extents.append((a, b))
+        else:
+            spans.append("(pad)" if pad else "")
+            extents.append(None)
+    hz = mel_hz(M, sample_rate)
+    ticks = [(int(b), f"{hz[b] / 1000:.1f}k" if hz[b] >= 1000 else f"{hz[b]:.0f}")
+             for b in np.linspace(0, M - 1, min(M, 5)).round().astype(int)]
+    return {"spans": spans, "extents": extents,
+            "time_label": "time (s)" if any(extents) else "time (log-mel frame)",
+            "freq_label": "frequency (Hz, mel scale)", "freq_ticks": ticks}
+
+
+def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "", tok=None,
+                  sample_rate: int = 16000) -> str:
+    """Three bands per row: for each snippet s, its F frames side by side, titled with its time span; below them
+    its [M, T] log-mel (time in seconds across, frequency in Hz up: :func:`sheet_labels`; the first snippet's axes
+    titled); below that the clip's texts (decoded with ``tok``)."""
 
     if not rows:
         raise ValueError("no decoded rows to draw")
@@ -83,22 +119,26 @@ def contact_sheet(rows: list[dict[str, np.ndarray]], path: str, title: str = "",
     fig, axes = plt.subplots(3 * len(rows), S, figsize=(2.8 * S, 4.6 * len(rows) + 0.6), squeeze=False,
                              gridspec_kw={"height_ratios": [1.3, 2.2, 1.3] * len(rows)})
     for r, row in enumerate(rows):
+        labels = sheet_labels(row, sample_rate)
         for s in range(S):
             frames = np.concatenate(list(row["video"][s]), axis=1)  # (H, F*W, 3)
             ax = axes[3 * r, s]
             ax.imshow(frames)
             ax.set_axis_off()
-            valid = bool(row["snippet_mask"][s])
-            ax.set_title(f"{row['key']} snippet {s}" + ("" if valid else " (pad)"), fontsize=7)
+            ax.set_title(f"{row['key']} snippet {s}\n{labels['spans'][s]}".rstrip(), fontsize=7)
             ax = axes[3 * r + 1, s]
-            ax.imshow(row["audio"][s], origin="lower", aspect="auto", cmap="magma")
+            extent = labels["extents"][s]
+            M = row["audio"][s].shape[0]
+            ax.imshow(row["audio"][s], origin="lower", aspect="auto", cmap="magma",
+                      extent=(extent[0], extent[1], -0.5, M - 0.5) if extent else None)
+            ax.set_yticks([b for b, _ in labels["freq_ticks"]], [t for _, t in labels["freq_ticks"]] if s == 0
+                          else [])
+            ax.tick_params(labelsize=6)
             if s == 0:
-                ax.set_ylabel("mel bin", fontsize=7)
-                ax.set_xlabel("log-mel frame", fontsize=7)
-                ax.tick_params(labelsize=6)
-            else:
+                ax.set_ylabel(labels["freq_label"], fontsize=7)
+            ax.set_xlabel(labels["time_label"] if s == 0 else "", fontsize=7)
+            if extent is None and labels["time_label"] == "time (s)":  # padding among timed snippets: no frame scale
                 ax.set_xticks([])
-                ax.set_yticks([])
             if not bool(row["audio_present"]):
                 ax.set_title("no audio", fontsize=7)
             axes[3 * r + 2, s].set_axis_off()
@@ -145,7 +185,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         try:
             ray.data.DataContext.get_current().enable_progress_bars = False
             counter, name = make_skip_counter()
-            ds = decoded_dataset(url, cfg.data, train=False, counter_name=name, limit=limit)
+            ds = decoded_dataset(url, cfg.data, train=False, counter_name=name, limit=limit, spans=bool(png))
             t0 = time.perf_counter()
             rows_out = 0
             sheet: list[dict[str, np.ndarray]] = []
@@ -168,7 +208,7 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
                             r["key"].split("#")[0] == str(batch["key"][i]).split("#")[0] for r in sheet):
                         sheet.append({k: batch[k][i] for k in ("video", "audio", "audio_present", "snippet_mask",
                                                                "text_mask", "prompt_ids", "prompt_mask", "target_ids",
-                                                               "target_mask") if k in batch}
+                                                               "target_mask", "snippet_seconds") if k in batch}
                                      | {"key": str(batch["key"][i])})
                 rows_out += n
                 if bar is not None:
@@ -205,7 +245,8 @@ def inspect_dataset(url: str, config: str = "tiny", overrides: list[str] | None 
         "log": logs.path or None,
     }
     if sheet and png:
-        report["contact_sheet"] = contact_sheet(sheet, png, title=url, tok=get_tokenizer(cfg.data.tokenizer or "byte"))
+        report["contact_sheet"] = contact_sheet(sheet, png, title=url, tok=get_tokenizer(cfg.data.tokenizer or "byte"),
+                                                sample_rate=cfg.data.sample_rate)
     return report
 
 

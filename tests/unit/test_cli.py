@@ -322,6 +322,19 @@ def test_the_contact_sheet_shows_each_clips_texts(tmp_path):
     assert clip_texts(row, None) == []
     path = contact_sheet([row], str(tmp_path / "sheet.png"), title="t", tok=tok)
     assert open(path, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    # each snippet's time span under its frames, the spectrogram's axes in seconds and Hz (issue 34)
+    from mirasol_ray.launch.inspect import mel_hz, sheet_labels
+
+    timed = {**row, "snippet_seconds": np.array([[0.0, 2.0], [2.0, 4.0]], np.float32),
+             "snippet_mask": np.array([True, False])}
+    labels = sheet_labels(timed, 16000)
+    assert labels["spans"] == ["0.0-2.0 s", "(pad)"] and labels["extents"] == [(0.0, 2.0), None]
+    assert labels["time_label"] == "time (s)" and labels["freq_label"].startswith("frequency (Hz")
+    assert [b for b, _ in labels["freq_ticks"]] == [0, 2, 4, 5, 7] and labels["freq_ticks"][-1][1] == "5.9k"  # 8 bins
+    assert sheet_labels(row, 16000)["time_label"] == "time (log-mel frame)"  # a row without spans
+    hz = mel_hz(64, 16000)
+    assert 0 < hz[0] < 100 and 7000 < hz[-1] < 8000 and (np.diff(hz) > 0).all()
+    assert contact_sheet([timed], str(tmp_path / "timed.png"), tok=tok).endswith("timed.png")
 
 
 def test_check_access_leaves_what_it_cannot_name_to_the_operation(monkeypatch):
@@ -347,3 +360,20 @@ def test_doctor_says_when_the_cluster_in_ray_address_does_not_answer(monkeypatch
         s.listen()
         monkeypatch.setenv("RAY_ADDRESS", f"127.0.0.1:{s.getsockname()[1]}")
         assert next(c for c in run_checks() if c["check"] == "ray")["status"] == "ok"
+
+
+def test_rows_carry_each_snippets_span_only_where_asked():
+    """``data inspect`` asks the pipeline for ``snippet_seconds``; training's batches stay as they were."""
+    import numpy as np
+
+    from mirasol_ray.config import DataConfig
+    from mirasol_ray.data.pipeline import stack_rows
+    from mirasol_ray.data.schema import row_spec
+
+    cfg = DataConfig()
+    row = {k: np.zeros(shape, dt) for k, (shape, dt) in row_spec(cfg).items()} | {"key": "k", "pos": 3}
+    spans = np.arange(2 * cfg.num_snippets, dtype=np.float32).reshape(cfg.num_snippets, 2)
+    assert "snippet_seconds" not in stack_rows([row | {"snippet_seconds": spans}], cfg)
+    batch = stack_rows([row | {"snippet_seconds": spans}, row], cfg, spans=True)
+    np.testing.assert_array_equal(batch["snippet_seconds"][0], spans)
+    assert not batch["snippet_seconds"][1].any()  # a row without spans: zeros (the sheet draws none)
