@@ -285,6 +285,13 @@ def test_eval_cli_metrics_match_its_records(trained_run, synth_shards, tmp_path)
     # a run folder stands for its best checkpoint, and the console says which
     assert res["step"] == 2 and res["checkpoint_score"]["metric"] == "lr"
     assert f"{run}: its best checkpoint by lr (" in proc.stderr and ", max) at step 2: " in proc.stderr
+    # `mirasol results` on the same run names the same best checkpoint, step and score (issue 34)
+    from mirasol_ray.launch.results import read_results
+
+    best = read_results(run)["best"]
+    assert res["checkpoint"] in (best["checkpoint"], os.path.join(best["checkpoint"], "model.pt")), (res, best)
+    assert (res["step"], res["checkpoint_score"]["metric"]) == (best["step"], best["metric"])
+    assert res["checkpoint_score"]["value"] == pytest.approx(best["value"])
     records = [json.loads(ln) for ln in rec_path.read_text().splitlines()]
     n = synth_shards["num_clips"]
     assert res["rows"] == len(records) == n * 11  # caption + 4 timestamped captions + 4 questions + mcqa + cls
