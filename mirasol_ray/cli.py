@@ -36,6 +36,7 @@ def _cmd_shards_synth(args: argparse.Namespace) -> int:
 def _cmd_shards_build(args: argparse.Namespace) -> int:
     from mirasol_ray import storage
     from mirasol_ray.data.shards import run_build
+    from mirasol_ray.launch import console
 
     if args.vocab_size is not None and args.tokenizer != "learn":
         raise ValueError("--vocab-size is the size of a learnt tokenizer: give --tokenizer learn too")
@@ -49,7 +50,7 @@ def _cmd_shards_build(args: argparse.Namespace) -> int:
                       transcode=args.transcode, gop=args.gop, progress=not args.quiet, split=args.split,
                       labels=labels, answer_vocab=args.answer_vocab, overwrite=args.overwrite,
                       tokenizer=args.tokenizer, use_ray=not args.in_process, num_cpus=args.num_cpus,
-                      address=args.address or None,
+                      address=args.address or None, report=console,
                       **({"vocab_size": args.vocab_size} if args.vocab_size is not None else {}))
     manifest = build.manifest
     skipped = sum(manifest.get("skipped", {}).values())

@@ -921,7 +921,7 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
               labels: list[str] | None = None, answer_vocab: int = 0, overwrite: bool = False,
               tokenizer: str = "", vocab_size: int = DEFAULT_VOCAB_SIZE, use_ray: bool = False,
               num_cpus: int | None = None, address: str | None = None,
-              on_shard: Callable[[ShardJob, dict | None], None] | None = None) -> Build:
+              on_shard: Callable[[ShardJob, dict | None], None] | None = None, report: Any = None) -> Build:
     """Convert a dataset on disk (or object storage) into shards under ``out``.
 
     ``fmt`` names a converter in :data:`~mirasol_ray.data.formats.FORMATS`; ``videos`` is the dataset's video
@@ -935,6 +935,10 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
     (``address``, ``RAY_ADDRESS``, the Ray already running in this process, or a local one of ``num_cpus`` CPUs;
     on a cluster ``num_cpus`` caps the clips in flight); otherwise one at a time in this process. Same inputs,
     same bytes, either way.
+
+    Progress: with ``progress`` and a ``report`` (an object with ``say(line)`` and ``Progress(title, total, unit)``:
+    the CLI passes :mod:`mirasol_ray.launch.console`, a layer above this one), phase lines and a progress bar (plain
+    lines away from a terminal); without a ``report``, nothing is printed.
 
     Resuming: ``out/.build/`` records the build's parameters and each complete shard. Run again with the same
     arguments, a build keeps the shards already complete and makes the rest; a different build on the same ``out``
@@ -1027,18 +1031,18 @@ def run_build(fmt: str, annotations: str, videos: str, out: str, shard_size: int
     total = sum(len(sh.clips) for sh in shards)
     nodes: Counter = Counter()
     skipped = [len(pre_skips) + sum(1 for st, _ in kept.values() for s in st if "skip" in s)]
-    from mirasol_ray.launch import console  # here: Ray's clip tasks import this module and need none of it
+    ui = report if progress else None  # the CLI's console (a layer above data): phase lines and the progress bar
 
     def say(message: str) -> None:
-        if progress:
-            console.say(f"build {fmt}: {message}")
+        if ui is not None:
+            ui.say(f"build {fmt}: {message}")
 
     todo = [sh for i, sh in enumerate(shards) if i not in kept]
     say(f"{len(records)} records: {total} clips in {len(shards)} shards" + (f" ({len(kept)} complete already)"
                                                                             if kept else ""))
     say(f"building {len(todo)} shards ({sum(len(sh.clips) for sh in todo)} clips) "
         + ("in Ray tasks (starting or joining Ray)" if use_ray else "in this process") + "...")
-    bar = console.Progress(f"build {fmt}", total, "clips") if progress else None
+    bar = ui.Progress(f"build {fmt}", total, "clips") if ui is not None else None
     count = [sum(len(shards[i].clips) for i in kept)]
     if bar is not None:
         bar.update(count[0], f"skipped {skipped[0]}")

@@ -232,8 +232,10 @@ def test_build_learns_a_tokenizer_from_the_annotations_text(dataset, tmp_path, c
 def test_build_says_what_it_is_doing_off_a_terminal(dataset, tmp_path, capsys):
     """Issue 34: ``shards build``'s phase lines and plain progress lines (stderr is no terminal here)."""
     ann, videos = dataset
+    from mirasol_ray.launch import console
+
     build_shards("jsonl", str(ann), str(videos), str(tmp_path / "out"), shard_size=2, progress=True,
-                 tokenizer="learn", vocab_size=300)
+                 tokenizer="learn", vocab_size=300, report=console)
     err = capsys.readouterr().err
     lines = err.splitlines()
     assert lines[0] == "build jsonl: 8 records: 5 clips in 3 shards", err
