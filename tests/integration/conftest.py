@@ -131,3 +131,44 @@ def session_processes():
 @pytest.fixture()
 def wait_for():
     return _wait_for
+
+
+def _sample_log(run) -> dict[int, dict[int, list[tuple[int, str]]]]:
+    """step -> rank -> (stream position, key) of its rows, over every segment of a run with train.sample_log."""
+    out: dict[int, dict[int, list[tuple[int, str]]]] = {}
+    for f in sorted((run / "samples").glob("*-rank*.jsonl")):
+        rank = int(f.stem.split("rank")[1])
+        for line in f.read_text().splitlines():
+            rec = json.loads(line)
+            out.setdefault(rec["step"], {})[rank] = list(zip(rec["pos"], rec["keys"]))
+    return out
+
+
+def _build_files(out: str) -> dict[str, bytes]:
+    """Every file a shards build wrote under ``out`` (local or s3://), its resume state aside; the manifests without
+    their creation time: what two builds of the same inputs must share byte for byte."""
+    from mirasol_ray import storage
+    from mirasol_ray.data.shards import BUILD_DIR
+
+    fs = storage.fsspec_fs(out)
+    base = storage.strip_scheme(out).rstrip("/")
+    got = {}
+    for p in sorted(fs.find(base)):
+        rel = p.strip("/")[len(base.strip("/")) + 1:]
+        if rel.startswith(BUILD_DIR + "/"):
+            continue
+        data = fs.cat_file(p)
+        if rel.endswith(".json"):
+            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "created"}, sort_keys=True).encode()
+        got[rel] = data
+    return got
+
+
+@pytest.fixture()
+def sample_log():
+    return _sample_log
+
+
+@pytest.fixture()
+def build_files():
+    return _build_files

@@ -11,7 +11,7 @@ import pytest
 
 from mirasol_ray import storage
 from mirasol_ray.data.encode import encode_av
-from mirasol_ray.data.shards import BUILD_DIR, run_build
+from mirasol_ray.data.shards import run_build
 
 NUM_CLIPS = 30
 SHARD_SIZE = 4
@@ -51,40 +51,24 @@ def dataset(tmp_path_factory) -> dict:
     return {"root": root, "ann": str(ann), "videos": str(videos), "ref": ref, "manifest": build.manifest}
 
 
-def _files(out: str) -> dict[str, bytes]:
-    """Every shard's bytes, and the manifests without their creation time."""
-    fs = storage.fsspec_fs(out)
-    base = storage.strip_scheme(out).rstrip("/")
-    got = {}
-    for p in sorted(fs.find(base)):
-        rel = p.strip("/")[len(base.strip("/")) + 1:]
-        if rel.startswith(BUILD_DIR + "/"):
-            continue
-        data = fs.cat_file(p)
-        if rel.endswith(".json"):
-            data = json.dumps({k: v for k, v in json.loads(data).items() if k != "created"}, sort_keys=True).encode()
-        got[rel] = data
-    return got
-
-
 def _build(dataset: dict, out: str, **kw):
     return run_build("jsonl", dataset["ann"], kw.pop("videos", dataset["videos"]), out, shard_size=SHARD_SIZE,
                      transcode=TRANSCODE, progress=False, **kw)
 
 
-def test_same_bytes_with_one_and_two_cpus(dataset, ray_local, tmp_path):
-    ref = _files(str(dataset["ref"]))
+def test_same_bytes_with_one_and_two_cpus(dataset, ray_local, tmp_path, build_files):
+    ref = build_files(str(dataset["ref"]))
     assert sum(name.endswith(".tar") for name in ref) == 8  # 30 records, 1 missing: 29 clips in shards of 4
     for cpus in (1, 2):
         build = _build(dataset, str(tmp_path / f"cpus{cpus}"), use_ray=True, num_cpus=cpus)
-        assert _files(str(tmp_path / f"cpus{cpus}")) == ref, cpus
+        assert build_files(str(tmp_path / f"cpus{cpus}")) == ref, cpus
         assert build.clips == NUM_CLIPS - 1 and sum(build.nodes.values()) == NUM_CLIPS - 1
         assert all(node != "this process" for node in build.nodes)  # the work ran in Ray's workers
     assert build.manifest["num_samples"] == NUM_CLIPS - 2
     assert [s["samples"] for s in build.manifest["shards"]][:2] == [4, 3]  # c07's shard is one short
 
 
-def test_interrupted_build_resumes_keeping_complete_shards(dataset, ray_local, tmp_path):
+def test_interrupted_build_resumes_keeping_complete_shards(dataset, ray_local, tmp_path, build_files):
     out = tmp_path / "out"
     finished: list[str] = []
 
@@ -100,7 +84,7 @@ def test_interrupted_build_resumes_keeping_complete_shards(dataset, ray_local, t
     build = _build(dataset, str(out), use_ray=True, num_cpus=2)
     assert build.kept_shards >= 2 and build.kept_shards + build.built_shards == 8
     assert {name: (out / name).stat().st_mtime_ns for name in finished} == stamps  # not rebuilt
-    assert _files(str(out)) == _files(str(dataset["ref"]))
+    assert build_files(str(out)) == build_files(str(dataset["ref"]))
     assert not list(out.glob(".shard-*"))
     again = _build(dataset, str(out))  # the same command once more: nothing left to make
     assert again.kept_shards == 8 and again.built_shards == 0 and again.clips == 0
@@ -121,7 +105,7 @@ def test_another_command_on_the_same_out_is_refused(dataset, tmp_path):
     assert sorted(p.name for p in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(6)]
 
 
-def test_s3_videos_to_s3_shards(dataset, ray_local, s3_server):
+def test_s3_videos_to_s3_shards(dataset, ray_local, s3_server, build_files):
     fs = storage.fsspec_fs("s3://x")
     videos = f"s3://{s3_server.bucket}/build/videos"
     for p in sorted(Path(dataset["videos"]).iterdir()):
@@ -129,4 +113,4 @@ def test_s3_videos_to_s3_shards(dataset, ray_local, s3_server):
     out = f"s3://{s3_server.bucket}/build/shards"
     build = _build(dataset, out, videos=videos, use_ray=True, num_cpus=2)
     assert build.manifest["skipped"] == dataset["manifest"]["skipped"]
-    assert _files(out) == _files(str(dataset["ref"]))
+    assert build_files(out) == build_files(str(dataset["ref"]))

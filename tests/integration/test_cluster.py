@@ -241,14 +241,14 @@ def test_submit_a_script_then_logs_stop_and_status(local_cluster, tmp_path):
     assert status.returncode == 3 and f"{job_id} STOPPED" in status.stdout, status.stdout + status.stderr
 
 
-def test_submit_build_shards_runs_on_both_nodes_and_equals_a_local_build(local_cluster, tmp_path):
+def test_submit_build_shards_runs_on_both_nodes_and_equals_a_local_build(local_cluster, tmp_path, build_files):
     """Issue 31: `mirasol submit build_shards` from s3:// videos and annotations to s3:// shards: the per-clip work
     runs on both nodes (the summary names them), and the shards and manifest are the bytes of a build made here in
     one process without Ray."""
     import numpy as np
 
     from mirasol_ray.data.encode import encode_av
-    from mirasol_ray.data.shards import BUILD_DIR, run_build
+    from mirasol_ray.data.shards import run_build
 
     c = local_cluster
     videos = tmp_path / "videos"
@@ -278,21 +278,7 @@ def test_submit_build_shards_runs_on_both_nodes_and_equals_a_local_build(local_c
     nodes = _node_ids(c)
     assert f"({nodes['head'][:8]})" in summary and f"({nodes['worker'][:8]})" in summary, summary
 
-    def files(root: str) -> dict[str, bytes]:
-        fsr = storage.fsspec_fs(root)
-        top = storage.strip_scheme(root).rstrip("/")
-        got = {}
-        for p in sorted(fsr.find(top)):
-            rel = p.strip("/")[len(top.strip("/")) + 1:]
-            if rel.startswith(BUILD_DIR + "/"):
-                continue
-            data = fsr.cat_file(p)
-            if rel == "manifest.json":  # its creation time and the annotations' location aside
-                data = {k: v for k, v in json.loads(data).items() if k not in ("created", "annotations", "videos")}
-            got[rel] = data
-        return got
-
-    assert ref.manifest["num_samples"] == 12 and files(out) == files(str(tmp_path / "ref"))
+    assert ref.manifest["num_samples"] == 12 and build_files(out) == build_files(str(tmp_path / "ref"))
 
 
 def test_worker_node_lost_mid_job_resumes_from_checkpoint(local_cluster):

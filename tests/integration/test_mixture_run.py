@@ -5,7 +5,6 @@ show them. Sets built with different tokenizers are refused before anything star
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -49,18 +48,7 @@ def _cfg(train: list[tuple[str, int, str]], val: list[str], root: Path, name: st
         f"scaling.num_workers={WORKERS}", f"scaling.cpus_per_worker={1 / WORKERS}", f"data.cache={cache}"])
 
 
-def _steps(run: Path) -> dict[int, dict[int, list[tuple[int, str]]]]:
-    """step -> rank -> (stream position, key) of its rows, over every segment of the run."""
-    out: dict[int, dict[int, list[tuple[int, str]]]] = {}
-    for f in sorted((run / "samples").glob("*-rank*.jsonl")):
-        rank = int(f.stem.split("rank")[1])
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            out.setdefault(rec["step"], {})[rank] = list(zip(rec["pos"], rec["keys"]))
-    return out
-
-
-def test_a_mixture_trains_resumes_exactly_and_scores_each_set(ray_local, sets, tmp_path, capsys):
+def test_a_mixture_trains_resumes_exactly_and_scores_each_set(ray_local, sets, tmp_path, capsys, sample_log):
     from mirasol_ray.launch.evaluate import evaluate, format_table
     from mirasol_ray.launch.results import print_results, read_results
 
@@ -85,7 +73,7 @@ def test_a_mixture_trains_resumes_exactly_and_scores_each_set(ray_local, sets, t
     index = SampleIndex.concat(indexes)
     keys = [s["__key__"] for s in read_samples(index.url, index.shards, index.refs(np.arange(len(index))))]
     order = MixtureOrder([12, 8], [3, 1], SEED)
-    seen = _steps(run)
+    seen = sample_log(run)
     assert sorted(seen) == list(range(1, END + 1))
     for step in range(1, END + 1):
         for rank in range(WORKERS):

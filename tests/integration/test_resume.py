@@ -3,7 +3,6 @@ number of Train workers, sees exactly what the uninterrupted run would have seen
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -30,17 +29,6 @@ def _cfg(data: str, root: Path, name: str, steps: int, workers: int):
         f"scaling.num_workers={workers}", f"scaling.cpus_per_worker={1 / workers}"])
 
 
-def _steps(run: Path) -> dict[int, dict[int, list[tuple[int, str]]]]:
-    """step -> rank -> (stream position, key) of its rows, over every segment of the run."""
-    out: dict[int, dict[int, list[tuple[int, str]]]] = {}
-    for f in sorted((run / "samples").glob("*-rank*.jsonl")):
-        rank = int(f.stem.split("rank")[1])
-        for line in f.read_text().splitlines():
-            rec = json.loads(line)
-            out.setdefault(rec["step"], {})[rank] = list(zip(rec["pos"], rec["keys"]))
-    return out
-
-
 def _rows(steps, first: int, last: int) -> list[tuple[int, str]]:
     return [row for s in range(first, last + 1) for r in sorted(steps[s]) for row in steps[s][r]]
 
@@ -50,14 +38,14 @@ def data(synth_shards):
     return "{" + synth_shards["dir"] + "," + synth_shards["bad_dir"] + "}"
 
 
-def test_stopped_and_resumed_runs_see_exactly_the_uninterrupted_samples(ray_local, data, tmp_path):
+def test_stopped_and_resumed_runs_see_exactly_the_uninterrupted_samples(ray_local, data, tmp_path, sample_log):
     index = sample_index(data)
     keys = [s["__key__"] for s in read_samples(index.url, index.shards, index.refs(np.arange(len(index))))]
     n = len(keys)
     assert n == 17
     failing = {p for p in range(4 * n) if keys[epoch_permutation(n, 5, p // n)[p % n]] in BAD}
 
-    whole = _steps(_run(data, tmp_path, "whole", END, 2))
+    whole = sample_log(_run(data, tmp_path, "whole", END, 2))
     assert sorted(whole) == list(range(1, END + 1))
     rows = _rows(whole, 1, END)
     assert len({p for p, _ in rows}) == len(rows), "a stream position seen twice"
@@ -70,13 +58,13 @@ def test_stopped_and_resumed_runs_see_exactly_the_uninterrupted_samples(ray_loca
     # stopped after step 4 (mid-epoch, the workers at different stream positions), resumed with 2 workers
     _run(data, tmp_path, "stopped", STOP, 2)
     shutil.copytree(tmp_path / "stopped", tmp_path / "one-worker")
-    resumed = _steps(_run(data, tmp_path, "stopped", END, 2))
+    resumed = sample_log(_run(data, tmp_path, "stopped", END, 2))
     assert resumed == whole, "the same workers resume each on exactly its own next samples"
 
     # the same stop resumed by one worker: the rest of the stream, from the lowest position not consumed
     before = {p for p, _ in _rows(whole, 1, STOP)}
     steps_after = 2 * (END - STOP)
-    one = _steps(_run(data, tmp_path, "one-worker", STOP + steps_after, 1))
+    one = sample_log(_run(data, tmp_path, "one-worker", STOP + steps_after, 1))
     after = [p for p, _ in _rows(one, STOP + 1, STOP + steps_after)]
     assert len(after) == len(set(after)) and not before & set(after), "a sample seen twice"
     assert after == sorted(after), "one worker reads the stream in order"
